@@ -1,0 +1,80 @@
+"""``outpost-agent``: run one edge agent.
+
+    outpost-agent --data-dir DIR [--listen HOST:PORT] [--name N] [--site S] [--label k=v ...]
+                  [--cpus C] [--mem-mb M] [--config edge.toml] [--stop-tasks-on-exit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+from federation.config import build_settings, load_toml, parse_pairs
+from federation.errors import ConfigError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="outpost-agent", description="Run an Outpost edge agent.")
+    p.add_argument("--config", type=Path, help="TOML file ([agent] table or top level)")
+    p.add_argument("--data-dir", help="where the store, task dirs and keys live")
+    p.add_argument("--listen", help="HOST:PORT for the API (port 0: any free port)")
+    p.add_argument("--name", help="agent name (default: host name)")
+    p.add_argument("--site", help="site this agent belongs to")
+    p.add_argument("--label", action="append", default=[], metavar="K=V", help="repeatable")
+    p.add_argument("--cpus", help="cpus tasks may use in all")
+    p.add_argument("--mem-mb", help="memory (MB) tasks may use in all")
+    p.add_argument("--disk-mb", help="disk (MB) tasks may use in all")
+    p.add_argument("--isolation", help="auto | cgroup-v2 | cgroup-v1 | rlimit")
+    p.add_argument("--stop-tasks-on-exit", action="store_const", const=True, default=None,
+                   help="kill tasks when the agent stops (default: they keep running)")
+    p.add_argument("--log-format", help="text | json")
+    p.add_argument("--log-level", help="debug | info | warning | error")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
+    file = load_toml(args.config, section="agent")
+    flags: dict[str, Any] = {
+        "data_dir": args.data_dir, "listen": args.listen, "name": args.name, "site": args.site,
+        "labels": parse_pairs(args.label, "label") if args.label else None,
+        "cpus": args.cpus, "mem_mb": args.mem_mb, "disk_mb": args.disk_mb,
+        "isolation": args.isolation, "stop_tasks_on_exit": args.stop_tasks_on_exit,
+        "log_format": args.log_format, "log_level": args.log_level,
+    }
+    merged_file = dict(file)
+    if "data_dir" not in merged_file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:
+        raise ConfigError("data_dir: required (--data-dir, $OUTPOST_DATA_DIR or the config file)")
+    return build_settings(AgentConfig, file=merged_file, env=env, flags=flags,
+                          file_name=str(args.config or "config file"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ)
+    try:
+        config = load_config(args, env)
+    except ConfigError as exc:
+        print(f"outpost-agent: {exc.message}", file=sys.stderr)
+        return 2
+    from edge_agent.agent import Agent
+    from federation.log import configure
+
+    configure(config.log_format, config.log_level)
+    try:
+        asyncio.run(Agent(config, env).run_until_signalled())
+    except OSError as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"outpost-agent: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The edge agent's lifecycle owner: opens the store, recovers tasks, serves the API, stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from edge_agent.backend import EdgeBackend
+from edge_agent.config import AgentConfig
+from edge_agent.executor import Executor, boot_id
+from edge_agent.isolation import choose
+from edge_agent.scheduler import Capacity
+from edge_agent.status_page import status_page
+from edge_agent.store import Store
+from edge_agent.supervisor import Supervisor
+from federation.app import build_app
+from federation.auth import TokenAuth
+from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
+
+log = logging.getLogger(__name__)
+
+# What a task's environment inherits from the agent's; nothing else leaks into tasks.
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+
+
+class Agent:
+    """Starts and stops every part of one edge agent, in order."""
+
+    def __init__(self, config: AgentConfig, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.env = dict(os.environ if env is None else env)
+        self.runner: web.AppRunner | None = None
+        self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
+        self.url = ""
+        self.admin_token = ""
+
+    def _identity(self, store: Store) -> str:
+        agent_id = store.get_meta("agent_id")
+        if agent_id is None:
+            _, public = load_or_create_key(self.config.data_dir / "agent.key")
+            agent_id = id_from_public_key(public)
+            store.set_meta("agent_id", agent_id)
+        return agent_id
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.data_dir, 0o700)
+        self.store = store = Store(cfg.data_dir / "agent.db")
+        agent_id = self._identity(store)
+        store.agent_id, store.site = agent_id, cfg.site
+        isolation = choose(cfg.isolation, f"outpost-{agent_id[:12]}")
+        base_env = {k: self.env[k] for k in INHERITED_ENV if k in self.env}
+        base_env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        executor = Executor(cfg.data_dir / "tasks", isolation, base_env, on_exit=lambda *_: None,
+                            log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
+        self.supervisor = supervisor = Supervisor(
+            store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
+            stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep)
+        await supervisor.start()
+        backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
+                              labels=cfg.labels, isolation=isolation.name, store=store,
+                              supervisor=supervisor)
+        self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
+        app = build_app(backend, TokenAuth({self.admin_token: "admin"}),
+                        extra_routes=[web.get("/", status_page)], public_paths=("/",))
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        host, port = cfg.host_port
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
+        (cfg.data_dir / "agent.url").write_text(self.url)
+        log.info("edge agent %s (%s, site %s) serving %s; isolation %s", cfg.name, agent_id,
+                 cfg.site, self.url, isolation.name,
+                 extra={"agent": agent_id, "url": self.url})
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.store is not None:
+            self.store.close()
+        log.info("edge agent stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def data_dir_of(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()

@@ -1,0 +1,196 @@
+"""The edge's implementation of the API ``Backend``: answers from the local store and tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from edge_agent.store import Store
+from edge_agent.supervisor import Supervisor
+from federation import __version__
+from federation.backend import Metric, Page, StreamEvent, TaskQuery
+from federation.errors import Conflict, NotFound
+from federation.schemas import TASK_STATES, TERMINAL_STATES
+
+FOLLOW_POLL = 0.2
+OFFER_TTL = 30.0
+
+
+def tail_bytes(path: Path, lines: int, block: int = 8192) -> tuple[bytes, int]:
+    """The last ``lines`` lines of ``path`` and the file size they end at."""
+    try:
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if lines == 0:
+                return b"", end
+            pos, data = end, b""
+            while pos > 0 and data.count(b"\n") <= lines:
+                step = min(block, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+            parts = data.split(b"\n")
+            if parts and parts[-1] == b"":
+                parts.pop()
+                return b"\n".join(parts[-lines:]) + b"\n", end
+            return b"\n".join(parts[-lines:]), end
+    except FileNotFoundError:
+        return b"", 0
+
+
+class EdgeBackend:
+    """One agent answering the fleet API about itself."""
+
+    role = "edge"
+
+    def __init__(self, *, agent_id: str, name: str, site: str, labels: dict[str, str],
+                 isolation: str, store: Store, supervisor: Supervisor) -> None:
+        self.agent_id = agent_id
+        self.name = name
+        self.site = site
+        self.labels = labels
+        self.isolation = isolation
+        self.store = store
+        self.supervisor = supervisor
+        self.started = time.time()
+
+    @property
+    def draining(self) -> bool:
+        return self.store.get_meta("draining") == "1"
+
+    async def info(self) -> dict[str, Any]:
+        return {"role": "edge", "version": __version__, "agent_id": self.agent_id,
+                "name": self.name, "site": self.site, "isolation": self.isolation,
+                "labels": self.labels, "started_at": self.started}
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "role": "edge"}
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        return self.store.list_tasks(query)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return self.store.to_api(self.store.find(task_id))
+
+    async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if self.draining:
+            raise Conflict("agent is draining: it accepts no new tasks",
+                           details={"agent": self.agent_id})
+        wanted = spec["constraints"]
+        if wanted.get("site") not in (None, self.site):
+            raise Conflict(f"constraint site={wanted['site']} does not match this agent's "
+                           f"site {self.site!r}", details={"field": "constraints.site"})
+        if wanted.get("agent") not in (None, self.agent_id, self.name):
+            raise Conflict(f"constraint agent={wanted['agent']} is not this agent",
+                           details={"field": "constraints.agent"})
+        return self.supervisor.submit(spec)
+
+    async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
+        return await self.supervisor.kill(task_id)
+
+    async def open_logs(self, task_id: str, *, stream: str, tail: int,
+                        follow: bool) -> AsyncIterator[bytes]:
+        row = self.store.find(task_id)
+        path = self.supervisor.executor.log_path(row["id"], stream)
+        return self._log_stream(row["id"], path, tail, follow)
+
+    async def _log_stream(self, task_id: str, path: Path, tail: int,
+                          follow: bool) -> AsyncIterator[bytes]:
+        data, pos = tail_bytes(path, tail)
+        if data:
+            yield data
+        while follow:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size < pos:  # rotated (copy-and-truncate): start over at the top
+                pos = 0
+            if size > pos:
+                with open(path, "rb") as fh:
+                    fh.seek(pos)
+                    chunk = fh.read(size - pos)
+                pos += len(chunk)
+                yield chunk
+                continue
+            if self.store.row(task_id)["state"] in TERMINAL_STATES:
+                return
+            await asyncio.sleep(FOLLOW_POLL)
+
+    def agent_record(self) -> dict[str, Any]:
+        cap = self.supervisor.capacity
+        free = self.supervisor.free()
+        return {
+            "id": self.agent_id, "name": self.name, "site": self.site, "labels": self.labels,
+            "resources": {"cpus": cap.cpus, "mem_mb": cap.mem_mb, "disk_mb": cap.disk_mb},
+            "used": {"cpus": round(cap.cpus - free.cpus, 6), "mem_mb": cap.mem_mb - free.mem_mb,
+                     "disk_mb": cap.disk_mb - free.disk_mb},
+            "status": "draining" if self.draining else "online",
+            "version": __version__, "isolation": self.isolation, "last_seen": time.time(),
+        }
+
+    async def list_agents(self, limit: int, cursor: str | None) -> Page:
+        return Page([self.agent_record()], None)
+
+    async def get_agent(self, agent_id: str) -> dict[str, Any]:
+        if agent_id not in (self.agent_id, self.name):
+            raise NotFound(f"agent {agent_id!r} not found (this edge is {self.agent_id})",
+                           details={"agent": agent_id})
+        return self.agent_record()
+
+    async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]:
+        await self.get_agent(agent_id)
+        self.store.set_meta("draining", "1")
+        self.store.append_event("agent", self.agent_record())
+        return self.agent_record()
+
+    async def list_offers(self) -> Page:
+        if self.draining:
+            return Page([], None)
+        free = self.supervisor.free()
+        return Page([{
+            "id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
+            "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
+            "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
+            "expires_at": time.time() + OFFER_TTL}], None)
+
+    async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]:
+        return self._event_stream(self.store.last_event_seq() if after is None else after)
+
+    async def _event_stream(self, cursor: int) -> AsyncIterator[StreamEvent]:
+        first = self.store.first_event_seq()
+        if first and cursor < first - 1:
+            yield StreamEvent(first - 1, "gap", {"missed_after": cursor, "resumes_at": first,
+                                                 "reason": "older events were pruned"})
+            cursor = first - 1
+        while True:
+            rows = self.store.events_after(cursor)
+            if not rows:
+                await self.store.wait_for_change()
+                continue
+            for row in rows:
+                cursor = row["seq"]
+                yield StreamEvent(cursor, row["kind"], json.loads(row["body"]))
+
+    def metrics(self) -> list[Metric]:
+        counts = self.store.count_by_state()
+        cap, free = self.supervisor.capacity, self.supervisor.free()
+        return [
+            Metric("outpost_tasks", "gauge", "Tasks on this agent by state",
+                   [({"state": s}, float(counts.get(s, 0))) for s in TASK_STATES]),
+            Metric("outpost_task_restarts_total", "counter", "Task restarts since agent start",
+                   [({}, float(self.supervisor.restarts_total))]),
+            Metric("outpost_task_spawns_total", "counter", "Task processes started",
+                   [({}, float(self.supervisor.executor.spawned))]),
+            Metric("outpost_capacity", "gauge", "Resources tasks may use in all",
+                   [({"resource": "cpus"}, cap.cpus), ({"resource": "mem_mb"}, cap.mem_mb)]),
+            Metric("outpost_free", "gauge", "Resources not reserved by tasks",
+                   [({"resource": "cpus"}, free.cpus), ({"resource": "mem_mb"}, free.mem_mb)]),
+            Metric("outpost_events_last_seq", "gauge", "Sequence number of the newest event",
+                   [({}, float(self.store.last_event_seq()))]),
+        ]

@@ -1,0 +1,87 @@
+"""The edge agent's settings: one frozen object from file, ``OUTPOST_*`` env and flags."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from federation.errors import ConfigError
+from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
+
+ISOLATION_MODES = ("auto", "cgroup-v2", "cgroup-v1", "rlimit")
+
+
+def _total_mem_mb() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything an edge agent needs to run.
+
+    ``data_dir`` holds the store, task directories and keys; ``listen`` is HOST:PORT of the API;
+    ``cpus``/``mem_mb``/``disk_mb`` are what tasks may use in all (default: the whole box);
+    ``admin_token`` is the API's admin bearer token (generated into the data dir when unset).
+    """
+
+    data_dir: Path
+    listen: str = "127.0.0.1:7070"
+    name: str = field(default_factory=lambda: socket.gethostname().lower()[:63] or "edge")
+    site: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    cpus: float = float(os.cpu_count() or 1)
+    mem_mb: int = field(default_factory=_total_mem_mb)
+    disk_mb: int = 10240
+    admin_token: str | None = None
+    stop_tasks_on_exit: bool = False
+    isolation: str = "auto"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_keep: int = 2
+    events_keep: int = 10000
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        host, port = self.host_port
+        if not re.match(NAME_PATTERN, self.name):
+            self._bad("name", self.name, "lowercase letters, digits, - _ . (max 63)")
+        if not re.match(NAME_PATTERN, self.site):
+            self._bad("site", self.site, "lowercase letters, digits, - _ . (max 63)")
+        for key in self.labels:
+            if not re.match(LABEL_KEY_PATTERN, key):
+                self._bad("labels", key, "label keys are letters, digits, - _ . /")
+        if not 0 < self.cpus <= 1024:
+            self._bad("cpus", self.cpus, "a number above 0")
+        if self.mem_mb < 1:
+            self._bad("mem_mb", self.mem_mb, "at least 1")
+        if self.disk_mb < 0:
+            self._bad("disk_mb", self.disk_mb, "0 or more")
+        if self.isolation not in ISOLATION_MODES:
+            self._bad("isolation", self.isolation, " | ".join(ISOLATION_MODES))
+        if self.log_max_bytes < 1024:
+            self._bad("log_max_bytes", self.log_max_bytes, "at least 1024")
+        if not 0 <= self.log_keep <= 100:
+            self._bad("log_keep", self.log_keep, "0 to 100")
+        if self.events_keep < 100:
+            self._bad("events_keep", self.events_keep, "at least 100")
+        if self.log_format not in ("text", "json"):
+            self._bad("log_format", self.log_format, "text | json")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            self._bad("log_level", self.log_level, "debug | info | warning | error")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            self._bad("admin_token", "(hidden)", "at least 16 characters")
+
+    @staticmethod
+    def _bad(setting: str, value: object, expected: str) -> None:
+        raise ConfigError(f"{setting}: {value!r} is not valid; expected {expected}",
+                          details={"setting": setting})
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self._bad("listen", self.listen, "HOST:PORT")
+        return host.strip("[]") or "0.0.0.0", int(port)

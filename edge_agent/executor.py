@@ -1,0 +1,234 @@
+"""Starts, watches, signals and re-adopts task processes.
+
+Each task runs as ``sh wrapper.sh`` in its own session (so signals reach its whole process
+group and it survives the agent), with stdout/stderr appended straight to files in the task's
+directory. Exits are noticed through a pidfd on the event loop: no thread per child, no polling,
+and it works the same for a child we spawned and for a process re-adopted after an agent crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.isolation import DEFAULT_NOFILE, Isolation
+
+log = logging.getLogger(__name__)
+
+WRAPPER = str(Path(__file__).with_name("wrapper.sh"))
+ExitCallback = Callable[[str, "int | None"], None]
+
+
+class SpawnError(Exception):
+    """The command could not be started at all (not found, not executable, cgroup refused)."""
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot: with the pid, a unique process name."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces or parentheses; fields resume after the last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass(slots=True)
+class Running:
+    """A live task process: ``pid`` (also its process group), its start ticks, its pidfd."""
+
+    task_id: str
+    pid: int
+    start_ticks: int | None
+    pidfd: int
+    child: bool
+    exited: asyncio.Future[int | None] = field(repr=False)
+
+
+class Executor:
+    """Owns every task process the agent knows; reports each exit once through ``on_exit``."""
+
+    def __init__(self, tasks_dir: Path, isolation: Isolation, base_env: dict[str, str],
+                 on_exit: ExitCallback, log_max_bytes: int, log_keep: int) -> None:
+        self.tasks_dir = tasks_dir
+        self.isolation = isolation
+        self.base_env = base_env
+        self.on_exit = on_exit
+        self.log_max_bytes = log_max_bytes
+        self.log_keep = log_keep
+        self.running: dict[str, Running] = {}
+        self.spawned = 0
+        tasks_dir.mkdir(parents=True, exist_ok=True)
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.tasks_dir / task_id
+
+    def log_path(self, task_id: str, stream: str) -> Path:
+        return self.task_dir(task_id) / f"{stream}.log"
+
+    # ------------------------------------------------------------ start
+
+    def spawn(self, task_id: str, spec: dict[str, Any]) -> Running:
+        """Start ``spec['command']`` now; raises ``SpawnError`` if it cannot start."""
+        argv = list(spec["command"])
+        env = {**self.base_env, **spec.get("env", {}),
+               "OUTPOST_TASK_ID": task_id, "OUTPOST_TASK_NAME": spec["name"]}
+        if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise SpawnError(f"command not found: {argv[0]}")
+        if "/" in argv[0] and not os.access(argv[0], os.X_OK):
+            raise SpawnError(f"not an executable file: {argv[0]}")
+        tdir = self.task_dir(task_id)
+        (tdir / "sandbox").mkdir(parents=True, exist_ok=True)
+        for stale in ("exit", "exit.tmp", "run.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (tdir / stale).unlink()
+        try:
+            procs = self.isolation.prepare(task_id, spec["resources"])
+        except OSError as exc:
+            raise SpawnError(f"cannot set up isolation: {exc}") from None
+        as_kb = self.isolation.address_space_kb(spec["resources"])
+        wrapper_argv = ["sh", WRAPPER, str(tdir), str(DEFAULT_NOFILE), str(as_kb), *procs,
+                        "--", *argv]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        out = os.open(tdir / "stdout.log", flags, 0o640)
+        err = os.open(tdir / "stderr.log", flags, 0o640)
+        try:
+            pid = os.posix_spawn(
+                "/bin/sh", wrapper_argv, env,
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)],
+                setsid=True)
+        except OSError as exc:
+            raise SpawnError(f"cannot start: {exc}") from None
+        finally:
+            os.close(out)
+            os.close(err)
+        self.spawned += 1
+        pidfd = os.pidfd_open(pid)
+        return self._watch(task_id, pid, process_start_ticks(pid), pidfd, child=True)
+
+    def adopt(self, task_id: str, pid: int, start_ticks: int | None) -> Running | None:
+        """Watch a process left by a previous agent run, if it is still that very process."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            return None
+        # Checked after opening the pidfd: it pins the process, so a pid reused later cannot
+        # slip in between the check and the watch.
+        if start_ticks is None or process_start_ticks(pid) != start_ticks:
+            os.close(pidfd)
+            return None
+        return self._watch(task_id, pid, start_ticks, pidfd, child=False)
+
+    def orphan_pid(self, task_id: str) -> tuple[int, int | None] | None:
+        """A wrapper started for ``task_id`` whose pid never reached the store (crash window)."""
+        try:
+            pid = int((self.task_dir(task_id) / "run.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+        if WRAPPER.encode() in cmdline and str(self.task_dir(task_id)).encode() in cmdline:
+            return pid, process_start_ticks(pid)
+        return None
+
+    def _watch(self, task_id: str, pid: int, start: int | None, pidfd: int,
+               child: bool) -> Running:
+        loop = asyncio.get_running_loop()
+        run = Running(task_id, pid, start, pidfd, child, loop.create_future())
+        self.running[task_id] = run
+        loop.add_reader(pidfd, self._reap, run)
+        return run
+
+    # ------------------------------------------------------------ exit
+
+    def _reap(self, run: Running) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(run.pidfd)
+        os.close(run.pidfd)
+        code = self.recorded_exit(run.task_id)
+        if run.child:
+            try:
+                _, status = os.waitpid(run.pid, 0)
+                waited = os.waitstatus_to_exitcode(status)
+                if code is None:
+                    code = 128 - waited if waited < 0 else waited
+            except ChildProcessError:
+                pass
+        self.running.pop(run.task_id, None)
+        self.isolation.release(run.task_id)
+        if not run.exited.done():
+            run.exited.set_result(code)
+        self.on_exit(run.task_id, code)
+
+    def recorded_exit(self, task_id: str) -> int | None:
+        """The exit status the wrapper wrote, if it got to write one."""
+        try:
+            return int((self.task_dir(task_id) / "exit").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # ------------------------------------------------------------ stop
+
+    async def kill(self, task_id: str, timeout: float) -> None:
+        """SIGTERM the task's process group, then SIGKILL it (and its cgroup) after ``timeout``."""
+        run = self.running.get(task_id)
+        if run is None:
+            return
+        self._signal(run, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(run.exited), timeout)
+            return
+        except TimeoutError:
+            log.info("task did not stop in %.1fs; SIGKILL", timeout, extra={"task": task_id})
+        self._signal(run, signal.SIGKILL)
+        self.isolation.kill_all(task_id)
+        await asyncio.shield(run.exited)
+
+    def _signal(self, run: Running, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.pid, sig)
+
+    def detach_all(self) -> None:
+        """Stop watching (agent shutdown without stopping tasks): processes keep running."""
+        loop = asyncio.get_running_loop()
+        for run in list(self.running.values()):
+            loop.remove_reader(run.pidfd)
+            os.close(run.pidfd)
+            if not run.exited.done():
+                run.exited.cancel()
+        self.running.clear()
+
+    # ------------------------------------------------------------ logs
+
+    def rotate_logs(self) -> int:
+        """Copy-and-truncate logs over the size limit (tasks keep their O_APPEND fds)."""
+        rotated = 0
+        for task_id in list(self.running):
+            for stream in ("stdout", "stderr"):
+                path = self.log_path(task_id, stream)
+                try:
+                    if path.stat().st_size <= self.log_max_bytes:
+                        continue
+                except FileNotFoundError:
+                    continue
+                for n in range(self.log_keep - 1, 0, -1):
+                    older = path.with_name(f"{path.name}.{n}")
+                    if older.exists():
+                        older.replace(path.with_name(f"{path.name}.{n + 1}"))
+                if self.log_keep > 0:
+                    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+                os.truncate(path, 0)
+                rotated += 1
+        return rotated

@@ -1,0 +1,229 @@
+"""The edge agent's local SQLite store: tasks, their labels, and the event log.
+
+One connection, used only from the agent's event loop, is the single writer. Every task change
+and the event describing it commit in one transaction, so the event log (which the federation
+outbox ships to the core) can never disagree with the task table, whatever crashes when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edge_agent.migrations import migrate
+from federation.backend import Page, TaskQuery
+from federation.errors import BadRequest, NotFound
+from federation.pagination import decode_cursor, encode_cursor
+from federation.schemas import TERMINAL_STATES
+
+# Columns of ``tasks`` that the API shows besides the spec.
+_PUBLIC = ("id", "state", "exit_code", "reason", "origin", "generation", "restarts", "pid",
+           "created_at", "updated_at", "started_at", "finished_at")
+
+
+class Store:
+    """Tasks and events on disk. ``changed`` is set whenever an event is appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        migrate(self._db)
+        self._in_tx = False
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.agent_id = ""
+        self.site = ""
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit; nested use joins the outer transaction."""
+        if self._in_tx:
+            yield self._db
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._in_tx = False
+        self._wake()
+
+    # ------------------------------------------------------------ meta
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # ------------------------------------------------------------ tasks
+
+    def to_api(self, row: sqlite3.Row) -> dict[str, Any]:
+        task: dict[str, Any] = json.loads(row["spec"])
+        for col in _PUBLIC:
+            task[col] = row[col]
+        task["healthy"] = None if row["healthy"] is None else bool(row["healthy"])
+        task["agent_id"] = self.agent_id
+        task["site"] = self.site
+        return task
+
+    def insert_task(self, task_id: str, spec: dict[str, Any], *, origin: str,
+                    state: str, reason: str | None) -> sqlite3.Row:
+        now = time.time()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO tasks(id, name, spec, state, reason, origin, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (task_id, spec["name"], json.dumps(spec), state, reason, origin, now, now))
+            num = cur.lastrowid
+            db.executemany("INSERT INTO task_labels(key, value, task_num) VALUES (?, ?, ?)",
+                           [(k, v, num) for k, v in spec.get("labels", {}).items()])
+            row = self.row(task_id)
+            self._append_event(db, "task", task_id, self.to_api(row), now)
+        return row
+
+    def update_task(self, task_id: str, **fields: Any) -> sqlite3.Row:
+        """Change columns of one task and log its new state as an event, atomically."""
+        now = time.time()
+        fields["updated_at"] = now
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*fields.values(), task_id))
+            row = self.row(task_id)
+            self._append_event(db, "task", task_id, self.to_api(row), now)
+        return row
+
+    def row(self, task_id: str) -> sqlite3.Row:
+        row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"task {task_id!r} not found", details={"task": task_id})
+        return row
+
+    def find(self, ref: str) -> sqlite3.Row:
+        """A task by id, or by an unambiguous id prefix of at least 6 characters."""
+        row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (ref,)).fetchone()
+        if row is None and 6 <= len(ref) < 32 and ref.isalnum():
+            rows = self._db.execute("SELECT * FROM tasks WHERE id >= ? AND id < ? LIMIT 2",
+                                    (ref, ref + "\U0010ffff")).fetchall()
+            if len(rows) > 1:
+                raise BadRequest(f"task id prefix {ref!r} is ambiguous",
+                                 details={"task": ref})
+            row = rows[0] if rows else None
+        if row is None:
+            raise NotFound(f"task {ref!r} not found", details={"task": ref})
+        return row
+
+    def rows_in(self, *states: str) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(states))
+        return self._db.execute(
+            f"SELECT * FROM tasks WHERE state IN ({marks}) ORDER BY num", states).fetchall()
+
+    def active_rows(self) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(TERMINAL_STATES))
+        return self._db.execute(
+            f"SELECT * FROM tasks WHERE state NOT IN ({marks}) ORDER BY num",
+            tuple(TERMINAL_STATES)).fetchall()
+
+    def count_by_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT state, count(*) FROM tasks GROUP BY state")}
+
+    def list_tasks(self, query: TaskQuery) -> Page:
+        where, args = [], []
+        pos = decode_cursor(query.cursor)
+        if pos is not None:
+            if not isinstance(pos.get("n"), int):
+                raise BadRequest("cursor: not a cursor this server issued",
+                                 details={"field": "cursor"})
+            where.append("t.num > ?")
+            args.append(pos["n"])
+        if query.states:
+            where.append(f"t.state IN ({','.join('?' * len(query.states))})")
+            args.extend(query.states)
+        if query.name:
+            where.append("t.name = ?")
+            args.append(query.name)
+        if query.agent_id and query.agent_id != self.agent_id:
+            return Page([], None)
+        if query.site and query.site != self.site:
+            return Page([], None)
+        join = ""
+        if query.label:
+            join = "JOIN task_labels l ON l.task_num = t.num AND l.key = ? AND l.value = ?"
+            args = [*query.label, *args]
+        sql = (f"SELECT t.* FROM tasks t {join} "
+               f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY t.num LIMIT ?")
+        rows = self._db.execute(sql, (*args, query.limit + 1)).fetchall()
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        cursor = encode_cursor({"n": rows[-1]["num"]}) if more else None
+        return Page([self.to_api(r) for r in rows], cursor)
+
+    # ------------------------------------------------------------ events
+
+    def _append_event(self, db: sqlite3.Connection, kind: str, task_id: str | None,
+                      body: dict[str, Any], ts: float) -> None:
+        db.execute("INSERT INTO events(ts, kind, task_id, body) VALUES (?, ?, ?, ?)",
+                   (ts, kind, task_id, json.dumps(body, separators=(",", ":"))))
+
+    def append_event(self, kind: str, body: dict[str, Any], task_id: str | None = None) -> None:
+        with self.transaction() as db:
+            self._append_event(db, kind, task_id, body, time.time())
+
+    def events_after(self, seq: int, limit: int = 500) -> list[sqlite3.Row]:
+        return self._db.execute(
+            "SELECT seq, ts, kind, task_id, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit)).fetchall()
+
+    def last_event_seq(self) -> int:
+        row = self._db.execute("SELECT max(seq) FROM events").fetchone()
+        return row[0] or 0
+
+    def first_event_seq(self) -> int:
+        row = self._db.execute("SELECT min(seq) FROM events").fetchone()
+        return row[0] or 0
+
+    def prune_events(self, keep: int, keep_after: int | None = None) -> int:
+        """Drop all but the newest ``keep`` events (never those after ``keep_after``)."""
+        limit = self.last_event_seq() - keep
+        if keep_after is not None:
+            limit = min(limit, keep_after)
+        if limit <= 0:
+            return 0
+        with self.transaction() as db:
+            return db.execute("DELETE FROM events WHERE seq <= ?", (limit,)).rowcount
+
+    def _wake(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def wait_for_change(self) -> None:
+        """Returns after the next committed transaction."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await fut
+        finally:
+            self._waiters.discard(fut)

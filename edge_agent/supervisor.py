@@ -1,0 +1,341 @@
+"""The task lifecycle at an edge: admit, start, watch, health-check, restart, kill, recover.
+
+States follow Mesos: ``pending`` -> ``staging`` -> (``starting`` while a health check has not
+passed yet) -> ``running`` -> ``finished`` | ``failed`` | ``killed``, and ``lost`` when the agent
+cannot know how a run ended. Every change is one store transaction with its event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.executor import Executor, SpawnError, process_start_ticks
+from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
+from edge_agent.scheduler import Capacity, admit, free_capacity
+from edge_agent.store import Store
+from federation.errors import Invalid
+from federation.schemas import TERMINAL_STATES
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25
+
+
+@dataclass(slots=True)
+class _Pending:
+    resources: dict[str, Any]
+    not_before: float
+    reason: str | None
+
+
+class Supervisor:
+    """Owns every task on this agent from submission to its last exit."""
+
+    def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
+                 stop_tasks_on_exit: bool, events_keep: int) -> None:
+        self.store = store
+        self.executor = executor
+        self.capacity = capacity
+        self.boot = boot
+        self.stop_tasks_on_exit = stop_tasks_on_exit
+        self.events_keep = events_keep
+        self.reserved: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, _Pending] = {}
+        self.exit_reasons: dict[str, str] = {}
+        self.health_tasks: dict[str, asyncio.Task[None]] = {}
+        self.background: set[asyncio.Task[None]] = set()
+        self.restarts_total = 0
+        self.stopping = False
+        self._ticker: asyncio.Task[None] | None = None
+        executor.on_exit = self._on_exit
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.recover()
+        self.schedule()
+        self._ticker = asyncio.create_task(self._tick_loop(), name="supervisor-tick")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for task in self.health_tasks.values():
+            task.cancel()
+        if self.stop_tasks_on_exit:
+            kills = [self._kill_process(tid) for tid in list(self.executor.running)]
+            await asyncio.gather(*kills, return_exceptions=True)
+        for task in list(self.background):
+            task.cancel()
+        await asyncio.gather(*self.background, *self.health_tasks.values(),
+                             return_exceptions=True)
+        self.executor.detach_all()
+
+    def free(self) -> Capacity:
+        return free_capacity(self.capacity, list(self.reserved.values()))
+
+    # ------------------------------------------------------------ submit and kill
+
+    def submit(self, spec: dict[str, Any], origin: str = "edge",
+               task_id: str | None = None) -> dict[str, Any]:
+        need = spec["resources"]
+        if not Capacity(self.capacity.cpus, self.capacity.mem_mb,
+                        self.capacity.disk_mb).fits(need):
+            raise Invalid(
+                "resources: more than this agent has in all "
+                f"({self.capacity.cpus:g} cpus, {self.capacity.mem_mb} MB memory, "
+                f"{self.capacity.disk_mb} MB disk)",
+                details={"field": "resources", "capacity": {
+                    "cpus": self.capacity.cpus, "mem_mb": self.capacity.mem_mb,
+                    "disk_mb": self.capacity.disk_mb}})
+        task_id = task_id or uuid.uuid4().hex
+        self.store.insert_task(task_id, spec, origin=origin, state="pending",
+                               reason="waiting to be scheduled")
+        self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
+        self.schedule()
+        return self.store.to_api(self.store.row(task_id))
+
+    async def kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
+        """Kill a task; (True, task) when the process is still being stopped."""
+        row = self.store.find(ref)
+        task_id = row["id"]
+        if row["state"] in TERMINAL_STATES and task_id not in self.pending:
+            return False, self.store.to_api(row)
+        if task_id in self.pending or task_id not in self.executor.running:
+            self.pending.pop(task_id, None)
+            self.reserved.pop(task_id, None)
+            row = self.store.update_task(task_id, state="killed", want="kill",
+                                         reason="killed on request", not_before=None,
+                                         finished_at=time.time())
+            return False, self.store.to_api(row)
+        if row["want"] != "kill":
+            row = self.store.update_task(task_id, want="kill", reason="kill requested")
+            self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
+        return True, self.store.to_api(row)
+
+    async def _kill_process(self, task_id: str) -> None:
+        spec = json.loads(self.store.row(task_id)["spec"])
+        await self.executor.kill(task_id, float(spec["kill_timeout"]))
+
+    def _spawn_bg(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # ------------------------------------------------------------ scheduling
+
+    def schedule(self) -> None:
+        """Start every pending task that is due and fits, in submission order."""
+        if not self.pending or self.stopping:
+            return
+        now = time.time()
+        due = [(tid, p.resources) for tid, p in self.pending.items() if p.not_before <= now]
+        if not due:
+            return
+        result = admit(due, self.free())
+        for task_id, reason in result.waiting.items():
+            entry = self.pending[task_id]
+            if entry.reason != reason:
+                entry.reason = reason
+                self.store.update_task(task_id, reason=reason)
+        for task_id in result.start:
+            self._start(task_id)
+
+    def _start(self, task_id: str) -> None:
+        entry = self.pending.pop(task_id)
+        self.reserved[task_id] = entry.resources
+        row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
+        spec = json.loads(row["spec"])
+        try:
+            run = self.executor.spawn(task_id, spec)
+        except SpawnError as exc:
+            self.reserved.pop(task_id, None)
+            self._ended(task_id, None, str(exc), failed=True, spawn_failed=True)
+            return
+        health = spec.get("health")
+        self.store.update_task(
+            task_id, state="starting" if health else "running", pid=run.pid,
+            pid_start=run.start_ticks, boot_id=self.boot, started_at=time.time(),
+            exit_code=None, healthy=None)
+        if health:
+            self._watch_health(task_id, spec)
+
+    async def _tick_loop(self) -> None:
+        last_rotate = last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.time()
+            if any(p.not_before and p.not_before <= now for p in self.pending.values()):
+                self.schedule()
+            mono = time.monotonic()
+            if mono - last_rotate > 5:
+                last_rotate = mono
+                self.executor.rotate_logs()
+            if mono - last_prune > 30:
+                last_prune = mono
+                self.store.prune_events(self.events_keep)
+
+    # ------------------------------------------------------------ exits
+
+    def _on_exit(self, task_id: str, code: int | None) -> None:
+        if self.stopping and self.stop_tasks_on_exit:
+            self.reserved.pop(task_id, None)
+            self.store.update_task(task_id, state="killed", exit_code=code, pid=None,
+                                   reason="stopped with the agent", finished_at=time.time())
+            return
+        health = self.health_tasks.pop(task_id, None)
+        if health:
+            health.cancel()
+        self.reserved.pop(task_id, None)
+        override = self.exit_reasons.pop(task_id, None)
+        if override:
+            self._ended(task_id, code, override, failed=True)
+        else:
+            self._ended(task_id, code, None, failed=code != 0)
+        self.schedule()
+
+    def _ended(self, task_id: str, code: int | None, reason: str | None, *, failed: bool,
+               spawn_failed: bool = False, lost: bool = False) -> None:
+        """Record how a run ended, then apply the restart policy."""
+        row = self.store.row(task_id)
+        spec = json.loads(row["spec"])
+        now = time.time()
+        if row["want"] == "kill":
+            self.store.update_task(task_id, state="killed", exit_code=code, pid=None,
+                                   healthy=None, reason="killed on request (" +
+                                   describe_exit(code) + ")", finished_at=now)
+            return
+        state = "lost" if lost else ("failed" if failed else "finished")
+        ran = now - (row["started_at"] or now)
+        failures = 0 if not failed else (1 if ran >= BACKOFF_RESET_AFTER else row["failures"] + 1)
+        why = reason or describe_exit(code)
+        self.store.update_task(task_id, state=state, exit_code=code, pid=None, healthy=None,
+                               reason=why, failures=failures, finished_at=now)
+        decision = decide_restart(spec["restart"], failed=failed or lost,
+                                  restarts=row["restarts"], failures=max(failures, 1))
+        if not decision.restart:
+            if spec["restart"]["policy"] != "never":
+                self.store.update_task(task_id, reason=f"{why}; {decision.why}")
+            return
+        self.restarts_total += 1
+        reason_text = f"{decision.why} after {why}"
+        self.store.update_task(task_id, state="pending", restarts=row["restarts"] + 1,
+                               not_before=now + decision.delay, reason=reason_text)
+        self.pending[task_id] = _Pending(spec["resources"], now + decision.delay, reason_text)
+        log.info("task ended (%s); %s", why, decision.why,
+                 extra={"task": task_id, "exit_code": code})
+
+    # ------------------------------------------------------------ health
+
+    def _watch_health(self, task_id: str, spec: dict[str, Any]) -> None:
+        old = self.health_tasks.pop(task_id, None)
+        if old:
+            old.cancel()
+        self.health_tasks[task_id] = asyncio.create_task(
+            self._health_loop(task_id, spec), name=f"health-{task_id}")
+
+    async def _health_loop(self, task_id: str, spec: dict[str, Any]) -> None:
+        check = spec["health"]
+        await asyncio.sleep(check["grace"])
+        misses = 0
+        healthy: bool | None = None
+        while True:
+            ok, detail = await self._probe(task_id, spec)
+            if ok:
+                misses = 0
+                if healthy is not True:
+                    healthy = True
+                    self.store.update_task(task_id, state="running", healthy=1)
+            else:
+                misses += 1
+                if misses >= check["retries"]:
+                    log.info("task unhealthy: %s", detail, extra={"task": task_id})
+                    self.store.update_task(task_id, healthy=0)
+                    self.exit_reasons[task_id] = (
+                        f"unhealthy: {misses} failed checks in a row ({detail})")
+                    self.health_tasks.pop(task_id, None)
+                    await self.executor.kill(task_id, float(spec["kill_timeout"]))
+                    return
+            await asyncio.sleep(check["interval"])
+
+    async def _probe(self, task_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
+        check = spec["health"]
+        env = {**self.executor.base_env, **spec.get("env", {}), "OUTPOST_TASK_ID": task_id}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *check["command"], stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                cwd=self.executor.task_dir(task_id) / "sandbox", env=env)
+        except OSError as exc:
+            return False, f"check cannot start: {exc}"
+        try:
+            code = await asyncio.wait_for(proc.wait(), check["timeout"])
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False, f"check timed out after {check['timeout']:g}s"
+        return code == 0, f"check exit {code}"
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self) -> None:
+        """After an agent (re)start: re-adopt live tasks, settle the ones that ended meanwhile."""
+        adopted = ended = 0
+        for row in self.store.active_rows():
+            task_id, spec = row["id"], json.loads(row["spec"])
+            if row["state"] == "pending":
+                if row["want"] == "kill":
+                    self.store.update_task(task_id, state="killed", reason="killed on request",
+                                           finished_at=time.time())
+                    continue
+                self.pending[task_id] = _Pending(spec["resources"], row["not_before"] or 0.0,
+                                                 row["reason"])
+                continue
+            pid, start = row["pid"], row["pid_start"]
+            if pid is None:  # crashed between spawning and recording the pid
+                orphan = self.executor.orphan_pid(task_id)
+                if orphan is not None:
+                    pid, start = orphan
+            run = None
+            if pid is not None and (row["boot_id"] in (None, self.boot)):
+                run = self.executor.adopt(task_id, pid, start)
+            if run is not None:
+                adopted += 1
+                self.reserved[task_id] = spec["resources"]
+                if row["pid"] != pid:
+                    self.store.update_task(task_id, state="running", pid=pid, pid_start=start,
+                                           boot_id=self.boot, started_at=time.time())
+                if row["want"] == "kill":
+                    self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
+                elif spec.get("health"):
+                    self._watch_health(task_id, spec)
+                continue
+            ended += 1
+            rebooted = row["boot_id"] not in (None, self.boot)
+            code = None if rebooted else self.executor.recorded_exit(task_id)
+            if code is not None:
+                self._ended(task_id, code, describe_exit(code) + " while the agent was down",
+                            failed=code != 0)
+            else:
+                why = ("host rebooted; the process is gone" if rebooted
+                       else "process ended while the agent was down; exit status unknown")
+                self._ended(task_id, None, why, failed=True, lost=True)
+        if adopted or ended:
+            log.info("recovered tasks: %d re-adopted, %d ended while down", adopted, ended)
+
+    def describe(self, task_id: str) -> dict[str, Any]:
+        return self.store.to_api(self.store.row(task_id))
+
+    @staticmethod
+    def start_ticks(pid: int) -> int | None:
+        return process_start_ticks(pid)

@@ -1,0 +1,366 @@
+"""The one REST API, served by every node: ``build_app(backend)``.
+
+Edge and core differ only in the ``Backend`` they pass in; routes, validation, errors, auth,
+paging and the OpenAPI document are the same code, so "the same API everywhere" stays true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from federation import schemas
+from federation.auth import TokenAuth, role_allows
+from federation.backend import Backend, TaskQuery
+from federation.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    OutpostError,
+    PayloadTooLarge,
+    Unauthorized,
+    error_body,
+)
+
+log = logging.getLogger(__name__)
+
+BACKEND = web.AppKey("backend", Backend)
+AUTH = web.AppKey("auth", TokenAuth)
+STATS = web.AppKey("stats", dict)
+MAX_BODY = 256 * 1024
+SSE_KEEPALIVE = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One API route: what it does, who may call it, and the schemas the OpenAPI doc shows."""
+
+    method: str
+    path: str
+    handler: Handler
+    role: str | None  # None: no token needed
+    summary: str
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
+    stream: str | None = None  # media type of a streamed response
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: must be an integer", details={"field": name}) from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: must be between {low} and {high}", details={"field": name})
+    return value
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise BadRequest(f"{name}: must be true or false", details={"field": name})
+
+
+async def _read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"body: at most {MAX_BODY} bytes", details={"limit": MAX_BODY})
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("body: a JSON object is required")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+
+
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json(await _backend(request).health())
+
+
+async def info(request: web.Request) -> web.Response:
+    return _json(await _backend(request).info())
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    q = request.query
+    states = tuple(s for s in q.get("state", "").split(",") if s)
+    for s in states:
+        if s not in schemas.TASK_STATES:
+            raise BadRequest(f"state: unknown state {s!r}",
+                             details={"field": "state", "allowed": schemas.TASK_STATES})
+    label = None
+    if q.get("label"):
+        key, sep, value = q["label"].partition("=")
+        if not sep or not key:
+            raise BadRequest("label: must look like key=value", details={"field": "label"})
+        label = (key, value)
+    query = TaskQuery(
+        states=states,
+        label=label,
+        name=q.get("name") or None,
+        agent_id=q.get("agent") or None,
+        site=q.get("site") or None,
+        limit=_int_param(request, "limit", 100, 1, 1000),
+        cursor=q.get("cursor") or None,
+    )
+    page = await _backend(request).list_tasks(query)
+    return _json(page.to_json())
+
+
+async def create_task(request: web.Request) -> web.Response:
+    spec = schemas.validate_task_spec(await _read_json(request))
+    return _json(await _backend(request).create_task(spec), status=201)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    return _json(await _backend(request).get_task(request.match_info["id"]))
+
+
+async def kill_task(request: web.Request) -> web.Response:
+    later, body = await _backend(request).kill_task(request.match_info["id"])
+    return _json(body, status=202 if later else 200)
+
+
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise BadRequest("stream: must be stdout or stderr", details={"field": "stream"})
+    tail = _int_param(request, "tail", 100, 0, 100_000)
+    follow = _bool_param(request, "follow")
+    chunks = await _backend(request).open_logs(
+        request.match_info["id"], stream=stream, tail=tail, follow=follow
+    )
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        async for chunk in chunks:
+            await resp.write(chunk)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    await resp.write_eof()
+    return resp
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    page = await _backend(request).list_agents(limit, request.query.get("cursor") or None)
+    return _json(page.to_json())
+
+
+async def get_agent(request: web.Request) -> web.Response:
+    return _json(await _backend(request).get_agent(request.match_info["id"]))
+
+
+async def drain_agent(request: web.Request) -> web.Response:
+    migrate = _bool_param(request, "migrate")
+    return _json(await _backend(request).drain_agent(request.match_info["id"], migrate))
+
+
+async def list_offers(request: web.Request) -> web.Response:
+    return _json((await _backend(request).list_offers()).to_json())
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest("Last-Event-ID: must be an integer event id",
+                         details={"field": "Last-Event-ID"}) from None
+    if value < 0:
+        raise BadRequest("Last-Event-ID: must not be negative", details={"field": "Last-Event-ID"})
+    return value
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    after = _last_event_id(request)
+    feed = await _backend(request).open_events(after)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    await resp.write(b"retry: 2000\n\n")
+    it = feed.__aiter__()
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(it.__anext__(), SSE_KEEPALIVE)
+            except TimeoutError:
+                await resp.write(b": keepalive\n\n")
+                continue
+            except StopAsyncIteration:
+                break
+            data = json.dumps(ev.data, separators=(",", ":"), default=str)
+            await resp.write(f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
+    except ConnectionResetError:
+        pass
+    finally:
+        await feed.aclose()  # type: ignore[attr-defined]
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from federation.metrics import render
+
+    families = _backend(request).metrics()
+    stats = request.app[STATS]
+    return web.Response(body=render(families, stats), content_type="text/plain",
+                        charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from federation.openapi import document
+
+    return _json(document(ROUTES, role=_backend(request).role))
+
+
+# ---------------------------------------------------------------- routing
+
+_P_CURSOR = (("limit", "query", "integer"), ("cursor", "query", "string"))
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/health", health, None, "Liveness of this node"),
+    Route("GET", "/v1/info", info, "viewer", "Role, version and identity of this node",
+          response=schemas.INFO),
+    Route("GET", "/metrics", metrics, "viewer", "Prometheus metrics", stream="text/plain"),
+    Route("GET", "/v1/tasks", list_tasks, "viewer", "List tasks",
+          response=schemas.page_of(schemas.TASK),
+          params=(("state", "query", "string"), ("label", "query", "string"),
+                  ("name", "query", "string"), ("agent", "query", "string"),
+                  ("site", "query", "string"), *_P_CURSOR)),
+    Route("POST", "/v1/tasks", create_task, "operator", "Submit a task",
+          request=schemas.TASK_SPEC, response=schemas.TASK),
+    Route("GET", "/v1/tasks/{id}", get_task, "viewer", "One task", response=schemas.TASK),
+    Route("DELETE", "/v1/tasks/{id}", kill_task, "operator", "Kill a task",
+          response=schemas.TASK),
+    Route("GET", "/v1/tasks/{id}/logs", task_logs, "viewer", "A task's output",
+          params=(("stream", "query", "string"), ("tail", "query", "integer"),
+                  ("follow", "query", "boolean")), stream="text/plain"),
+    Route("GET", "/v1/agents", list_agents, "viewer", "List agents",
+          response=schemas.page_of(schemas.AGENT), params=_P_CURSOR),
+    Route("GET", "/v1/agents/{id}", get_agent, "viewer", "One agent", response=schemas.AGENT),
+    Route("POST", "/v1/agents/{id}/drain", drain_agent, "operator",
+          "Stop new placements on an agent", response=schemas.AGENT,
+          params=(("migrate", "query", "boolean"),)),
+    Route("GET", "/v1/offers", list_offers, "viewer", "Free resources offered by agents",
+          response=schemas.page_of(schemas.OFFER)),
+    Route("GET", "/v1/events", events, "viewer",
+          "Server-sent events; resume with Last-Event-ID", stream="text/event-stream",
+          params=(("after", "query", "integer"), ("Last-Event-ID", "header", "integer"))),
+    Route("GET", "/openapi.json", openapi, None, "This document"),
+)
+
+
+def _error_response(exc: OutpostError) -> web.Response:
+    return _json(exc.body(), status=exc.status)
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large"}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    stats = request.app[STATS]
+    stats["requests"] = stats.get("requests", 0) + 1
+    try:
+        return await handler(request)
+    except OutpostError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            return _error_response(PayloadTooLarge(
+                f"body: at most {request.app._client_max_size} bytes"))
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+        return _json(error_body(code, message), status=exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        stats["errors"] = stats.get("errors", 0) + 1
+        log.exception("unhandled error", extra={"path": request.path})
+        return _json(error_body("internal", "internal error; see the node's log"), status=500)
+
+
+def _auth_middleware(roles: dict[tuple[str, str], str | None]) -> Any:
+    @web.middleware
+    async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        key = (request.method, resource.canonical if resource else "")
+        needed = roles.get(key, "viewer") if resource else None
+        if needed is not None:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                token = request.query.get("token", "") if request.method == "GET" else ""
+            if not token:
+                raise Unauthorized("a bearer token is required (Authorization: Bearer ...)")
+            role = request.app[AUTH].role_for(token.strip())
+            if role is None:
+                raise Unauthorized("unknown or revoked token")
+            if not role_allows(role, needed):
+                raise Forbidden(f"role {role!r} may not do this; needs {needed!r}",
+                                details={"role": role, "needed": needed})
+            request["role"] = role
+        return await handler(request)
+
+    return _auth
+
+
+def build_app(
+    backend: Backend,
+    auth: TokenAuth,
+    *,
+    extra_routes: list[web.RouteDef] | None = None,
+    public_paths: tuple[str, ...] = (),
+) -> web.Application:
+    """The API app over ``backend``. ``extra_routes`` add role-specific pages (``/``)."""
+    roles: dict[tuple[str, str], str | None] = {(r.method, r.path): r.role for r in ROUTES}
+    for path in public_paths:
+        roles[("GET", path)] = None
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[_errors, _auth_middleware(roles)])
+    app[BACKEND] = backend
+    app[AUTH] = auth
+    app[STATS] = {"started": time.time()}
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    if extra_routes:
+        app.router.add_routes(extra_routes)
+    return app
+
+
+def raise_not_found(what: str, ident: str) -> None:
+    raise NotFound(f"{what} {ident!r} not found", details={what: ident})

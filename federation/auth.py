@@ -1,0 +1,47 @@
+"""Bearer-token authentication for the API.
+
+Tokens are kept only as SHA-256 digests and compared in constant time. Each token carries a role
+(``viewer`` < ``operator`` < ``admin``); the app asks ``role_for`` and checks the route's minimum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+ROLES = ("viewer", "operator", "admin")
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def role_allows(role: str, needed: str) -> bool:
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+class TokenAuth:
+    """Maps bearer tokens to roles; holds digests only."""
+
+    def __init__(self, tokens: dict[str, str] | None = None) -> None:
+        self._digests: dict[str, str] = {}
+        for token, role in (tokens or {}).items():
+            self.add(token, role)
+
+    def add(self, token: str, role: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        self._digests[digest(token)] = role
+
+    def role_for(self, token: str) -> str | None:
+        candidate = digest(token)
+        found = None
+        for known, role in self._digests.items():
+            if hmac.compare_digest(known, candidate):
+                found = role
+        return found

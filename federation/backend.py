@@ -1,0 +1,97 @@
+"""The seam between the one API app and the two places it runs.
+
+``build_app(backend)`` serves the same routes at an edge and at the core; each side supplies an
+object that satisfies ``Backend``. Anything role-specific lives behind this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """Filters and paging for ``GET /v1/tasks``.
+
+    Fields: ``states`` (any of), ``label`` (key, value) pair, ``name`` (exact), ``limit``,
+    ``cursor`` (opaque, from the previous page).
+    """
+
+    states: tuple[str, ...] = ()
+    label: tuple[str, str] | None = None
+    name: str | None = None
+    agent_id: str | None = None
+    site: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list; ``next_cursor`` is None on the last page."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": self.items, "next_cursor": self.next_cursor}
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One metric family for ``/metrics``: ``kind`` is ``gauge`` or ``counter``; ``samples``
+    pairs a label dict with a value."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One entry of the event feed: ``id`` orders and resumes it (SSE ``Last-Event-ID``)."""
+
+    id: int
+    kind: str
+    data: dict[str, Any]
+
+
+class Backend(Protocol):
+    """What the API needs from a node. Methods raise ``federation.errors`` types on bad input."""
+
+    role: str
+
+    async def info(self) -> dict[str, Any]: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def list_tasks(self, query: TaskQuery) -> Page: ...
+
+    async def get_task(self, task_id: str) -> dict[str, Any]: ...
+
+    async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
+        """Returns (accepted_for_later, body): True means 202 (the kill is under way)."""
+        ...
+
+    async def open_logs(
+        self, task_id: str, *, stream: str, tail: int, follow: bool
+    ) -> AsyncIterator[bytes]:
+        """Checks the task exists (raising before any byte is sent), then yields log bytes."""
+        ...
+
+    async def list_agents(self, limit: int, cursor: str | None) -> Page: ...
+
+    async def get_agent(self, agent_id: str) -> dict[str, Any]: ...
+
+    async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]: ...
+
+    async def list_offers(self) -> Page: ...
+
+    async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]: ...
+
+    def metrics(self) -> list[Metric]: ...

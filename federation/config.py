@@ -1,0 +1,118 @@
+"""Loads settings once, from a TOML file, ``OUTPOST_*`` environment variables and flags.
+
+Later sources win: file < environment < flags. The result is a frozen dataclass handed down to
+whoever needs it; nothing deeper in the code reads the environment. Every bad value becomes a
+``ConfigError`` naming the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from federation.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None or (isinstance(value, str) and value == "" and type(None) in args):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0], source)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if hint is str or hint is Path:
+            if not isinstance(value, str | Path):
+                raise ValueError("expected a string")
+            return hint(value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = parse_pairs(value.split(",") if value else [], name)
+            if not isinstance(value, Mapping):
+                raise ValueError("expected a table of key = value")
+            return {str(k): str(v) for k, v in value.items()}
+        if origin is tuple or origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} (from {source}): {exc}: {value!r}",
+                          details={"setting": name, "source": source}) from None
+    return value
+
+
+def parse_pairs(items: list[str], name: str) -> dict[str, str]:
+    """``["k=v", ...]`` to a dict; a malformed item is a ``ConfigError``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{name}: {item!r} is not key=value", details={"setting": name})
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_toml(path: Path | None, section: str | None = None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    if section is not None:
+        data = data.get(section, data)
+    return data
+
+
+def build_settings(
+    cls: type[T],
+    *,
+    file: Mapping[str, Any],
+    env: Mapping[str, str],
+    flags: Mapping[str, Any],
+    file_name: str = "config file",
+) -> T:
+    """Merge the three sources into ``cls`` (a frozen dataclass), coercing and checking types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(file) - set(fields)
+    if unknown:
+        raise ConfigError(f"{file_name}: unknown setting(s) {', '.join(sorted(unknown))}",
+                          details={"unknown": sorted(unknown)})
+    values: dict[str, Any] = {}
+    for name in fields:
+        env_key = f"OUTPOST_{name.upper()}"
+        for source, mapping, key in ((file_name, file, name), (f"${env_key}", env, env_key),
+                                     ("flag", flags, name)):
+            if key in mapping and mapping[key] is not None:
+                values[name] = _coerce(name, mapping[key], hints[name], source)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

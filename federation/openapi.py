@@ -1,0 +1,66 @@
+"""Builds ``/openapi.json`` from the route table and the same schemas that validate requests."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from federation import __version__, schemas
+
+_STATUS_TEXT = {400: "Bad request", 401: "No or unknown token", 403: "Role may not do this",
+                404: "Not found", 409: "Conflict", 413: "Body too large",
+                422: "A field is invalid", 503: "Unavailable now"}
+
+
+def _operation(route: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": route.summary,
+        "operationId": f"{route.method.lower()}_{route.handler.__name__}",
+        "parameters": [],
+        "responses": {},
+    }
+    for name in re.findall(r"{(\w+)}", route.path):
+        op["parameters"].append({"name": name, "in": "path", "required": True,
+                                 "schema": {"type": "string", "minLength": 1}})
+    for name, where, typ in route.params:
+        op["parameters"].append({"name": name, "in": where, "required": False,
+                                 "schema": {"type": typ}})
+    if route.request is not None:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": route.request}}}
+    ok = "201" if route.method == "POST" and route.path == "/v1/tasks" else "200"
+    if route.stream:
+        op["responses"][ok] = {"description": "OK",
+                               "content": {route.stream: {"schema": {"type": "string"}}}}
+    else:
+        op["responses"][ok] = {"description": "OK", "content": {
+            "application/json": {"schema": route.response or {"type": "object"}}}}
+    if route.method == "DELETE":
+        op["responses"]["202"] = {"description": "Kill under way", "content": {
+            "application/json": {"schema": route.response or {"type": "object"}}}}
+    errors = [400, 404, 409, 413, 422, 503]
+    if route.role is not None:
+        errors[1:1] = [401, 403]
+    for code in errors:
+        op["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if route.role is not None:
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+def document(routes: tuple[Any, ...], role: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Outpost API", "version": __version__,
+                 "description": f"The same API at every edge and at the core (served by: {role})"},
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": schemas.ERROR, "TaskSpec": schemas.TASK_SPEC,
+                        "Task": schemas.TASK, "Agent": schemas.AGENT, "Offer": schemas.OFFER},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,259 @@
+"""JSON Schemas of the API: the single source for request validation and ``/openapi.json``.
+
+Request bodies are checked with validators compiled from these dicts (fastjsonschema), so the
+document a client reads is exactly the rule the server enforces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from federation.errors import Invalid
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62})$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,62})$"
+ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+TASK_STATES = ["pending", "staging", "starting", "running", "finished", "failed", "killed",
+               "lost", "unknown"]
+TERMINAL_STATES = frozenset({"finished", "failed", "killed", "lost"})
+RESTART_POLICIES = ["never", "on-failure", "always"]
+AGENT_STATUSES = ["online", "disconnected", "unreachable", "draining"]
+
+_LABELS = {
+    "type": "object",
+    "maxProperties": 32,
+    "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+    "additionalProperties": {"type": "string", "maxLength": 256},
+}
+
+RESOURCES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 1024, "default": 0.1},
+        "mem_mb": {"type": "integer", "minimum": 1, "maximum": 4_194_304, "default": 32},
+        "disk_mb": {"type": "integer", "minimum": 0, "maximum": 67_108_864, "default": 0},
+    },
+}
+
+RESTART = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "policy": {"enum": RESTART_POLICIES, "default": "never"},
+        "max": {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000,
+                "default": None, "description": "restart at most this many times; null: no cap"},
+        "backoff": {"type": "number", "minimum": 0, "maximum": 3600, "default": 1.0,
+                    "description": "seconds before the first restart; doubles each time"},
+        "max_backoff": {"type": "number", "minimum": 0, "maximum": 86400, "default": 60.0},
+    },
+}
+
+ARGV = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": 256,
+    "items": {"type": "string", "minLength": 1, "maxLength": 4096},
+}
+
+HEALTH = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "required": ["command"],
+    "properties": {
+        "command": ARGV,
+        "interval": {"type": "number", "minimum": 0.1, "maximum": 3600, "default": 10.0},
+        "timeout": {"type": "number", "minimum": 0.1, "maximum": 3600, "default": 5.0},
+        "retries": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+        "grace": {"type": "number", "minimum": 0, "maximum": 3600, "default": 0.0,
+                  "description": "seconds after start before failures count"},
+    },
+}
+
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["key", "op"],
+    "properties": {
+        "key": {"type": "string", "pattern": LABEL_KEY_PATTERN},
+        "op": {"enum": ["eq", "in", "not_in", "exists"]},
+        "values": {"type": "array", "maxItems": 64,
+                   "items": {"type": "string", "maxLength": 256}},
+    },
+}
+
+CONSTRAINTS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "site": {"type": ["string", "null"], "pattern": NAME_PATTERN, "default": None},
+        "agent": {"type": ["string", "null"], "maxLength": 128, "default": None},
+        "labels": {"type": "array", "maxItems": 32, "items": _SELECTOR, "default": []},
+        "unique": {"enum": [None, "agent", "site"], "default": None,
+                   "description": "at most one instance of the service per agent or site"},
+        "strategy": {"enum": ["spread", "binpack"], "default": "spread"},
+    },
+}
+
+TASK_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "command"],
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "command": ARGV,
+        "env": {
+            "type": "object",
+            "maxProperties": 256,
+            "propertyNames": {"pattern": ENV_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "maxLength": 32768},
+            "default": {},
+        },
+        "resources": RESOURCES,
+        "restart": RESTART,
+        "health": HEALTH,
+        "constraints": CONSTRAINTS,
+        "labels": _LABELS,
+        "kill_timeout": {"type": "number", "minimum": 0, "maximum": 3600, "default": 10.0},
+    },
+}
+
+TASK = {
+    "type": "object",
+    "required": ["id", "name", "command", "state", "generation", "origin", "created_at"],
+    "properties": {
+        **TASK_SPEC["properties"],
+        "id": {"type": "string"},
+        "state": {"enum": TASK_STATES},
+        "exit_code": {"type": ["integer", "null"]},
+        "reason": {"type": ["string", "null"]},
+        "agent_id": {"type": ["string", "null"]},
+        "site": {"type": ["string", "null"]},
+        "origin": {"enum": ["edge", "core"]},
+        "generation": {"type": "integer"},
+        "restarts": {"type": "integer"},
+        "pid": {"type": ["integer", "null"]},
+        "healthy": {"type": ["boolean", "null"]},
+        "created_at": {"type": "number"},
+        "updated_at": {"type": "number"},
+        "started_at": {"type": ["number", "null"]},
+        "finished_at": {"type": ["number", "null"]},
+    },
+}
+
+AGENT = {
+    "type": "object",
+    "required": ["id", "name", "site", "status"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "site": {"type": "string"},
+        "labels": _LABELS,
+        "resources": RESOURCES,
+        "used": RESOURCES,
+        "status": {"enum": AGENT_STATUSES},
+        "version": {"type": "string"},
+        "isolation": {"type": "string"},
+        "last_seen": {"type": ["number", "null"]},
+    },
+}
+
+OFFER = {
+    "type": "object",
+    "required": ["agent_id", "cpus", "mem_mb"],
+    "properties": {
+        "id": {"type": "string"},
+        "agent_id": {"type": "string"},
+        "site": {"type": "string"},
+        "labels": _LABELS,
+        "cpus": {"type": "number"},
+        "mem_mb": {"type": "integer"},
+        "disk_mb": {"type": "integer"},
+        "expires_at": {"type": "number"},
+    },
+}
+
+INFO = {
+    "type": "object",
+    "required": ["role", "version", "isolation"],
+    "properties": {
+        "role": {"enum": ["edge", "core"]},
+        "version": {"type": "string"},
+        "agent_id": {"type": ["string", "null"]},
+        "name": {"type": "string"},
+        "site": {"type": "string"},
+        "isolation": {"type": "string"},
+    },
+}
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+
+
+def page_of(item_schema: dict[str, Any]) -> dict[str, Any]:
+    """A paginated list: ``items`` plus the opaque ``next_cursor`` (null on the last page)."""
+    return {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": item_schema},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    }
+
+
+_compiled: dict[str, Callable[[Any], Any]] = {}
+
+
+def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
+    """Validate ``data`` against ``schema`` and return it with defaults filled in.
+
+    Raises ``Invalid`` naming the offending field. Validators are compiled once, on first use,
+    so an idle agent does not pay for them.
+    """
+    import fastjsonschema
+
+    fn = _compiled.get(name)
+    if fn is None:
+        fn = _compiled[name] = fastjsonschema.compile(schema, use_default=True)
+    try:
+        return fn(data)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        field = ".".join(str(p) for p in exc.path[1:]) or "(body)"
+        raise Invalid(
+            f"{field}: {exc.message.replace('data.', '', 1).replace('data ', 'body ', 1)}",
+            details={"field": field, "rule": exc.rule},
+        ) from None
+
+
+def validate_task_spec(data: Any) -> dict[str, Any]:
+    """A task spec with every default filled, or ``Invalid``."""
+    spec = validate("task_spec", TASK_SPEC, data)
+    for key, sub in (("resources", RESOURCES), ("restart", RESTART),
+                     ("constraints", CONSTRAINTS)):
+        spec[key] = validate(key, sub, spec.get(key, {}))
+    spec.setdefault("labels", {})
+    spec.setdefault("health", None)
+    if spec["health"] is not None:
+        spec["health"] = validate("health", HEALTH, spec["health"])
+        if spec["health"]["timeout"] > spec["health"]["interval"]:
+            raise Invalid("health.timeout: must not exceed health.interval",
+                          details={"field": "health.timeout", "rule": "le_interval"})
+    if spec["restart"]["max_backoff"] < spec["restart"]["backoff"]:
+        raise Invalid("restart.max_backoff: must be at least restart.backoff",
+                      details={"field": "restart.max_backoff", "rule": "ge_backoff"})
+    return spec

@@ -1,0 +1,45 @@
+"""Fixtures: real agent processes on free loopback ports, with temp data dirs.
+
+Every agent started by a test is stopped (and its tasks killed) when the test ends.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import AgentProcess, kill_group
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(*args: str, name: str = "agent") -> AgentProcess:
+        data = tmp_path / name
+        data.mkdir(exist_ok=True)
+        agent = AgentProcess(data, ["--stop-tasks-on-exit", "--name", name, *args]).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop(signal.SIGTERM)
+        _kill_leftover_tasks(agent.data_dir)
+
+
+def _kill_leftover_tasks(data_dir: Path) -> None:
+    """Tests that SIGKILL an agent leave its tasks running on purpose; end them here."""
+    for pid_file in (data_dir / "tasks").glob("*/run.pid"):
+        try:
+            kill_group(int(pid_file.read_text()))
+        except ValueError:
+            pass
+
+
+@pytest.fixture
+def agent(start_agent: Callable[..., AgentProcess]) -> AgentProcess:
+    return start_agent("--cpus", "2", "--mem-mb", "1024")

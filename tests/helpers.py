@@ -1,0 +1,146 @@
+"""Test helpers that start real Outpost processes and talk to them over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    headers: dict[str, str]
+    raw: bytes
+
+
+def http(method: str, url: str, body: Any = None, token: str | None = None,
+         raw: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> Response:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = resp.read()
+            status, hdrs = resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        payload, status, hdrs = err.read(), err.code, dict(err.headers)
+    try:
+        parsed = json.loads(payload) if payload else None
+    except ValueError:
+        parsed = None
+    return Response(status, parsed, hdrs, payload)
+
+
+@dataclass
+class AgentProcess:
+    """A real ``outpost-agent`` process with its own data dir, on a free loopback port."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    token: str = ""
+
+    def start(self, timeout: float = 15.0) -> AgentProcess:
+        url_file = self.data_dir / "agent.url"
+        if url_file.exists():
+            url_file.unlink()
+        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "--data-dir", str(self.data_dir),
+             "--listen", "127.0.0.1:0", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        log.close()
+        wait_until(lambda: url_file.exists() or self.proc.poll() is not None, timeout,
+                   what="agent to start")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc.returncode}: {self.log()}")
+        self.url = url_file.read_text()
+        self.token = (self.data_dir / "admin.token").read_text().strip()
+        return self
+
+    def log(self) -> str:
+        path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the agent dies at once; its tasks live on."""
+        self.stop(signal.SIGKILL)
+
+    def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        kw.setdefault("token", self.token)
+        return http(method, self.url + path, body, **kw)
+
+    def submit(self, name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+        resp = self.api("POST", "/v1/tasks", {"name": name, "command": command, **spec})
+        assert resp.status == 201, resp.body
+        return resp.body
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        resp = self.api("GET", f"/v1/tasks/{task_id}")
+        assert resp.status == 200, resp.body
+        return resp.body
+
+    def wait_state(self, task_id: str, *states: str, timeout: float = 10.0) -> dict[str, Any]:
+        return wait_until(lambda: (t := self.task(task_id))["state"] in states and t,
+                          timeout, what=f"task {task_id} in {states}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
