@@ -34,6 +34,8 @@ def tail_bytes(path: Path, lines: int, block: int = 8192) -> tuple[bytes, int]:
                 pos -= step
                 fh.seek(pos)
                 data = fh.read(step) + data
+            if not data:
+                return b"", end
             parts = data.split(b"\n")
             if parts and parts[-1] == b"":
                 parts.pop()

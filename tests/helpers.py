@@ -144,3 +144,34 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def read_events(url: str, token: str, after: int = 0,
+                timeout: float = 5.0) -> list[tuple[int, str, Any]]:
+    """Every event a node has after ``after``, read from ``/v1/events`` (SSE) until the newest.
+
+    The newest id is taken from ``/metrics`` first, so the read ends instead of waiting for more.
+    """
+    metrics = http("GET", url + "/metrics", token=token).raw.decode()
+    newest = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                            if line.startswith("outpost_events_last_seq "))))
+    out: list[tuple[int, str, Any]] = []
+    if newest <= after:
+        return out
+    req = urllib.request.Request(f"{url}/v1/events?after={after}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=timeout) as stream:
+        ident, kind, data = 0, "", None
+        while True:
+            line = stream.readline().decode().rstrip("\n")
+            if line.startswith("id: "):
+                ident = int(line[4:])
+            elif line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line == "" and data is not None:
+                out.append((ident, kind, data))
+                data = None
+                if ident >= newest:
+                    return out
