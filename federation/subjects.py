@@ -1,0 +1,92 @@
+"""NATS subject and JetStream stream names: the addressing half of the wire contract.
+
+Every subject Outpost uses is built here, so a typo cannot split the fleet into two namespaces
+and an agent id that could break out of its subject token (a ``.``, ``*`` or ``>``) is refused
+before it reaches NATS. The names follow DESIGN.md, "Wire contract":
+
+    outpost.v1.events.<agent_id>        stream OUTPOST_EVENTS (edge -> core, stored)
+    outpost.v1.cmd.<agent_id>           stream OUTPOST_COMMANDS (core -> edge, durable per agent)
+    outpost.v1.hb.<agent_id>            core NATS heartbeats, not stored
+    outpost.v1.rpc.<agent_id>.<verb>    request/reply for live reads while the edge is online
+    outpost.v1.enroll                   request/reply enrollment
+"""
+
+from __future__ import annotations
+
+import re
+
+from federation.errors import Invalid
+
+PREFIX = "outpost.v1"
+ENROLL = f"{PREFIX}.enroll"
+
+EVENTS_STREAM = "OUTPOST_EVENTS"
+COMMANDS_STREAM = "OUTPOST_COMMANDS"
+
+EVENTS_ALL = f"{PREFIX}.events.*"
+COMMANDS_ALL = f"{PREFIX}.cmd.*"
+HEARTBEATS_ALL = f"{PREFIX}.hb.*"
+
+# identity.py makes ids like "a" + 25 base32 characters; any lowercase alnum token of sane length
+# is accepted so other prefixes (a hub's own key, say) fit too.
+_AGENT_ID = re.compile(r"[a-z0-9]{1,64}")
+_VERB = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def validate_agent_id(agent_id: str) -> str:
+    """Return ``agent_id`` if it is one safe subject token (lowercase alnum), else raise Invalid."""
+    if not isinstance(agent_id, str) or not _AGENT_ID.fullmatch(agent_id):
+        raise Invalid(f"agent id {agent_id!r} is not subject-safe (lowercase letters and digits)",
+                      details={"agent_id": repr(agent_id)})
+    return agent_id
+
+
+def is_agent_id(agent_id: object) -> bool:
+    """True if ``agent_id`` is a subject-safe agent id; for checks that must not raise."""
+    return isinstance(agent_id, str) and _AGENT_ID.fullmatch(agent_id) is not None
+
+
+def events(agent_id: str) -> str:
+    """Subject an agent publishes its events (and event batches) to."""
+    return f"{PREFIX}.events.{validate_agent_id(agent_id)}"
+
+
+def commands(agent_id: str) -> str:
+    """Subject the hub publishes commands for one agent to."""
+    return f"{PREFIX}.cmd.{validate_agent_id(agent_id)}"
+
+
+def heartbeat(agent_id: str) -> str:
+    """Core-NATS subject of an agent's heartbeats."""
+    return f"{PREFIX}.hb.{validate_agent_id(agent_id)}"
+
+
+def rpc(agent_id: str, verb: str) -> str:
+    """Request/reply subject for a live read (``logs``, ...) served by one agent."""
+    if not isinstance(verb, str) or not _VERB.fullmatch(verb):
+        raise Invalid(f"rpc verb {verb!r} is not subject-safe", details={"verb": repr(verb)})
+    return f"{PREFIX}.rpc.{validate_agent_id(agent_id)}.{verb}"
+
+
+def command_consumer(agent_id: str) -> str:
+    """Durable consumer name of one agent on the commands stream."""
+    return f"cmd-{validate_agent_id(agent_id)}"
+
+
+def msg_id(agent_id: str, seq: int) -> str:
+    """``Nats-Msg-Id`` of an agent's event message: JetStream drops a re-sent duplicate."""
+    return f"{validate_agent_id(agent_id)}:{seq}"
+
+
+def agent_of(subject: str) -> str:
+    """The agent id a per-agent subject is addressed to or from; raise Invalid if none.
+
+    Ingest passes this to ``wire.open_envelope(expected_agent=...)``, so an agent can only speak
+    on its own subject.
+    """
+    parts = subject.split(".")
+    shaped = (len(parts) == 4 and parts[2] in {"events", "cmd", "hb"}) or (
+        len(parts) == 5 and parts[2] == "rpc")
+    if shaped and ".".join(parts[:2]) == PREFIX and is_agent_id(parts[3]):
+        return parts[3]
+    raise Invalid(f"subject {subject!r} does not name an agent", details={"subject": subject})
