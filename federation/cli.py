@@ -78,7 +78,8 @@ class Client:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            return urllib.request.urlopen(req, timeout=timeout)  # type: ignore[no-any-return]
+            resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
+            return resp
         except urllib.error.HTTPError as err:
             raise self._api_error(err) from None
         except urllib.error.URLError as err:
@@ -524,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         verbs = nouns.add_parser(noun, help=text).add_subparsers(dest="verb", metavar="{ls}",
                                                                  required=True)
         leaf(verbs, "ls", func, text)
-    ev = leaf(nouns, "events", events, "print events as they happen, until Ctrl-C")
+    ev = leaf(nouns, "events", events, "print events as they happen, until Ctrl-C "
+              "(with --json: one JSON object per line)")
     ev.add_argument("--after", type=_number(int, 0), metavar="N",
                     help="replay from after event N (default: only new events)")
     leaf(nouns, "info", info, "role, version and identity of the node")

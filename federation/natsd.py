@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -63,15 +62,19 @@ class NatsServer:
 
     Fields: ``store_dir`` (JetStream data, the config, the log and the ports file), ``host``,
     ``port`` (0 until the first start has picked one), ``config_extra`` (appended verbatim to the
-    generated config), ``monitor_port`` (the HTTP monitoring port of the current run).
+    generated config), ``start_timeout_s`` / ``stop_timeout_s`` (how long ``start`` waits for
+    readiness and ``stop`` for a clean exit), ``monitor_port`` (HTTP monitoring, this run).
     """
 
     def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1",
-                 config_extra: str = "") -> None:
+                 config_extra: str = "", *, start_timeout_s: float = START_TIMEOUT_S,
+                 stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
         self.config_extra = config_extra
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self.monitor_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
@@ -110,7 +113,7 @@ class NatsServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+    async def start(self) -> None:
         """Start the server and return once it accepts clients and JetStream is healthy.
 
         A restart (after ``stop`` or ``kill``) reuses the same port and store dir.
@@ -126,20 +129,27 @@ class NatsServer:
             stale.unlink()
         self.config_path.write_text(self._config(ports_dir))
         with self.log_path.open("ab") as log_file:
-            self._proc = subprocess.Popen(
+            # Popen, not asyncio's subprocess: kill() and pause() must work without a loop, and
+            # a fork+exec of a static binary is quick.
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
                 [binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
                 stdout=log_file, stderr=subprocess.STDOUT)
         self._paused = False
         try:
-            await self._wait_ready(ports_dir, timeout)
+            async with asyncio.timeout(self.start_timeout_s):
+                await self._wait_ready(ports_dir)
+        except TimeoutError:
+            self.kill()
+            raise NatsServerError(f"nats-server not ready after {self.start_timeout_s:.0f}s",
+                                  log_tail=self.log_tail()) from None
         except BaseException:
             self.kill()
             raise
         log.info("nats-server ready at %s (pid %s)", self.url, self.pid,
                  extra={"nats_url": self.url})
 
-    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (a clean JetStream shutdown), then SIGKILL if it is not gone in ``timeout``."""
+    async def stop(self) -> None:
+        """SIGTERM (a clean JetStream shutdown), then SIGKILL if not gone in ``stop_timeout_s``."""
         proc = self._proc
         if proc is None:
             return
@@ -147,11 +157,11 @@ class NatsServer:
             proc.terminate()
             if self._paused:  # a stopped process only acts on SIGTERM once continued
                 self.resume()
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(_POLL_S)
-            if proc.poll() is None:
-                log.warning("nats-server ignored SIGTERM for %.1fs; killing it", timeout)
+            try:
+                await asyncio.to_thread(proc.wait, self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("nats-server ignored SIGTERM for %.1fs; killing it",
+                            self.stop_timeout_s)
                 proc.kill()
         self._reap()
 
@@ -203,25 +213,21 @@ class NatsServer:
             "",
         ])
 
-    async def _wait_ready(self, ports_dir: Path, timeout: float) -> None:
+    async def _wait_ready(self, ports_dir: Path) -> None:
+        """Poll until the ports file names our ports and /healthz says JetStream is current."""
         assert self._proc is not None
-        deadline = time.monotonic() + timeout
-        last = "no ports file yet"
-        while time.monotonic() < deadline:
+        while True:
             if self._proc.poll() is not None:
                 raise NatsServerError(
                     f"nats-server exited with code {self._proc.returncode} during start",
                     log_tail=self.log_tail())
             if not self.monitor_port:
                 self._read_ports(ports_dir)
-            if self.monitor_port:
-                status = await _http_status(self.host, self.monitor_port, "/healthz")
-                if status == 200:
-                    return
-                last = f"/healthz answered {status}"
+            # Plain /healthz (not js-enabled-only) also waits for restored streams to be current.
+            if self.monitor_port and await _http_status(self.host, self.monitor_port,
+                                                        "/healthz") == 200:
+                return
             await asyncio.sleep(_POLL_S)
-        raise NatsServerError(f"nats-server not ready after {timeout:.0f}s ({last})",
-                              log_tail=self.log_tail())
 
     def _read_ports(self, ports_dir: Path) -> None:
         assert self._proc is not None

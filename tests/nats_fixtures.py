@@ -1,0 +1,42 @@
+"""A real ``nats-server`` with JetStream per test, on a free loopback port in the test's tmp dir.
+
+Import the fixture into a test module with
+``from tests.nats_fixtures import nats_server  # noqa: F401`` (until it moves to conftest.py).
+``connect`` opens a nats-py client that is always closed, so no test leaks a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from federation.natsd import NatsServer
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def connect(url: str, **options: Any) -> AsyncIterator[Client]:
+    """A nats-py client for a test; quick reconnects so restart tests stay fast."""
+    options.setdefault("reconnect_time_wait", 0.05)
+    options.setdefault("max_reconnect_attempts", -1)
+    options.setdefault("connect_timeout", 2)
+    nc = await nats.connect(url, **options)
+    try:
+        yield nc
+    finally:
+        await nc.close()
