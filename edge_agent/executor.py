@@ -185,17 +185,17 @@ class Executor:
 
     # ------------------------------------------------------------ stop
 
-    async def kill(self, task_id: str, timeout: float) -> None:
-        """SIGTERM the task's process group, then SIGKILL it (and its cgroup) after ``timeout``."""
+    async def kill(self, task_id: str, grace: float) -> None:
+        """SIGTERM the task's process group, then SIGKILL it (and its cgroup) after ``grace`` s."""
         run = self.running.get(task_id)
         if run is None:
             return
         self._signal(run, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(run.exited), timeout)
+            await asyncio.wait_for(asyncio.shield(run.exited), grace)
             return
         except TimeoutError:
-            log.info("task did not stop in %.1fs; SIGKILL", timeout, extra={"task": task_id})
+            log.info("task did not stop in %.1fs; SIGKILL", grace, extra={"task": task_id})
         self._signal(run, signal.SIGKILL)
         self.isolation.kill_all(task_id)
         await asyncio.shield(run.exited)

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import AgentProcess, kill_group
+from tests.nats_fixtures import nats_server
+
+__all__ = ["nats_server"]
 
 
 @pytest.fixture

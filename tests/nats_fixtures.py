@@ -1,7 +1,7 @@
 """A real ``nats-server`` with JetStream per test, on a free loopback port in the test's tmp dir.
 
-Import the fixture into a test module with
-``from tests.nats_fixtures import nats_server  # noqa: F401`` (until it moves to conftest.py).
+The fixture is registered in conftest.py;
+test modules just name it.
 ``connect`` opens a nats-py client that is always closed, so no test leaks a socket.
 """
 

@@ -20,8 +20,8 @@ def _free_port() -> int:
 def test_demo_starts_an_agent_with_samples_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     demo = subprocess.Popen([sys.executable, "-m", "edge_agent.demo", "--dir", str(tmp_path),
-                             "--listen", f"127.0.0.1:{port}", "--web-port", str(_free_port())], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--listen", f"127.0.0.1:{port}", "--web-port", str(_free_port())],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = []
         for line in demo.stdout:  # type: ignore[union-attr]

@@ -119,6 +119,6 @@ def test_clean_stop_leaves_tasks_running(start_agent: Callable[..., AgentProcess
     agent.start()
     assert agent.task(task["id"])["pid"] == pid
     agent.stop()
-    assert not pid_alive(pid), "with --stop-tasks-on-exit the agent stops its tasks" 
+    assert not pid_alive(pid), "with --stop-tasks-on-exit the agent stops its tasks"
     agent.start()
     assert agent.task(task["id"])["state"] == "killed"

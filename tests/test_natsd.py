@@ -16,14 +16,16 @@ from nats.js import JetStreamContext
 from federation import subjects
 from federation.natsd import NatsServer, NatsServerError, find_binary
 from federation.streams import ensure_streams
-from tests.nats_fixtures import connect, nats_server  # noqa: F401
+from tests.nats_fixtures import connect
+
+# Until the fixture moves to conftest.py; a plain import would trip ruff's F811 on every use.
 
 AGENT = "a" + "b" * 25
 
 
-async def publish(js: JetStreamContext, seq: int, *, timeout: float = 2.0) -> bool:
+async def publish(js: JetStreamContext, seq: int, *, wait_s: float = 2.0) -> bool:
     """Publish event ``seq`` of AGENT the way the outbox does; True if JetStream deduped it."""
-    ack = await js.publish(subjects.events(AGENT), f"event {seq}".encode(), timeout=timeout,
+    ack = await js.publish(subjects.events(AGENT), f"event {seq}".encode(), timeout=wait_s,
                            headers={"Nats-Msg-Id": subjects.msg_id(AGENT, seq)})
     return bool(ack.duplicate)
 
@@ -73,7 +75,7 @@ async def test_pause_hangs_the_link_and_resume_recovers_it(nats_server: NatsServ
         nats_server.pause()
         try:
             with pytest.raises(nats.errors.TimeoutError):
-                await publish(js, 2, timeout=0.3)
+                await publish(js, 2, wait_s=0.3)
         finally:
             nats_server.resume()
         # The frozen server still held the first try in its socket buffer and stored it on
@@ -149,3 +151,12 @@ def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
 def test_url_before_start_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(NatsServerError):
         _ = NatsServer(tmp_path).url
+
+
+async def test_stop_while_paused_still_stops(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "n", stop_timeout_s=5)
+    await server.start()
+    server.pause()
+    await server.stop()
+    assert not server.running
+    assert "Server Exiting" in server.log_path.read_text()  # SIGTERM, not the SIGKILL fallback
