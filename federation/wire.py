@@ -85,7 +85,11 @@ class Event:
 class Envelope:
     """A verified envelope: ``v`` (format version), ``kind``, ``agent`` (sender of an event,
     target of a command), ``seq`` (for a batch, its last event's), ``ts``, ``body`` (for a batch,
-    a list of ``{seq, kind, ts, body}`` maps), ``sig`` (64-byte Ed25519 signature)."""
+    ``{"first": N, "events": [{seq, kind, ts, body}, ...]}``), ``sig`` (64-byte Ed25519).
+
+    A batch covers the seq range ``first..seq``: seqs in that range that it does not carry were
+    coalesced away at the edge on purpose (superseded states), so the hub may skip them; a seq
+    before ``first`` that the hub has not applied is a real gap and the batch must wait."""
 
     v: int
     kind: str
@@ -98,10 +102,16 @@ class Envelope:
     def events(self) -> list[Event]:
         """The events this envelope carries, in seq order: one, or a whole batch."""
         if self.kind == BATCH:
-            return [Event(e["seq"], e["kind"], float(e["ts"]), e["body"]) for e in self.body]
+            return [Event(e["seq"], e["kind"], float(e["ts"]), e["body"])
+                    for e in self.body["events"]]
         if self.kind in EVENT_KINDS:
             return [Event(self.seq, self.kind, self.ts, self.body)]
         raise ValueError(f"a {self.kind!r} envelope is a command, not events")
+
+    @property
+    def first(self) -> int:
+        """The first seq this envelope covers (for a single event, its own)."""
+        return int(self.body["first"]) if self.kind == BATCH else self.seq
 
 
 # -- Ed25519 ---------------------------------------------------------------------------------
@@ -165,11 +175,14 @@ def sign_envelope(kind: str, agent: str, seq: int, body: Any, signer: Signer,
 
 
 def sign_batch(agent: str, events: Sequence[Event], signer: Signer,
-               ts: float | None = None) -> bytes:
-    """One envelope, one signature, for several events of one agent (in seq order)."""
+               ts: float | None = None, first: int | None = None) -> bytes:
+    """One envelope, one signature, for several events of one agent (in seq order), covering
+    seqs ``first`` (default: the first event's) to the last event's."""
     if not events:
         raise ValueError("a batch needs at least one event")
-    body = [{"seq": e.seq, "kind": e.kind, "ts": float(e.ts), "body": e.body} for e in events]
+    body = {"first": events[0].seq if first is None else first,
+            "events": [{"seq": e.seq, "kind": e.kind, "ts": float(e.ts), "body": e.body}
+                       for e in events]}
     return sign_envelope(BATCH, agent, events[-1].seq, body, signer, ts)
 
 
@@ -221,10 +234,15 @@ def open_envelope(data: bytes, verify_key_for: Callable[[str], bytes | None],
 
 def _batch_problem(body: Any, seq: int) -> str | None:
     """Why ``body`` is not a valid batch ending at ``seq``, or None if it is."""
-    if not isinstance(body, list) or not body:
-        return "a batch body is a non-empty list"
-    last = -1
-    for event in body:
+    if not isinstance(body, dict) or body.keys() != {"first", "events"}:
+        return "a batch body is a map of first and events"
+    first, events = body["first"], body["events"]
+    if not isinstance(events, list) or not events:
+        return "a batch's events are a non-empty list"
+    if not _is_int(first) or first < 0:
+        return "a batch's first is a non-negative int"
+    last = first - 1
+    for event in events:
         if not isinstance(event, dict) or event.keys() != BATCH_EVENT_FIELDS:
             return f"a batch event has keys {sorted(BATCH_EVENT_FIELDS)}"
         if not isinstance(event["kind"], str) or event["kind"] not in EVENT_KINDS:

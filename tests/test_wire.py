@@ -54,8 +54,11 @@ def test_batch_round_trip() -> None:
     events = [Event(s, "task" if s % 2 else "offer", 1700000000.0 + s, {"n": s})
               for s in range(10, 15)]
     env = open_envelope(wire.sign_batch(AGENT, events, AGENT_SIGNER), KEYS.get, AGENT)
-    assert env.kind == "batch" and env.seq == 14
+    assert env.kind == "batch" and env.seq == 14 and env.first == 10
     assert env.events() == events
+    wider = open_envelope(wire.sign_batch(AGENT, events[2:], AGENT_SIGNER, first=5), KEYS.get,
+                          AGENT)
+    assert wider.first == 5 and wider.events() == events[2:]
 
 
 def test_command_is_bound_to_its_target_agent() -> None:
@@ -133,15 +136,22 @@ def test_unknown_version_and_kind() -> None:
         signed("bogus")
 
 
+def _b(events: Any, first: Any = 1) -> dict[str, Any]:
+    return {"first": first, "events": events}
+
+
 @pytest.mark.parametrize("body, seq", [
-    ([], 1),
-    ([{"seq": 1, "kind": "task", "ts": 1.0, "body": {}}], 2),  # seq is not the last event's
-    ([{"seq": 2, "kind": "task", "ts": 1.0, "body": {}},
-      {"seq": 1, "kind": "task", "ts": 1.0, "body": {}}], 1),  # out of order
-    ([{"seq": 1, "kind": "launch", "ts": 1.0, "body": {}}], 1),  # a command inside
-    ([{"seq": 1, "kind": "batch", "ts": 1.0, "body": []}], 1),  # nested batch
-    ([{"seq": 1, "kind": "task", "ts": 1.0}], 1),  # missing body
-    ([{"seq": 1, "kind": ["task"], "ts": 1.0, "body": {}}], 1),
+    (_b([]), 1),
+    (_b([{"seq": 1, "kind": "task", "ts": 1.0, "body": {}}]), 2),  # seq is not the last event's
+    (_b([{"seq": 2, "kind": "task", "ts": 1.0, "body": {}},
+         {"seq": 1, "kind": "task", "ts": 1.0, "body": {}}]), 1),  # out of order
+    (_b([{"seq": 1, "kind": "launch", "ts": 1.0, "body": {}}]), 1),  # a command inside
+    (_b([{"seq": 1, "kind": "batch", "ts": 1.0, "body": []}]), 1),  # nested batch
+    (_b([{"seq": 1, "kind": "task", "ts": 1.0}]), 1),  # missing body
+    (_b([{"seq": 1, "kind": ["task"], "ts": 1.0, "body": {}}]), 1),
+    (_b([{"seq": 3, "kind": "task", "ts": 1.0, "body": {}}], first=4), 3),  # first after event
+    (_b([{"seq": 1, "kind": "task", "ts": 1.0, "body": {}}], first=-1), 1),
+    ([{"seq": 1, "kind": "task", "ts": 1.0, "body": {}}], 1),  # the old bare-list form
     ("not a list", 1),
 ])
 def test_malformed_batches(body: Any, seq: int) -> None:
@@ -241,8 +251,8 @@ def test_arbitrary_maps_are_only_ever_rejected(d: dict[str, Any], expected: str 
 @given(st.data())
 def test_any_single_byte_change_is_rejected(data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(["task", "batch", "kill"]))
-    body = ([{"seq": 1, "kind": "task", "ts": 1.0, "body": data.draw(values)}] if kind == "batch"
-            else data.draw(values))
+    body = (_b([{"seq": 1, "kind": "task", "ts": 1.0, "body": data.draw(values)}])
+            if kind == "batch" else data.draw(values))
     original = bytearray(signed(kind, body, seq=1))
     index = data.draw(st.integers(0, len(original) - 1))
     original[index] ^= data.draw(st.integers(1, 255))
