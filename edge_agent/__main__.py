@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--isolation", help="auto | cgroup-v2 | cgroup-v1 | rlimit")
     p.add_argument("--stop-tasks-on-exit", action="store_const", const=True, default=None,
                    help="kill tasks when the agent stops (default: they keep running)")
+    p.add_argument("--nats", dest="nats_url", help="NATS URL of the core or the site leaf")
+    p.add_argument("--join-token", help="one-time token from `outpost-hub token create`")
     p.add_argument("--log-format", help="text | json")
     p.add_argument("--log-level", help="debug | info | warning | error")
     return p.parse_args(argv)
@@ -45,6 +47,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
         "cpus": args.cpus, "mem_mb": args.mem_mb, "disk_mb": args.disk_mb,
         "isolation": args.isolation, "stop_tasks_on_exit": args.stop_tasks_on_exit,
         "log_format": args.log_format, "log_level": args.log_level,
+        "nats_url": args.nats_url, "join_token": args.join_token,
     }
     merged_file = dict(file)
     if "data_dir" not in merged_file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -39,6 +40,8 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self.url = ""
         self.admin_token = ""
+        self.sync: Any = None
+        self.backend: EdgeBackend | None = None
 
     def _identity(self, store: Store) -> str:
         agent_id = store.get_meta("agent_id")
@@ -67,6 +70,9 @@ class Agent:
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
                               supervisor=supervisor)
+        self.backend = backend
+        if cfg.nats_url:
+            await self._start_sync(backend)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}),
                         extra_routes=[web.get("/", status_page)], public_paths=("/",))
@@ -83,7 +89,26 @@ class Agent:
                  cfg.site, self.url, isolation.name,
                  extra={"agent": agent_id, "url": self.url})
 
+    async def _start_sync(self, backend: EdgeBackend) -> None:
+        from edge_agent.commands import CommandApplier
+        from edge_agent.sync import Sync, SyncSettings
+        from federation import __version__
+        from federation.wire import Signer
+
+        cfg = self.config
+        assert self.store is not None and self.supervisor is not None
+        seed, _ = load_or_create_key(cfg.data_dir / "agent.key")
+        self.sync = Sync(
+            SyncSettings(cfg.nats_url or "", cfg.join_token, cfg.heartbeat_s, cfg.outbox_max,
+                         __version__),
+            self.store, Signer(seed), backend.agent_record, self.supervisor.snapshot,
+            CommandApplier(backend), offer=backend.current_offer)
+        backend.link_status = self.sync.status
+        await self.sync.start()
+
     async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.stop()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.supervisor is not None:

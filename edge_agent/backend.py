@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class EdgeBackend:
         self.store = store
         self.supervisor = supervisor
         self.started = time.time()
+        self.link_status: Callable[[], dict[str, Any]] = lambda: {"enabled": False}
 
     @property
     def draining(self) -> bool:
@@ -68,7 +69,7 @@ class EdgeBackend:
     async def info(self) -> dict[str, Any]:
         return {"role": "edge", "version": __version__, "agent_id": self.agent_id,
                 "name": self.name, "site": self.site, "isolation": self.isolation,
-                "labels": self.labels, "started_at": self.started}
+                "labels": self.labels, "started_at": self.started, "link": self.link_status()}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "role": "edge"}
@@ -151,15 +152,19 @@ class EdgeBackend:
         self.store.append_event("agent", self.agent_record())
         return self.agent_record()
 
-    async def list_offers(self) -> Page:
+    def current_offer(self) -> dict[str, Any] | None:
+        """What this agent offers now (None while draining): its free resources and labels."""
         if self.draining:
-            return Page([], None)
+            return None
         free = self.supervisor.free()
-        return Page([{
-            "id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
-            "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
-            "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
-            "expires_at": time.time() + OFFER_TTL}], None)
+        return {"id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
+                "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
+                "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
+                "expires_at": time.time() + OFFER_TTL}
+
+    async def list_offers(self) -> Page:
+        offer = self.current_offer()
+        return Page([] if offer is None else [offer], None)
 
     async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]:
         return self._event_stream(self.store.last_event_seq() if after is None else after)

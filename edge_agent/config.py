@@ -43,6 +43,10 @@ class AgentConfig:
     events_keep: int = 10000
     log_format: str = "text"
     log_level: str = "info"
+    nats_url: str | None = None
+    join_token: str | None = None
+    heartbeat_s: float = 2.0
+    outbox_max: int = 200_000
 
     def __post_init__(self) -> None:
         host, port = self.host_port
@@ -71,6 +75,12 @@ class AgentConfig:
             self._bad("log_format", self.log_format, "text | json")
         if self.log_level not in ("debug", "info", "warning", "error"):
             self._bad("log_level", self.log_level, "debug | info | warning | error")
+        if self.nats_url is not None and not re.match(r"^(nats|tls)://[^\s/]+$", self.nats_url):
+            self._bad("nats_url", self.nats_url, "nats://HOST:PORT")
+        if not 0.1 <= self.heartbeat_s <= 300:
+            self._bad("heartbeat_s", self.heartbeat_s, "0.1 to 300 seconds")
+        if self.outbox_max < 1000:
+            self._bad("outbox_max", self.outbox_max, "at least 1000")
         if self.admin_token is not None and len(self.admin_token) < 16:
             self._bad("admin_token", "(hidden)", "at least 16 characters")
 

@@ -50,6 +50,17 @@ MIGRATIONS: tuple[str, ...] = (
         body TEXT NOT NULL
     );
     """,
+    # 2: core-to-edge commands applied here, so each is applied once.
+    """
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        detail TEXT,
+        applied_at REAL NOT NULL
+    );
+    CREATE INDEX events_by_task ON events(task_id, seq);
+    """,
 )
 
 

@@ -43,6 +43,9 @@ class Store:
         self._waiters: set[asyncio.Future[None]] = set()
         self.agent_id = ""
         self.site = ""
+        # With federation on: events after this seq are not yet acked by JetStream and must not
+        # be pruned. None: no federation, the event log is only the local feed.
+        self.publish_floor: int | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -203,15 +206,55 @@ class Store:
         row = self._db.execute("SELECT min(seq) FROM events").fetchone()
         return row[0] or 0
 
-    def prune_events(self, keep: int, keep_after: int | None = None) -> int:
-        """Drop all but the newest ``keep`` events (never those after ``keep_after``)."""
+    def prune_events(self, keep: int) -> int:
+        """Drop all but the newest ``keep`` events, never one the core has not acked yet."""
         limit = self.last_event_seq() - keep
-        if keep_after is not None:
-            limit = min(limit, keep_after)
+        if self.publish_floor is not None:
+            limit = min(limit, self.publish_floor)
         if limit <= 0:
             return 0
         with self.transaction() as db:
             return db.execute("DELETE FROM events WHERE seq <= ?", (limit,)).rowcount
+
+    def outbox_depth(self) -> tuple[int, float | None]:
+        """(events not yet acked by the core, age in seconds of the oldest of them)."""
+        floor = self.publish_floor or 0
+        row = self._db.execute("SELECT count(*), min(ts) FROM events WHERE seq > ?",
+                               (floor,)).fetchone()
+        return row[0], (None if row[1] is None else max(time.time() - row[1], 0.0))
+
+    def coalesce_outbox(self) -> int:
+        """Drop unshipped events that a newer unshipped event supersedes.
+
+        A task's intermediate states (never a terminal one) and all but the newest offer and
+        agent record go; the newest state of everything stays. Returns how many were dropped.
+        """
+        floor = self.publish_floor or 0
+        marks = ",".join("?" * len(TERMINAL_STATES))
+        with self.transaction() as db:
+            dropped = db.execute(
+                f"""DELETE FROM events WHERE seq > ? AND (
+                      (kind = 'task' AND json_extract(body, '$.state') NOT IN ({marks})
+                       AND seq < (SELECT max(e.seq) FROM events e
+                                  WHERE e.task_id = events.task_id AND e.seq > ?))
+                   OR (kind IN ('offer', 'agent', 'snapshot')
+                       AND seq < (SELECT max(e.seq) FROM events e
+                                  WHERE e.kind = events.kind AND e.seq > ?)))""",
+                (floor, *TERMINAL_STATES, floor, floor)).rowcount
+        return dropped
+
+    def command_seen(self, command_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM commands WHERE id = ?",
+                                (command_id,)).fetchone() is not None
+
+    def record_command(self, command_id: str, kind: str, status: str, detail: str | None,
+                       result: dict[str, Any]) -> None:
+        """Remember a command as handled and queue its result event, in the caller's
+        transaction (so the effect, the record and the report commit together)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO commands(id, kind, status, detail, applied_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (command_id, kind, status, detail, time.time()))
+            self._append_event(db, "result", result.get("task_id"), result, time.time())
 
     def _wake(self) -> None:
         for fut in self._waiters:

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.executor import Executor, SpawnError, process_start_ticks
+from edge_agent.executor import Executor, SpawnError
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
@@ -106,6 +106,10 @@ class Supervisor:
 
     async def kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
         """Kill a task; (True, task) when the process is still being stopped."""
+        return self.request_kill(ref)
+
+    def request_kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
+        """The synchronous part of a kill: record it; the signals follow in the background."""
         row = self.store.find(ref)
         task_id = row["id"]
         if row["state"] in TERMINAL_STATES and task_id not in self.pending:
@@ -333,9 +337,6 @@ class Supervisor:
         if adopted or ended:
             log.info("recovered tasks: %d re-adopted, %d ended while down", adopted, ended)
 
-    def describe(self, task_id: str) -> dict[str, Any]:
-        return self.store.to_api(self.store.row(task_id))
-
-    @staticmethod
-    def start_ticks(pid: int) -> int | None:
-        return process_start_ticks(pid)
+    def snapshot(self) -> dict[str, Any]:
+        """Every task not yet ended, for the core to reconcile its view after a reconnect."""
+        return {"tasks": [self.store.to_api(r) for r in self.store.active_rows()]}

@@ -98,8 +98,7 @@ class Client:
             body = json.loads(raw)["error"]
             code, message = str(body["code"]), str(body["message"])
         except (ValueError, TypeError, KeyError):
-            code = "http_error"
-            message = raw.decode("utf-8", "replace").strip()[:200] or str(err.reason)
+            code, message = "http_error", str(err.reason)  # not an Outpost error body
         if err.code == 401 and not self.token:
             message += "; pass --token or set OUTPOST_TOKEN"
         return ApiError(err.code, code, " ".join(message.split()))
@@ -455,7 +454,8 @@ def _number(kind: Callable[[str], Any], low: float, strict: bool = False) -> Cal
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}: {text}")
         return value
@@ -535,10 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """Options, and the task's command after ``--`` (kept verbatim, dashes and all)."""
+    options, command = argv, None
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, None
+        options, command = argv[:i], argv[i + 1:]
+    # Tokens are URL-safe base64 and may start with "-", which argparse would take for an
+    # option; ``--token VALUE`` always means VALUE is the token.
+    glued: list[str] = []
+    for arg in options:
+        if glued[-1:] == ["--token"]:
+            glued[-1] = f"--token={arg}"
+        else:
+            glued.append(arg)
+    return glued, command
 
 
 def _check_url(url: str | None) -> str:
@@ -560,17 +569,23 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(options)
     except SystemExit as exc:  # --help (0) or a usage error already printed (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    url = "the node"
     try:
         if command is not None and args.func is not tasks_run:
             raise UsageError("only 'tasks run' takes a command after --")
         args.argv = command or []
         token = args.token if args.token is not None else os.environ.get("OUTPOST_TOKEN")
-        client = Client(_check_url(args.url or os.environ.get("OUTPOST_URL")), token or None,
-                        args.timeout)
+        url = _check_url(args.url or os.environ.get("OUTPOST_URL"))
+        client = Client(url, token or None, args.timeout)
         return int(args.func(client, args))
     except CliError as err:
         print(f"outpost: {err}", file=sys.stderr)
         return err.exit_code
+    except (KeyError, TypeError, AttributeError) as err:
+        # JSON of another shape: --url points at something that is not a compatible node.
+        print(f"outpost: unexpected answer from {url} ({type(err).__name__}: {err}); "
+              "is it an Outpost node of a compatible version?", file=sys.stderr)
+        return EXIT_API
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

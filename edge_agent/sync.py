@@ -1,0 +1,320 @@
+"""The edge's link to the core: enroll, ship the outbox, take commands, send heartbeats.
+
+Everything here is optional and may be down for hours: the agent works the same without it.
+The outbox is the store's event log; this module only reads it, ships it to JetStream in signed
+batches (``Nats-Msg-Id`` for dedupe, many in flight), and moves the ack watermark after the
+server's ack. The hub orders and dedupes by each event's per-agent seq, so whatever fails
+in between (a lost ack, a crash, a resend with other batch bounds) nothing is lost or applied
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from edge_agent.store import Store
+from federation import subjects, wire
+from federation.errors import OutpostError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 400_000
+IN_FLIGHT = 16
+PUBLISH_TIMEOUT = 5.0
+OFFER_REFRESH_S = 15.0  # offers live 30 s at the core; renew them well before
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    """``nats_url``: the core's (or the site leaf's) NATS; ``join_token``: used once to enroll;
+    ``heartbeat_s``: heartbeat period; ``outbox_max``: unshipped events kept before coalescing."""
+
+    nats_url: str
+    join_token: str | None
+    heartbeat_s: float = 2.0
+    outbox_max: int = 200_000
+    version: str = ""
+
+
+# Applies one verified command synchronously (inside the store transaction that records it):
+# returns (status, detail, extra fields for the result event).
+CommandHandler = Callable[[wire.Envelope], tuple[str, str | None, dict[str, Any]]]
+
+
+class Sync:
+    """Owns the NATS connection of one agent and the three loops that use it."""
+
+    def __init__(self, settings: SyncSettings, store: Store, signer: wire.Signer,
+                 agent_record: Callable[[], dict[str, Any]],
+                 snapshot: Callable[[], dict[str, Any]], on_command: CommandHandler,
+                 offer: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+        self.settings = settings
+        self.store = store
+        self.signer = signer
+        self.agent_id = store.agent_id
+        self.agent_record = agent_record
+        self.snapshot = snapshot
+        self.on_command = on_command
+        self.offer = offer
+        self._last_offer: tuple[Any, ...] | None = None
+        self._last_offer_at = 0.0
+        self.connected = False
+        self.nc: Any = None
+        self.js: Any = None
+        self.hub_key: bytes | None = None
+        self.stats = {"published_events": 0, "published_batches": 0, "publish_errors": 0,
+                      "commands_applied": 0, "commands_rejected": 0, "reconnects": 0}
+        self._main: asyncio.Task[None] | None = None
+        floor = store.get_meta("outbox_acked")
+        store.publish_floor = int(floor) if floor else 0
+        hub = store.get_meta("hub_public_key")
+        self.hub_key = bytes.fromhex(hub) if hub else None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name="sync")
+
+    async def stop(self) -> None:
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        await self._close()
+
+    async def _close(self) -> None:
+        nc, self.nc, self.js = self.nc, None, None
+        self.connected = False
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect()
+                if self.hub_key is None:
+                    await self._enroll()
+                delay = 0.5
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of the link: drop it and come back later
+                log.warning("link to core down: %s", exc or type(exc).__name__,
+                            extra={"agent": self.agent_id})
+            await self._close()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 15.0)
+
+    async def _connect(self) -> None:
+        import nats
+
+        async def _disconnected() -> None:
+            self.connected = False
+
+        async def _reconnected() -> None:
+            self.connected = True
+            self.stats["reconnects"] += 1
+            self._announce()
+
+        async def _error(exc: Exception) -> None:
+            log.debug("nats: %s", exc)
+
+        self.nc = await nats.connect(
+            servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
+            connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
+            ping_interval=3, max_outstanding_pings=2, allow_reconnect=True,
+            disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error)
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        self.connected = True
+        log.info("connected to %s", self.settings.nats_url, extra={"agent": self.agent_id})
+
+    # ------------------------------------------------------------ enrollment
+
+    async def _enroll(self) -> None:
+        token = self.settings.join_token
+        if not token:
+            raise OutpostError("not enrolled and no join token given (--join-token)")
+        record = self.agent_record()
+        request = {"token": token, "public_key": self.signer.public, "name": record["name"],
+                   "site": record["site"], "labels": record["labels"],
+                   "resources": record["resources"], "version": self.settings.version}
+        request["sig"] = self.signer.sign(msgpack.packb(request))
+        reply = await self.nc.request(subjects.ENROLL, msgpack.packb(request), timeout=5)
+        answer = msgpack.unpackb(reply.data)
+        if not answer.get("ok"):
+            raise OutpostError(f"enrollment refused: {answer.get('error')}")
+        if answer["agent_id"] != self.agent_id:
+            raise OutpostError("enrollment answered for another agent id")
+        self.hub_key = bytes(answer["hub_public_key"])
+        self.store.set_meta("hub_public_key", self.hub_key.hex())
+        log.info("enrolled with the core", extra={"agent": self.agent_id})
+
+    # ------------------------------------------------------------ the connected loops
+
+    async def _serve(self) -> None:
+        self._announce()
+        loops = [asyncio.create_task(self._publish_loop(), name="sync-publish"),
+                 asyncio.create_task(self._command_loop(), name="sync-commands"),
+                 asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat")]
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    def _announce(self) -> None:
+        """After (re)connecting: the agent record and a snapshot go out, in seq order."""
+        self.store.append_event("agent", self.agent_record())
+        self.store.append_event("snapshot", self.snapshot())
+
+    async def _publish_loop(self) -> None:
+        floor = self.store.publish_floor or 0
+        while True:
+            if not self.connected:
+                await asyncio.sleep(0.2)
+                continue
+            depth, _ = self.store.outbox_depth()
+            if depth > self.settings.outbox_max:
+                dropped = self.store.coalesce_outbox()
+                log.warning("outbox over %d events; coalesced %d superseded ones",
+                            self.settings.outbox_max, dropped, extra={"agent": self.agent_id})
+            rows = self.store.events_after(floor, MAX_BATCH_EVENTS * IN_FLIGHT)
+            if not rows:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.store.wait_for_change(), 1.0)
+                continue
+            batches = self._batches(floor, rows)
+            sends = [self.js.publish(subjects.events(self.agent_id), data,
+                                     headers={"Nats-Msg-Id": f"{self.agent_id}:{first}:{last}"})
+                     for first, last, data in batches]
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            for (first, last, _), result in zip(batches, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.stats["publish_errors"] += 1
+                    log.info("publish of %d..%d failed: %r", first, last, result)
+                    break
+                self.stats["published_batches"] += 1
+                self.stats["published_events"] += sum(1 for r in rows if first <= r["seq"] <= last)
+                floor = last
+            self._set_floor(floor)
+            if any(isinstance(r, BaseException) for r in results):
+                await asyncio.sleep(0.5)
+
+    def _batches(self, floor: int, rows: list[Any]) -> list[tuple[int, int, bytes]]:
+        out: list[tuple[int, int, bytes]] = []
+        events: list[wire.Event] = []
+        size = 0
+        first = floor + 1
+        for row in rows:
+            events.append(wire.Event(row["seq"], row["kind"], row["ts"], json.loads(row["body"])))
+            size += len(row["body"])
+            if len(events) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
+                out.append((first, events[-1].seq,
+                            wire.sign_batch(self.agent_id, events, self.signer, first=first)))
+                first, events, size = events[-1].seq + 1, [], 0
+        if events:
+            out.append((first, events[-1].seq,
+                        wire.sign_batch(self.agent_id, events, self.signer, first=first)))
+        return out
+
+    def _set_floor(self, floor: int) -> None:
+        if floor != self.store.publish_floor:
+            self.store.publish_floor = floor
+            self.store.set_meta("outbox_acked", str(floor))
+
+    async def _command_loop(self) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        durable = subjects.command_consumer(self.agent_id)
+        sub = await self.js.pull_subscribe(
+            subjects.commands(self.agent_id), durable=durable, stream=subjects.COMMANDS_STREAM,
+            config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                  deliver_policy=DeliverPolicy.ALL, ack_wait=30,
+                                  filter_subject=subjects.commands(self.agent_id)))
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(32, timeout=2)
+                except NatsTimeout:
+                    continue
+                for msg in msgs:
+                    await self._apply_command(msg.data)
+                    await msg.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _apply_command(self, data: bytes) -> None:
+        hub_key = self.hub_key
+        try:
+            env = wire.open_envelope(data, lambda a: hub_key if a == self.agent_id else None,
+                                     expected_agent=self.agent_id, kinds=wire.COMMAND_KINDS)
+        except wire.EnvelopeRejected as exc:
+            self.stats["commands_rejected"] += 1
+            log.warning("command rejected (%s): %s", exc.reason, exc.message,
+                        extra={"agent": self.agent_id})
+            return
+        body = env.body if isinstance(env.body, dict) else {}
+        command_id = str(body.get("id", ""))
+        if not command_id or self.store.command_seen(command_id):
+            return
+        task_id = body.get("task_id")
+        base = {"command_id": command_id, "kind": env.kind, "task_id": task_id}
+        expires = body.get("expires_at")
+        with self.store.transaction():
+            if isinstance(expires, int | float) and expires < time.time():
+                status, detail, extra = "expired", "expired before the agent received it", {}
+            else:
+                try:
+                    status, detail, extra = self.on_command(env)
+                except OutpostError as exc:
+                    status, detail, extra = "rejected", exc.message, {}
+            self.store.record_command(command_id, env.kind, status, detail,
+                                      {**base, "status": status, "detail": detail, **extra})
+        self.stats["commands_applied"] += 1
+        log.info("command %s %s: %s", env.kind, status, detail or "",
+                 extra={"agent": self.agent_id, "command": command_id})
+
+    def _offer_if_changed(self) -> None:
+        """Queue an ``offer`` event when what the agent can take has changed."""
+        offer = self.offer()
+        key = None if offer is None else (offer["cpus"], offer["mem_mb"], offer["disk_mb"])
+        now = time.monotonic()
+        if key != self._last_offer or now - self._last_offer_at > OFFER_REFRESH_S:
+            self._last_offer, self._last_offer_at = key, now
+            if offer is not None:
+                self.store.append_event("offer", offer)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._offer_if_changed()
+            if self.connected:
+                depth, age = self.store.outbox_depth()
+                beat = {"agent": self.agent_id, "ts": time.time(),
+                        "seq": self.store.last_event_seq(), "outbox": depth, "outbox_age": age}
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(subjects.heartbeat(self.agent_id), msgpack.packb(beat))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    def status(self) -> dict[str, Any]:
+        depth, age = self.store.outbox_depth()
+        return {"enabled": True, "connected": self.connected, "enrolled": self.hub_key is not None,
+                "nats_url": self.settings.nats_url, "outbox_depth": depth,
+                "outbox_oldest_age_s": age, "acked_seq": self.store.publish_floor, **self.stats}
