@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 BACKEND = web.AppKey("backend", Backend)
 AUTH = web.AppKey("auth", TokenAuth)
 STATS = web.AppKey("stats", dict)
+# Handlers that stream without end (SSE, log follow); cancelled at shutdown so it is prompt.
+STREAMS = web.AppKey("streams", set)
 MAX_BODY = 256 * 1024
 SSE_KEEPALIVE = 15.0
 
@@ -160,15 +162,33 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    try:
-        async for chunk in chunks:
-            await resp.write(chunk)
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+    with _streaming(request):
+        try:
+            async for chunk in chunks:
+                await resp.write(chunk)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
     await resp.write_eof()
     return resp
+
+
+class _streaming:
+    """Registers the current handler as an endless stream for the app's shutdown to cancel."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.streams = request.app[STREAMS]
+        self.task = asyncio.current_task()
+
+    def __enter__(self) -> None:
+        self.streams.add(self.task)
+
+    def __exit__(self, *exc: object) -> None:
+        self.streams.discard(self.task)
+
+
+async def _cancel_streams(app: web.Application) -> None:
+    for task in list(app[STREAMS]):
+        task.cancel()
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -212,21 +232,22 @@ async def events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(b"retry: 2000\n\n")
     it = feed.__aiter__()
-    try:
-        while True:
-            try:
-                ev = await asyncio.wait_for(it.__anext__(), SSE_KEEPALIVE)
-            except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
-            except StopAsyncIteration:
-                break
-            data = json.dumps(ev.data, separators=(",", ":"), default=str)
-            await resp.write(f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
-    except ConnectionResetError:
-        pass
-    finally:
-        await feed.aclose()  # type: ignore[attr-defined]
+    with _streaming(request):
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(it.__anext__(), SSE_KEEPALIVE)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                except StopAsyncIteration:
+                    break
+                data = json.dumps(ev.data, separators=(",", ":"), default=str)
+                await resp.write(f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
+        except ConnectionResetError:
+            pass
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]
     return resp
 
 
@@ -355,6 +376,8 @@ def build_app(
     app[BACKEND] = backend
     app[AUTH] = auth
     app[STATS] = {"started": time.time()}
+    app[STREAMS] = set()
+    app.on_shutdown.append(_cancel_streams)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     if extra_routes:
