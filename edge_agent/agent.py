@@ -84,7 +84,9 @@ class Agent:
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
-        (cfg.data_dir / "agent.url").write_text(self.url)
+        # Written whole then renamed: whoever polls for this file never reads it half-written.
+        (cfg.data_dir / "agent.url.tmp").write_text(self.url)
+        (cfg.data_dir / "agent.url.tmp").replace(cfg.data_dir / "agent.url")
         log.info("edge agent %s (%s, site %s) serving %s; isolation %s", cfg.name, agent_id,
                  cfg.site, self.url, isolation.name,
                  extra={"agent": agent_id, "url": self.url})

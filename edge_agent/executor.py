@@ -94,10 +94,12 @@ class Executor:
         if "/" in argv[0] and not os.access(argv[0], os.X_OK):
             raise SpawnError(f"not an executable file: {argv[0]}")
         tdir = self.task_dir(task_id)
-        (tdir / "sandbox").mkdir(parents=True, exist_ok=True)
-        for stale in ("exit", "exit.tmp", "run.pid"):
-            with contextlib.suppress(FileNotFoundError):
-                (tdir / stale).unlink()
+        try:
+            os.makedirs(tdir / "sandbox")
+        except FileExistsError:  # a restart: clear what the previous run left
+            for stale in ("exit", "exit.tmp", "run.pid"):
+                with contextlib.suppress(FileNotFoundError):
+                    (tdir / stale).unlink()
         try:
             procs = self.isolation.prepare(task_id, spec["resources"])
         except OSError as exc:

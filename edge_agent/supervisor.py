@@ -98,10 +98,13 @@ class Supervisor:
                     "cpus": self.capacity.cpus, "mem_mb": self.capacity.mem_mb,
                     "disk_mb": self.capacity.disk_mb}})
         task_id = task_id or uuid.uuid4().hex
-        self.store.insert_task(task_id, spec, origin=origin, state="pending",
-                               reason="waiting to be scheduled")
-        self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
-        self.schedule()
+        # One commit for the submission and, when it fits, its start: every state still gets
+        # its own event, but the disk is touched once.
+        with self.store.transaction():
+            self.store.insert_task(task_id, spec, origin=origin, state="pending",
+                                   reason="waiting to be scheduled")
+            self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
+            self.schedule()
         return self.store.to_api(self.store.row(task_id))
 
     async def kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
