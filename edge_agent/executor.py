@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 WRAPPER = str(Path(__file__).with_name("wrapper.sh"))
 ExitCallback = Callable[[str, "int | None"], None]
+START_TICKS_DELAY = 0.05
 
 
 class SpawnError(Exception):
@@ -70,6 +71,7 @@ class Executor:
         self.isolation = isolation
         self.base_env = base_env
         self.on_exit = on_exit
+        self.on_started: Callable[[str, int, int], None] = lambda *_: None
         self.log_max_bytes = log_max_bytes
         self.log_keep = log_keep
         self.running: dict[str, Running] = {}
@@ -123,7 +125,17 @@ class Executor:
             os.close(err)
         self.spawned += 1
         pidfd = os.pidfd_open(pid)
-        return self._watch(task_id, pid, process_start_ticks(pid), pidfd, child=True)
+        run = self._watch(task_id, pid, None, pidfd, child=True)
+        # Reading /proc/<pid>/stat while the new process is still loading contends with it
+        # (~1 ms here); the start time is only needed for re-adoption, so read it a bit later.
+        asyncio.get_running_loop().call_later(START_TICKS_DELAY, self._note_start, run)
+        return run
+
+    def _note_start(self, run: Running) -> None:
+        if self.running.get(run.task_id) is run and run.start_ticks is None:
+            run.start_ticks = process_start_ticks(run.pid)
+            if run.start_ticks is not None:
+                self.on_started(run.task_id, run.pid, run.start_ticks)
 
     def adopt(self, task_id: str, pid: int, start_ticks: int | None) -> Running | None:
         """Watch a process left by a previous agent run, if it is still that very process."""

@@ -116,6 +116,12 @@ class Store:
             self._append_event(db, "task", task_id, self.to_api(row), now)
         return row
 
+    def set_pid_start(self, task_id: str, pid: int, start_ticks: int) -> None:
+        """Record a run's process start time (not an API field, so no event)."""
+        with self.transaction() as db:
+            db.execute("UPDATE tasks SET pid_start = ? WHERE id = ? AND pid = ?",
+                       (start_ticks, task_id, pid))
+
     def row(self, task_id: str) -> sqlite3.Row:
         row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:

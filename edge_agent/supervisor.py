@@ -55,6 +55,7 @@ class Supervisor:
         self.stopping = False
         self._ticker: asyncio.Task[None] | None = None
         executor.on_exit = self._on_exit
+        executor.on_started = store.set_pid_start
 
     # ------------------------------------------------------------ lifecycle
 
@@ -171,7 +172,7 @@ class Supervisor:
         health = spec.get("health")
         self.store.update_task(
             task_id, state="starting" if health else "running", pid=run.pid,
-            pid_start=run.start_ticks, boot_id=self.boot, started_at=time.time(),
+            pid_start=None, boot_id=self.boot, started_at=time.time(),
             exit_code=None, healthy=None)
         if health:
             self._watch_health(task_id, spec)
@@ -309,7 +310,7 @@ class Supervisor:
                                                  row["reason"])
                 continue
             pid, start = row["pid"], row["pid_start"]
-            if pid is None:  # crashed between spawning and recording the pid
+            if pid is None or start is None:  # crashed before recording the pid or its start
                 orphan = self.executor.orphan_pid(task_id)
                 if orphan is not None:
                     pid, start = orphan
@@ -319,7 +320,7 @@ class Supervisor:
             if run is not None:
                 adopted += 1
                 self.reserved[task_id] = spec["resources"]
-                if row["pid"] != pid:
+                if row["pid"] != pid or row["pid_start"] != start:
                     self.store.update_task(task_id, state="running", pid=pid, pid_start=start,
                                            boot_id=self.boot, started_at=time.time())
                 if row["want"] == "kill":
