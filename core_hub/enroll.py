@@ -1,0 +1,271 @@
+"""Enrollment: how an edge's key becomes trusted by the hub, in exchange for a join token.
+
+An operator creates a join token (``JoinTokens.create_token``, kept only as a SHA-256 digest,
+with an expiry and a use count) and gives it to a new edge. The edge sends one core-NATS request
+to ``outpost.v1.enroll``: a msgpack map
+
+    {"token", "public_key" (32 raw bytes), "name", "site", "labels", "resources", "version",
+     "sig"}
+
+where ``sig`` is the Ed25519 signature, by that key, of the msgpack of the same map without
+``sig`` (keys in the order sent). The signature proves the edge holds the private key, so nobody
+can enroll someone else's key, and it binds the token, so a captured request can only re-enroll
+the same key. The reply is msgpack ``{"ok": true, "agent_id", "hub_public_key"}`` (the edge then
+verifies commands with the hub key) or ``{"ok": false, "code", "error"}``.
+
+Re-enrolling a key that is already enrolled (and not revoked) succeeds, returns the same id,
+refreshes the agent's name, site, labels, resources and version, and neither needs nor uses up a
+token: the key itself is the credential by then. So an edge whose reply was lost can simply ask
+again, even after its single-use token is spent. A revoked key cannot come back, with any token:
+revocation means the key is distrusted, and the edge must enroll a new key.
+
+The agent id is ``identity.id_from_public_key``; the hub's own key is ``<data_dir>/hub.key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from core_hub.store import HubStore
+from federation import subjects, wire
+from federation.errors import Forbidden, Invalid, NotFound, OutpostError, Unauthorized
+from federation.identity import id_from_public_key, load_or_create_key
+from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "opj_"
+QUEUE = "outpost-hub"
+MAX_REQUEST_BYTES = 16 << 10
+REQUEST_FIELDS = ("token", "public_key", "name", "site", "labels", "resources", "version")
+RESOURCE_KEYS = frozenset({"cpus", "mem_mb", "disk_mb"})
+_MIN_PREFIX = 6
+_NAME = re.compile(NAME_PATTERN)
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_hub_signer(data_dir: Path) -> wire.Signer:
+    """The hub's signing key, ``<data_dir>/hub.key`` (created 0600 on first use)."""
+    seed, _public = load_or_create_key(Path(data_dir) / "hub.key")
+    return wire.Signer(seed)
+
+
+class JoinTokens:
+    """Join tokens in the hub store: created, checked, counted and revoked by digest only.
+
+    ``clock`` returns unix seconds (injected so expiry can be tested without waiting).
+    """
+
+    def __init__(self, store: HubStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    def create_token(self, ttl_s: float, uses: int | None = 1) -> str:
+        """A new token valid for ``ttl_s`` seconds and ``uses`` enrollments (None: unlimited).
+
+        The plain token is returned once and never stored.
+        """
+        if not ttl_s > 0:
+            raise Invalid("a join token's ttl must be positive", details={"ttl_s": ttl_s})
+        if uses is not None and (type(uses) is not int or uses < 1):
+            raise Invalid("a join token's uses must be a positive int or unlimited",
+                          details={"uses": uses})
+        token = TOKEN_PREFIX + secrets.token_urlsafe(24)
+        now = self._clock()
+        self._store.insert_token(token_digest(token), created_at=now, expires_at=now + ttl_s,
+                                 uses_left=uses)
+        log.info("join token created", extra={"token_digest": token_digest(token)[:12],
+                                              "ttl_s": ttl_s, "uses": uses})
+        return token
+
+    def check_token(self, token: str) -> str:
+        """The token's digest if it may enroll an agent now; else raise Unauthorized."""
+        digest = token_digest(token)
+        row = self._store.get_token(digest)
+        if row is None:
+            raise Unauthorized("unknown join token")
+        short = {"token_digest": digest[:12]}
+        if row["revoked"]:
+            raise Unauthorized("join token has been revoked", details=short)
+        if row["expires_at"] <= self._clock():
+            raise Unauthorized("join token has expired", details=short)
+        if row["uses_left"] is not None and row["uses_left"] <= 0:
+            raise Unauthorized("join token has been used up", details=short)
+        return digest
+
+    def consume_token(self, token: str) -> None:
+        """Check the token and count one use (inside the caller's transaction, if any)."""
+        with self._store.transaction():
+            self._store.use_token(self.check_token(token))
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token's digest, times, uses left, and ``state`` (valid, expired, used-up,
+        revoked); never a token itself."""
+        now = self._clock()
+        tokens = self._store.list_tokens()
+        for row in tokens:
+            row["state"] = ("revoked" if row["revoked"] else
+                            "expired" if row["expires_at"] <= now else
+                            "used-up" if row["uses_left"] is not None and row["uses_left"] <= 0
+                            else "valid")
+        return tokens
+
+    def revoke_token(self, ref: str) -> str:
+        """Revoke by digest, a digest prefix (6+ hex characters), or the token itself; returns
+        the digest. Raise NotFound, or Invalid if a prefix matches more than one token."""
+        ref = ref.strip()
+        if self._store.get_token(ref) is not None:
+            digest = ref
+        elif self._store.get_token(token_digest(ref)) is not None:
+            digest = token_digest(ref)
+        else:
+            lowered = ref.lower()
+            if len(lowered) < _MIN_PREFIX or not re.fullmatch(r"[0-9a-f]+", lowered):
+                raise NotFound(f"no join token matches {ref[:16]!r}")
+            found = self._store.find_tokens(lowered)
+            if not found:
+                raise NotFound(f"no join token matches {ref[:16]!r}")
+            if len(found) > 1:
+                raise Invalid(f"join token prefix {ref!r} matches several tokens",
+                              details={"prefix": ref})
+            digest = found[0]["digest"]
+        self._store.revoke_token(digest)
+        log.info("join token revoked", extra={"token_digest": digest[:12]})
+        return digest
+
+
+def build_request(signer: wire.Signer, token: str, *, name: str, site: str,
+                  labels: dict[str, str] | None = None,
+                  resources: dict[str, Any] | None = None, version: str = "") -> bytes:
+    """The msgpack enrollment request an edge sends, signed by its key."""
+    request: dict[str, Any] = {"token": token, "public_key": signer.public, "name": name,
+                               "site": site, "labels": labels or {},
+                               "resources": resources or {}, "version": version}
+    request["sig"] = signer.sign(msgpack.packb(request))
+    return bytes(msgpack.packb(request))
+
+
+class Enroller:
+    """Answers enrollment requests on ``subjects.ENROLL`` (core NATS, queue group ``queue`` so
+    one of several hub replicas answers each)."""
+
+    def __init__(self, nc: Client, store: HubStore, tokens: JoinTokens,
+                 hub_public_key: bytes, *, queue: str = QUEUE,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._nc = nc
+        self._store = store
+        self._tokens = tokens
+        self._hub_public_key = bytes(hub_public_key)
+        self._queue = queue
+        self._clock = clock
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(subjects.ENROLL, queue=self._queue,
+                                                 cb=self._on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def _on_request(self, msg: Msg) -> None:
+        reply = self.handle(msg.data)
+        if msg.reply:
+            await msg.respond(msgpack.packb(reply))
+
+    def handle(self, data: bytes) -> dict[str, Any]:
+        """The reply map for one request: enroll the agent or say why not."""
+        try:
+            agent_id = self._enroll(data)
+        except OutpostError as err:
+            log.warning("enrollment refused: %s", err.message,
+                        extra={"code": err.code, "details": err.details})
+            return {"ok": False, "code": err.code, "error": err.message}
+        except Exception:  # a bug here must still answer, not leave the edge to time out
+            log.exception("enrollment failed")
+            return {"ok": False, "code": "internal", "error": "internal error at the hub"}
+        return {"ok": True, "agent_id": agent_id, "hub_public_key": self._hub_public_key}
+
+    def _enroll(self, data: bytes) -> str:
+        request = _parse(data)
+        public = request["public_key"]
+        agent_id = id_from_public_key(public)
+        known = self._store.agent_key(agent_id)
+        if known is not None and known.public_key != public:  # a SHA-256 prefix collision
+            raise Forbidden("agent id already belongs to another key",
+                            details={"agent_id": agent_id})
+        if known is not None and known.revoked:
+            raise Forbidden(f"agent {agent_id} is revoked; enroll a new key",
+                            details={"agent_id": agent_id})
+        with self._store.transaction():
+            if known is None:
+                self._tokens.consume_token(request["token"])
+            self._store.enroll_agent(
+                agent_id, public, name=request["name"], site=request["site"],
+                labels=request["labels"], resources=request["resources"],
+                version=request["version"], now=self._clock())
+        log.info("agent %s %s", agent_id, "re-enrolled" if known else "enrolled",
+                 extra={"agent_id": agent_id, "site": request["site"],
+                        "agent_name": request["name"]})
+        return agent_id
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """Decode, validate and verify an enrollment request; raise Invalid or Unauthorized."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise Invalid(f"enrollment request over {MAX_REQUEST_BYTES} bytes")
+    try:
+        request = msgpack.unpackb(data)
+    except Exception as err:  # msgpack raises ValueError subclasses, or TypeError
+        raise Invalid(f"enrollment request is not msgpack: {err}") from None
+    if not isinstance(request, dict):
+        raise Invalid("enrollment request is not a map")
+    missing = [key for key in (*REQUEST_FIELDS, "sig") if key not in request]
+    extra = sorted(str(key) for key in request if key not in REQUEST_FIELDS and key != "sig")
+    if missing or extra:
+        raise Invalid(f"enrollment request fields: missing {missing}, unknown {extra}")
+    token, public, sig = request["token"], request["public_key"], request["sig"]
+    if not isinstance(token, str) or not 0 < len(token) <= 256:
+        raise Invalid("token must be a non-empty string")
+    if not isinstance(public, bytes) or len(public) != 32:
+        raise Invalid("public_key must be 32 raw bytes (Ed25519)")
+    for field in ("name", "site"):
+        value = request[field]
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise Invalid(f"{field} must be lowercase letters, digits, - _ . (max 63)")
+    labels = request["labels"]
+    if not isinstance(labels, dict) or len(labels) > 32 or not all(
+            isinstance(k, str) and _LABEL_KEY.match(k) and isinstance(v, str) and len(v) <= 256
+            for k, v in labels.items()):
+        raise Invalid("labels must map label keys to strings (at most 32)")
+    resources = request["resources"]
+    if not isinstance(resources, dict) or not set(resources) <= RESOURCE_KEYS or not all(
+            type(v) in (int, float) and v >= 0 for v in resources.values()):
+        raise Invalid(f"resources may hold {sorted(RESOURCE_KEYS)}, as non-negative numbers")
+    if not isinstance(request["version"], str) or len(request["version"]) > 64:
+        raise Invalid("version must be a string (max 64)")
+    if not isinstance(sig, bytes) or len(sig) != wire.SIG_LEN:
+        raise Unauthorized("proof of key possession is missing or malformed")
+    signed = {key: value for key, value in request.items() if key != "sig"}
+    if not wire.verify(public, sig, msgpack.packb(signed)):
+        raise Unauthorized("proof of key possession failed: sig does not verify with "
+                           "public_key")
+    return request

@@ -1,0 +1,467 @@
+"""Ingest: apply the agents' signed events from JetStream to the hub's view, once and in order.
+
+This is the hub half of DESIGN.md guarantee 2. Every message on ``OUTPOST_EVENTS`` is opened
+with ``wire.open_envelope`` against the sending agent's enrolled key and the agent named by the
+subject; anything rejected is counted by reason, logged, acked and never applied. An accepted
+envelope covers the agent's seqs ``first..seq`` and is judged against the agent's
+``applied_seq``:
+
+- ``seq <= applied``: a duplicate (a re-sent outbox row, a redelivery): ack, count.
+- ``first > applied + 1``: an earlier envelope has not arrived yet: nak with a delay so
+  JetStream redelivers it later, apply nothing.
+- otherwise apply the events with ``seq > applied``, set ``applied_seq = seq``, ack.
+
+Messages are fetched in batches (``batch``, 256 by default) and applied a chunk (up to 1 MB of
+envelopes) per SQLite transaction, each envelope in its own savepoint, then acked after the
+commit. So an envelope's events, its ``applied_seq`` and ``meta.stream_seq`` commit together (a
+crash before the commit loses nothing: the messages are redelivered), and a chunk costs one
+commit, not one per message. Envelopes out of order inside one chunk are put in order there,
+without a nak.
+
+``meta.stream_seq`` is the stream sequence below which *every* message has been dealt with, not
+simply the last one applied: a nak'd envelope is still owed, so the floor stops just below it.
+On start, ingest recreates its durable pull consumer to deliver from ``stream_seq + 1``: a
+restarted hub resumes where its view ends, and a hub whose view file was deleted (stream_seq 0)
+rebuilds the whole view from the stream. Re-delivered envelopes it had applied are duplicates.
+
+Event bodies are checked here (the system edge, CONVENTIONS 6): a malformed body in a validly
+signed envelope is a bug at that agent; it is counted as ``bad_events`` and skipped, so one bad
+event cannot wedge an agent's stream. An envelope whose apply raises anyway (a full disk, a body
+SQLite or JSON cannot hold) is rolled back alone and retried with backoff: the view never skips
+what it could not store, and ``apply_errors`` shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from core_hub.store import AGENT_JSON_FIELDS, AGENT_TEXT_FIELDS, HubStore
+from federation import subjects, wire
+from federation.errors import Invalid
+from federation.schemas import AGENT_STATUSES, TASK_STATES
+from federation.wire import Envelope, EnvelopeRejected, Event
+
+log = logging.getLogger(__name__)
+
+DURABLE = "outpost-hub-ingest"
+RESULT_STATUSES = frozenset({"applied", "expired", "rejected", "duplicate"})
+LOST_REASON = "not on the agent at reconcile"
+# After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
+_WARN_REDELIVERIES = 20
+_TASK_STATES = frozenset(TASK_STATES)
+
+
+class Outcome(Enum):
+    ACK = "ack"  # applied, duplicate or rejected: done with it
+    GAP = "gap"  # waits for an earlier envelope: nak with the gap delay
+    ERROR = "error"  # applying it failed unexpectedly: nak with the error delay
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters for ``/metrics``: ``applied_events`` and ``applied_envelopes``; ``duplicates``
+    (envelopes already applied); ``gaps`` (envelope deliveries nak'd to wait for an earlier
+    one); ``rejected`` (envelopes by reason: ``wire.REASONS`` plus ``revoked`` and
+    ``subject``); ``bad_events`` (malformed bodies skipped); ``foreign_tasks`` (task rows
+    naming another agent's task id, refused; counted once per envelope and task, and not
+    subtracted from ``applied_events``); ``apply_errors`` (envelopes whose apply raised)."""
+
+    applied_events: int = 0
+    applied_envelopes: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    bad_events: int = 0
+    foreign_tasks: int = 0
+    apply_errors: int = 0
+
+    def add(self, other: IngestStats) -> None:
+        self.applied_events += other.applied_events
+        self.applied_envelopes += other.applied_envelopes
+        self.duplicates += other.duplicates
+        self.gaps += other.gaps
+        self.bad_events += other.bad_events
+        self.foreign_tasks += other.foreign_tasks
+        self.apply_errors += other.apply_errors
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Ingest:
+    """Consumes ``OUTPOST_EVENTS`` into ``store`` from ``start()`` until ``stop()``.
+
+    ``durable`` names this view's consumer: give each hub replica (each SQLite view) its own.
+    ``batch`` is the fetch size; ``gap_delay_s`` how long a waiting envelope is held back before
+    its first redelivery, doubling on each until ``max_gap_delay_s``; ``error_delay_s`` the
+    same for an envelope whose apply failed, and the pause after a failed fetch. A fetch is
+    applied in transactions of at most ``max_chunk_bytes`` of envelopes, so a fetch of big
+    batches does not hold the event loop (and the single writer) for seconds.
+    """
+
+    def __init__(self, js: JetStreamContext, store: HubStore, *, durable: str = DURABLE,
+                 batch: int = 256, fetch_timeout_s: float = 1.0, gap_delay_s: float = 0.5,
+                 max_gap_delay_s: float = 30.0, error_delay_s: float = 1.0,
+                 ack_wait_s: float = 30.0, max_ack_pending: int = 50_000,
+                 max_chunk_bytes: int = 1 << 20) -> None:
+        self._js = js
+        self._store = store
+        self._durable = durable
+        self._batch = batch
+        self._fetch_timeout_s = fetch_timeout_s
+        self._gap_delay_s = gap_delay_s
+        self._max_gap_delay_s = max_gap_delay_s
+        self._error_delay_s = error_delay_s
+        self._ack_wait_s = ack_wait_s
+        self._max_ack_pending = max_ack_pending
+        self._max_chunk_bytes = max_chunk_bytes
+        self.stats = IngestStats()
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()
+        # The floor bookkeeping: stream seqs delivered but still owed (nak'd), and the highest
+        # stream seq seen. First deliveries come in stream order, so everything below the
+        # highest was delivered at least once; only the owed ones are not done.
+        self._owed: set[int] = set()
+        self._high = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("ingest already started")
+        await self._bind()
+        self._task = asyncio.create_task(self._run(), name="hub-ingest")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self._unbind()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Return once ``predicate()`` holds, checking after each chunk is processed."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                await self._progress.wait()
+
+    @property
+    def floor(self) -> int:
+        """Every stream message up to this sequence is done (what ``meta.stream_seq`` holds)."""
+        return min(self._owed) - 1 if self._owed else self._high
+
+    async def _bind(self) -> None:
+        """(Re)create the durable consumer to deliver from the view's floor + 1."""
+        await self._unbind()
+        start = self._store.stream_seq
+        try:
+            await self._js.delete_consumer(subjects.EVENTS_STREAM, self._durable)
+        except NotFoundError:
+            pass
+        info = await self._js.stream_info(subjects.EVENTS_STREAM)
+        if start > info.state.last_seq:
+            log.error("this view has applied %s up to seq %d but the stream ends at %d: "
+                      "was the stream recreated? nothing below seq %d will be applied",
+                      subjects.EVENTS_STREAM, start, info.state.last_seq, start + 1,
+                      extra={"stream_seq": start, "last_seq": info.state.last_seq})
+        elif start + 1 < info.state.first_seq:
+            log.warning("events %d..%d aged out of %s before this view applied them",
+                        start + 1, info.state.first_seq - 1, subjects.EVENTS_STREAM,
+                        extra={"stream_seq": start, "first_seq": info.state.first_seq})
+        config = ConsumerConfig(
+            name=self._durable, durable_name=self._durable,
+            description="hub ingest into its SQLite view",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+            opt_start_seq=start + 1 if start else None,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ack_wait_s, max_deliver=-1,
+            max_ack_pending=self._max_ack_pending, filter_subject=subjects.EVENTS_ALL)
+        await self._js.add_consumer(subjects.EVENTS_STREAM, config)
+        self._sub = await self._js.pull_subscribe_bind(durable=self._durable,
+                                                      stream=subjects.EVENTS_STREAM)
+        self._owed.clear()
+        self._high = start
+        log.info("ingest consuming %s from stream seq %d", subjects.EVENTS_STREAM, start + 1,
+                 extra={"stream_seq": start, "durable": self._durable})
+
+    async def _unbind(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:  # the connection is gone: nothing left to undo
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._sub is None:
+                    await self._bind()
+                assert self._sub is not None
+                msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as err:
+                log.warning("ingest fetch failed, retrying: %s", err,
+                            extra={"durable": self._durable})
+                await self._unbind()
+                await asyncio.sleep(self._error_delay_s)
+                continue
+            # A fetch may mix redeliveries with new messages: stream order is seq order more
+            # often, so fewer envelopes have to wait.
+            msgs.sort(key=lambda msg: msg.metadata.sequence.stream)
+            for chunk in _chunks(msgs, self._max_chunk_bytes):
+                await self._settle(self._process(chunk))
+
+    async def _settle(self, outcomes: list[tuple[Msg, Outcome]]) -> None:
+        for msg, outcome in outcomes:
+            try:
+                if outcome is Outcome.ACK:
+                    await msg.ack()
+                else:
+                    # Back off on a long wait: a lost predecessor, or an envelope that fails
+                    # every time, must not become a hot loop.
+                    base = self._gap_delay_s if outcome is Outcome.GAP else self._error_delay_s
+                    tries = min(msg.metadata.num_delivered, 16)
+                    await msg.nak(delay=min(base * 2 ** (tries - 1), self._max_gap_delay_s))
+            except nats.errors.Error as err:  # lost ack: the message comes back, a duplicate
+                log.debug("could not settle a message: %s", err)
+
+    # ------------------------------------------------------------ one fetch
+
+    def _process(self, msgs: list[Msg]) -> list[tuple[Msg, Outcome]]:
+        """Apply a chunk of a fetch in one transaction (no awaits: the single writer is ours
+        till the commit); returns what to tell JetStream about each message, after the
+        commit."""
+        delta = IngestStats()
+        outcomes: dict[int, Outcome] = {}
+        owed, high = set(self._owed), self._high
+        try:
+            with self._store.transaction():
+                waiting: list[tuple[Msg, Envelope]] = []
+                for msg in msgs:
+                    env = self._open(msg, delta)
+                    outcome = Outcome.ACK if env is None else self._apply(env, delta)
+                    if outcome is Outcome.GAP:
+                        assert env is not None
+                        waiting.append((msg, env))
+                    outcomes[id(msg)] = outcome
+                # An envelope that arrived before its predecessor in this same chunk.
+                while waiting:
+                    still = []
+                    for msg, env in waiting:
+                        outcome = self._apply(env, delta)
+                        if outcome is Outcome.GAP:
+                            still.append((msg, env))
+                        else:
+                            outcomes[id(msg)] = outcome
+                    if len(still) == len(waiting):
+                        break
+                    waiting = still
+                for msg in msgs:
+                    seq = msg.metadata.sequence.stream
+                    high = max(high, seq)
+                    if outcomes[id(msg)] is Outcome.ACK:
+                        owed.discard(seq)
+                    else:
+                        owed.add(seq)
+                for msg, env in waiting:
+                    delta.gaps += 1
+                    self._log_wait(msg, env)
+                floor = min(owed) - 1 if owed else high
+                if floor != self._store.stream_seq:
+                    self._store.set_stream_seq(floor)
+        except Exception:
+            log.exception("ingest could not commit %d messages", len(msgs))
+            seqs = [msg.metadata.sequence.stream for msg in msgs]
+            self._owed.update(seqs)  # all still owed: the floor must not pass them
+            self._high = max(self._high, *seqs)
+            self._wake()
+            return [(msg, Outcome.ERROR) for msg in msgs]
+        self._owed, self._high = owed, high
+        self.stats.add(delta)
+        self._wake()
+        return [(msg, outcomes[id(msg)]) for msg in msgs]
+
+    def _wake(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _open(self, msg: Msg, delta: IngestStats) -> Envelope | None:
+        """The verified envelope, or None after counting and logging why it is rejected."""
+        try:
+            agent = subjects.agent_of(msg.subject)
+        except Invalid as err:
+            self._reject(delta, "subject", err.message, None)
+            return None
+        key = self._store.agent_key(agent)
+        public = key.public_key if key is not None and not key.revoked else None
+        try:
+            return wire.open_envelope(msg.data, lambda _agent: public, agent,
+                                      kinds=wire.EVENT_ENVELOPE_KINDS)
+        except EnvelopeRejected as err:
+            reason = "revoked" if err.reason == "unknown_agent" and key is not None else err.reason
+            self._reject(delta, reason, err.message, agent)
+            return None
+
+    def _reject(self, delta: IngestStats, reason: str, message: str, agent: str | None) -> None:
+        delta.rejected[reason] = delta.rejected.get(reason, 0) + 1
+        log.warning("rejected an event envelope (%s): %s", reason, message,
+                    extra={"reason": reason, "agent_id": agent})
+
+    def _log_wait(self, msg: Msg, env: Envelope) -> None:
+        applied = self._store.agent_key(env.agent)
+        extra = {"agent_id": env.agent, "first": env.first, "seq": env.seq,
+                 "applied_seq": applied.applied_seq if applied else None}
+        if msg.metadata.num_delivered >= _WARN_REDELIVERIES:
+            log.warning("agent %s: envelope %d..%d still waits for earlier events", env.agent,
+                        env.first, env.seq, extra=extra)
+        else:
+            log.debug("agent %s: envelope %d..%d waits for earlier events", env.agent,
+                      env.first, env.seq, extra=extra)
+
+    # ------------------------------------------------------------ one envelope
+
+    def _apply(self, env: Envelope, delta: IngestStats) -> Outcome:
+        key = self._store.agent_key(env.agent)
+        assert key is not None  # open_envelope found its key
+        applied = key.applied_seq
+        if env.seq <= applied:
+            delta.duplicates += 1
+            return Outcome.ACK
+        if env.first > applied + 1:
+            return Outcome.GAP
+        events = [event for event in env.events() if event.seq > applied]
+        try:
+            with self._store.savepoint():
+                self._apply_events(env.agent, events, delta)
+                self._store.set_applied_seq(env.agent, env.seq, env.ts)
+        except Exception:
+            log.exception("agent %s: applying envelope %d..%d failed", env.agent, env.first,
+                          env.seq, extra={"agent_id": env.agent, "seq": env.seq})
+            delta.apply_errors += 1
+            return Outcome.ERROR
+        delta.applied_envelopes += 1
+        return Outcome.ACK
+
+    def _apply_events(self, agent: str, events: list[Event], delta: IngestStats) -> None:
+        store = self._store
+        # Task events are coalesced to each task's last state and written in one executemany
+        # when the envelope ends or a snapshot needs the table current; other kinds do not
+        # touch the tasks table, so they may be applied in between.
+        tasks: dict[str, dict[str, Any]] = {}
+        tasks_ts = 0.0
+        for event in events:
+            body = event.body
+            if event.kind == "task":
+                if _task_ok(body):
+                    tasks.pop(body["id"], None)  # keep the order of last states
+                    tasks[body["id"]] = body
+                    tasks_ts = event.ts
+                    delta.applied_events += 1
+                else:
+                    self._bad(delta, agent, event)
+                continue
+            if tasks and event.kind == "snapshot":
+                self._upsert(agent, list(tasks.values()), tasks_ts, delta)
+                tasks = {}
+            if event.kind == "agent" and isinstance(body, dict):
+                store.update_agent_record(agent, _agent_fields(body))
+            elif event.kind == "offer" and _offer_ok(body):
+                store.upsert_offer(agent, body)
+            elif event.kind == "result" and _result_ok(body):
+                store.insert_result(agent, body, event.ts)
+            elif event.kind == "snapshot" and _snapshot_ok(body):
+                self._upsert(agent, body["tasks"], event.ts, delta)
+                lost = store.mark_missing_lost(agent, [t["id"] for t in body["tasks"]],
+                                               event.ts, LOST_REASON)
+                if lost:
+                    log.info("agent %s: %d tasks not on the agent at reconcile, now lost",
+                             agent, len(lost), extra={"agent_id": agent, "tasks": lost})
+            else:
+                self._bad(delta, agent, event)
+                continue
+            delta.applied_events += 1
+        if tasks:
+            self._upsert(agent, list(tasks.values()), tasks_ts, delta)
+
+    def _upsert(self, agent: str, tasks: list[dict[str, Any]], ts: float,
+                delta: IngestStats) -> None:
+        foreign = self._store.upsert_tasks(agent, tasks, ts)
+        if foreign:  # refused task rows (each may stand for several coalesced events)
+            delta.foreign_tasks += foreign
+            log.warning("agent %s: refused %d task events naming another agent's tasks",
+                        agent, foreign, extra={"agent_id": agent})
+
+    def _bad(self, delta: IngestStats, agent: str, event: Event) -> None:
+        delta.bad_events += 1
+        log.warning("agent %s: skipped malformed %s event %d", agent, event.kind, event.seq,
+                    extra={"agent_id": agent, "seq": event.seq, "kind": event.kind})
+
+
+def _chunks(msgs: list[Msg], max_bytes: int) -> list[list[Msg]]:
+    """``msgs`` in order, cut into runs of at most ``max_bytes`` (at least one message each)."""
+    chunks: list[list[Msg]] = []
+    size = 0
+    for msg in msgs:
+        if not chunks or size + len(msg.data) > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(msg)
+        size += len(msg.data)
+    return chunks
+
+
+# ------------------------------------------------------------ body checks
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) in (int, float)
+
+
+def _task_ok(body: Any) -> bool:
+    return (isinstance(body, dict) and isinstance(body.get("id"), str)
+            and 0 < len(body["id"]) <= 128 and isinstance(body.get("name"), str)
+            and body.get("state") in _TASK_STATES
+            and type(body.get("generation", 1)) is int)
+
+
+def _agent_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The agent record fields the hub keeps, those of the right type; the id is the sender's."""
+    fields = {k: body[k] for k in AGENT_TEXT_FIELDS if isinstance(body.get(k), str)}
+    if fields.get("status", AGENT_STATUSES[0]) not in AGENT_STATUSES:
+        del fields["status"]
+    fields.update({k: body[k] for k in AGENT_JSON_FIELDS if isinstance(body.get(k), dict)})
+    return fields
+
+
+def _offer_ok(body: Any) -> bool:
+    return (isinstance(body, dict) and _is_number(body.get("expires_at"))
+            and all(_is_number(body.get(k, 0)) for k in ("cpus", "mem_mb", "disk_mb")))
+
+
+def _result_ok(body: Any) -> bool:
+    return (isinstance(body, dict) and isinstance(body.get("command_id"), str)
+            and 0 < len(body["command_id"]) <= 128 and body.get("status") in RESULT_STATUSES)
+
+
+def _snapshot_ok(body: Any) -> bool:
+    # All or nothing: reconciling against a partly unreadable list would mark tasks lost.
+    return (isinstance(body, dict) and isinstance(body.get("tasks"), list)
+            and all(_task_ok(task) for task in body["tasks"]))

@@ -1,0 +1,87 @@
+"""Versioned schema of the hub's SQLite view of the fleet.
+
+Each entry runs once, in order, inside one transaction; ``PRAGMA user_version`` records how far
+a database has come (the same hand-rolled runner as ``edge_agent/migrations.py``: importing
+sqlite-utils for six tables is not worth its start-up cost). Everything here except ``agents``'
+keys and ``join_tokens`` is a view rebuilt from the ``OUTPOST_EVENTS`` stream; ``meta.stream_seq``
+says how far into that stream the view has come.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the fleet view (agents, tasks, offers, command results), join tokens, metadata.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        site TEXT NOT NULL DEFAULT '',
+        labels TEXT NOT NULL DEFAULT '{}',
+        resources TEXT NOT NULL DEFAULT '{}',
+        used TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL DEFAULT 'disconnected',
+        version TEXT NOT NULL DEFAULT '',
+        isolation TEXT NOT NULL DEFAULT '',
+        last_seen REAL,
+        applied_seq INTEGER NOT NULL DEFAULT 0,
+        enrolled_at REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX agents_by_site ON agents(site, id);
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        generation INTEGER NOT NULL DEFAULT 1,
+        body TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX tasks_by_agent ON tasks(agent_id, state);
+    CREATE INDEX tasks_by_state ON tasks(state, id);
+    CREATE TABLE offers (
+        agent_id TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE results (
+        command_id TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        body TEXT NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX results_by_agent ON results(agent_id, ts);
+    CREATE TABLE join_tokens (
+        digest TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        uses_left INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring ``conn`` to the newest schema; returns the version it is at."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"hub store schema {version} is newer than this hub knows ({len(MIGRATIONS)})")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

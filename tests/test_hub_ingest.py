@@ -1,0 +1,356 @@
+"""Hub ingest against a real nats-server and a real SQLite view: guarantee 2 from the hub side.
+
+Agents are real Ed25519 keys enrolled in the store; envelopes are made with ``wire.sign_batch``
+and published to OUTPOST_EVENTS the way the outbox does. Each test waits on the ingest's own
+progress (the view's stream floor), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+from core_hub.ingest import LOST_REASON, Ingest
+from core_hub.store import HubStore
+from federation import subjects, wire
+from federation.identity import id_from_public_key
+from federation.natsd import NatsServer
+from federation.streams import ensure_streams
+from federation.wire import Event, Signer
+from tests.nats_fixtures import connect
+
+T0 = 1_700_000_000.0
+
+
+class Edge:
+    """An agent's signing side: its key, id, and next event seq."""
+
+    def __init__(self, seed: int, name: str = "edge") -> None:
+        self.signer = Signer(bytes([seed]) * 32)
+        self.id = id_from_public_key(self.signer.public)
+        self.name = name
+        self.seq = 0
+
+    def enroll(self, store: HubStore) -> None:
+        store.enroll_agent(self.id, self.signer.public, name=self.name, site="plant-a",
+                           labels={}, resources={}, version="0.1.0", now=T0)
+
+    def batch(self, *items: tuple[str, Any], seqs: list[int] | None = None,
+              first: int | None = None, signer: Signer | None = None) -> bytes:
+        """One signed envelope of ``(kind, body)`` events with the next seqs (or ``seqs``)."""
+        if seqs is None:
+            seqs = list(range(self.seq + 1, self.seq + 1 + len(items)))
+        self.seq = max(self.seq, seqs[-1])
+        events = [Event(seq, kind, T0 + seq, body) for seq, (kind, body) in zip(seqs, items,
+                                                                              strict=True)]
+        return wire.sign_batch(self.id, events, signer or self.signer, ts=T0 + seqs[-1],
+                               first=first)
+
+
+def task(task_id: str, state: str, generation: int = 1) -> tuple[str, dict[str, Any]]:
+    return "task", {"id": task_id, "name": f"job-{task_id}", "state": state,
+                    "generation": generation, "exit_code": None, "reason": None,
+                    "origin": "edge", "agent_id": "", "updated_at": T0}
+
+
+@dataclass
+class Hub:
+    js: JetStreamContext
+    store: HubStore
+    dir: Path
+
+    async def publish(self, edge_or_agent: Edge | str, data: bytes,
+                      msg_id: str | None = None) -> int:
+        """Publish on that agent's events subject; returns the stream sequence."""
+        agent = edge_or_agent if isinstance(edge_or_agent, str) else edge_or_agent.id
+        ack = await self.js.publish(f"{subjects.PREFIX}.events.{agent}", data,
+                                    headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+        return ack.seq
+
+    def states(self, agent: str | None = None) -> dict[str, str]:
+        return {t["id"]: t["state"] for t in self.store.list_tasks(agent_id=agent)}
+
+    def view(self) -> dict[str, Any]:
+        """Everything ingest builds, for comparing two views."""
+        agents = [{k: v for k, v in a.items() if k != "enrolled_at"}
+                  for a in self.store.list_agents()]
+        return {"agents": agents, "tasks": self.store.list_tasks(),
+                "offers": self.store.list_offers(), "results": self.store.list_results(),
+                "stream_seq": self.store.stream_seq}
+
+
+@pytest.fixture
+async def hub(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Hub]:
+    async with connect(nats_server.url) as nc:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        h = Hub(js, HubStore(tmp_path / "hub.db"), tmp_path)
+        try:
+            yield h
+        finally:
+            h.store.close()
+
+
+@asynccontextmanager
+async def ingesting(hub: Hub, **options: Any) -> AsyncIterator[Ingest]:
+    options.setdefault("gap_delay_s", 0.05)
+    options.setdefault("fetch_timeout_s", 0.5)
+    ingest = Ingest(hub.js, hub.store, **options)
+    await ingest.start()
+    try:
+        yield ingest
+    finally:
+        await ingest.stop()
+
+
+async def caught_up(ingest: Ingest, hub: Hub, stream_seq: int) -> None:
+    await ingest.wait_until(lambda: hub.store.stream_seq >= stream_seq)
+
+
+async def test_batches_apply_in_order_once(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    ids = [f"t{i}" for i in range(10)]
+    await hub.publish(a, a.batch(*(task(t, "pending") for t in ids)), subjects.msg_id(a.id, 10))
+    await hub.publish(a, a.batch(*(task(t, "running") for t in ids)), subjects.msg_id(a.id, 20))
+    last = await hub.publish(a, a.batch(
+        *(task(t, "finished") for t in ids[:5]),
+        ("agent", {"id": "someone-else", "name": "edge", "site": "plant-a", "status": "online",
+                   "version": "0.2.0", "isolation": "cgroup-v1", "labels": {"gpu": "no"},
+                   "resources": {"cpus": 4, "mem_mb": 2048}, "used": {"cpus": 1}}),
+        ("offer", {"id": "o1", "agent_id": a.id, "site": "plant-a", "labels": {},
+                   "cpus": 3.0, "mem_mb": 1024, "disk_mb": 0, "expires_at": T0 + 60}),
+        ("result", {"command_id": "c1", "status": "applied", "detail": "", "task_id": "t1"})),
+        subjects.msg_id(a.id, 28))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert ingest.stats.as_dict() == {
+            "applied_events": 28, "applied_envelopes": 3, "duplicates": 0, "gaps": 0,
+            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0}
+    assert hub.states() == {t: "finished" if i < 5 else "running" for i, t in enumerate(ids)}
+    assert {t["agent_id"] for t in hub.store.list_tasks()} == {a.id}
+    agent = hub.store.get_agent(a.id)
+    assert (agent["id"], agent["applied_seq"], agent["version"], agent["isolation"],
+            agent["labels"], agent["resources"], agent["used"], agent["last_seen"]) == (
+                a.id, 28, "0.2.0", "cgroup-v1", {"gpu": "no"}, {"cpus": 4, "mem_mb": 2048},
+                {"cpus": 1}, T0 + 28)
+    assert [o["id"] for o in hub.store.list_offers(now=T0)] == ["o1"]
+    assert hub.store.list_offers(now=T0 + 61) == []
+    assert hub.store.get_result("c1")["status"] == "applied"
+    assert hub.store.stream_seq == last == 3
+
+
+async def test_same_envelope_twice_is_applied_once(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    first = a.batch(task("t1", "running"))
+    second = a.batch(task("t1", "finished"))
+    await hub.publish(a, first, subjects.msg_id(a.id, 1))
+    ack = await hub.js.publish(subjects.events(a.id), first,
+                               headers={"Nats-Msg-Id": subjects.msg_id(a.id, 1)})
+    assert ack.duplicate  # JetStream itself dropped the re-send with the same id
+    await hub.publish(a, first)  # no Nats-Msg-Id: the stream holds it twice
+    await hub.publish(a, second, subjects.msg_id(a.id, 2))
+    last = await hub.publish(a, first, "another-id")  # and once more, after the next one
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert (ingest.stats.applied_events, ingest.stats.duplicates) == (2, 2)
+    assert hub.states() == {"t1": "finished"}
+    assert hub.store.get_agent(a.id)["applied_seq"] == 2
+
+
+async def test_out_of_order_batches_wait_and_apply_in_order(hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    a.enroll(hub.store)
+    b.enroll(hub.store)
+    # b: batch 2 lands before batch 1 in the same fetch: put in order there, no nak.
+    b1 = b.batch(task("b1", "pending"), task("b1", "running"))
+    b2 = b.batch(task("b1", "finished"))
+    await hub.publish(b, b2)
+    b_last = await hub.publish(b, b1)
+    # a: batch 2 arrives alone, waits (nak'd, redelivered) until batch 1 comes.
+    a1 = a.batch(task("a1", "pending"), task("a1", "running"))
+    a2 = a.batch(task("a1", "killed"), task("a2", "running"))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, b_last)
+        assert hub.states(b.id) == {"b1": "finished"} and ingest.stats.gaps == 0
+        a2_seq = await hub.publish(a, a2)
+        await ingest.wait_until(lambda: ingest.stats.gaps >= 2)  # redelivered, still waiting
+        assert hub.states(a.id) == {} and hub.store.stream_seq == a2_seq - 1
+        last = await hub.publish(a, a1)
+        await caught_up(ingest, hub, last)
+        assert ingest.stats.applied_events == 7
+    assert hub.states(a.id) == {"a1": "killed", "a2": "running"}
+    assert hub.store.get_agent(a.id)["applied_seq"] == 4
+
+
+async def test_batch_with_coalesced_seqs_applies_and_real_gaps_wait(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    await hub.publish(a, a.batch(task("t1", "pending"), task("t2", "pending")))
+    # seqs 3, 4 and 6 were superseded states the edge coalesced away: first=3 says so.
+    await hub.publish(a, a.batch(task("t1", "running"), task("t2", "running"),
+                                 seqs=[5, 7], first=3))
+    later = a.batch(task("t1", "finished"), seqs=[9], first=9)  # seq 8 is missing: a gap
+    async with ingesting(hub) as ingest:
+        later_seq = await hub.publish(a, later)
+        await ingest.wait_until(lambda: ingest.stats.gaps >= 1)
+        assert hub.store.get_agent(a.id)["applied_seq"] == 7
+        assert hub.states() == {"t1": "running", "t2": "running"}
+        last = await hub.publish(a, a.batch(task("t2", "failed"), seqs=[8]))
+        await caught_up(ingest, hub, max(last, later_seq))
+    assert hub.states() == {"t1": "finished", "t2": "failed"}
+    assert hub.store.get_agent(a.id)["applied_seq"] == 9
+
+
+async def test_forged_envelopes_are_rejected_counted_and_never_applied(hub: Hub) -> None:
+    a, b, revoked, unknown = Edge(1, "a"), Edge(2, "b"), Edge(3, "r"), Edge(4, "u")
+    for edge in (a, b, revoked):
+        edge.enroll(hub.store)
+    hub.store.revoke_agent(revoked.id)
+    await hub.publish(unknown, unknown.batch(task("u1", "running")))
+    await hub.publish(a, a.batch(task("x1", "running"), signer=b.signer))  # wrong key
+    await hub.publish(b, a.batch(task("x2", "running"), seqs=[1]))  # a's envelope, b's subject
+    await hub.publish(revoked, revoked.batch(task("r1", "running")))
+    good = a.batch(task("x3", "running"), seqs=[1])
+    await hub.publish(a, good.replace(b"running", b"runnin!"))  # tampered bytes
+    await hub.publish(a, b"\x93not an envelope")
+    await hub.publish("NotAnAgent", good)
+    await hub.publish(a, wire.sign_envelope("kill", a.id, 1, {"task_id": "x"}, a.signer))
+    last = await hub.publish(a, good)
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert ingest.stats.rejected == {"unknown_agent": 1, "signature": 2, "wrong_agent": 1,
+                                         "revoked": 1, "malformed": 1, "subject": 1,
+                                         "kind": 1}
+        assert ingest.stats.applied_events == 1
+    assert hub.states() == {"x3": "running"}
+    assert [(ag["id"], ag["applied_seq"]) for ag in hub.store.list_agents()] == sorted(
+        [(a.id, 1), (b.id, 0), (revoked.id, 0)])
+
+
+async def test_an_agent_speaks_only_for_its_own_tasks_and_bad_bodies_are_skipped(
+        hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    a.enroll(hub.store)
+    b.enroll(hub.store)
+    await hub.publish(a, a.batch(task("mine", "running")))
+    last = await hub.publish(b, b.batch(
+        task("mine", "killed"), ("task", {"name": "no id", "state": "running"}),
+        ("offer", {"cpus": "lots"}), ("result", {"command_id": "c9", "status": "maybe"}),
+        task("theirs", "running")))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert (ingest.stats.foreign_tasks, ingest.stats.bad_events,
+                ingest.stats.applied_events) == (1, 3, 3)
+    assert hub.states() == {"mine": "running", "theirs": "running"}
+    assert hub.store.get_task("mine")["agent_id"] == a.id
+    assert hub.store.get_agent(b.id)["applied_seq"] == 5  # skipped, not stuck
+
+
+async def test_snapshot_reconcile_marks_missing_tasks_lost(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    await hub.publish(a, a.batch(task("t1", "running"), task("t2", "running"),
+                                 task("t3", "starting"), task("t4", "finished")))
+    last = await hub.publish(a, a.batch(("snapshot", {"tasks": [
+        task("t1", "running", 2)[1], task("t3", "finished")[1], task("t5", "pending")[1]]})))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+    assert hub.states() == {"t1": "running", "t2": "lost", "t3": "finished", "t4": "finished",
+                            "t5": "pending"}
+    lost = hub.store.get_task("t2")
+    assert (lost["state"], lost["reason"], lost["updated_at"]) == ("lost", LOST_REASON, T0 + 5)
+    assert hub.store.get_task("t1")["generation"] == 2
+
+
+async def test_a_restarted_ingest_resumes_without_reapplying(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    await hub.publish(a, a.batch(task("t1", "pending")))
+    first_end = await hub.publish(a, a.batch(task("t1", "running")))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, first_end)
+    last = await hub.publish(a, a.batch(task("t1", "finished"), task("t2", "running")))
+    async with ingesting(hub) as ingest:  # a new instance on the same store
+        await caught_up(ingest, hub, last)
+        assert ingest.stats.as_dict() == {
+            "applied_events": 2, "applied_envelopes": 1, "duplicates": 0, "gaps": 0,
+            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0}
+    assert hub.states() == {"t1": "finished", "t2": "running"}
+
+
+async def test_a_deleted_view_is_rebuilt_equal_from_the_stream(hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    for edge in (a, b):
+        edge.enroll(hub.store)
+    for round_ in range(3):
+        await hub.publish(a, a.batch(*(task(f"a{i}", "running", round_ + 1) for i in range(20)),
+                                     ("offer", {"cpus": 1.0 + round_, "mem_mb": 64,
+                                                "expires_at": T0 + round_})))
+        await hub.publish(b, b.batch(task(f"b{round_}", "finished"),
+                                     ("result", {"command_id": f"c{round_}",
+                                                 "status": "applied", "detail": "ok"})))
+    await hub.publish(b, b.batch(("agent", {"status": "draining", "version": "0.3"})))
+    await hub.publish(a, a.batch(("snapshot", {"tasks": [task("a0", "running", 3)[1]]})))
+    last = await hub.publish(b, b"\x93forged")
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+    before = hub.view()
+    assert before["stream_seq"] == last and len(before["tasks"]) == 23
+
+    hub.store.close()
+    for suffix in ("", "-wal", "-shm"):
+        (hub.dir / f"hub.db{suffix}").unlink(missing_ok=True)
+    assert not os.path.exists(hub.dir / "hub.db")
+    hub.store = HubStore(hub.dir / "hub.db")
+    # Agent keys are the registry, not the view: the enrollments are restored first.
+    for edge in (a, b):
+        edge.enroll(hub.store)
+    async with ingesting(hub, batch=3) as ingest:
+        await caught_up(ingest, hub, last)
+        assert ingest.stats.duplicates == 0 and ingest.stats.rejected == {"malformed": 1}
+    assert hub.view() == before
+
+
+async def test_a_restart_while_an_envelope_waits_does_not_skip_it(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    a1 = a.batch(task("t1", "pending"), task("t1", "running"))
+    a2 = a.batch(task("t1", "finished"))
+    # Batch 2 lands first and waits; batch 1 then applies. The view's stream floor must stay
+    # below batch 2 (not jump to batch 1's stream seq), or a restart now would skip it.
+    async with ingesting(hub, gap_delay_s=60) as ingest:
+        await hub.publish(a, a2)
+        await ingest.wait_until(lambda: ingest.stats.gaps >= 1)
+        await hub.publish(a, a1)
+        await ingest.wait_until(lambda: hub.store.get_agent(a.id)["applied_seq"] == 2)
+        assert hub.store.stream_seq == 0 and ingest.floor == 0
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, 2)
+        assert (ingest.stats.applied_events, ingest.stats.duplicates) == (1, 1)
+    assert hub.states() == {"t1": "finished"}
+    assert hub.store.get_agent(a.id)["applied_seq"] == 3
+
+
+async def test_an_envelope_that_cannot_be_stored_is_retried_not_skipped(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    await hub.publish(a, a.batch(task("t1", "running")))
+    kind, body = task("t2", "running")
+    body["env"] = {"BLOB": b"\x00raw bytes JSON cannot hold"}
+    await hub.publish(a, a.batch(task("t1", "finished"), (kind, body)))
+    await hub.publish(a, a.batch(task("t3", "running")))
+    async with ingesting(hub, error_delay_s=0.05) as ingest:
+        await ingest.wait_until(lambda: ingest.stats.apply_errors >= 2 and ingest.stats.gaps)
+        # Nothing of the failing envelope, nor anything after it, reached the view.
+        assert hub.states() == {"t1": "running"}
+        assert hub.store.get_agent(a.id)["applied_seq"] == 1
+        assert hub.store.stream_seq == 1
