@@ -58,8 +58,8 @@ def hub_view(hub: Hub, agent_id: str) -> dict[str, str]:
     return {t["id"]: t["state"] for t in hub.store.list_tasks(agent_id=agent_id)}
 
 
-async def until(cond: Callable[[], Any], timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(cond: Callable[[], Any], within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not await cond():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("timed out")
@@ -95,7 +95,7 @@ async def test_events_reach_the_hub_once_across_a_nats_outage(
     assert link["outbox_depth"] > 0, "events wait in the outbox while NATS is down"
 
     await nats_server.start()
-    await until(same, timeout=30)
+    await until(same, within=30)
     edge_last = (await asyncio.to_thread(agent.api, "GET", "/v1/info")).body["link"]
     await until(lambda: _true((asyncio.to_thread(agent.api, "GET", "/v1/info")),
                               lambda r: r.body["link"]["outbox_depth"] == 0))
