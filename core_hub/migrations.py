@@ -1,15 +1,13 @@
 """Versioned schema of the hub's SQLite view of the fleet.
 
 Each entry runs once, in order, inside one transaction; ``PRAGMA user_version`` records how far
-a database has come (the same hand-rolled runner as ``edge_agent/migrations.py``: importing
+a database has come (``federation.sqlitedb`` runs them, as for the edge store: importing
 sqlite-utils for six tables is not worth its start-up cost). Everything here except ``agents``'
 keys and ``join_tokens`` is a view rebuilt from the ``OUTPOST_EVENTS`` stream; ``meta.stream_seq``
 says how far into that stream the view has come.
 """
 
 from __future__ import annotations
-
-import sqlite3
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the fleet view (agents, tasks, offers, command results), join tokens, metadata.
@@ -66,22 +64,3 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring ``conn`` to the newest schema; returns the version it is at."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"hub store schema {version} is newer than this hub knows ({len(MIGRATIONS)})")
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return len(MIGRATIONS)

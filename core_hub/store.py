@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core_hub.migrations import migrate
+from core_hub.migrations import MIGRATIONS
 from federation.errors import NotFound
 from federation.schemas import TERMINAL_STATES
+from federation.sqlitedb import Database
 
 STREAM_SEQ = "stream_seq"
 # Fields of an ``agent`` event the hub keeps, and how each is stored.
@@ -45,38 +46,11 @@ class AgentKey:
     applied_seq: int
 
 
-class HubStore:
+class HubStore(Database):
     """The fleet view on disk at ``path``; ``close()`` when done."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        migrate(self._db)
-        self._in_tx = False
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit; nested use joins the outer transaction."""
-        if self._in_tx:
-            yield self._db
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._in_tx = True
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        finally:
-            self._in_tx = False
+        super().__init__(path, MIGRATIONS, "hub store")
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -1,13 +1,7 @@
-"""Versioned schema of the edge store.
-
-Each entry runs once, in order, inside one transaction; ``PRAGMA user_version`` records how far
-a database has come. (A hand-rolled runner rather than sqlite-utils: importing sqlite-utils costs
-an idle agent ~13 MB RSS, a third of its memory budget.)
+"""Versioned schema of the edge store: each entry runs once, in order (``federation.sqlitedb``).
 """
 
 from __future__ import annotations
-
-import sqlite3
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: tasks, their labels, the event log (which is also the federation outbox), metadata.
@@ -63,22 +57,3 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring ``conn`` to the newest schema; returns the version it is at."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"store schema {version} is newer than this agent knows ({len(MIGRATIONS)})")
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return len(MIGRATIONS)

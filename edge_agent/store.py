@@ -11,35 +11,26 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edge_agent.migrations import migrate
+from edge_agent.migrations import MIGRATIONS
 from federation.backend import Page, TaskQuery
 from federation.errors import BadRequest, NotFound
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
+from federation.sqlitedb import Database
 
 # Columns of ``tasks`` that the API shows besides the spec.
 _PUBLIC = ("id", "state", "exit_code", "reason", "origin", "generation", "restarts", "pid",
            "created_at", "updated_at", "started_at", "finished_at")
 
 
-class Store:
+class Store(Database):
     """Tasks and events on disk. ``changed`` is set whenever an event is appended."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        migrate(self._db)
-        self._in_tx = False
+        super().__init__(path, MIGRATIONS, "edge store")
         self._waiters: set[asyncio.Future[None]] = set()
         self.agent_id = ""
         self.site = ""
@@ -47,25 +38,7 @@ class Store:
         # be pruned. None: no federation, the event log is only the local feed.
         self.publish_floor: int | None = None
 
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit; nested use joins the outer transaction."""
-        if self._in_tx:
-            yield self._db
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._in_tx = True
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        finally:
-            self._in_tx = False
+    def _committed(self) -> None:
         self._wake()
 
     # ------------------------------------------------------------ meta
