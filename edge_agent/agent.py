@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -129,7 +128,3 @@ class Agent:
             await stop.wait()
         finally:
             await self.stop()
-
-
-def data_dir_of(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()

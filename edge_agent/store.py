@@ -115,11 +115,6 @@ class Store(Database):
             raise NotFound(f"task {ref!r} not found", details={"task": ref})
         return row
 
-    def rows_in(self, *states: str) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(states))
-        return self._db.execute(
-            f"SELECT * FROM tasks WHERE state IN ({marks}) ORDER BY num", states).fetchall()
-
     def active_rows(self) -> list[sqlite3.Row]:
         marks = ",".join("?" * len(TERMINAL_STATES))
         return self._db.execute(
