@@ -202,35 +202,40 @@ class Sync:
             batches = self._batches(floor, rows)
             sends = [self.js.publish(subjects.events(self.agent_id), data,
                                      headers={"Nats-Msg-Id": f"{self.agent_id}:{first}:{last}"})
-                     for first, last, data in batches]
+                     for first, last, _, data in batches]
             results = await asyncio.gather(*sends, return_exceptions=True)
-            for (first, last, _), result in zip(batches, results, strict=True):
+            for (first, last, count, _), result in zip(batches, results, strict=True):
                 if isinstance(result, BaseException):
                     self.stats["publish_errors"] += 1
                     log.info("publish of %d..%d failed: %r", first, last, result)
                     break
                 self.stats["published_batches"] += 1
-                self.stats["published_events"] += sum(1 for r in rows if first <= r["seq"] <= last)
+                self.stats["published_events"] += count
                 floor = last
             self._set_floor(floor)
             if any(isinstance(r, BaseException) for r in results):
                 await asyncio.sleep(0.5)
 
-    def _batches(self, floor: int, rows: list[Any]) -> list[tuple[int, int, bytes]]:
-        out: list[tuple[int, int, bytes]] = []
+    def _batches(self, floor: int, rows: list[Any]) -> list[tuple[int, int, int, bytes]]:
+        """Signed batches of ``rows``: (first seq covered, last seq, event count, bytes)."""
+        out: list[tuple[int, int, int, bytes]] = []
         events: list[wire.Event] = []
         size = 0
         first = floor + 1
+
+        def close() -> None:
+            nonlocal first, events, size
+            out.append((first, events[-1].seq, len(events),
+                        wire.sign_batch(self.agent_id, events, self.signer, first=first)))
+            first, events, size = events[-1].seq + 1, [], 0
+
         for row in rows:
             events.append(wire.Event(row["seq"], row["kind"], row["ts"], json.loads(row["body"])))
             size += len(row["body"])
             if len(events) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
-                out.append((first, events[-1].seq,
-                            wire.sign_batch(self.agent_id, events, self.signer, first=first)))
-                first, events, size = events[-1].seq + 1, [], 0
+                close()
         if events:
-            out.append((first, events[-1].seq,
-                        wire.sign_batch(self.agent_id, events, self.signer, first=first)))
+            close()
         return out
 
     def _set_floor(self, floor: int) -> None:
