@@ -22,7 +22,6 @@ from federation.backend import Backend, TaskQuery
 from federation.errors import (
     BadRequest,
     Forbidden,
-    NotFound,
     OutpostError,
     PayloadTooLarge,
     Unauthorized,
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 BACKEND = web.AppKey("backend", Backend)
 AUTH = web.AppKey("auth", TokenAuth)
 STATS = web.AppKey("stats", dict)
+ROLE = web.RequestKey("role", str)
 # Handlers that stream without end (SSE, log follow); cancelled at shutdown so it is prompt.
 STREAMS = web.AppKey("streams", set)
 MAX_BODY = 256 * 1024
@@ -232,14 +232,21 @@ async def events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(b"retry: 2000\n\n")
     it = feed.__aiter__()
+    # The next-event wait is kept across keepalives: cancelling it (as wait_for would) would
+    # close the feed generator and end the stream after the first quiet period.
+    pending: asyncio.Future[Any] | None = None
     with _streaming(request):
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(it.__anext__(), SSE_KEEPALIVE)
-                except TimeoutError:
+                if pending is None:
+                    pending = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE)
+                if not done:
                     await resp.write(b": keepalive\n\n")
                     continue
+                fut, pending = pending, None
+                try:
+                    ev = fut.result()
                 except StopAsyncIteration:
                     break
                 data = json.dumps(ev.data, separators=(",", ":"), default=str)
@@ -247,6 +254,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         except ConnectionResetError:
             pass
         finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
             await feed.aclose()  # type: ignore[attr-defined]
     return resp
 
@@ -323,7 +333,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         if exc.status == 413:
             return _error_response(PayloadTooLarge(
-                f"body: at most {request.app._client_max_size} bytes"))
+                f"body: at most {MAX_BODY} bytes", details={"limit": MAX_BODY}))
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
         return _json(error_body(code, message), status=exc.status)
@@ -354,7 +364,7 @@ def _auth_middleware(roles: dict[tuple[str, str], str | None]) -> Any:
             if not role_allows(role, needed):
                 raise Forbidden(f"role {role!r} may not do this; needs {needed!r}",
                                 details={"role": role, "needed": needed})
-            request["role"] = role
+            request[ROLE] = role
         return await handler(request)
 
     return _auth
@@ -383,7 +393,3 @@ def build_app(
     if extra_routes:
         app.router.add_routes(extra_routes)
     return app
-
-
-def raise_not_found(what: str, ident: str) -> None:
-    raise NotFound(f"{what} {ident!r} not found", details={what: ident})
