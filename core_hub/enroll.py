@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -150,17 +149,6 @@ class JoinTokens:
         return digest
 
 
-def build_request(signer: wire.Signer, token: str, *, name: str, site: str,
-                  labels: dict[str, str] | None = None,
-                  resources: dict[str, Any] | None = None, version: str = "") -> bytes:
-    """The msgpack enrollment request an edge sends, signed by its key."""
-    request: dict[str, Any] = {"token": token, "public_key": signer.public, "name": name,
-                               "site": site, "labels": labels or {},
-                               "resources": resources or {}, "version": version}
-    request["sig"] = signer.sign(msgpack.packb(request))
-    return bytes(msgpack.packb(request))
-
-
 class Enroller:
     """Answers enrollment requests on ``subjects.ENROLL`` (core NATS, queue group ``queue`` so
     one of several hub replicas answers each)."""
@@ -180,6 +168,9 @@ class Enroller:
         if self._sub is None:
             self._sub = await self._nc.subscribe(subjects.ENROLL, queue=self._queue,
                                                  cb=self._on_request)
+            # Make sure the server knows the subscription before start() returns, so a request
+            # sent right after (from another connection) finds a responder.
+            await self._nc.flush()
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -189,7 +180,7 @@ class Enroller:
     async def _on_request(self, msg: Msg) -> None:
         reply = self.handle(msg.data)
         if msg.reply:
-            await msg.respond(msgpack.packb(reply))
+            await msg.respond(wire.pack(reply))
 
     def handle(self, data: bytes) -> dict[str, Any]:
         """The reply map for one request: enroll the agent or say why not."""
@@ -233,8 +224,8 @@ def _parse(data: bytes) -> dict[str, Any]:
     if len(data) > MAX_REQUEST_BYTES:
         raise Invalid(f"enrollment request over {MAX_REQUEST_BYTES} bytes")
     try:
-        request = msgpack.unpackb(data)
-    except Exception as err:  # msgpack raises ValueError subclasses, or TypeError
+        request = wire.unpack(data)
+    except ValueError as err:
         raise Invalid(f"enrollment request is not msgpack: {err}") from None
     if not isinstance(request, dict):
         raise Invalid("enrollment request is not a map")
@@ -264,8 +255,7 @@ def _parse(data: bytes) -> dict[str, Any]:
         raise Invalid("version must be a string (max 64)")
     if not isinstance(sig, bytes) or len(sig) != wire.SIG_LEN:
         raise Unauthorized("proof of key possession is missing or malformed")
-    signed = {key: value for key, value in request.items() if key != "sig"}
-    if not wire.verify(public, sig, msgpack.packb(signed)):
+    if not wire.enroll_proof_ok(request):
         raise Unauthorized("proof of key possession failed: sig does not verify with "
                            "public_key")
     return request

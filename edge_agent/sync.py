@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from edge_agent.store import Store
 from federation import subjects, wire
 from federation.errors import OutpostError
@@ -148,12 +146,12 @@ class Sync:
         if not token:
             raise OutpostError("not enrolled and no join token given (--join-token)")
         record = self.agent_record()
-        request = {"token": token, "public_key": self.signer.public, "name": record["name"],
-                   "site": record["site"], "labels": record["labels"],
-                   "resources": record["resources"], "version": self.settings.version}
-        request["sig"] = self.signer.sign(msgpack.packb(request))
-        reply = await self.nc.request(subjects.ENROLL, msgpack.packb(request), timeout=5)
-        answer = msgpack.unpackb(reply.data)
+        request = wire.enroll_request(
+            self.signer, token, name=record["name"], site=record["site"],
+            labels=record["labels"], resources=record["resources"],
+            version=self.settings.version)
+        reply = await self.nc.request(subjects.ENROLL, request, timeout=5)
+        answer = wire.unpack(reply.data)
         if not answer.get("ok"):
             raise OutpostError(f"enrollment refused: {answer.get('error')}")
         if answer["agent_id"] != self.agent_id:
@@ -315,7 +313,7 @@ class Sync:
                 beat = {"agent": self.agent_id, "ts": time.time(),
                         "seq": self.store.last_event_seq(), "outbox": depth, "outbox_age": age}
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(subjects.heartbeat(self.agent_id), msgpack.packb(beat))
+                    await self.nc.publish(subjects.heartbeat(self.agent_id), wire.pack(beat))
             await asyncio.sleep(self.settings.heartbeat_s)
 
     def status(self) -> dict[str, Any]:

@@ -232,6 +232,40 @@ def open_envelope(data: bytes, verify_key_for: Callable[[str], bytes | None],
     return Envelope(v, kind, agent, seq, float(ts), d["body"], sig)
 
 
+# -- plain maps: enrollment and heartbeats ---------------------------------------------------
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack of a plain map (enrollment requests and replies, heartbeats)."""
+    return bytes(msgpack.packb(obj))
+
+
+def unpack(data: bytes) -> Any:
+    """Decode ``pack`` output; ValueError on anything else (extension types included)."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_no_ext)
+    except Exception as err:  # msgpack raises ValueError subclasses, or TypeError
+        raise ValueError(f"not msgpack: {err}") from None
+
+
+def enroll_request(signer: Signer, token: str, *, name: str, site: str,
+                   labels: dict[str, str] | None = None,
+                   resources: dict[str, Any] | None = None, version: str = "") -> bytes:
+    """The enrollment request an edge sends: the map plus ``sig``, its signature by the key it
+    enrolls (proof of possession; see ``enroll_proof_ok``)."""
+    request: dict[str, Any] = {"token": token, "public_key": signer.public, "name": name,
+                               "site": site, "labels": labels or {},
+                               "resources": resources or {}, "version": version}
+    request["sig"] = signer.sign(pack(request))
+    return pack(request)
+
+
+def enroll_proof_ok(request: dict[str, Any]) -> bool:
+    """True if ``request['sig']`` signs the rest of the request with ``request['public_key']``."""
+    signed = {key: value for key, value in request.items() if key != "sig"}
+    return verify(request["public_key"], request["sig"], pack(signed))
+
+
 def _batch_problem(body: Any, seq: int) -> str | None:
     """Why ``body`` is not a valid batch ending at ``seq``, or None if it is."""
     if not isinstance(body, dict) or body.keys() != {"first", "events"}:

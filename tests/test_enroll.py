@@ -15,9 +15,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from core_hub.enroll import Enroller, JoinTokens, build_request, load_hub_signer, token_digest
+from core_hub.enroll import Enroller, JoinTokens, load_hub_signer, token_digest
 from core_hub.store import HubStore
-from federation import subjects
+from federation import subjects, wire
 from federation.errors import Invalid, NotFound, Unauthorized
 from federation.identity import id_from_public_key
 from federation.natsd import NatsServer
@@ -68,7 +68,7 @@ def request(token: str, signer: Signer = EDGE, **overrides: Any) -> bytes:
     fields: dict[str, Any] = {"name": "edge-1", "site": "plant-a", "labels": {"zone": "north"},
                               "resources": {"cpus": 2, "mem_mb": 1024}, "version": "0.1.0"}
     fields.update(overrides)
-    return build_request(signer, token, **fields)
+    return wire.enroll_request(signer, token, **fields)
 
 
 def refused(reply: dict[str, Any], code: str, words: str) -> None:
