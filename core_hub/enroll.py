@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,9 @@ class Enroller:
         self._queue = queue
         self._clock = clock
         self._sub: Subscription | None = None
+        # Called after each successful enrollment, before the reply (the hub saves the agent
+        # to its JetStream registry there).
+        self.on_enrolled: Callable[[str], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         if self._sub is None:
@@ -179,6 +182,13 @@ class Enroller:
 
     async def _on_request(self, msg: Msg) -> None:
         reply = self.handle(msg.data)
+        if reply["ok"] and self.on_enrolled is not None:
+            try:  # durable beyond this hub's file before the agent is told it may send
+                await self.on_enrolled(reply["agent_id"])
+            except Exception:
+                log.exception("could not record the enrollment durably")
+                reply = {"ok": False, "code": "unavailable",
+                         "error": "the hub could not record the enrollment; retry"}
         if msg.reply:
             await msg.respond(wire.pack(reply))
 

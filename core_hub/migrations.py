@@ -62,5 +62,8 @@ MIGRATIONS: tuple[str, ...] = (
         revoked INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 2: each agent's outbox health from its heartbeats (depth, oldest age).
+    """
+    ALTER TABLE agents ADD COLUMN outbox TEXT NOT NULL DEFAULT '{}';
+    """,
 )
-

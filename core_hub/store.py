@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from core_hub.migrations import MIGRATIONS
-from federation.errors import NotFound
+from federation.backend import Page, TaskQuery
+from federation.errors import BadRequest, NotFound
+from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
 from federation.sqlitedb import Database
 
 STREAM_SEQ = "stream_seq"
 # Fields of an ``agent`` event the hub keeps, and how each is stored.
 AGENT_TEXT_FIELDS = ("name", "site", "status", "version", "isolation")
-AGENT_JSON_FIELDS = ("labels", "resources", "used")
+AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 
 
@@ -121,6 +123,10 @@ class HubStore(Database):
         self._db.execute(
             "UPDATE agents SET applied_seq = ?, last_seen = MAX(COALESCE(last_seen, 0), ?)"
             " WHERE id = ?", (seq, seen_ts, agent_id))
+
+    def set_last_seen(self, agent_id: str, ts: float) -> None:
+        self._db.execute("UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), ?)"
+                         " WHERE id = ?", (ts, agent_id))
 
     def update_agent_record(self, agent_id: str, record: dict[str, Any]) -> None:
         """Apply the known fields of an ``agent`` event; absent fields keep their value."""
@@ -224,6 +230,44 @@ class HubStore(Database):
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [json.loads(row[0]) for row in self._db.execute(sql + " ORDER BY id", args)]
+
+    def page_tasks(self, query: TaskQuery, *, agent_ids: list[str] | None = None) -> Page:
+        """One page of tasks in id order; ``agent_ids`` narrows to those agents (a site)."""
+        where, args = [], []
+        pos = decode_cursor(query.cursor)
+        if pos is not None:
+            if not isinstance(pos.get("id"), str):
+                raise BadRequest("cursor: not a cursor this server issued",
+                                 details={"field": "cursor"})
+            where.append("id > ?")
+            args.append(pos["id"])
+        if query.states:
+            where.append(f"state IN ({','.join('?' * len(query.states))})")
+            args.extend(query.states)
+        if query.name:
+            where.append("name = ?")
+            args.append(query.name)
+        if query.agent_id:
+            where.append("agent_id = ?")
+            args.append(query.agent_id)
+        if agent_ids is not None:
+            where.append(f"agent_id IN ({','.join('?' * len(agent_ids))})")
+            args.extend(agent_ids)
+        if query.label:
+            where.append("json_extract(body, '$.labels.\"' || ? || '\"') = ?")
+            args.extend(query.label)
+        sql = "SELECT id, body FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, query.limit + 1)).fetchall()
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        cursor = encode_cursor({"id": rows[-1][0]}) if more else None
+        return Page([json.loads(r[1]) for r in rows], cursor)
+
+    def count_tasks_by_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT state, count(*) FROM tasks GROUP BY state")}
 
     def list_offers(self, *, now: float | None = None) -> list[dict[str, Any]]:
         """Latest offer per agent; with ``now``, only those not yet expired."""

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.config import parse_listen
 from federation.errors import ConfigError
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
@@ -49,7 +50,7 @@ class AgentConfig:
     outbox_max: int = 200_000
 
     def __post_init__(self) -> None:
-        host, port = self.host_port
+        self.host_port  # noqa: B018 (validates listen)
         if not re.match(NAME_PATTERN, self.name):
             self._bad("name", self.name, "lowercase letters, digits, - _ . (max 63)")
         if not re.match(NAME_PATTERN, self.site):
@@ -91,7 +92,4 @@ class AgentConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            self._bad("listen", self.listen, "HOST:PORT")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        return parse_listen(self.listen)

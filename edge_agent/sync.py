@@ -110,8 +110,8 @@ class Sync:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the link: drop it and come back later
-                log.warning("link to core down: %s", exc or type(exc).__name__,
-                            extra={"agent": self.agent_id})
+                log.warning("link to core down: %r", exc, extra={"agent": self.agent_id},
+                            exc_info=log.isEnabledFor(logging.DEBUG))
             await self._close()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 15.0)

@@ -116,3 +116,12 @@ def build_settings(
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def parse_listen(listen: str, setting: str = "listen") -> tuple[str, int]:
+    """``HOST:PORT`` (port 0: any free port) to (host, port); ``ConfigError`` otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{setting}: {listen!r} is not valid; expected HOST:PORT",
+                          details={"setting": setting})
+    return host.strip("[]") or "0.0.0.0", int(port)

@@ -5,13 +5,15 @@ Every agent started by a test is stopped (and its tasks killed) when the test en
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import AgentProcess, kill_group
+from federation.natsd import NatsServer
+from tests.helpers import AgentProcess, HubProcess, kill_group
 from tests.nats_fixtures import nats_server
 
 __all__ = ["nats_server"]
@@ -46,3 +48,27 @@ def _kill_leftover_tasks(data_dir: Path) -> None:
 @pytest.fixture
 def agent(start_agent: Callable[..., AgentProcess]) -> AgentProcess:
     return start_agent("--cpus", "2", "--mem-mb", "1024")
+
+
+@pytest.fixture
+def nats_proc(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server for tests that drive processes synchronously: ``kill()``, ``pause()``
+    and ``resume()`` directly, ``asyncio.run(nats_proc.start())`` to bring it back."""
+    server = NatsServer(tmp_path / "nats")
+    asyncio.run(server.start())
+    try:
+        yield server
+    finally:
+        if server.running:
+            server.resume()  # a SIGSTOPped server only dies once continued
+        server.kill()
+
+
+@pytest.fixture
+def hub_proc(tmp_path: Path, nats_proc: NatsServer) -> Iterator[HubProcess]:
+    hub = HubProcess(tmp_path / "hub", nats_proc.url,
+                     ["--disconnected-after", "1.5", "--unreachable-after", "3"]).start()
+    try:
+        yield hub
+    finally:
+        hub.stop()

@@ -175,3 +175,72 @@ def read_events(url: str, token: str, after: int = 0,
                 data = None
                 if ident >= newest:
                     return out
+
+
+@dataclass
+class HubProcess:
+    """A real ``outpost-hub run`` process using an existing NATS (so tests can break NATS)."""
+
+    data_dir: Path
+    nats_url: str
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    token: str = ""
+
+    def start(self, timeout: float = 20.0) -> HubProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        url_file = self.data_dir / "hub.url"
+        url_file.unlink(missing_ok=True)
+        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "core_hub", "run", "--data-dir", str(self.data_dir),
+             "--nats", self.nats_url, "--listen", "127.0.0.1:0", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        log.close()
+        wait_until(lambda: url_file.exists() or self.proc.poll() is not None, timeout,
+                   what="hub to start")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"hub exited with {self.proc.returncode}: {self.log()}")
+        self.url = url_file.read_text()
+        self.token = (self.data_dir / "admin.token").read_text().strip()
+        return self
+
+    def log(self) -> str:
+        path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def join_token(self, uses: int = 10) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "core_hub", "token", "create", "--data-dir",
+             str(self.data_dir), "--ttl", "3600", "--uses", str(uses)],
+            capture_output=True, text=True, cwd=ROOT, check=True)
+        return out.stdout.strip()
+
+    def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
+        kw.setdefault("token", self.token)
+        return http(method, self.url + path, body, **kw)
+
+
+def task_states(node: Any) -> dict[str, tuple[str, int]]:
+    """Every task a node (edge or core) lists, as id -> (state, restarts), following cursors."""
+    out: dict[str, tuple[str, int]] = {}
+    cursor = None
+    while True:
+        page = node.api("GET", "/v1/tasks?limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        assert page.status == 200, page.body
+        for t in page.body["items"]:
+            out[t["id"]] = (t["state"], t["restarts"])
+        cursor = page.body["next_cursor"]
+        if cursor is None:
+            return out

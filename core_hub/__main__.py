@@ -1,0 +1,118 @@
+"""``outpost-hub``: run the hub, and manage join tokens.
+
+    outpost-hub run --data-dir DIR [--listen HOST:PORT] (--nats URL | --embedded-nats
+                    [--nats-port N]) [--config hub.toml]
+    outpost-hub token create --data-dir DIR [--ttl SECONDS] [--uses N]
+    outpost-hub token ls|revoke --data-dir DIR [REF]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from core_hub.config import HubConfig
+from federation.config import build_settings, load_toml
+from federation.errors import ConfigError, OutpostError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="outpost-hub", description="Run the Outpost core hub.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the hub")
+    run.add_argument("--config", type=Path, help="TOML file ([hub] table or top level)")
+    run.add_argument("--data-dir")
+    run.add_argument("--listen", help="HOST:PORT for the API (port 0: any free port)")
+    run.add_argument("--nats", dest="nats_url", help="NATS URL")
+    run.add_argument("--embedded-nats", action="store_const", const=True, default=None,
+                     help="run a nats-server (JetStream) as a child of the hub")
+    run.add_argument("--nats-port", help="port of the embedded nats-server (0: any)")
+    run.add_argument("--unreachable-after", dest="unreachable_after_s",
+                     help="seconds without heartbeats before an agent is unreachable")
+    run.add_argument("--disconnected-after", dest="disconnected_after_s")
+    run.add_argument("--log-format")
+    run.add_argument("--log-level")
+    token = sub.add_parser("token", help="join tokens for agents")
+    tsub = token.add_subparsers(dest="action", required=True)
+    create = tsub.add_parser("create", help="print a new join token")
+    create.add_argument("--data-dir", required=True)
+    create.add_argument("--ttl", type=float, default=3600.0, help="seconds it stays valid")
+    create.add_argument("--uses", type=int, default=1, help="how many agents may use it (0: any)")
+    ls = tsub.add_parser("ls", help="list join tokens")
+    ls.add_argument("--data-dir", required=True)
+    revoke = tsub.add_parser("revoke", help="revoke a join token (token or digest prefix)")
+    revoke.add_argument("--data-dir", required=True)
+    revoke.add_argument("ref")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str]) -> HubConfig:
+    file = load_toml(args.config, section="hub")
+    flags: dict[str, Any] = {k: getattr(args, k) for k in (
+        "data_dir", "listen", "nats_url", "embedded_nats", "nats_port", "unreachable_after_s",
+        "disconnected_after_s", "log_format", "log_level")}
+    if "data_dir" not in file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:
+        raise ConfigError("data_dir: required (--data-dir, $OUTPOST_DATA_DIR or the config file)")
+    return build_settings(HubConfig, file=file, env=env, flags=flags,
+                          file_name=str(args.config or "config file"))
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    from core_hub.enroll import JoinTokens
+    from core_hub.store import HubStore
+
+    data = Path(args.data_dir)
+    if not (data / "hub.db").exists():
+        raise ConfigError(f"no hub data in {data} (start the hub there first)")
+    store = HubStore(data / "hub.db")
+    try:
+        tokens = JoinTokens(store)
+        if args.action == "create":
+            if args.ttl <= 0 or args.uses < 0:
+                raise ConfigError("--ttl must be above 0 and --uses 0 or more")
+            print(tokens.create_token(args.ttl, args.uses or None))
+        elif args.action == "ls":
+            for t in tokens.list_tokens():
+                left = "any" if t["uses_left"] is None else t["uses_left"]
+                expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t["expires_at"]))
+                print(f"{t['digest'][:12]}  {t['state']:8}  uses left {left}  "
+                      f"expires {expires} UTC")
+        else:
+            print(f"revoked {tokens.revoke_token(args.ref)[:12]}")
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ)
+    try:
+        if args.command == "token":
+            return tokens_command(args)
+        config = load_config(args, env)
+    except OutpostError as exc:
+        print(f"outpost-hub: {exc.message}", file=sys.stderr)
+        return 2
+    from core_hub.hub import Hub
+    from federation.log import configure
+
+    configure(config.log_format, config.log_level)
+    try:
+        asyncio.run(Hub(config).run_until_signalled())
+    except OutpostError as exc:
+        print(f"outpost-hub: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"outpost-hub: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The core's implementation of the API ``Backend``: answers from the hub's fleet view.
+
+Reads come from the SQLite view that ingest keeps; what must happen at a site (kill, drain)
+becomes a signed command that waits in JetStream for a disconnected edge, and the answer is 202
+with the command id. Tasks on an unreachable agent show ``unknown``: the edge is probably still
+running them, and it is the authority on that (DESIGN guarantee 6).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from core_hub.commands import Commander
+from core_hub.feed import fleet_events
+from core_hub.liveness import Liveness
+from core_hub.store import HubStore
+from federation import __version__
+from federation.backend import Metric, Page, StreamEvent, TaskQuery
+from federation.errors import NotFound, Unavailable
+from federation.pagination import decode_cursor, encode_cursor
+from federation.schemas import AGENT_STATUSES, TASK_STATES, TERMINAL_STATES
+
+PUBLIC_AGENT_FIELDS = ("id", "name", "site", "labels", "resources", "used", "status", "version",
+                       "isolation", "last_seen", "outbox", "enrolled_at", "revoked")
+
+
+class CoreBackend:
+    """The whole fleet behind the one API."""
+
+    role = "core"
+
+    def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
+                 js: Any, ingest_stats: Any) -> None:
+        self.store = store
+        self.commander = commander
+        self.liveness = liveness
+        self.js = js
+        self.ingest_stats = ingest_stats
+        self.started = time.time()
+
+    async def info(self) -> dict[str, Any]:
+        return {"role": "core", "version": __version__, "agent_id": None, "name": "hub",
+                "site": "core", "isolation": "none", "started_at": self.started,
+                "stream_seq": self.store.stream_seq}
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "role": "core"}
+
+    # ------------------------------------------------------------ tasks
+
+    def _unreachable(self) -> set[str]:
+        return {a["id"] for a in self.store.list_agents() if a["status"] == "unreachable"}
+
+    def _present(self, task: dict[str, Any], unreachable: set[str]) -> dict[str, Any]:
+        if task.get("agent_id") in unreachable and task.get("state") not in TERMINAL_STATES:
+            return {**task, "state": "unknown",
+                    "reason": f"agent unreachable; last reported {task.get('state')}"}
+        return task
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        agent_ids = None
+        if query.site:
+            agent_ids = [a["id"] for a in self.store.list_agents(site=query.site)]
+        unreachable = self._unreachable()
+        wanted = set(query.states)
+        if "unknown" in wanted:  # 'unknown' is derived: ask for what the edge last reported
+            query = TaskQuery(states=(), label=query.label, name=query.name,
+                              agent_id=query.agent_id, limit=query.limit, cursor=query.cursor)
+        page = self.store.page_tasks(query, agent_ids=agent_ids)
+        items = [self._present(t, unreachable) for t in page.items]
+        if wanted:
+            items = [t for t in items if t["state"] in wanted]
+        return Page(items, page.next_cursor)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return self._present(self.store.get_task(task_id), self._unreachable())
+
+    async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
+        raise Unavailable("placing tasks from the core is not available in this hub version; "
+                          "submit to an edge agent's API", details={"role": "core"})
+
+    async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
+        task = self.store.get_task(task_id)
+        if task["state"] in TERMINAL_STATES:
+            return False, task
+        command_id = await self.commander.send(task["agent_id"], "kill", {"task_id": task_id})
+        return True, {**self._present(task, self._unreachable()), "command_id": command_id}
+
+    async def open_logs(self, task_id: str, *, stream: str, tail: int,
+                        follow: bool) -> AsyncIterator[bytes]:
+        self.store.get_task(task_id)
+        raise Unavailable("log forwarding from the core is not available in this hub version; "
+                          "read the logs at the task's edge agent", details={"task": task_id})
+
+    # ------------------------------------------------------------ agents
+
+    @staticmethod
+    def _agent(agent: dict[str, Any]) -> dict[str, Any]:
+        return {k: agent.get(k) for k in PUBLIC_AGENT_FIELDS}
+
+    async def list_agents(self, limit: int, cursor: str | None) -> Page:
+        after = (decode_cursor(cursor) or {}).get("id", "")
+        agents = [a for a in self.store.list_agents() if a["id"] > str(after)]
+        page = agents[:limit]
+        nxt = encode_cursor({"id": page[-1]["id"]}) if len(agents) > limit else None
+        return Page([self._agent(a) for a in page], nxt)
+
+    async def get_agent(self, agent_id: str) -> dict[str, Any]:
+        for agent in self.store.list_agents():
+            if agent_id in (agent["id"], agent["name"]):
+                return self._agent(agent)
+        raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
+
+    async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]:
+        agent = await self.get_agent(agent_id)
+        command_id = await self.commander.send(agent["id"], "drain", {"migrate": migrate})
+        self.store.update_agent_record(agent["id"], {"status": "draining"})
+        return {**agent, "status": "draining", "command_id": command_id}
+
+    async def list_offers(self) -> Page:
+        return Page(self.store.list_offers(now=time.time()), None)
+
+    async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]:
+        def key_for(agent: str) -> bytes | None:
+            known = self.store.agent_key(agent)
+            return None if known is None or known.revoked else known.public_key
+
+        return fleet_events(self.js, key_for, after)
+
+    def metrics(self) -> list[Metric]:
+        counts = self.store.count_tasks_by_state()
+        agents = self.store.list_agents()
+        stats = self.ingest_stats.as_dict()
+        return [
+            Metric("outpost_tasks", "gauge", "Tasks in the fleet view by state",
+                   [({"state": s}, float(counts.get(s, 0))) for s in TASK_STATES]),
+            Metric("outpost_agents", "gauge", "Agents by status",
+                   [({"status": s}, float(sum(a["status"] == s for a in agents)))
+                    for s in AGENT_STATUSES]),
+            Metric("outpost_ingest_events_total", "counter", "Events applied to the view",
+                   [({}, float(stats.get("applied_events", 0)))]),
+            Metric("outpost_ingest_duplicates_total", "counter", "Duplicate envelopes ignored",
+                   [({}, float(stats.get("duplicates", 0)))]),
+            Metric("outpost_ingest_rejected_total", "counter", "Envelopes rejected, by reason",
+                   [({"reason": r}, float(n)) for r, n in stats.get("rejected", {}).items()]),
+            Metric("outpost_stream_seq", "gauge", "OUTPOST_EVENTS sequence the view has reached",
+                   [({}, float(self.store.stream_seq))]),
+            Metric("outpost_commands_sent_total", "counter", "Commands sent to agents",
+                   [({}, float(self.commander.sent))]),
+        ]

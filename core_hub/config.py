@@ -1,0 +1,59 @@
+"""The hub's settings: one frozen object from file, ``OUTPOST_*`` env and flags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.config import parse_listen
+from federation.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """``data_dir`` holds the view, keys and (embedded) NATS data; ``listen`` is the API's
+    HOST:PORT; ``nats_url`` an external NATS, or ``embedded_nats`` to run one on ``nats_port``
+    (0: any free port); liveness thresholds are seconds since an agent's last heartbeat."""
+
+    data_dir: Path
+    listen: str = "127.0.0.1:7000"
+    nats_url: str | None = None
+    embedded_nats: bool = False
+    nats_port: int = 4222
+    admin_token: str | None = None
+    disconnected_after_s: float = 5.0
+    unreachable_after_s: float = 10.0
+    max_unreachable_per_s: int = 20
+    stream_replicas: int = 1
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.nats_url is None and not self.embedded_nats:
+            self._bad("nats_url", None, "a NATS URL, or --embedded-nats")
+        if self.nats_url is not None and not re.match(r"^(nats|tls)://[^\s/]+$", self.nats_url):
+            self._bad("nats_url", self.nats_url, "nats://HOST:PORT")
+        if not 0 <= self.nats_port <= 65535:
+            self._bad("nats_port", self.nats_port, "0 to 65535")
+        if not 0 < self.disconnected_after_s < self.unreachable_after_s:
+            self._bad("unreachable_after_s", self.unreachable_after_s,
+                      "more than disconnected_after_s, both above 0")
+        if self.max_unreachable_per_s < 1:
+            self._bad("max_unreachable_per_s", self.max_unreachable_per_s, "at least 1")
+        if self.stream_replicas not in (1, 3, 5):
+            self._bad("stream_replicas", self.stream_replicas, "1, 3 or 5")
+        if self.log_format not in ("text", "json"):
+            self._bad("log_format", self.log_format, "text | json")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            self._bad("admin_token", "(hidden)", "at least 16 characters")
+        self.host_port  # noqa: B018 (validates listen)
+
+    @staticmethod
+    def _bad(setting: str, value: object, expected: str) -> None:
+        raise ConfigError(f"{setting}: {value!r} is not valid; expected {expected}",
+                          details={"setting": setting})
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)

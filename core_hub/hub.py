@@ -1,0 +1,138 @@
+"""The hub's lifecycle owner: NATS (embedded or not), streams, enrollment, ingest, liveness,
+commands and the API, started in order and stopped in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from core_hub.backend import CoreBackend
+from core_hub.commands import Commander
+from core_hub.config import HubConfig
+from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
+from core_hub.ingest import Ingest
+from core_hub.liveness import Liveness, LivenessSettings
+from core_hub.registry import Registry
+from core_hub.store import HubStore
+from federation.app import build_app
+from federation.auth import TokenAuth
+from federation.identity import load_or_create_token
+from federation.streams import ensure_streams
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 3.0
+
+
+class Hub:
+    """One hub process. ``url`` and ``nats_url`` are set once ``start()`` returns."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.natsd: Any = None
+        self.nc: Any = None
+        self.store: HubStore | None = None
+        self.parts: list[Any] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self.nats_url = config.nats_url or ""
+        self.admin_token = ""
+
+    async def start(self) -> None:
+        import nats
+
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.embedded_nats:
+            from federation.natsd import NatsServer
+
+            self.natsd = NatsServer(cfg.data_dir / "nats", port=cfg.nats_port)
+            await self.natsd.start()
+            self.nats_url = self.natsd.url
+        last_error = ""
+
+        async def _nats_error(exc: Exception) -> None:
+            nonlocal last_error  # one line per kind of trouble, not one per reconnect try
+            if repr(exc) != last_error:
+                last_error = repr(exc)
+                log.warning("nats: %r", exc)
+
+        async def _reconnected() -> None:
+            nonlocal last_error
+            last_error = ""
+            log.info("nats: reconnected")
+
+        self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=0.5,
+                                     max_reconnect_attempts=-1, connect_timeout=5,
+                                     error_cb=_nats_error, reconnected_cb=_reconnected)
+        js = self.nc.jetstream(timeout=5)
+        await ensure_streams(js, replicas=cfg.stream_replicas)
+        self.store = store = HubStore(cfg.data_dir / "hub.db")
+        signer = load_hub_signer(cfg.data_dir)
+        registry = Registry(js, store, replicas=cfg.stream_replicas)
+        await registry.open()
+        await registry.restore()
+        enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
+        enroller.on_enrolled = registry.save
+        ingest = Ingest(js, store)
+        liveness = Liveness(self.nc, store, LivenessSettings(
+            cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s))
+        for part in (enroller, ingest, liveness):
+            await part.start()
+            self.parts.append(part)
+        backend = CoreBackend(store=store, commander=Commander(js, store, signer),
+                              liveness=liveness, js=js, ingest_stats=ingest.stats)
+        self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
+        app = build_app(backend, TokenAuth({self.admin_token: "admin"}))
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        host, port = cfg.host_port
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
+        for name, value in (("hub.url", self.url), ("nats.url", self.nats_url)):
+            (cfg.data_dir / f"{name}.tmp").write_text(value)
+            (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
+        log.info("hub serving %s; NATS %s", self.url, self.nats_url,
+                 extra={"url": self.url, "nats": self.nats_url})
+
+    async def stop(self) -> None:
+        """Stops every part in reverse order; each gets a few seconds, so a hub whose NATS is
+        gone (a hung or dead link) still exits when told to."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for part in reversed(self.parts):
+            await _bounded(part.stop(), f"stopping {type(part).__name__}")
+        if self.nc is not None:
+            await _bounded(self.nc.close(), "closing the NATS connection")
+        if self.store is not None:
+            self.store.close()
+        if self.natsd is not None:
+            await self.natsd.stop()
+        log.info("hub stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+async def _bounded(coro: Any, what: str, seconds: float = STOP_GRACE_S) -> None:
+    try:
+        await asyncio.wait_for(coro, seconds)
+    except TimeoutError:
+        log.warning("%s took over %.0fs; going on", what, seconds)
+    except Exception as exc:
+        log.warning("%s failed: %r", what, exc)
