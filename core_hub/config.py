@@ -26,6 +26,11 @@ class HubConfig:
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
     stream_replicas: int = 1
+    events_max_age_s: float = 7 * 86400.0
+    events_max_bytes: int = 1 << 30
+    commands_max_age_s: float = 7 * 86400.0
+    commands_max_bytes: int = 256 << 20
+    duplicate_window_s: float = 120.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -43,6 +48,12 @@ class HubConfig:
             self._bad("max_unreachable_per_s", self.max_unreachable_per_s, "at least 1")
         if self.stream_replicas not in (1, 3, 5):
             self._bad("stream_replicas", self.stream_replicas, "1, 3 or 5")
+        if not 0 < self.duplicate_window_s <= min(self.events_max_age_s,
+                                                  self.commands_max_age_s):
+            self._bad("duplicate_window_s", self.duplicate_window_s,
+                      "above 0 and not longer than either stream's max age")
+        if self.events_max_bytes < 1 << 20 or self.commands_max_bytes < 1 << 20:
+            self._bad("events_max_bytes", self.events_max_bytes, "at least 1 MiB (both streams)")
         if self.log_format not in ("text", "json"):
             self._bad("log_format", self.log_format, "text | json")
         if self.admin_token is not None and len(self.admin_token) < 16:

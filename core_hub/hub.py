@@ -70,7 +70,12 @@ class Hub:
                                      max_reconnect_attempts=-1, connect_timeout=5,
                                      error_cb=_nats_error, reconnected_cb=_reconnected)
         js = self.nc.jetstream(timeout=5)
-        await ensure_streams(js, replicas=cfg.stream_replicas)
+        await ensure_streams(js, replicas=cfg.stream_replicas,
+                             events_max_age_s=cfg.events_max_age_s,
+                             events_max_bytes=cfg.events_max_bytes,
+                             commands_max_age_s=cfg.commands_max_age_s,
+                             commands_max_bytes=cfg.commands_max_bytes,
+                             duplicate_window_s=cfg.duplicate_window_s)
         self.store = store = HubStore(cfg.data_dir / "hub.db")
         signer = load_hub_signer(cfg.data_dir)
         registry = Registry(js, store, replicas=cfg.stream_replicas)

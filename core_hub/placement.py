@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 ONLINE = "online"
@@ -245,6 +245,7 @@ class Placer:
         if agent is None:
             return False
         agent.status = status
+        agent.offer = replace(agent.offer, status=status)
         return True
 
     def remove(self, agent_id: str) -> bool:

@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="kill tasks when the agent stops (default: they keep running)")
     p.add_argument("--nats", dest="nats_url", help="NATS URL of the core or the site leaf")
     p.add_argument("--join-token", help="one-time token from `outpost-hub token create`")
+    p.add_argument("--heartbeat", dest="heartbeat_s", help="seconds between heartbeats")
+    p.add_argument("--outbox-max", help="unshipped events kept before superseded ones coalesce")
     p.add_argument("--log-format", help="text | json")
     p.add_argument("--log-level", help="debug | info | warning | error")
     return p.parse_args(argv)
@@ -48,6 +50,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
         "isolation": args.isolation, "stop_tasks_on_exit": args.stop_tasks_on_exit,
         "log_format": args.log_format, "log_level": args.log_level,
         "nats_url": args.nats_url, "join_token": args.join_token,
+        "heartbeat_s": args.heartbeat_s, "outbox_max": args.outbox_max,
     }
     merged_file = dict(file)
     if "data_dir" not in merged_file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:

@@ -200,4 +200,24 @@ class EdgeBackend:
                    [({"resource": "cpus"}, free.cpus), ({"resource": "mem_mb"}, free.mem_mb)]),
             Metric("outpost_events_last_seq", "gauge", "Sequence number of the newest event",
                    [({}, float(self.store.last_event_seq()))]),
+            *self._outbox_metrics(),
+        ]
+
+    def _outbox_metrics(self) -> list[Metric]:
+        link = self.link_status()
+        if not link.get("enabled"):
+            return []
+        return [
+            Metric("outpost_outbox_depth", "gauge", "Events not yet acked by the core",
+                   [({}, float(link["outbox_depth"]))]),
+            Metric("outpost_outbox_oldest_age_seconds", "gauge",
+                   "Age of the oldest event not yet acked by the core",
+                   [({}, float(link["outbox_oldest_age_s"] or 0.0))]),
+            Metric("outpost_link_connected", "gauge", "1 while connected to the core's NATS",
+                   [({}, 1.0 if link["connected"] else 0.0)]),
+            Metric("outpost_outbox_published_events_total", "counter",
+                   "Events the core's JetStream acked", [({}, float(link["published_events"]))]),
+            Metric("outpost_outbox_coalesced_events_total", "counter",
+                   "Superseded events dropped to keep the outbox bounded",
+                   [({}, float(link["coalesced_events"]))]),
         ]

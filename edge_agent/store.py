@@ -206,15 +206,18 @@ class Store(Database):
         floor = self.publish_floor or 0
         marks = ",".join("?" * len(TERMINAL_STATES))
         with self.transaction() as db:
+            # Uncorrelated subqueries: SQLite computes each newest-seq set once.
             dropped = db.execute(
-                f"""DELETE FROM events WHERE seq > ? AND (
-                      (kind = 'task' AND json_extract(body, '$.state') NOT IN ({marks})
-                       AND seq < (SELECT max(e.seq) FROM events e
-                                  WHERE e.task_id = events.task_id AND e.seq > ?))
-                   OR (kind IN ('offer', 'agent', 'snapshot')
-                       AND seq < (SELECT max(e.seq) FROM events e
-                                  WHERE e.kind = events.kind AND e.seq > ?)))""",
-                (floor, *TERMINAL_STATES, floor, floor)).rowcount
+                f"""DELETE FROM events WHERE seq > ? AND kind = 'task'
+                    AND json_extract(body, '$.state') NOT IN ({marks})
+                    AND seq NOT IN (SELECT max(seq) FROM events
+                                    WHERE seq > ? AND kind = 'task' GROUP BY task_id)""",
+                (floor, *TERMINAL_STATES, floor)).rowcount
+            dropped += db.execute(
+                """DELETE FROM events WHERE seq > ? AND kind IN ('offer', 'agent', 'snapshot')
+                   AND seq NOT IN (SELECT max(seq) FROM events WHERE seq > ?
+                                   AND kind IN ('offer', 'agent', 'snapshot') GROUP BY kind)""",
+                (floor, floor)).rowcount
         return dropped
 
     def command_seen(self, command_id: str) -> bool:

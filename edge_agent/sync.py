@@ -72,8 +72,10 @@ class Sync:
         self.js: Any = None
         self.hub_key: bytes | None = None
         self.stats = {"published_events": 0, "published_batches": 0, "publish_errors": 0,
-                      "commands_applied": 0, "commands_rejected": 0, "reconnects": 0}
+                      "commands_applied": 0, "commands_rejected": 0, "reconnects": 0,
+                      "coalesced_events": 0}
         self._main: asyncio.Task[None] | None = None
+        self._bound: asyncio.Task[None] | None = None
         floor = store.get_meta("outbox_acked")
         store.publish_floor = int(floor) if floor else 0
         hub = store.get_meta("hub_public_key")
@@ -83,13 +85,29 @@ class Sync:
 
     async def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name="sync")
+        self._bound = asyncio.create_task(self._bound_loop(), name="sync-outbox-bound")
 
     async def stop(self) -> None:
-        if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
+        for task in (self._main, self._bound):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._close()
+
+    async def _bound_loop(self) -> None:
+        """Keep the outbox within ``outbox_max``, link or no link (it grows most when down)."""
+        while True:
+            self.bound_outbox()
+            await asyncio.sleep(1.0)
+
+    def bound_outbox(self) -> None:
+        depth, _ = self.store.outbox_depth()
+        if depth > self.settings.outbox_max:
+            dropped = self.store.coalesce_outbox()
+            self.stats["coalesced_events"] += dropped
+            log.warning("outbox over %d events; coalesced %d superseded ones",
+                        self.settings.outbox_max, dropped, extra={"agent": self.agent_id})
 
     async def _close(self) -> None:
         nc, self.nc, self.js = self.nc, None, None
@@ -187,11 +205,6 @@ class Sync:
             if not self.connected:
                 await asyncio.sleep(0.2)
                 continue
-            depth, _ = self.store.outbox_depth()
-            if depth > self.settings.outbox_max:
-                dropped = self.store.coalesce_outbox()
-                log.warning("outbox over %d events; coalesced %d superseded ones",
-                            self.settings.outbox_max, dropped, extra={"agent": self.agent_id})
             rows = self.store.events_after(floor, MAX_BATCH_EVENTS * IN_FLIGHT)
             if not rows:
                 with contextlib.suppress(TimeoutError):

@@ -215,3 +215,23 @@ def test_hub_stops_promptly_when_its_nats_is_gone(hub_proc: HubProcess,
     hub_proc.stop()
     assert hub_proc.proc is not None and hub_proc.proc.returncode == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_outbox_stays_bounded_offline_and_keeps_every_final_state(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    agent = start_agent("--nats", nats_proc.url, "--join-token", hub_proc.join_token(),
+                        "--outbox-max", "1000")
+    wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["enrolled"], what="enrolled")
+    nats_proc.kill()
+    ids = churn(agent, 4)
+    wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["coalesced_events"] > 500,
+               timeout=30, what="coalescing of superseded events")
+    link = agent.api("GET", "/v1/info").body["link"]
+    assert link["outbox_depth"] < 2000, link
+    done = [agent.submit(f"final{i}", ["sh", "-c", f"exit {i}"])["id"] for i in range(3)]
+    stop_all(agent, ids)
+    for task_id in done:
+        agent.wait_state(task_id, "finished", "failed")
+    asyncio.run(nats_proc.start())
+    converged(agent, hub_proc)  # every task's final state arrived, nothing stale won

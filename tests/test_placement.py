@@ -309,6 +309,7 @@ def test_status_changes_without_an_offer() -> None:
     p = placer(offer("a1"), offer("a2", status="draining"), offer("a3", status="unreachable"))
     assert p.set_status("a1", "disconnected") is True
     assert p.set_status("zz", "online") is False
+    assert [o.status for o in p.offers()] == ["disconnected", "draining", "unreachable"]
     assert refused(p.place(spec(), now=NOW)) == (
         "no online agent (1 disconnected, 1 draining, 1 unreachable)")
     p.set_status("a3", "online")
