@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m edge_agent.demo
+	$(BIN)/python -m core_hub demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--disconnected-after", dest="disconnected_after_s")
     run.add_argument("--log-format")
     run.add_argument("--log-level")
+    sub.add_parser("demo", help="a hub, embedded NATS and two agents on this machine",
+                   add_help=False)
     token = sub.add_parser("token", help="join tokens for agents")
     tsub = token.add_subparsers(dest="action", required=True)
     create = tsub.add_parser("create", help="print a new join token")
@@ -90,6 +92,11 @@ def tokens_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from core_hub.demo import main as demo
+
+        return demo(argv[1:])
     args = parse_args(argv)
     env = dict(os.environ)
     try:

@@ -136,3 +136,9 @@ def test_site_constraint_mismatch_is_409(agent: AgentProcess) -> None:
     resp = agent.api("POST", "/v1/tasks", {"name": "x", "command": ["true"],
                                            "constraints": {"site": "elsewhere"}})
     assert resp.status == 409 and "site" in resp.body["error"]["message"]
+
+
+def test_edge_status_page_is_served_without_a_token(agent: AgentProcess) -> None:
+    page = http("GET", agent.url + "/")
+    assert page.status == 200 and b"Outpost edge agent" in page.raw
+    assert agent.data_dir.name.encode() not in page.raw, "the page itself holds no data"

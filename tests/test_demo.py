@@ -1,4 +1,5 @@
-"""``make demo`` end to end: it starts, the sample tasks run, Ctrl-C stops everything."""
+"""``make demo`` end to end: hub, NATS and two agents start, the fleet shows at the hub,
+Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
@@ -17,11 +18,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_starts_an_agent_with_samples_and_stops_cleanly(tmp_path: Path) -> None:
+def _ours(tmp_path: Path) -> list[str]:
+    """Processes whose command line names the demo's folder (hub, nats-server, agents)."""
+    out = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_demo_starts_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "edge_agent.demo", "--dir", str(tmp_path),
-                             "--listen", f"127.0.0.1:{port}", "--web-port", str(_free_port())],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "core_hub", "demo", "--dir", str(tmp_path), "--listen",
+         f"127.0.0.1:{port}", "--nats-port", str(_free_port()), "--web-port", str(_free_port())],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = []
         for line in demo.stdout:  # type: ignore[union-attr]
@@ -29,24 +37,31 @@ def test_demo_starts_an_agent_with_samples_and_stops_cleanly(tmp_path: Path) -> 
             if line.strip() == "ready":
                 break
         text = "".join(out)
-        assert f"http://127.0.0.1:{port}" in text and "OUTPOST_TOKEN=" in text, text
-        token = text.split("OUTPOST_TOKEN=")[1].split()[0]
         url = f"http://127.0.0.1:{port}"
+        assert url in text and "OUTPOST_TOKEN=" in text, text
+        token = text.split("OUTPOST_TOKEN=")[1].split()[0]
+
+        def online() -> list[dict]:
+            agents = http("GET", url + "/v1/agents", token=token).body["items"]
+            return agents if [a["status"] for a in agents] == ["online", "online"] else []
+
+        agents = wait_until(online, timeout=20, what="both agents online at the hub")
+        assert {a["site"] for a in agents} == {"berlin", "oslo"}
 
         def running() -> list[dict]:
             items = http("GET", url + "/v1/tasks", token=token).body["items"]
             up = [t for t in items if t["state"] == "running" and t["name"] != "hello"]
-            return up if {t["name"] for t in up} == {"web", "ticker"} else []
+            return up if len(up) == 4 else []
 
-        tasks = wait_until(running, timeout=15, what="web (health-checked) and ticker running")
+        tasks = wait_until(running, timeout=20, what="web and ticker running at both sites")
         pids = [t["pid"] for t in tasks]
-        page = http("GET", url + "/")
-        assert page.status == 200 and b"Outpost edge agent" in page.raw
+        assert http("GET", url + "/v1/info", token=token).body["role"] == "core"
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(30) == 0
-        assert not any(pid_alive(p) for p in pids), "Ctrl-C stops the tasks it started"
+        assert demo.wait(40) == 0
+        assert not any(pid_alive(p) for p in pids), "Ctrl-C stops the tasks"
+        wait_until(lambda: not _ours(tmp_path), timeout=10, what="hub, NATS, agents gone")
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)
-            demo.wait(30)
+            demo.wait(40)
         demo.stdout.close()  # type: ignore[union-attr]

@@ -1,0 +1,157 @@
+"""``make demo`` / ``outpost-hub demo``: a small fleet on this machine.
+
+Starts, as child processes, a hub with an embedded NATS (JetStream) and two edge agents in two
+sites that enroll with it; submits sample tasks at the edges; prints the hub's URL, the tokens
+and ready ``outpost`` commands. Ctrl-C stops what it started, and nothing else. Data lives in
+``.demo/`` so a second run finds the same fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+SITES = (("edge-berlin", "berlin", "zone=store"), ("edge-oslo", "oslo", "zone=tower"))
+
+
+def samples(web_port: int) -> list[dict[str, Any]]:
+    """A health-checked web service, a chatty service and a one-shot job."""
+    probe = f"import urllib.request as u; u.urlopen('http://127.0.0.1:{web_port}/')"
+    return [
+        {"name": "web", "command": [sys.executable, "-m", "http.server", str(web_port),
+                                    "--bind", "127.0.0.1"],
+         "restart": {"policy": "always", "backoff": 1},
+         "resources": {"cpus": 0.2, "mem_mb": 64},
+         "health": {"command": [sys.executable, "-c", probe], "interval": 5, "timeout": 2,
+                    "retries": 3, "grace": 1},
+         "labels": {"tier": "web"}, "kill_timeout": 3},
+        {"name": "ticker", "command": ["sh", "-c", "while true; do date; sleep 2; done"],
+         "restart": {"policy": "always"}, "resources": {"cpus": 0.05, "mem_mb": 8},
+         "labels": {"tier": "batch"}, "kill_timeout": 2},
+        {"name": "hello", "command": ["sh", "-c", "echo hello from the edge; exit 0"],
+         "resources": {"cpus": 0.05, "mem_mb": 8}},
+    ]
+
+
+def _call(url: str, token: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(url + path, method="POST" if body is not None else "GET",
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+class Demo:
+    """Owns the child processes; ``stop()`` ends them in reverse order."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, args: list[str], ready_file: Path) -> None:
+        ready_file.unlink(missing_ok=True)
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+        child = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        log.close()
+        self.children.append(child)
+        deadline = time.monotonic() + 30
+        while not ready_file.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {self.root / name}.log")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="outpost-hub demo")
+    p.add_argument("--dir", type=Path, default=Path(".demo"))
+    p.add_argument("--listen", default="127.0.0.1:7000", help="the hub's API")
+    p.add_argument("--nats-port", type=int, default=4222)
+    p.add_argument("--web-port", type=int, default=7080, help="port of the sample web task")
+    args = p.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(args.dir)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        hub_dir = demo.root / "hub"
+        demo.spawn("hub", ["-m", "core_hub", "run", "--data-dir", str(hub_dir), "--listen",
+                           args.listen, "--embedded-nats", "--nats-port", str(args.nats_port)],
+                   hub_dir / "hub.url")
+        hub_url = (hub_dir / "hub.url").read_text()
+        nats_url = (hub_dir / "nats.url").read_text()
+        hub_token = (hub_dir / "admin.token").read_text().strip()
+        join = subprocess.run([sys.executable, "-m", "core_hub", "token", "create",
+                               "--data-dir", str(hub_dir), "--uses", "2"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        edges = []
+        for i, (name, site, label) in enumerate(SITES):
+            data = demo.root / name
+            demo.spawn(name, ["-m", "edge_agent", "--data-dir", str(data), "--listen",
+                              "127.0.0.1:0", "--name", name, "--site", site, "--label", label,
+                              "--stop-tasks-on-exit", "--nats", nats_url, "--join-token", join],
+                       data / "agent.url")
+            url, token = (data / "agent.url").read_text(), (data / "admin.token").read_text()
+            running = {t["name"] for t in _call(url, token.strip(), "/v1/tasks")["items"]
+                       if t["state"] not in ("finished", "failed", "killed", "lost")}
+            for spec in samples(args.web_port + i):
+                if spec["name"] not in running:
+                    _call(url, token.strip(), "/v1/tasks", spec)
+            edges.append((name, url))
+        edge_lines = "\n".join(f"  edge {name:12}: {url}" for name, url in edges)
+        print(f"""
+Outpost demo: a hub (with embedded NATS JetStream) and two edge agents in sites berlin and oslo.
+
+  hub API    : {hub_url}
+  hub token  : {hub_token}
+  NATS       : {nats_url}
+{edge_lines}
+
+Try (in another shell):
+  export OUTPOST_URL={hub_url} OUTPOST_TOKEN={hub_token}
+  .venv/bin/outpost agents ls          # both sites, online
+  .venv/bin/outpost tasks ls           # every task of the fleet, as the edges report them
+  .venv/bin/outpost events             # the fleet's live event feed
+  .venv/bin/outpost tasks kill <id>    # a kill command, delivered even to an edge that is away
+
+Each edge serves the same API (its token is in .demo/<edge>/admin.token).
+Ctrl-C stops the hub, the agents and their tasks.
+ready""", flush=True)
+        while not stop and all(c.poll() is None for c in demo.children):
+            time.sleep(0.2)
+        return 0 if stop else 1
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"outpost demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        demo.stop()
+        print("outpost demo stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
