@@ -141,4 +141,5 @@ def test_site_constraint_mismatch_is_409(agent: AgentProcess) -> None:
 def test_edge_status_page_is_served_without_a_token(agent: AgentProcess) -> None:
     page = http("GET", agent.url + "/")
     assert page.status == 200 and b"Outpost edge agent" in page.raw
-    assert agent.data_dir.name.encode() not in page.raw, "the page itself holds no data"
+    agent_id = agent.api("GET", "/v1/info").body["agent_id"]
+    assert agent_id.encode() not in page.raw, "the page itself holds no data; it asks the API"
