@@ -55,7 +55,7 @@ from federation.wire import Envelope, EnvelopeRejected, Event
 log = logging.getLogger(__name__)
 
 DURABLE = "outpost-hub-ingest"
-RESULT_STATUSES = frozenset({"applied", "expired", "rejected", "duplicate"})
+RESULT_STATUSES = frozenset({"applied", "declined", "expired", "rejected", "duplicate"})
 LOST_REASON = "not on the agent at reconcile"
 # After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
 _WARN_REDELIVERIES = 20

@@ -17,7 +17,7 @@ Outcome = tuple[str, str | None, dict[str, Any]]
 
 
 class CommandApplier:
-    """Maps ``launch``, ``kill``, ``drain`` onto the local supervisor and backend."""
+    """Maps ``launch``, ``kill``, ``update``, ``drain`` onto the local supervisor and backend."""
 
     def __init__(self, backend: EdgeBackend) -> None:
         self.backend = backend
@@ -63,6 +63,19 @@ class CommandApplier:
         except NotFound:
             return "rejected", f"no task {task_id} on this agent", {}
         return "applied", f"task {task['state']}", {}
+
+    def _update(self, body: dict[str, Any]) -> Outcome:
+        task_id, generation = body.get("task_id"), body.get("generation")
+        if not isinstance(task_id, str) or type(generation) is not int:
+            return "rejected", "update needs a task_id and the generation it is based on", {}
+        try:
+            spec = validate_task_spec(body.get("spec"))
+            task = self.supervisor.update(task_id, spec, generation)
+        except NotFound:
+            return "rejected", f"no task {task_id} on this agent", {}
+        except OutpostError as exc:  # Conflict (old generation, ended task) or Invalid
+            return "rejected", exc.message, {}
+        return "applied", f"generation {task['generation']}", {"generation": task["generation"]}
 
     def _drain(self, body: dict[str, Any]) -> Outcome:
         self.backend.store.set_meta("draining", "1")

@@ -89,6 +89,17 @@ class Store(Database):
             self._append_event(db, "task", task_id, self.to_api(row), now)
         return row
 
+    def replace_spec(self, task_id: str, spec: dict[str, Any], generation: int,
+                     reason: str) -> sqlite3.Row:
+        """A new spec (and its labels) for a task, at ``generation``, with its event."""
+        with self.transaction() as db:
+            num = self.row(task_id)["num"]
+            db.execute("DELETE FROM task_labels WHERE task_num = ?", (num,))
+            db.executemany("INSERT INTO task_labels(key, value, task_num) VALUES (?, ?, ?)",
+                           [(k, v, num) for k, v in spec.get("labels", {}).items()])
+            return self.update_task(task_id, spec=json.dumps(spec), name=spec["name"],
+                                    generation=generation, reason=reason)
+
     def set_pid_start(self, task_id: str, pid: int, start_ticks: int) -> None:
         """Record a run's process start time (not an API field, so no event)."""
         with self.transaction() as db:

@@ -20,7 +20,7 @@ from edge_agent.executor import Executor, SpawnError
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
-from federation.errors import Invalid
+from federation.errors import Conflict, Invalid
 from federation.schemas import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Supervisor:
         self.reserved: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, _Pending] = {}
         self.exit_reasons: dict[str, str] = {}
+        self.updating: set[str] = set()  # running tasks being stopped to restart with a new spec
         self.health_tasks: dict[str, asyncio.Task[None]] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.restarts_total = 0
@@ -89,15 +90,7 @@ class Supervisor:
     def submit(self, spec: dict[str, Any], origin: str = "edge",
                task_id: str | None = None) -> dict[str, Any]:
         need = spec["resources"]
-        if not Capacity(self.capacity.cpus, self.capacity.mem_mb,
-                        self.capacity.disk_mb).fits(need):
-            raise Invalid(
-                "resources: more than this agent has in all "
-                f"({self.capacity.cpus:g} cpus, {self.capacity.mem_mb} MB memory, "
-                f"{self.capacity.disk_mb} MB disk)",
-                details={"field": "resources", "capacity": {
-                    "cpus": self.capacity.cpus, "mem_mb": self.capacity.mem_mb,
-                    "disk_mb": self.capacity.disk_mb}})
+        self._check_capacity(need)
         task_id = task_id or uuid.uuid4().hex
         # One commit for the submission and, when it fits, its start: every state still gets
         # its own event, but the disk is touched once.
@@ -107,6 +100,17 @@ class Supervisor:
             self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
             self.schedule()
         return self.store.to_api(self.store.row(task_id))
+
+    def _check_capacity(self, need: dict[str, Any]) -> None:
+        """A task that could never fit this agent, even idle, is refused up front."""
+        if not self.capacity.fits(need):
+            raise Invalid(
+                "resources: more than this agent has in all "
+                f"({self.capacity.cpus:g} cpus, {self.capacity.mem_mb} MB memory, "
+                f"{self.capacity.disk_mb} MB disk)",
+                details={"field": "resources", "capacity": {
+                    "cpus": self.capacity.cpus, "mem_mb": self.capacity.mem_mb,
+                    "disk_mb": self.capacity.disk_mb}})
 
     async def kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
         """Kill a task; (True, task) when the process is still being stopped."""
@@ -129,6 +133,35 @@ class Supervisor:
             row = self.store.update_task(task_id, want="kill", reason="kill requested")
             self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
         return True, self.store.to_api(row)
+
+    def update(self, ref: str, spec: dict[str, Any], generation: int) -> dict[str, Any]:
+        """Replace a task's spec, based on ``generation`` (the one the caller saw).
+
+        A running task restarts with the new spec (not counted as a failure or a restart); a
+        pending one just waits with the new resources. An old generation is a ``Conflict``.
+        """
+        row = self.store.find(ref)
+        task_id = row["id"]
+        if generation != row["generation"]:
+            raise Conflict(f"task {task_id} is at generation {row['generation']}, not "
+                           f"{generation}: read it again", details={
+                               "generation": row["generation"]})
+        if row["state"] in TERMINAL_STATES and task_id not in self.pending:
+            raise Conflict(f"task {task_id} has ended ({row['state']}); submit a new one")
+        if row["want"] == "kill":
+            raise Conflict(f"task {task_id} is being killed")
+        self._check_capacity(spec["resources"])
+        new_gen = row["generation"] + 1
+        self.store.replace_spec(task_id, spec, new_gen, f"updated to generation {new_gen}")
+        if task_id in self.pending:
+            self.pending[task_id].resources = spec["resources"]
+            self.schedule()
+        elif task_id in self.executor.running:
+            self.updating.add(task_id)
+            old = json.loads(row["spec"])
+            self._spawn_bg(self.executor.kill(task_id, float(old["kill_timeout"])),
+                           f"update-{task_id}")
+        return self.store.to_api(self.store.row(task_id))
 
     async def _kill_process(self, task_id: str) -> None:
         spec = json.loads(self.store.row(task_id)["spec"])
@@ -205,6 +238,17 @@ class Supervisor:
             health.cancel()
         self.reserved.pop(task_id, None)
         override = self.exit_reasons.pop(task_id, None)
+        if task_id in self.updating:
+            self.updating.discard(task_id)
+            row = self.store.row(task_id)
+            if row["want"] != "kill":
+                spec = json.loads(row["spec"])
+                reason = f"restarting with generation {row['generation']}"
+                self.store.update_task(task_id, state="pending", exit_code=code, pid=None,
+                                       healthy=None, reason=reason, finished_at=time.time())
+                self.pending[task_id] = _Pending(spec["resources"], 0.0, reason)
+                self.schedule()
+                return
         if override:
             self._ended(task_id, code, override, failed=True)
         else:

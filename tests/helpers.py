@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -244,3 +245,49 @@ def task_states(node: Any) -> dict[str, tuple[str, int]]:
         cursor = page.body["next_cursor"]
         if cursor is None:
             return out
+
+
+def joined(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: Any,
+           name: str = "agent") -> AgentProcess:
+    agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), name=name)
+    info = agent.api("GET", "/v1/info").body
+    wait_until(lambda: info["agent_id"] in [a["id"] for a in hub.api("GET", "/v1/agents")
+                                            .body["items"]], what="agent enrolled at the hub")
+    return agent
+
+
+def converged(edge: AgentProcess, core: HubProcess, timeout: float = 30.0) -> None:
+    """The core lists exactly the edge's tasks with the same states and restart counts, and the
+    edge's outbox is empty."""
+    def same() -> bool:
+        link = edge.api("GET", "/v1/info").body["link"]
+        return link["outbox_depth"] == 0 and task_states(core) == task_states(edge)
+
+    try:
+        wait_until(same, timeout, interval=0.2, what="core view == edge view")
+    except AssertionError:
+        e, c = task_states(edge), task_states(core)
+        diff = {k: (e.get(k), c.get(k)) for k in set(e) | set(c) if e.get(k) != c.get(k)}
+        raise AssertionError(f"views differ on {len(diff)} tasks, e.g. "
+                             f"{list(diff.items())[:5]}") from None
+
+
+def command_results(hub_dir: Path) -> list[tuple[str, str]]:
+    """(command id, status) of every command result the hub has recorded, oldest first."""
+    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True)
+    try:
+        return [(r[0], r[1]) for r in db.execute(
+            "SELECT command_id, status FROM results ORDER BY ts")]
+    finally:
+        db.close()
+
+
+async def publish_raw(url: str, subject: str, data: bytes) -> None:
+    """Publish ``data`` to JetStream as-is (a test playing the hub, or an attacker)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, data)
+    finally:
+        await nc.close()

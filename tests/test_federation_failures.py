@@ -9,40 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from core_hub.enroll import load_hub_signer
 from federation import subjects, wire
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, pid_alive, task_states, wait_until
-
-
-def joined(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: NatsServer,
-           name: str = "agent") -> AgentProcess:
-    agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), name=name)
-    info = agent.api("GET", "/v1/info").body
-    wait_until(lambda: info["agent_id"] in [a["id"] for a in hub.api("GET", "/v1/agents")
-                                            .body["items"]], what="agent enrolled at the hub")
-    return agent
-
-
-def converged(edge: AgentProcess, core: HubProcess, timeout: float = 30.0) -> None:
-    """The core lists exactly the edge's tasks with the same states and restart counts, and the
-    edge's outbox is empty."""
-    def same() -> bool:
-        link = edge.api("GET", "/v1/info").body["link"]
-        return link["outbox_depth"] == 0 and task_states(core) == task_states(edge)
-
-    try:
-        wait_until(same, timeout, interval=0.2, what="core view == edge view")
-    except AssertionError:
-        e, c = task_states(edge), task_states(core)
-        diff = {k: (e.get(k), c.get(k)) for k in set(e) | set(c) if e.get(k) != c.get(k)}
-        raise AssertionError(f"views differ on {len(diff)} tasks, e.g. "
-                             f"{list(diff.items())[:5]}") from None
+from tests.helpers import (
+    AgentProcess,
+    HubProcess,
+    command_results,
+    converged,
+    joined,
+    pid_alive,
+    publish_raw,
+    wait_until,
+)
 
 
 def churn(agent: AgentProcess, n: int) -> list[str]:
@@ -127,13 +109,13 @@ def test_kill_command_waits_for_a_disconnected_edge(start_agent: Callable[..., A
     agent.wait_state(task["id"], "killed", timeout=15)
     assert not pid_alive(pid)
     converged(agent, hub_proc)
-    results = _results(hub_proc.data_dir)
+    results = command_results(hub_proc.data_dir)
     assert [(r[0], r[1]) for r in results] == [(resp.body["command_id"], "applied")]
     # Applied once: a restart of the agent does not apply it again.
     agent.kill()
     agent.start()
     time.sleep(1.0)
-    assert _results(hub_proc.data_dir) == results
+    assert command_results(hub_proc.data_dir) == results
 
 
 def test_an_expired_command_is_reported_not_applied(start_agent: Callable[..., AgentProcess],
@@ -147,11 +129,12 @@ def test_an_expired_command_is_reported_not_applied(start_agent: Callable[..., A
     signer = load_hub_signer(hub_proc.data_dir)
     data = wire.sign_envelope("kill", agent_id, 10_000, {
         "id": "expiredcmd1", "task_id": task["id"], "expires_at": time.time() + 0.5}, signer)
-    asyncio.run(_publish(nats_proc.url, subjects.commands(agent_id), data))
+    asyncio.run(publish_raw(nats_proc.url, subjects.commands(agent_id), data))
     time.sleep(1.0)  # it expires while the edge is away
     agent.start()
-    wait_until(lambda: _results(hub_proc.data_dir), timeout=15, what="the result at the core")
-    assert _results(hub_proc.data_dir) == [("expiredcmd1", "expired")]
+    wait_until(lambda: command_results(hub_proc.data_dir), timeout=15,
+               what="the result at the core")
+    assert command_results(hub_proc.data_dir) == [("expiredcmd1", "expired")]
     assert agent.task(task["id"])["state"] == "running"
 
 
@@ -186,25 +169,6 @@ def test_tasks_running_through_an_outage_are_left_alone(start_agent: Callable[..
     for task_id, pid in pids.items():
         now = agent.task(task_id)
         assert now["pid"] == pid and now["restarts"] == 0 and now["state"] == "running"
-
-
-def _results(hub_dir: Path) -> list[tuple[str, str]]:
-    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True)
-    try:
-        return [(r[0], r[1]) for r in db.execute(
-            "SELECT command_id, status FROM results ORDER BY ts")]
-    finally:
-        db.close()
-
-
-async def _publish(url: str, subject: str, data: bytes) -> None:
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().publish(subject, data)
-    finally:
-        await nc.close()
 
 
 def test_hub_stops_promptly_when_its_nats_is_gone(hub_proc: HubProcess,
