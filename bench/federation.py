@@ -46,7 +46,8 @@ from federation import subjects
 from federation.natsd import NatsServer
 from federation.streams import ensure_streams
 
-RAW_PIPELINED_N = 60_000
+RAW_PIPELINED_N = 30_000
+RAW_REPEATS = 2  # the best of these: the box's limit, not its noise
 RAW_SEQUENTIAL_N = 8_000
 PIPELINE = 512
 MSG_BYTES = 400
@@ -65,7 +66,8 @@ FedRow = functools.partial(Row, area="federation")
 
 @dataclass(frozen=True, slots=True)
 class RawRates:
-    """JetStream publish-with-ack msgs/s from nats-py: ``publish_async`` with up to
+    """JetStream publish-with-ack msgs/s from nats-py (pipelined: best of ``RAW_REPEATS``
+    runs): ``publish_async`` with up to
     ``PIPELINE`` acks outstanding (nats-py's own pipelined API), ``gather`` of ``PIPELINE``
     ``js.publish`` calls at a time (what the agent does), and one awaited ``js.publish`` at a
     time."""
@@ -116,8 +118,9 @@ async def raw_publish_rates(url: str) -> RawRates:
 
         await gathered(2 * PIPELINE)  # warm-up: connection, inboxes, the stream's first block
         await publish_async(2 * PIPELINE)
-        return RawRates(await publish_async(RAW_PIPELINED_N), await gathered(RAW_PIPELINED_N),
-                        await sequential(RAW_SEQUENTIAL_N))
+        fast = [await publish_async(RAW_PIPELINED_N) for _ in range(RAW_REPEATS)]
+        gather = [await gathered(RAW_PIPELINED_N) for _ in range(RAW_REPEATS)]
+        return RawRates(max(fast), max(gather), await sequential(RAW_SEQUENTIAL_N))
     finally:
         await nc.close()
 
@@ -440,8 +443,8 @@ async def _guarded(name: str, job: Awaitable[list[Row]]) -> list[Row]:
 
 
 async def bench_raw(base: Path) -> RawRates:
-    progress(f"raw JetStream publish ({RAW_PIPELINED_N} pipelined twice, {RAW_SEQUENTIAL_N} "
-             "one at a time)")
+    progress(f"raw JetStream publish ({RAW_REPEATS} x {RAW_PIPELINED_N} pipelined two ways, "
+             f"{RAW_SEQUENTIAL_N} one at a time)")
     natsd = NatsServer(base / "nats-raw")
     await natsd.start()
     try:

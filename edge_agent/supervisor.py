@@ -283,6 +283,8 @@ class Supervisor:
         self.store.update_task(task_id, state="pending", restarts=row["restarts"] + 1,
                                not_before=now + decision.delay, reason=reason_text)
         self.pending[task_id] = _Pending(spec["resources"], now + decision.delay, reason_text)
+        # Wake exactly when the backoff ends (the tick is only a safety net).
+        asyncio.get_running_loop().call_later(decision.delay, self.schedule)
         log.info("task ended (%s); %s", why, decision.why,
                  extra={"task": task_id, "exit_code": code})
 

@@ -61,8 +61,8 @@ def test_agent_sigkilled_while_draining_a_backlog(start_agent: Callable[..., Age
                                                   nats_proc: NatsServer) -> None:
     agent = joined(start_agent, hub_proc, nats_proc)
     nats_proc.kill()
-    ids = churn(agent, 4)
-    wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["outbox_depth"] > 3000,
+    ids = churn(agent, 6)
+    wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["outbox_depth"] > 2000,
                timeout=30, what="a backlog of thousands of events")
     stop_all(agent, ids)
     depth = agent.api("GET", "/v1/info").body["link"]["outbox_depth"]
