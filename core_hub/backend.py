@@ -15,6 +15,7 @@ from typing import Any
 from core_hub.commands import Commander
 from core_hub.feed import fleet_events
 from core_hub.liveness import Liveness
+from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
 from federation import __version__
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
@@ -32,8 +33,9 @@ class CoreBackend:
     role = "core"
 
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
-                 js: Any, ingest_stats: Any) -> None:
+                 js: Any, ingest_stats: Any, scheduler: CoreScheduler) -> None:
         self.store = store
+        self.scheduler = scheduler
         self.commander = commander
         self.liveness = liveness
         self.js = js
@@ -78,8 +80,8 @@ class CoreBackend:
         return self._present(self.store.get_task(task_id), self._unreachable())
 
     async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
-        raise Unavailable("placing tasks from the core is not available in this hub version; "
-                          "submit to an edge agent's API", details={"role": "core"})
+        """Placed on an edge's offer (or pending with the reason nothing fits)."""
+        return await self.scheduler.submit(spec)
 
     async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
         task = self.store.get_task(task_id)
@@ -149,4 +151,6 @@ class CoreBackend:
                    [({}, float(self.store.stream_seq))]),
             Metric("outpost_commands_sent_total", "counter", "Commands sent to agents",
                    [({}, float(self.commander.sent))]),
+            Metric("outpost_placements_total", "counter", "Launches placed on an agent's offer",
+                   [({}, float(self.scheduler.placed))]),
         ]

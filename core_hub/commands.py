@@ -29,11 +29,12 @@ class Commander:
         self.sent = 0
 
     async def send(self, agent_id: str, kind: str, body: dict[str, Any],
-                   ttl_s: float = DEFAULT_TTL_S) -> str:
-        """Publish one command; returns its id once JetStream has stored it."""
+                   ttl_s: float = DEFAULT_TTL_S, command_id: str | None = None) -> str:
+        """Publish one command; returns its id once JetStream has stored it. A caller that
+        recorded the id first (write-ahead) passes it, so a resend is the same command."""
         if self.store.agent_key(agent_id) is None:
             raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
-        command_id = uuid.uuid4().hex
+        command_id = command_id or uuid.uuid4().hex
         seq = int(self.store.get_meta("command_seq") or 0) + 1
         self.store.set_meta("command_seq", str(seq))
         payload = {**body, "id": command_id, "expires_at": time.time() + ttl_s}

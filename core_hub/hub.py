@@ -17,6 +17,7 @@ from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
 from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.registry import Registry
+from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
 from federation.app import build_app
 from federation.auth import TokenAuth
@@ -89,8 +90,12 @@ class Hub:
         for part in (enroller, ingest, liveness):
             await part.start()
             self.parts.append(part)
-        backend = CoreBackend(store=store, commander=Commander(js, store, signer),
-                              liveness=liveness, js=js, ingest_stats=ingest.stats)
+        commander = Commander(js, store, signer)
+        scheduler = CoreScheduler(store, commander)
+        await scheduler.start()
+        self.parts.append(scheduler)
+        backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
+                              ingest_stats=ingest.stats, scheduler=scheduler)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -66,4 +66,21 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE agents ADD COLUMN outbox TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: tasks the core places: the spec, where the launch went, and its command, so a
+    # restarted hub resends the same launch (same task id: an edge applies it once) instead of
+    # placing the task a second time.
+    """
+    CREATE TABLE launches (
+        task_id TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        agent_id TEXT,
+        command_id TEXT,
+        status TEXT NOT NULL,
+        excluded TEXT NOT NULL DEFAULT '[]',
+        reason TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX launches_by_status ON launches(status, created_at);
+    """,
 )

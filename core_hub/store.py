@@ -175,9 +175,51 @@ class HubStore(Database):
             "UPDATE tasks SET state = 'lost', updated_at = ?,"
             " body = json_set(body, '$.state', 'lost', '$.reason', ?, '$.updated_at', ?)"
             f" WHERE agent_id = ? AND state NOT IN ({marks})"
-            " AND id NOT IN (SELECT value FROM json_each(?)) RETURNING id",
+            " AND id NOT IN (SELECT value FROM json_each(?))"
+            # A launch still on its way is not lost: the edge has not seen it yet.
+            " AND id NOT IN (SELECT task_id FROM launches WHERE status = 'sent')"
+            " RETURNING id",
             (ts, reason, ts, agent_id, *_TERMINAL, _dumps(list(present)))).fetchall()
         return sorted(row[0] for row in rows)
+
+    # ------------------------------------------------------------ core placements
+
+    def save_launch(self, task_id: str, *, spec: dict[str, Any], agent_id: str | None,
+                    command_id: str | None, status: str, excluded: list[str],
+                    reason: str | None, now: float) -> None:
+        """Record where a core-placed task goes (before the launch is sent: write-ahead)."""
+        self._db.execute(
+            "INSERT INTO launches(task_id, spec, agent_id, command_id, status, excluded, reason,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(task_id)"
+            " DO UPDATE SET agent_id = excluded.agent_id, command_id = excluded.command_id,"
+            " status = excluded.status, excluded = excluded.excluded, reason = excluded.reason,"
+            " updated_at = excluded.updated_at",
+            (task_id, _dumps(spec), agent_id, command_id, status, _dumps(excluded), reason,
+             now, now))
+
+    def launches(self, *statuses: str) -> list[dict[str, Any]]:
+        marks = ",".join("?" * len(statuses))
+        rows = self._db.execute(
+            "SELECT l.*, r.status AS result, r.body AS result_body FROM launches l"
+            " LEFT JOIN results r ON r.command_id = l.command_id"
+            f" WHERE l.status IN ({marks}) ORDER BY l.created_at", statuses).fetchall()
+        out = []
+        for row in rows:
+            item = {k: row[k] for k in row.keys()}  # noqa: SIM118 (Row is not a Mapping)
+            item["spec"] = json.loads(item["spec"])
+            item["excluded"] = json.loads(item["excluded"])
+            out.append(item)
+        return out
+
+    def put_core_task(self, task: dict[str, Any], now: float) -> None:
+        """The core's own record of a task it placed, until the edge reports it."""
+        self._db.execute(
+            "INSERT INTO tasks(id, agent_id, name, state, generation, body, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+            " agent_id = excluded.agent_id, state = excluded.state, body = excluded.body,"
+            " updated_at = excluded.updated_at",
+            (task["id"], task.get("agent_id") or "", task["name"], task["state"],
+             task.get("generation", 1), _dumps(task), now))
 
     def upsert_offer(self, agent_id: str, offer: dict[str, Any]) -> None:
         offer["agent_id"] = agent_id
@@ -217,9 +259,16 @@ class HubStore(Database):
         task: dict[str, Any] = json.loads(row[0])
         return task
 
-    def list_tasks(self, *, agent_id: str | None = None,
-                   state: str | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
+    def list_tasks(self, *, agent_id: str | None = None, state: str | None = None,
+                   name: str | None = None, active: bool = False) -> list[dict[str, Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        if active:
+            where.append(f"state NOT IN ({','.join('?' * len(_TERMINAL))})")
+            args.extend(_TERMINAL)
         if agent_id is not None:
             where.append("agent_id = ?")
             args.append(agent_id)

@@ -248,11 +248,17 @@ def task_states(node: Any) -> dict[str, tuple[str, int]]:
 
 
 def joined(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: Any,
-           name: str = "agent") -> AgentProcess:
-    agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), name=name)
+           *args: str, name: str = "agent") -> AgentProcess:
+    """An agent started with ``args`` that has enrolled with ``hub`` and shows online there."""
+    agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), "--heartbeat",
+                        "0.5", *args, name=name)
     info = agent.api("GET", "/v1/info").body
-    wait_until(lambda: info["agent_id"] in [a["id"] for a in hub.api("GET", "/v1/agents")
-                                            .body["items"]], what="agent enrolled at the hub")
+
+    def online() -> bool:
+        agents = hub.api("GET", "/v1/agents").body["items"]
+        return any(a["id"] == info["agent_id"] and a["status"] == "online" for a in agents)
+
+    wait_until(online, timeout=15, what="agent enrolled and online at the hub")
     return agent
 
 

@@ -1,0 +1,165 @@
+"""The core's side of two-level scheduling: place submitted tasks on edge offers, send the
+launch, follow the edge's answer (accept or decline), place again on a decline.
+
+Never on two agents (DESIGN guarantee 5): the choice of agent and the command id are written to
+the view *before* the launch is published, and only a ``declined``/``rejected``/``expired``
+result from that agent lets the task move elsewhere. A hub that restarts mid-placement resends
+the same launch (same command id, same task id) to the same agent, which applies it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from core_hub.commands import Commander
+from core_hub.placement import NoPlacement, Offer, Placer
+from core_hub.store import HubStore
+from federation import __version__
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+FAILED_RESULTS = frozenset({"declined", "rejected", "expired"})
+DONE_RESULTS = frozenset({"applied", "duplicate"})
+
+
+class CoreScheduler:
+    """Owns the placer and the launches table; ``submit`` is the API's ``POST /v1/tasks``."""
+
+    def __init__(self, store: HubStore, commander: Commander) -> None:
+        self.store = store
+        self.commander = commander
+        self.placer = Placer()
+        self._offer_ids: dict[str, tuple[Any, str]] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.placed = 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.create_task(self._tick_loop(), name="core-scheduler")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+
+    # ------------------------------------------------------------ submit
+
+    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        task_id = uuid.uuid4().hex
+        now = time.time()
+        async with self._lock:
+            self._refresh_offers(now)
+            with self.store.transaction():
+                self.store.save_launch(task_id, spec=spec, agent_id=None, command_id=None,
+                                       status="pending", excluded=[], reason="placing", now=now)
+            await self._place({"task_id": task_id, "spec": spec, "excluded": [],
+                               "created_at": now}, now)
+        return self.store.get_task(task_id)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _tick_loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad pass must not stop placement for good
+                log.exception("core scheduler pass failed")
+            await asyncio.sleep(TICK_S)
+
+    async def tick(self) -> None:
+        now = time.time()
+        async with self._lock:
+            self._refresh_offers(now)
+            for launch in self.store.launches("placing"):  # written, maybe never published
+                await self._publish(launch)
+            for launch in self.store.launches("sent"):
+                result = launch["result"]
+                if result in DONE_RESULTS:
+                    self.placer.confirm(launch["task_id"])
+                    with self.store.transaction():
+                        self._save(launch, "accepted", launch["agent_id"], reason=None)
+                elif result in FAILED_RESULTS:
+                    self.placer.release(launch["task_id"])
+                    launch["excluded"] = [*launch["excluded"], launch["agent_id"]]
+                    log.info("launch of %s %s by %s; placing again", launch["task_id"],
+                             result, launch["agent_id"], extra={"task": launch["task_id"]})
+                    await self._place(launch, now)
+            for launch in self.store.launches("pending"):
+                await self._place(launch, now)
+
+    def _refresh_offers(self, now: float) -> None:
+        statuses = {a["id"]: a["status"] for a in self.store.list_agents() if not a["revoked"]}
+        for body in self.store.list_offers():
+            agent = body.get("agent_id")
+            if agent not in statuses:
+                continue
+            key = (body.get("id"), statuses[agent])
+            if self._offer_ids.get(agent, (None, ""))[0] != key:
+                self._offer_ids[agent] = (key, statuses[agent])
+                self.placer.update_offer(Offer.from_body(body, status=statuses[agent]))
+        for agent in set(self._offer_ids) - set(statuses):
+            self.placer.remove(agent)
+            del self._offer_ids[agent]
+
+    # ------------------------------------------------------------ placing
+
+    def _existing(self, name: str) -> list[tuple[str, str]]:
+        sites = {a["id"]: a["site"] for a in self.store.list_agents()}
+        return [(t["agent_id"], sites.get(t["agent_id"], "")) for t in
+                self.store.list_tasks(name=name, active=True) if t.get("agent_id")]
+
+    async def _place(self, launch: dict[str, Any], now: float) -> None:
+        task_id, spec = launch["task_id"], launch["spec"]
+        choice = self.placer.place(spec, now=now, task_id=task_id,
+                                   existing=self._existing(spec["name"]),
+                                   exclude=launch["excluded"])
+        if isinstance(choice, NoPlacement):
+            with self.store.transaction():
+                self._save(launch, "pending", None, reason=choice.reason)
+            return
+        launch = {**launch, "agent_id": choice.agent_id, "offer_id": choice.offer_id,
+                  "command_id": uuid.uuid4().hex}
+        with self.store.transaction():  # write-ahead: this agent, this command, before sending
+            self._save(launch, "placing", choice.agent_id,
+                       reason=f"launch sent to {choice.agent_id} ({choice.site})")
+        self.placed += 1
+        await self._publish(launch)
+
+    async def _publish(self, launch: dict[str, Any]) -> None:
+        try:
+            await self.commander.send(launch["agent_id"], "launch", {
+                "task_id": launch["task_id"], "spec": launch["spec"],
+                "offer_id": launch.get("offer_id")}, command_id=launch["command_id"])
+        except Exception as exc:  # NATS away: stays 'placing', resent on the next pass
+            log.warning("launch of %s not sent yet: %r", launch["task_id"], exc)
+            return
+        with self.store.transaction():
+            self._save(launch, "sent", launch["agent_id"], reason=None, keep_reason=True)
+
+    def _save(self, launch: dict[str, Any], status: str, agent_id: str | None, *,
+              reason: str | None, keep_reason: bool = False) -> None:
+        now = time.time()
+        if not keep_reason:
+            launch["reason"] = reason
+        self.store.save_launch(launch["task_id"], spec=launch["spec"], agent_id=agent_id,
+                               command_id=launch.get("command_id"), status=status,
+                               excluded=launch["excluded"], reason=launch.get("reason"),
+                               now=now)
+        if status in ("pending", "placing"):
+            spec = launch["spec"]
+            self.store.put_core_task({
+                **spec, "id": launch["task_id"], "state": "pending" if status == "pending"
+                else "staging", "reason": launch.get("reason"), "agent_id": agent_id,
+                "site": None, "origin": "core", "generation": 1, "restarts": 0,
+                "exit_code": None, "pid": None, "healthy": None,
+                "created_at": launch.get("created_at", now), "updated_at": now,
+                "started_at": None, "finished_at": None, "version": __version__}, now)
