@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from core_hub.migrations import MIGRATIONS
 from federation.backend import Page, TaskQuery
 from federation.errors import BadRequest, NotFound
@@ -34,8 +36,9 @@ AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 
 
-# Compact, and built once: ingest encodes every task it stores (~25% faster than json.dumps).
-_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+def _dumps(value: Any) -> str:
+    """Compact JSON text; orjson, since ingest encodes every task it stores."""
+    return orjson.dumps(value).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from edge_agent.migrations import MIGRATIONS
 from federation.backend import Page, TaskQuery
 from federation.errors import BadRequest, NotFound
@@ -55,7 +57,7 @@ class Store(Database):
     # ------------------------------------------------------------ tasks
 
     def to_api(self, row: sqlite3.Row) -> dict[str, Any]:
-        task: dict[str, Any] = json.loads(row["spec"])
+        task: dict[str, Any] = orjson.loads(row["spec"])
         for col in _PUBLIC:
             task[col] = row[col]
         task["healthy"] = None if row["healthy"] is None else bool(row["healthy"])
@@ -172,7 +174,7 @@ class Store(Database):
     def _append_event(self, db: sqlite3.Connection, kind: str, task_id: str | None,
                       body: dict[str, Any], ts: float) -> None:
         db.execute("INSERT INTO events(ts, kind, task_id, body) VALUES (?, ?, ?, ?)",
-                   (ts, kind, task_id, json.dumps(body, separators=(",", ":"))))
+                   (ts, kind, task_id, orjson.dumps(body).decode()))
 
     def append_event(self, kind: str, body: dict[str, Any], task_id: str | None = None) -> None:
         with self.transaction() as db:
