@@ -14,6 +14,7 @@ from typing import Any
 
 from core_hub.commands import Commander
 from core_hub.feed import fleet_events
+from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
 from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
@@ -33,7 +34,8 @@ class CoreBackend:
     role = "core"
 
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
-                 js: Any, ingest_stats: Any, scheduler: CoreScheduler) -> None:
+                 js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any) -> None:
+        self.nc = nc
         self.store = store
         self.scheduler = scheduler
         self.commander = commander
@@ -92,9 +94,13 @@ class CoreBackend:
 
     async def open_logs(self, task_id: str, *, stream: str, tail: int,
                         follow: bool) -> AsyncIterator[bytes]:
-        self.store.get_task(task_id)
-        raise Unavailable("log forwarding from the core is not available in this hub version; "
-                          "read the logs at the task's edge agent", details={"task": task_id})
+        """Forwarded to the owning edge (503 while it is offline)."""
+        task = self.store.get_task(task_id)
+        if not task.get("agent_id"):
+            raise Unavailable(f"task {task_id} is not on an agent yet ({task['state']})",
+                              details={"task": task_id})
+        return await forward_logs(self.nc, task["agent_id"], task_id, stream=stream,
+                                  tail=tail, follow=follow)
 
     # ------------------------------------------------------------ agents
 

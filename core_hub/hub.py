@@ -95,7 +95,7 @@ class Hub:
         await scheduler.start()
         self.parts.append(scheduler)
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
-                              ingest_stats=ingest.stats, scheduler=scheduler)
+                              ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -105,6 +105,7 @@ class Agent:
             self.store, Signer(seed), backend.agent_record, self.supervisor.snapshot,
             CommandApplier(backend), offer=backend.current_offer)
         backend.link_status = self.sync.status
+        self.sync.rpc_backend = backend
         await self.sync.start()
 
     async def stop(self) -> None:

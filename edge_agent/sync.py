@@ -64,6 +64,7 @@ class Sync:
         self.snapshot = snapshot
         self.on_command = on_command
         self.offer = offer
+        self.rpc_backend: Any = None  # the EdgeBackend live reads are answered from
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
@@ -181,6 +182,12 @@ class Sync:
 
     async def _serve(self) -> None:
         self._announce()
+        rpc = None
+        if self.rpc_backend is not None:
+            from edge_agent.rpc import RpcServer
+
+            rpc = RpcServer(self.nc, self.rpc_backend)
+            await rpc.start()
         loops = [asyncio.create_task(self._publish_loop(), name="sync-publish"),
                  asyncio.create_task(self._command_loop(), name="sync-commands"),
                  asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat")]
@@ -192,6 +199,8 @@ class Sync:
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            if rpc is not None:
+                await rpc.stop()
 
     def _announce(self) -> None:
         """After (re)connecting: the agent record and a snapshot go out, in seq order."""

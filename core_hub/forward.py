@@ -1,0 +1,87 @@
+"""Forwarding live reads to the edge that owns a task (logs), over NATS request/reply.
+
+The answer streams back as messages to a private inbox (see ``edge_agent/rpc.py``). An edge
+that does not answer within ``FIRST_REPLY_S`` is offline: the API says so with a 503 instead of
+waiting. When the API client goes away mid-follow, the edge is told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from federation import subjects, wire
+from federation.errors import BadRequest, NotFound, OutpostError, Unavailable
+
+FIRST_REPLY_S = 3.0
+QUIET_LIMIT_S = 120.0  # a finished (non-follow) read never goes this long without a message
+
+_ERRORS: dict[int, type[OutpostError]] = {400: BadRequest, 404: NotFound}
+
+
+async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tail: int,
+                       follow: bool) -> AsyncIterator[bytes]:
+    """Ask ``agent_id`` for a task's logs; raises before the first byte if it cannot answer."""
+    ref = uuid.uuid4().hex
+    inbox = nc.new_inbox()
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
+
+    async def on_msg(msg: Any) -> None:
+        # NATS answers a request nobody listens to with an empty "503 no responders" message.
+        no_responders = not msg.data and (msg.headers or {}).get("Status") == "503"
+        await queue.put(None if no_responders else msg.data)
+
+    sub = await nc.subscribe(inbox, cb=on_msg)
+    try:
+        await nc.publish(subjects.rpc(agent_id, "logs"), wire.pack({
+            "req": ref, "task_id": task_id, "stream": stream, "tail": tail, "follow": follow}),
+            reply=inbox)
+        try:
+            first = await asyncio.wait_for(queue.get(), FIRST_REPLY_S)
+        except TimeoutError:
+            first = None
+        if first is None:
+            raise Unavailable(f"agent {agent_id} is offline: its logs can be read when it "
+                              "is back, or at the agent itself", details={"agent": agent_id})
+        try:
+            answer = wire.unpack(first)
+        except ValueError:
+            raise Unavailable(f"agent {agent_id} sent an unreadable answer",
+                              details={"agent": agent_id}) from None
+        if "error" in answer:
+            err = answer["error"]
+            raise _ERRORS.get(err.get("status"), Unavailable)(
+                f"agent {agent_id}: {err.get('message')}", details={"agent": agent_id})
+    except BaseException:
+        await sub.unsubscribe()
+        raise
+    return _relay(nc, sub, queue, answer, agent_id, ref, follow)
+
+
+async def _relay(nc: Any, sub: Any, queue: asyncio.Queue[Any], answer: dict[str, Any],
+                 agent_id: str, ref: str, follow: bool) -> AsyncIterator[bytes]:
+    done = False
+    try:
+        while True:
+            if answer.get("end"):
+                done = True
+                return
+            if "data" in answer:
+                yield bytes(answer["data"])
+            if "error" in answer:
+                return
+            wait = None if follow else QUIET_LIMIT_S
+            data = await asyncio.wait_for(queue.get(), wait)
+            try:
+                answer = wire.unpack(data) if data else {"end": True}
+            except ValueError:
+                return
+    finally:
+        if not done:
+            with contextlib.suppress(Exception):
+                await nc.publish(subjects.rpc(agent_id, "cancel"), wire.pack({"req": ref}))
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
