@@ -142,6 +142,16 @@ TASK = {
     },
 }
 
+# Amounts in answers (an agent's capacity and what is in use): zero is a fine answer there.
+USAGE = {
+    "type": "object",
+    "properties": {
+        "cpus": {"type": "number", "minimum": 0},
+        "mem_mb": {"type": "number", "minimum": 0},
+        "disk_mb": {"type": "number", "minimum": 0},
+    },
+}
+
 AGENT = {
     "type": "object",
     "required": ["id", "name", "site", "status"],
@@ -150,8 +160,8 @@ AGENT = {
         "name": {"type": "string"},
         "site": {"type": "string"},
         "labels": _LABELS,
-        "resources": RESOURCES,
-        "used": RESOURCES,
+        "resources": USAGE,
+        "used": USAGE,
         "status": {"enum": AGENT_STATUSES},
         "version": {"type": "string"},
         "isolation": {"type": "string"},

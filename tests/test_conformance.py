@@ -1,0 +1,113 @@
+"""One API, two backends: the same requests against a real edge and a real core give the same
+status codes and the same shapes (checked against the OpenAPI schemas both serve)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fastjsonschema
+import pytest
+
+from federation import schemas
+from federation.natsd import NatsServer
+from tests.helpers import ROOT, AgentProcess, HubProcess, http, joined, wait_until
+
+TASK_CHECK = fastjsonschema.compile(schemas.TASK)
+ERROR_CHECK = fastjsonschema.compile(schemas.ERROR)
+AGENT_CHECK = fastjsonschema.compile(schemas.AGENT)
+OFFER_CHECK = fastjsonschema.compile(schemas.OFFER)
+INFO_CHECK = fastjsonschema.compile(schemas.INFO)
+
+
+@pytest.fixture(params=["edge", "core"])
+def node(request: pytest.FixtureRequest, start_agent: Callable[..., AgentProcess],
+         tmp_path: Any) -> Iterator[Any]:
+    if request.param == "edge":
+        yield start_agent("--cpus", "2", "--mem-mb", "1024")
+        return
+    nats: NatsServer = request.getfixturevalue("nats_proc")
+    hub: HubProcess = request.getfixturevalue("hub_proc")
+    joined(start_agent, hub, nats, "--cpus", "2", "--mem-mb", "1024")
+    wait_until(lambda: hub.api("GET", "/v1/offers").body["items"], what="an offer at the core")
+    yield hub
+
+
+def test_health_info_and_openapi(node: Any) -> None:
+    assert http("GET", node.url + "/v1/health").status == 200
+    info = node.api("GET", "/v1/info")
+    assert info.status == 200
+    INFO_CHECK(info.body)
+    doc = http("GET", node.url + "/openapi.json").body
+    assert doc["info"]["title"] == "Outpost API"
+    assert "/v1/tasks/{id}/logs" in doc["paths"] and "/v1/agents/{id}/drain" in doc["paths"]
+
+
+def test_task_lifecycle_has_the_same_shapes(node: Any) -> None:
+    created = node.api("POST", "/v1/tasks", {"name": "conf", "command": ["sleep", "30"],
+                                             "kill_timeout": 1, "labels": {"suite": "c"}})
+    assert created.status == 201, created.body
+    TASK_CHECK(created.body)
+    task_id = created.body["id"]
+    running = wait_until(lambda: (t := node.api("GET", f"/v1/tasks/{task_id}").body)["state"]
+                         == "running" and t, timeout=15, what="running")
+    TASK_CHECK(running)
+    page = node.api("GET", "/v1/tasks?label=suite=c&limit=1").body
+    assert set(page) == {"items", "next_cursor"} and [t["id"] for t in page["items"]] == [task_id]
+    killed = node.api("DELETE", f"/v1/tasks/{task_id}")
+    assert killed.status in (200, 202)
+    wait_until(lambda: node.api("GET", f"/v1/tasks/{task_id}").body["state"] == "killed",
+               timeout=15, what="killed")
+
+
+def test_agents_and_offers_have_the_same_shapes(node: Any) -> None:
+    agents = node.api("GET", "/v1/agents").body["items"]
+    assert agents
+    for agent in agents:
+        AGENT_CHECK(agent)
+    assert node.api("GET", f"/v1/agents/{agents[0]['id']}").status == 200
+    for offer in node.api("GET", "/v1/offers").body["items"]:
+        OFFER_CHECK(offer)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("POST", "/v1/tasks", {"name": "Bad Name", "command": ["true"]}, 422),
+    ("POST", "/v1/tasks", {"name": "x", "command": []}, 422),
+    ("POST", "/v1/tasks", {"name": "x", "command": ["true"], "env": {"A": "x" * 300_000}}, 413),
+    ("GET", "/v1/tasks?limit=0", None, 400),
+    ("GET", "/v1/tasks?state=sleepy", None, 400),
+    ("GET", "/v1/tasks?cursor=@@", None, 400),
+    ("GET", "/v1/tasks/doesnotexist", None, 404),
+    ("DELETE", "/v1/tasks/doesnotexist", None, 404),
+    ("GET", "/v1/agents/nobody", None, 404),
+    ("GET", "/v1/no-such-route", None, 404),
+    ("PUT", "/v1/tasks", None, 405),
+])
+def test_errors_are_the_same(node: Any, method: str, path: str, body: Any, status: int) -> None:
+    resp = node.api(method, path, body)
+    assert resp.status == status, resp.body
+    ERROR_CHECK(resp.body)
+
+
+def test_every_route_needs_a_token_at_both(node: Any) -> None:
+    for method, path in [("GET", "/v1/tasks"), ("POST", "/v1/tasks"), ("GET", "/v1/agents"),
+                         ("GET", "/v1/offers"), ("GET", "/v1/events"), ("GET", "/metrics")]:
+        resp = http(method, node.url + path)
+        assert resp.status == 401
+        ERROR_CHECK(resp.body)
+
+
+def test_the_cli_works_unchanged(node: Any) -> None:
+    run = subprocess.run([sys.executable, "-m", "federation.cli", "--url", node.url, "--token",
+                          node.token, "tasks", "run", "viacli", "--", "true"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 0, run.stderr
+    task_id = run.stdout.strip().split()[-1]
+    wait_until(lambda: node.api("GET", f"/v1/tasks/{task_id}").body["state"] == "finished",
+               timeout=15, what="finished")
+    ls = subprocess.run([sys.executable, "-m", "federation.cli", "--url", node.url, "--token",
+                         node.token, "tasks", "ls"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=30)
+    assert ls.returncode == 0 and "viacli" in ls.stdout
