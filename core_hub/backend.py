@@ -17,6 +17,7 @@ from core_hub.feed import fleet_events
 from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
 from core_hub.scheduler import CoreScheduler
+from core_hub.services import Services
 from core_hub.store import HubStore
 from federation import __version__
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
@@ -34,8 +35,10 @@ class CoreBackend:
     role = "core"
 
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
-                 js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any) -> None:
+                 js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any,
+                 services: Services) -> None:
         self.nc = nc
+        self.services = services
         self.store = store
         self.scheduler = scheduler
         self.commander = commander
@@ -89,6 +92,8 @@ class CoreBackend:
         task = self.store.get_task(task_id)
         if task["state"] in TERMINAL_STATES:
             return False, task
+        if self.scheduler.cancel(task_id) or not task.get("agent_id"):
+            return False, self.store.get_task(task_id)
         command_id = await self.commander.send(task["agent_id"], "kill", {"task_id": task_id})
         return True, {**self._present(task, self._unreachable()), "command_id": command_id}
 
@@ -136,6 +141,23 @@ class CoreBackend:
             return None if known is None or known.revoked else known.public_key
 
         return fleet_events(self.js, key_for, after)
+
+    # ------------------------------------------------------------ services
+
+    async def list_services(self) -> Page:
+        return Page(self.services.list(), None)
+
+    async def get_service(self, name: str) -> dict[str, Any]:
+        return self.services.get(name)
+
+    async def create_service(self, service: dict[str, Any]) -> dict[str, Any]:
+        return await self.services.create(service)
+
+    async def replace_service(self, name: str, service: dict[str, Any]) -> dict[str, Any]:
+        return await self.services.replace(name, service)
+
+    async def delete_service(self, name: str) -> dict[str, Any]:
+        return await self.services.delete(name)
 
     def metrics(self) -> list[Metric]:
         counts = self.store.count_tasks_by_state()

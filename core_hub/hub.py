@@ -18,6 +18,7 @@ from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.registry import Registry
 from core_hub.scheduler import CoreScheduler
+from core_hub.services import Services
 from core_hub.store import HubStore
 from federation.app import build_app
 from federation.auth import TokenAuth
@@ -94,8 +95,12 @@ class Hub:
         scheduler = CoreScheduler(store, commander)
         await scheduler.start()
         self.parts.append(scheduler)
+        services = Services(store, scheduler, commander)
+        await services.start()
+        self.parts.append(services)
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
-                              ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc)
+                              ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
+                              services=services)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -83,4 +83,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX launches_by_status ON launches(status, created_at);
     """,
+    # 4: services (after Marathon): the core keeps `instances` copies of a task running.
+    """
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )

@@ -63,6 +63,25 @@ class CoreScheduler:
                                "created_at": now}, now)
         return self.store.get_task(task_id)
 
+    def cancel(self, task_id: str) -> bool:
+        """Never place or re-place this task again (it is being killed). Returns True when no
+        agent can have it yet, and records it ``killed`` here; otherwise the caller must send
+        the agent a kill (it follows the launch in the agent's command stream)."""
+        self.placer.release(task_id)
+        for launch in self.store.launches("pending", "placing", "sent", "accepted"):
+            if launch["task_id"] != task_id:
+                continue
+            unplaced = launch["agent_id"] is None
+            with self.store.transaction():
+                self._save(launch, "cancelled", launch["agent_id"], reason="killed")
+                if unplaced:
+                    task = self.store.get_task(task_id)
+                    self.store.put_core_task({**task, "state": "killed",
+                                              "reason": "killed before it was placed"},
+                                             time.time())
+            return unplaced
+        return False
+
     # ------------------------------------------------------------ the loop
 
     async def _tick_loop(self) -> None:

@@ -185,6 +185,24 @@ class HubStore(Database):
             (ts, reason, ts, agent_id, *_TERMINAL, _dumps(list(present)))).fetchall()
         return sorted(row[0] for row in rows)
 
+    # ------------------------------------------------------------ services
+
+    def put_service(self, name: str, spec: dict[str, Any], now: float) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO services(name, spec, created_at, updated_at) VALUES"
+                       " (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec,"
+                       " updated_at = excluded.updated_at", (name, _dumps(spec), now, now))
+
+    def delete_service(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM services WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"service {name!r} not found", details={"service": name})
+
+    def services(self) -> list[dict[str, Any]]:
+        return [{**json.loads(r[1]), "name": r[0], "created_at": r[2], "updated_at": r[3]}
+                for r in self._db.execute(
+                    "SELECT name, spec, created_at, updated_at FROM services ORDER BY name")]
+
     # ------------------------------------------------------------ core placements
 
     def save_launch(self, task_id: str, *, spec: dict[str, Any], agent_id: str | None,

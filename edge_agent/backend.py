@@ -184,6 +184,25 @@ class EdgeBackend:
                 cursor = row["seq"]
                 yield StreamEvent(cursor, row["kind"], json.loads(row["body"]))
 
+    # Services are kept by the core across the fleet; an edge only runs their instances.
+
+    async def list_services(self) -> Page:
+        return Page([], None)
+
+    async def get_service(self, name: str) -> dict[str, Any]:
+        raise NotFound(f"service {name!r} not found: services are kept by the core",
+                       details={"service": name})
+
+    async def create_service(self, service: dict[str, Any]) -> dict[str, Any]:
+        raise Conflict("services are kept by the core; submit this to the hub (an edge runs "
+                       "tasks: POST /v1/tasks)", details={"role": "edge"})
+
+    async def replace_service(self, name: str, service: dict[str, Any]) -> dict[str, Any]:
+        return await self.create_service(service)
+
+    async def delete_service(self, name: str) -> dict[str, Any]:
+        return await self.get_service(name)
+
     def metrics(self) -> list[Metric]:
         counts = self.store.count_by_state()
         cap, free = self.supervisor.capacity, self.supervisor.free()

@@ -191,6 +191,29 @@ async def _cancel_streams(app: web.Application) -> None:
         task.cancel()
 
 
+async def list_services(request: web.Request) -> web.Response:
+    return _json((await _backend(request).list_services()).to_json())
+
+
+async def create_service(request: web.Request) -> web.Response:
+    service = schemas.validate_service(await _read_json(request))
+    return _json(await _backend(request).create_service(service), status=201)
+
+
+async def get_service(request: web.Request) -> web.Response:
+    return _json(await _backend(request).get_service(request.match_info["name"]))
+
+
+async def replace_service(request: web.Request) -> web.Response:
+    service = schemas.validate_service(await _read_json(request))
+    return _json(await _backend(request).replace_service(request.match_info["name"], service))
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    return _json(await _backend(request).delete_service(request.match_info["name"]),
+                 status=202)
+
+
 async def list_agents(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     page = await _backend(request).list_agents(limit, request.query.get("cursor") or None)
@@ -297,6 +320,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/tasks/{id}/logs", task_logs, "viewer", "A task's output",
           params=(("stream", "query", "string"), ("tail", "query", "integer"),
                   ("follow", "query", "boolean")), stream="text/plain"),
+    Route("GET", "/v1/services", list_services, "viewer", "List services",
+          response=schemas.page_of(schemas.SERVICE_VIEW)),
+    Route("POST", "/v1/services", create_service, "operator",
+          "Keep N instances of a task running across the fleet", request=schemas.SERVICE,
+          response=schemas.SERVICE_VIEW),
+    Route("GET", "/v1/services/{name}", get_service, "viewer", "One service",
+          response=schemas.SERVICE_VIEW),
+    Route("PUT", "/v1/services/{name}", replace_service, "operator",
+          "Change a service (instances, constraints, disconnect rules)",
+          request=schemas.SERVICE, response=schemas.SERVICE_VIEW),
+    Route("DELETE", "/v1/services/{name}", delete_service, "operator",
+          "Stop every instance and forget the service", response=schemas.SERVICE_VIEW),
     Route("GET", "/v1/agents", list_agents, "viewer", "List agents",
           response=schemas.page_of(schemas.AGENT), params=_P_CURSOR),
     Route("GET", "/v1/agents/{id}", get_agent, "viewer", "One agent", response=schemas.AGENT),

@@ -28,14 +28,15 @@ def _operation(route: Any) -> dict[str, Any]:
     if route.request is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": route.request}}}
-    ok = "201" if route.method == "POST" and route.path == "/v1/tasks" else "200"
+    ok = "201" if route.method == "POST" and route.path in ("/v1/tasks", "/v1/services") \
+        else "202" if route.path == "/v1/services/{name}" and route.method == "DELETE" else "200"
     if route.stream:
         op["responses"][ok] = {"description": "OK",
                                "content": {route.stream: {"schema": {"type": "string"}}}}
     else:
         op["responses"][ok] = {"description": "OK", "content": {
             "application/json": {"schema": route.response or {"type": "object"}}}}
-    if route.method == "DELETE":
+    if route.method == "DELETE" and route.path == "/v1/tasks/{id}":
         op["responses"]["202"] = {"description": "Kill under way", "content": {
             "application/json": {"schema": route.response or {"type": "object"}}}}
     errors = [400, 404, 409, 413, 422, 503]

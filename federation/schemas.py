@@ -214,6 +214,62 @@ ERROR = {
 }
 
 
+SERVICE_LABEL = "outpost.service"
+
+SERVICE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "task", "instances"],
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "task": {**TASK_SPEC, "required": ["command"],
+                 "description": "the task each instance runs (its name is the service's)"},
+        "instances": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "constraints": CONSTRAINTS,
+        "disconnect": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "lost_after": {"type": "number", "minimum": 0, "maximum": 7 * 86400,
+                               "default": 60.0,
+                               "description": "seconds an agent may be unreachable before "
+                                              "its instances count as lost"},
+                "replace": {"type": "boolean", "default": True,
+                            "description": "start replacements for lost instances"},
+                "keep": {"enum": ["keep_original", "keep_replacement", "longest_running"],
+                         "default": "keep_original",
+                         "description": "which copy stays when an agent comes back"},
+            },
+        },
+    },
+}
+
+
+# A service as the API answers: the request's fields plus its live status.
+SERVICE_VIEW = {**SERVICE, "additionalProperties": True, "properties": {
+    **SERVICE["properties"], "running": {"type": "integer"},
+    "tasks": {"type": "array", "items": {"type": "string"}},
+    "lost": {"type": "array", "items": {"type": "string"}}}}
+
+
+def validate_service(data: Any) -> dict[str, Any]:
+    """A service with defaults filled and its instance task spec built (``task_spec``)."""
+    svc = validate("service", SERVICE, data)
+    svc["constraints"] = validate("constraints", CONSTRAINTS, svc.get("constraints", {}))
+    svc["disconnect"] = validate("disconnect", SERVICE["properties"]["disconnect"],
+                                 svc.get("disconnect", {}))
+    task = dict(svc["task"])
+    task["name"] = svc["name"]
+    task["constraints"] = svc["constraints"]
+    task["labels"] = {**task.get("labels", {}), SERVICE_LABEL: svc["name"]}
+    try:
+        svc["task"] = validate_task_spec(task)
+    except Invalid as exc:
+        field = "task." + str(exc.details.get("field", ""))
+        raise Invalid(f"task.{exc.message}", details={**exc.details, "field": field}) from None
+    return svc
+
+
 def page_of(item_schema: dict[str, Any]) -> dict[str, Any]:
     """A paginated list: ``items`` plus the opaque ``next_cursor`` (null on the last page)."""
     return {

@@ -1,0 +1,157 @@
+"""Services (after Marathon): the core keeps ``instances`` copies of a task running across the
+fleet, replaces copies lost with an agent, and settles duplicates when the agent comes back.
+
+Each instance is an ordinary core-placed task named after the service and labelled
+``outpost.service=<name>``. A pass every second compares what runs with what is wanted:
+- too few: place more (the scheduler does placement, spread across sites by default);
+- an instance on an agent unreachable for longer than ``disconnect.lost_after`` no longer
+  counts when ``disconnect.replace`` is on, so a replacement is placed (the edge is probably
+  still running the original; edge autonomy);
+- too many (a scale-down, or an agent came back with its originals): kill the extras, chosen by
+  ``disconnect.keep`` (``keep_original``: the newest go; ``keep_replacement``: the oldest go;
+  ``longest_running``: the most recently started go). Only the surplus is killed, never every
+  copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from core_hub.commands import Commander
+from core_hub.scheduler import CoreScheduler
+from core_hub.store import HubStore
+from federation.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+ACTIVE_STATES = ("pending", "staging", "starting", "running")
+
+
+class Services:
+    """Owns the services table and the reconcile loop."""
+
+    def __init__(self, store: HubStore, scheduler: CoreScheduler,
+                 commander: Commander) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.commander = commander
+        self.killing: set[str] = set()
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.create_task(self._tick_loop(), name="services")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+
+    # ------------------------------------------------------------ API
+
+    def get(self, name: str) -> dict[str, Any]:
+        for svc in self.store.services():
+            if svc["name"] == name:
+                return self._status(svc, time.time())
+        raise NotFound(f"service {name!r} not found", details={"service": name})
+
+    def list(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [self._status(svc, now) for svc in self.store.services()]
+
+    async def create(self, svc: dict[str, Any]) -> dict[str, Any]:
+        if any(s["name"] == svc["name"] for s in self.store.services()):
+            raise Conflict(f"service {svc['name']!r} exists; PUT to change it",
+                           details={"service": svc["name"]})
+        self.store.put_service(svc["name"], svc, time.time())
+        await self.reconcile(svc, time.time())
+        return self.get(svc["name"])
+
+    async def replace(self, name: str, svc: dict[str, Any]) -> dict[str, Any]:
+        current = self.get(name)
+        if svc["name"] != name:
+            raise Conflict("a service's name cannot change", details={"service": name})
+        if svc["task"] != current["task"]:
+            raise Conflict("changing a service's task (a rolling update) is not supported in "
+                           "this hub version; create a new service", details={"service": name})
+        self.store.put_service(name, svc, time.time())
+        await self.reconcile(svc, time.time())
+        return self.get(name)
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        status = self.get(name)
+        self.store.delete_service(name)
+        for task in self._instances(name):
+            await self._kill(task)
+        return {**status, "instances": 0}
+
+    # ------------------------------------------------------------ reconcile
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                now = time.time()
+                for svc in self.store.services():
+                    await self.reconcile(svc, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad pass must not stop the others
+                log.exception("service reconcile failed")
+
+    def _instances(self, name: str) -> list[dict[str, Any]]:
+        return [t for t in self.store.list_tasks(name=name, active=True)
+                if t.get("labels", {}).get("outpost.service") == name
+                and t["id"] not in self.killing]
+
+    def _split(self, svc: dict[str, Any], now: float) -> tuple[list[dict[str, Any]],
+                                                                list[dict[str, Any]]]:
+        """(instances that count, instances lost with an unreachable agent)."""
+        agents = {a["id"]: a for a in self.store.list_agents()}
+        rule = svc["disconnect"]
+        counted, lost = [], []
+        for task in self._instances(svc["name"]):
+            agent = agents.get(task.get("agent_id") or "")
+            away = (agent is not None and agent["status"] == "unreachable"
+                    and now - (agent.get("last_seen") or 0) > rule["lost_after"])
+            (lost if away and rule["replace"] else counted).append(task)
+        return counted, lost
+
+    async def reconcile(self, svc: dict[str, Any], now: float) -> None:
+        counted, _ = self._split(svc, now)
+        missing = svc["instances"] - len(counted)
+        for _ in range(missing):
+            await self.scheduler.submit(dict(svc["task"]))
+        if missing < 0:
+            for task in self._surplus(counted, -missing, svc["disconnect"]["keep"]):
+                log.info("service %s: %d over, stopping %s", svc["name"], -missing, task["id"],
+                         extra={"service": svc["name"], "task": task["id"]})
+                await self._kill(task)
+
+    @staticmethod
+    def _surplus(tasks: list[dict[str, Any]], n: int, keep: str) -> list[dict[str, Any]]:
+        """Which ``n`` of ``tasks`` to stop: unplaced ones first, then by the ``keep`` rule."""
+        def order(task: dict[str, Any]) -> tuple[int, float]:
+            placed = 0 if task["state"] in ("pending", "staging") else 1
+            if keep == "keep_replacement":
+                return placed, task.get("created_at") or 0.0  # oldest first
+            if keep == "longest_running":
+                return placed, -(task.get("started_at") or float("inf"))  # newest start first
+            return placed, -(task.get("created_at") or 0.0)  # keep_original: newest first
+        return sorted(tasks, key=order)[:n]
+
+    async def _kill(self, task: dict[str, Any]) -> None:
+        self.killing.add(task["id"])
+        if self.scheduler.cancel(task["id"]) or not task.get("agent_id"):
+            return
+        await self.commander.send(task["agent_id"], "kill", {"task_id": task["id"]})
+
+    def _status(self, svc: dict[str, Any], now: float) -> dict[str, Any]:
+        counted, lost = self._split(svc, now)
+        return {**svc, "running": sum(t["state"] == "running" for t in counted),
+                "tasks": [t["id"] for t in counted], "lost": [t["id"] for t in lost]}

@@ -1,0 +1,75 @@
+"""Services from the core: instance count kept through an agent's loss, duplicates settled by
+the service's rule when it returns (never by killing both), scale, delete."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from federation.natsd import NatsServer
+from tests.helpers import AgentProcess, HubProcess, joined, pid_alive, wait_until
+
+
+def service(hub: HubProcess, name: str) -> dict[str, Any]:
+    resp = hub.api("GET", f"/v1/services/{name}")
+    assert resp.status == 200, resp.body
+    return resp.body
+
+
+def running_where(hub: HubProcess, name: str) -> dict[str, str]:
+    """task id -> agent id of the service's running instances, as the core sees them."""
+    tasks = hub.api("GET", f"/v1/tasks?name={name}&state=running").body["items"]
+    return {t["id"]: t["agent_id"] for t in tasks}
+
+
+def test_service_survives_an_agent_loss_and_settles_on_return(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
+    b_id = b.api("GET", "/v1/info").body["agent_id"]
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
+               what="offers from both")
+    resp = hub_proc.api("POST", "/v1/services", {
+        "name": "web", "instances": 2,
+        "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                 "resources": {"cpus": 0.1, "mem_mb": 16}},
+        "disconnect": {"lost_after": 1, "replace": True, "keep": "keep_original"}})
+    assert resp.status == 201, resp.body
+    first = wait_until(lambda: len(w := running_where(hub_proc, "web")) == 2 and w,
+                       timeout=20, what="two instances running")
+    assert len(set(first.values())) == 2, "spread over both sites"
+    original = next(t for t, agent in first.items() if agent == b_id)
+    original_pid = b.task(original)["pid"]
+
+    b.kill()  # the agent is gone; its instance keeps running at the edge
+    a_id = a.api("GET", "/v1/info").body["agent_id"]
+    replaced = wait_until(lambda: list((w := running_where(hub_proc, "web")).values())
+                          == [a_id, a_id] and service(hub_proc, "web")["running"] == 2 and w,
+                          timeout=30, what="a replacement on the remaining agent")
+    # The original shows 'unknown' at the core meanwhile: the edge is probably still running it.
+    assert hub_proc.api("GET", f"/v1/tasks/{original}").body["state"] == "unknown"
+    assert service(hub_proc, "web")["lost"] == [original]
+    assert pid_alive(original_pid)
+
+    b.start()  # back: three copies for a while; the newest (the replacement) goes
+    wait_until(lambda: set(running_where(hub_proc, "web")) == set(first), timeout=30,
+               what="the original kept and the replacement stopped")
+    assert b.task(original)["pid"] == original_pid, "the original was never restarted"
+    assert pid_alive(original_pid)
+    del replaced
+
+    # Scale down, then delete.
+    body = {**service(hub_proc, "web"), "instances": 1}
+    for key in ("running", "tasks", "lost", "created_at", "updated_at"):
+        body.pop(key)
+    body["task"].pop("name")
+    assert hub_proc.api("PUT", "/v1/services/web", body).status == 200
+    wait_until(lambda: len(running_where(hub_proc, "web")) == 1, timeout=20, what="scaled to 1")
+    assert hub_proc.api("DELETE", "/v1/services/web").status == 202
+    wait_until(lambda: not running_where(hub_proc, "web"), timeout=20, what="all stopped")
+    assert hub_proc.api("GET", "/v1/services/web").status == 404
+    time.sleep(1.5)
+    assert not running_where(hub_proc, "web"), "nothing comes back after delete"
+    assert a.api("GET", "/v1/services").body == {"items": [], "next_cursor": None}
