@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                 if spec["name"] not in running:
                     _call(url, token.strip(), "/v1/tasks", spec)
             edges.append((name, url))
+        # A service kept by the core: two instances, spread over the two sites.
+        try:
+            _call(hub_url, hub_token, "/v1/services", {
+                "name": "greeter", "instances": 2,
+                "task": {"command": ["sh", "-c", "while true; do echo hello from $OUTPOST_TASK_ID;"
+                                                 " sleep 5; done"],
+                         "resources": {"cpus": 0.05, "mem_mb": 8}, "kill_timeout": 2},
+                "disconnect": {"lost_after": 30, "replace": True, "keep": "keep_original"}})
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # 409: it exists from an earlier run
+                raise
         edge_lines = "\n".join(f"  edge {name:12}: {url}" for name, url in edges)
         print(f"""
 Outpost demo: a hub (with embedded NATS JetStream) and two edge agents in sites berlin and oslo.
@@ -136,6 +148,7 @@ Try (in another shell):
   export OUTPOST_URL={hub_url} OUTPOST_TOKEN={hub_token}
   .venv/bin/outpost agents ls          # both sites, online
   .venv/bin/outpost tasks ls           # every task of the fleet, as the edges report them
+  curl -H "Authorization: Bearer $OUTPOST_TOKEN" $OUTPOST_URL/v1/services   # 'greeter' x2
   .venv/bin/outpost events             # the fleet's live event feed
   .venv/bin/outpost tasks kill <id>    # a kill command, delivered even to an edge that is away
 

@@ -51,9 +51,13 @@ def test_demo_starts_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
         def running() -> list[dict]:
             items = http("GET", url + "/v1/tasks", token=token).body["items"]
             up = [t for t in items if t["state"] == "running" and t["name"] != "hello"]
-            return up if len(up) == 4 else []
+            return up if sorted(t["name"] for t in up) == ["greeter"] * 2 + [
+                "ticker"] * 2 + ["web"] * 2 else []
 
-        tasks = wait_until(running, timeout=20, what="web and ticker running at both sites")
+        tasks = wait_until(running, timeout=30,
+                           what="web and ticker at both sites, the greeter service x2")
+        greeters = {t["agent_id"] for t in tasks if t["name"] == "greeter"}
+        assert len(greeters) == 2, "the service spreads over both sites"
         pids = [t["pid"] for t in tasks]
         assert http("GET", url + "/v1/info", token=token).body["role"] == "core"
         demo.send_signal(signal.SIGINT)
