@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,16 @@ from typing import Any
 import nats
 import psutil
 
-from bench.common import ROOT, START_TIMEOUT, AgentProc, Api, Row, format_table, progress
+from bench.common import (
+    ROOT,
+    START_TIMEOUT,
+    AgentProc,
+    Api,
+    Row,
+    format_table,
+    progress,
+    wait_for,
+)
 from federation import subjects
 from federation.natsd import NatsServer
 from federation.streams import ensure_streams
@@ -223,15 +232,6 @@ def _cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
-async def _wait_for(what: str, check: Callable[[], Awaitable[bool]],
-                    within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # ---------------------------------------------------------------- 2 and 3. the drain
 
 
@@ -302,7 +302,7 @@ async def run_drain(base: Path, nats_url: str, natsd_pid: int) -> Drain:
                 _, info = await api.call("GET", "/v1/info")
                 return bool(info.get("link", {}).get("enrolled"))
 
-            await _wait_for("the agent to enroll", enrolled)
+            await wait_for("the agent to enroll", enrolled)
             _, info = await api.call("GET", "/v1/info")
             agent_id = info["agent_id"]
             task = await api.submit({"name": "real", "command": ["true"],
@@ -327,7 +327,7 @@ async def run_drain(base: Path, nats_url: str, natsd_pid: int) -> Drain:
         async def caught_up() -> bool:
             return applied() == edge_last()
 
-        await _wait_for("the hub to apply the real task", caught_up)
+        await wait_for("the hub to apply the real task", caught_up)
         agent.stop()
 
         progress(f"writing {DRAIN_N} task events into the stopped agent's outbox")

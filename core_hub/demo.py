@@ -1,7 +1,8 @@
 """``make demo`` / ``outpost-hub demo``: a small fleet on this machine.
 
 Starts, as child processes, a hub with an embedded NATS (JetStream) and two edge agents in two
-sites that enroll with it; submits sample tasks at the edges; prints the hub's URL, the tokens
+sites that enroll with it; submits sample tasks at the edges and a two-instance service at
+the core; prints the hub's URL, the tokens
 and ready ``outpost`` commands. Ctrl-C stops what it started, and nothing else. Data lives in
 ``.demo/`` so a second run finds the same fleet.
 """
