@@ -129,7 +129,10 @@ class CoreBackend:
     async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]:
         agent = await self.get_agent(agent_id)
         command_id = await self.commander.send(agent["id"], "drain", {"migrate": migrate})
-        self.store.update_agent_record(agent["id"], {"status": "draining"})
+        with self.store.transaction():
+            self.store.update_agent_record(agent["id"], {"status": "draining"})
+            if migrate:  # services move their instances off this agent
+                self.store.set_meta(f"migrate:{agent['id']}", "1")
         return {**agent, "status": "draining", "command_id": command_id}
 
     async def list_offers(self) -> Page:

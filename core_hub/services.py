@@ -11,6 +11,8 @@ Each instance is an ordinary core-placed task named after the service and labell
   ``disconnect.keep`` (``keep_original``: the newest go; ``keep_replacement``: the oldest go;
   ``longest_running``: the most recently started go). Only the surplus is killed, never every
   copy.
+- an agent drained with ``migrate``: its instances stop counting, replacements are placed on
+  other agents, and the drained copies are stopped once the replacements run.
 """
 
 from __future__ import annotations
@@ -109,21 +111,30 @@ class Services:
                 if t.get("labels", {}).get("outpost.service") == name
                 and t["id"] not in self.killing]
 
-    def _split(self, svc: dict[str, Any], now: float) -> tuple[list[dict[str, Any]],
-                                                                list[dict[str, Any]]]:
-        """(instances that count, instances lost with an unreachable agent)."""
+    def _split(self, svc: dict[str, Any], now: float) -> tuple[
+            list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(instances that count, instances lost with an unreachable agent, instances on an
+        agent drained with ``migrate``: they run until their replacements do)."""
         agents = {a["id"]: a for a in self.store.list_agents()}
         rule = svc["disconnect"]
-        counted, lost = [], []
+        counted, lost, leaving = [], [], []
         for task in self._instances(svc["name"]):
             agent = agents.get(task.get("agent_id") or "")
             away = (agent is not None and agent["status"] == "unreachable"
                     and now - (agent.get("last_seen") or 0) > rule["lost_after"])
-            (lost if away and rule["replace"] else counted).append(task)
-        return counted, lost
+            if away and rule["replace"]:
+                lost.append(task)
+            elif agent is not None and self.store.get_meta(f"migrate:{agent['id']}"):
+                leaving.append(task)
+            else:
+                counted.append(task)
+        return counted, lost, leaving
 
     async def reconcile(self, svc: dict[str, Any], now: float) -> None:
-        counted, _ = self._split(svc, now)
+        counted, _, leaving = self._split(svc, now)
+        if leaving and sum(t["state"] == "running" for t in counted) >= svc["instances"]:
+            for task in leaving:  # their replacements run: now the drained copies may go
+                await self._kill(task)
         missing = svc["instances"] - len(counted)
         for _ in range(missing):
             await self.scheduler.submit(dict(svc["task"]))
@@ -152,6 +163,7 @@ class Services:
         await self.commander.send(task["agent_id"], "kill", {"task_id": task["id"]})
 
     def _status(self, svc: dict[str, Any], now: float) -> dict[str, Any]:
-        counted, lost = self._split(svc, now)
+        counted, lost, leaving = self._split(svc, now)
         return {**svc, "running": sum(t["state"] == "running" for t in counted),
-                "tasks": [t["id"] for t in counted], "lost": [t["id"] for t in lost]}
+                "tasks": [t["id"] for t in counted], "lost": [t["id"] for t in lost],
+                "migrating": [t["id"] for t in leaving]}

@@ -62,7 +62,7 @@ def test_service_survives_an_agent_loss_and_settles_on_return(
 
     # Scale down, then delete.
     body = {**service(hub_proc, "web"), "instances": 1}
-    for key in ("running", "tasks", "lost", "created_at", "updated_at"):
+    for key in ("running", "tasks", "lost", "migrating", "created_at", "updated_at"):
         body.pop(key)
     body["task"].pop("name")
     assert hub_proc.api("PUT", "/v1/services/web", body).status == 200
@@ -73,3 +73,25 @@ def test_service_survives_an_agent_loss_and_settles_on_return(
     time.sleep(1.5)
     assert not running_where(hub_proc, "web"), "nothing comes back after delete"
     assert a.api("GET", "/v1/services").body == {"items": [], "next_cursor": None}
+
+
+def test_drain_with_migrate_moves_service_instances(start_agent: Callable[..., AgentProcess],
+                                                    hub_proc: HubProcess,
+                                                    nats_proc: NatsServer) -> None:
+    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
+    a_id, b_id = (x.api("GET", "/v1/info").body["agent_id"] for x in (a, b))
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
+               what="offers from both")
+    assert hub_proc.api("POST", "/v1/services", {
+        "name": "mover", "instances": 2,
+        "task": {"command": ["sleep", "300"], "kill_timeout": 1}}).status == 201
+    wait_until(lambda: sorted(running_where(hub_proc, "mover").values()) == sorted([a_id, b_id]),
+               timeout=20, what="one instance per agent")
+    resp = hub_proc.api("POST", f"/v1/agents/{b_id}/drain?migrate=true")
+    assert resp.status == 200 and resp.body["status"] == "draining"
+    wait_until(lambda: list(running_where(hub_proc, "mover").values()) == [a_id, a_id],
+               timeout=30, what="both instances on the agent that was not drained")
+    assert b.api("GET", "/v1/agents").body["items"][0]["status"] == "draining"
+    refused = b.api("POST", "/v1/tasks", {"name": "late", "command": ["true"]})
+    assert refused.status == 409
