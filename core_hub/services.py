@@ -11,6 +11,8 @@ Each instance is an ordinary core-placed task named after the service and labell
   ``disconnect.keep`` (``keep_original``: the newest go; ``keep_replacement``: the oldest go;
   ``longest_running``: the most recently started go). Only the surplus is killed, never every
   copy.
+- a changed task rolls out revision by revision (``core_hub.rollout``): new instances first,
+  old ones stopped as new ones become ready, rolled back (or paused) on failure;
 - an agent drained with ``migrate``: its instances stop counting, replacements are placed on
   other agents, and the drained copies are stopped once the replacements run.
 """
@@ -24,9 +26,11 @@ import time
 from typing import Any
 
 from core_hub.commands import Commander
+from core_hub.rollout import plan
 from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
 from federation.errors import Conflict, NotFound
+from federation.schemas import REVISION_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +74,29 @@ class Services:
         if any(s["name"] == svc["name"] for s in self.store.services()):
             raise Conflict(f"service {svc['name']!r} exists; PUT to change it",
                            details={"service": svc["name"]})
+        svc = _at_revision(svc, 1)
+        svc["rollout"] = None
         self.store.put_service(svc["name"], svc, time.time())
         await self.reconcile(svc, time.time())
         return self.get(svc["name"])
 
     async def replace(self, name: str, svc: dict[str, Any]) -> dict[str, Any]:
+        """Change a service. A changed task rolls out (see ``core_hub.rollout``)."""
         current = self.get(name)
         if svc["name"] != name:
             raise Conflict("a service's name cannot change", details={"service": name})
-        if svc["task"] != current["task"]:
-            raise Conflict("changing a service's task (a rolling update) is not supported in "
-                           "this hub version; create a new service", details={"service": name})
+        rollout = current.get("rollout")
+        revision = current.get("revision", 1)
+        if _task_key(svc["task"]) != _task_key(current["task"]):
+            if rollout and rollout["status"] in ("rolling", "rolling_back"):
+                raise Conflict(f"service {name!r} is already rolling out revision "
+                               f"{revision}; wait, or change it again once it is done",
+                               details={"service": name, "rollout": rollout})
+            rollout = {"status": "rolling", "started_at": time.time(), "reason": None,
+                       "from_task": current["task"], "from_revision": revision}
+            revision += 1
+        svc = _at_revision(svc, revision)
+        svc["rollout"] = rollout
         self.store.put_service(name, svc, time.time())
         await self.reconcile(svc, time.time())
         return self.get(name)
@@ -131,6 +147,10 @@ class Services:
         return counted, lost, leaving
 
     async def reconcile(self, svc: dict[str, Any], now: float) -> None:
+        rollout = svc.get("rollout")
+        if rollout and rollout["status"] in ("rolling", "rolling_back"):
+            await self._roll(svc, rollout, now)
+            return
         counted, _, leaving = self._split(svc, now)
         if leaving and sum(t["state"] == "running" for t in counted) >= svc["instances"]:
             for task in leaving:  # their replacements run: now the drained copies may go
@@ -143,6 +163,38 @@ class Services:
                 log.info("service %s: %d over, stopping %s", svc["name"], -missing, task["id"],
                          extra={"service": svc["name"], "task": task["id"]})
                 await self._kill(task)
+
+    async def _roll(self, svc: dict[str, Any], rollout: dict[str, Any], now: float) -> None:
+        counted, _, _ = self._split(svc, now)
+        ended = [t for t in self.store.list_tasks(name=svc["name"])
+                 if t["state"] in ("finished", "failed", "killed", "lost")]
+        step = plan(instances=svc["instances"], revision=str(svc["revision"]), counted=counted,
+                    ended=ended, started_at=rollout["started_at"], rules=svc["update"], now=now)
+        if step.failed:
+            log.warning("service %s: revision %d failed: %s", svc["name"], svc["revision"],
+                        step.failed, extra={"service": svc["name"]})
+            if rollout["status"] == "rolling" and svc["update"]["on_failure"] == "rollback":
+                failed_revision = svc["revision"]
+                svc = _at_revision({**svc, "task": rollout["from_task"]},
+                                   rollout["from_revision"])
+                svc["rollout"] = {**rollout, "status": "rolling_back", "started_at": now,
+                                  "reason": f"revision {failed_revision}: {step.failed}"}
+            else:
+                svc["rollout"] = {**rollout, "status": "paused", "reason": step.failed}
+            self.store.put_service(svc["name"], svc, now)
+            return
+        if step.done:
+            status = "rolled_back" if rollout["status"] == "rolling_back" else "done"
+            self.store.put_service(svc["name"], {**svc, "rollout": {**rollout,
+                                                                    "status": status}}, now)
+            log.info("service %s at revision %d (%s)", svc["name"], svc["revision"], status,
+                     extra={"service": svc["name"]})
+            return
+        for _ in range(step.start):
+            await self.scheduler.submit(dict(svc["task"]))
+        by_id = {t["id"]: t for t in counted}
+        for task_id in step.stop:
+            await self._kill(by_id[task_id])
 
     @staticmethod
     def _surplus(tasks: list[dict[str, Any]], n: int, keep: str) -> list[dict[str, Any]]:
@@ -167,3 +219,15 @@ class Services:
         return {**svc, "running": sum(t["state"] == "running" for t in counted),
                 "tasks": [t["id"] for t in counted], "lost": [t["id"] for t in lost],
                 "migrating": [t["id"] for t in leaving]}
+
+
+def _task_key(task: dict[str, Any]) -> dict[str, Any]:
+    """A task spec without the revision label, to tell a real change from a re-submit."""
+    labels = {k: v for k, v in task.get("labels", {}).items() if k != REVISION_LABEL}
+    return {**task, "labels": labels}
+
+
+def _at_revision(svc: dict[str, Any], revision: int) -> dict[str, Any]:
+    task = _task_key(svc["task"])
+    task["labels"] = {**task["labels"], REVISION_LABEL: str(revision)}
+    return {**svc, "task": task, "revision": revision}

@@ -215,6 +215,7 @@ ERROR = {
 
 
 SERVICE_LABEL = "outpost.service"
+REVISION_LABEL = "outpost.revision"
 
 SERVICE = {
     "type": "object",
@@ -226,6 +227,20 @@ SERVICE = {
                  "description": "the task each instance runs (its name is the service's)"},
         "instances": {"type": "integer", "minimum": 0, "maximum": 10000},
         "constraints": CONSTRAINTS,
+        "update": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "how a change of the task rolls out",
+            "properties": {
+                "batch": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1,
+                          "description": "new instances started (and old stopped) at a time"},
+                "min_ready": {"type": "number", "minimum": 0, "maximum": 3600, "default": 5.0,
+                              "description": "seconds a new instance must run (and not be "
+                                             "unhealthy) before it counts as ready"},
+                "timeout": {"type": "number", "minimum": 1, "maximum": 86400, "default": 600.0},
+                "on_failure": {"enum": ["rollback", "pause"], "default": "rollback"},
+            },
+        },
         "disconnect": {
             "type": "object",
             "additionalProperties": False,
@@ -249,7 +264,8 @@ SERVICE = {
 SERVICE_VIEW = {**SERVICE, "additionalProperties": True, "properties": {
     **SERVICE["properties"], "running": {"type": "integer"},
     "tasks": {"type": "array", "items": {"type": "string"}},
-    "lost": {"type": "array", "items": {"type": "string"}}}}
+    "lost": {"type": "array", "items": {"type": "string"}},
+    "revision": {"type": "integer"}, "rollout": {"type": ["object", "null"]}}}
 
 
 def validate_service(data: Any) -> dict[str, Any]:
@@ -258,6 +274,7 @@ def validate_service(data: Any) -> dict[str, Any]:
     svc["constraints"] = validate("constraints", CONSTRAINTS, svc.get("constraints", {}))
     svc["disconnect"] = validate("disconnect", SERVICE["properties"]["disconnect"],
                                  svc.get("disconnect", {}))
+    svc["update"] = validate("update", SERVICE["properties"]["update"], svc.get("update", {}))
     task = dict(svc["task"])
     task["name"] = svc["name"]
     task["constraints"] = svc["constraints"]

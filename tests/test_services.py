@@ -17,6 +17,15 @@ def service(hub: HubProcess, name: str) -> dict[str, Any]:
     return resp.body
 
 
+def editable(view: dict[str, Any]) -> dict[str, Any]:
+    """A service as the API shows it, cut back to what a client sends (GET, edit, PUT)."""
+    body = {k: v for k, v in view.items() if k not in (
+        "running", "tasks", "lost", "migrating", "created_at", "updated_at", "revision",
+        "rollout")}
+    body["task"] = {k: v for k, v in body["task"].items() if k != "name"}
+    return body
+
+
 def running_where(hub: HubProcess, name: str) -> dict[str, str]:
     """task id -> agent id of the service's running instances, as the core sees them."""
     tasks = hub.api("GET", f"/v1/tasks?name={name}&state=running").body["items"]
@@ -61,10 +70,7 @@ def test_service_survives_an_agent_loss_and_settles_on_return(
     del replaced
 
     # Scale down, then delete.
-    body = {**service(hub_proc, "web"), "instances": 1}
-    for key in ("running", "tasks", "lost", "migrating", "created_at", "updated_at"):
-        body.pop(key)
-    body["task"].pop("name")
+    body = {**editable(service(hub_proc, "web")), "instances": 1}
     assert hub_proc.api("PUT", "/v1/services/web", body).status == 200
     wait_until(lambda: len(running_where(hub_proc, "web")) == 1, timeout=20, what="scaled to 1")
     assert hub_proc.api("DELETE", "/v1/services/web").status == 202
@@ -95,3 +101,43 @@ def test_drain_with_migrate_moves_service_instances(start_agent: Callable[..., A
     assert b.api("GET", "/v1/agents").body["items"][0]["status"] == "draining"
     refused = b.api("POST", "/v1/tasks", {"name": "late", "command": ["true"]})
     assert refused.status == 409
+
+
+def test_rolling_update_and_rollback(start_agent: Callable[..., AgentProcess],
+                                     hub_proc: HubProcess, nats_proc: NatsServer) -> None:
+    joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
+               what="offers from both")
+    assert hub_proc.api("POST", "/v1/services", {
+        "name": "app", "instances": 2, "update": {"batch": 1, "min_ready": 0.5, "timeout": 60},
+        "task": {"command": ["sleep", "300"], "kill_timeout": 1}}).status == 201
+
+    def commands() -> list[list[str]]:
+        tasks = hub_proc.api("GET", "/v1/tasks?name=app&state=running").body["items"]
+        return sorted(t["command"] for t in tasks)
+
+    wait_until(lambda: commands() == [["sleep", "300"]] * 2, timeout=20, what="revision 1")
+    body = editable(service(hub_proc, "app"))
+    body["task"]["command"] = ["sleep", "301"]
+    resp = hub_proc.api("PUT", "/v1/services/app", body)
+    assert resp.status == 200 and resp.body["revision"] == 2
+    low = 2
+    deadline = time.monotonic() + 40
+    while commands() != [["sleep", "301"]] * 2:
+        low = min(low, len(commands()))
+        assert time.monotonic() < deadline, "revision 2 did not roll out"
+        time.sleep(0.1)
+    assert low >= 1, "the service never went dark during the rollout"
+    wait_until(lambda: service(hub_proc, "app")["rollout"]["status"] == "done", timeout=10,
+               what="rollout done")
+
+    # A broken revision fails, and the service rolls back to the working one.
+    body = editable(service(hub_proc, "app"))
+    body["task"]["command"] = ["sh", "-c", "exit 3"]
+    assert hub_proc.api("PUT", "/v1/services/app", body).status == 200
+    view = wait_until(lambda: (v := service(hub_proc, "app"))["rollout"]["status"]
+                      == "rolled_back" and v, timeout=40, what="rollback")
+    assert "revision 3" in view["rollout"]["reason"] and view["revision"] == 2
+    assert view["task"]["command"] == ["sleep", "301"]
+    wait_until(lambda: commands() == [["sleep", "301"]] * 2, timeout=20, what="two good copies")
