@@ -37,6 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--disconnected-after", dest="disconnected_after_s")
     run.add_argument("--log-format")
     run.add_argument("--log-level")
+    api = sub.add_parser("apitoken", help="API tokens with roles (viewer, operator, admin)")
+    asub = api.add_subparsers(dest="action", required=True)
+    acreate = asub.add_parser("create", help="print a new API token")
+    acreate.add_argument("--data-dir", required=True)
+    acreate.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    acreate.add_argument("--name", default="", help="who or what it is for")
+    als = asub.add_parser("ls", help="list API tokens (digests only)")
+    als.add_argument("--data-dir", required=True)
+    arevoke = asub.add_parser("revoke", help="revoke an API token by digest prefix")
+    arevoke.add_argument("--data-dir", required=True)
+    arevoke.add_argument("ref")
     sub.add_parser("demo", help="a hub, embedded NATS and two agents on this machine",
                    add_help=False)
     token = sub.add_parser("token", help="join tokens for agents")
@@ -64,14 +75,39 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> HubConfig:
                           file_name=str(args.config or "config file"))
 
 
-def tokens_command(args: argparse.Namespace) -> int:
-    from core_hub.enroll import JoinTokens
+def _open_store(data_dir: str) -> Any:
     from core_hub.store import HubStore
 
-    data = Path(args.data_dir)
+    data = Path(data_dir)
     if not (data / "hub.db").exists():
         raise ConfigError(f"no hub data in {data} (start the hub there first)")
-    store = HubStore(data / "hub.db")
+    return HubStore(data / "hub.db")
+
+
+def apitokens_command(args: argparse.Namespace) -> int:
+    from federation.auth import digest, new_token
+
+    store = _open_store(args.data_dir)
+    try:
+        if args.action == "create":
+            token = new_token()
+            store.add_api_token(digest(token), args.role, args.name, time.time())
+            print(token)
+        elif args.action == "ls":
+            for t in store.api_tokens():
+                state = "revoked" if t["revoked"] else "valid"
+                print(f"{t['digest'][:12]}  {t['role']:8}  {state:7}  {t['name']}")
+        else:
+            print(f"revoked {store.revoke_api_token(args.ref)[:12]}")
+    finally:
+        store.close()
+    return 0
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    from core_hub.enroll import JoinTokens
+
+    store = _open_store(args.data_dir)
     try:
         tokens = JoinTokens(store)
         if args.action == "create":
@@ -102,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "token":
             return tokens_command(args)
+        if args.command == "apitoken":
+            return apitokens_command(args)
         config = load_config(args, env)
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)

@@ -102,7 +102,8 @@ class Hub:
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
                               services=services)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
-        app = build_app(backend, TokenAuth({self.admin_token: "admin"}))
+        app = build_app(backend, TokenAuth({self.admin_token: "admin"},
+                                           lookup=store.api_token_role))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0)
         await self.runner.setup()

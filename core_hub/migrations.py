@@ -92,4 +92,14 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 5: API tokens with roles (viewer < operator < admin), kept as digests.
+    """
+    CREATE TABLE api_tokens (
+        digest TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )

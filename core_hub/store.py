@@ -185,6 +185,33 @@ class HubStore(Database):
             (ts, reason, ts, agent_id, *_TERMINAL, _dumps(list(present)))).fetchall()
         return sorted(row[0] for row in rows)
 
+    # ------------------------------------------------------------ API tokens
+
+    def add_api_token(self, digest: str, role: str, name: str, now: float) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO api_tokens(digest, role, name, created_at) VALUES"
+                       " (?, ?, ?, ?)", (digest, role, name, now))
+
+    def api_token_role(self, digest: str) -> str | None:
+        row = self._db.execute("SELECT role FROM api_tokens WHERE digest = ? AND revoked = 0",
+                               (digest,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def api_tokens(self) -> list[dict[str, Any]]:
+        return [{k: r[k] for k in r.keys()} for r in self._db.execute(  # noqa: SIM118
+            "SELECT digest, role, name, created_at, revoked FROM api_tokens ORDER BY created_at")]
+
+    def revoke_api_token(self, prefix: str) -> str:
+        rows = self._db.execute("SELECT digest FROM api_tokens WHERE digest LIKE ? || '%'",
+                                (prefix.lower(),)).fetchall()
+        if len(prefix) < 6 or not rows:
+            raise NotFound(f"no API token matches {prefix[:16]!r} (give 6+ characters)")
+        if len(rows) > 1:
+            raise BadRequest(f"API token prefix {prefix!r} matches several tokens")
+        with self.transaction() as db:
+            db.execute("UPDATE api_tokens SET revoked = 1 WHERE digest = ?", (rows[0][0],))
+        return str(rows[0][0])
+
     # ------------------------------------------------------------ services
 
     def put_service(self, name: str, spec: dict[str, Any], now: float) -> None:

@@ -107,7 +107,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return _json(await _backend(request).info())
+    # token_role: what the caller's own token may do (the dashboard hides what it may not).
+    return _json({**await _backend(request).info(), "token_role": request.get(ROLE)})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
