@@ -35,6 +35,7 @@ from federation.schemas import REVISION_LABEL
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+MAX_STARTS_PER_PASS = 50
 ACTIVE_STATES = ("pending", "staging", "starting", "running")
 
 
@@ -156,7 +157,8 @@ class Services:
             for task in leaving:  # their replacements run: now the drained copies may go
                 await self._kill(task)
         missing = svc["instances"] - len(counted)
-        for _ in range(missing):
+        # A big service fills up over a few passes, so one service cannot stall the hub.
+        for _ in range(min(missing, MAX_STARTS_PER_PASS)):
             await self.scheduler.submit(dict(svc["task"]))
         if missing < 0:
             for task in self._surplus(counted, -missing, svc["disconnect"]["keep"]):
@@ -190,7 +192,7 @@ class Services:
             log.info("service %s at revision %d (%s)", svc["name"], svc["revision"], status,
                      extra={"service": svc["name"]})
             return
-        for _ in range(step.start):
+        for _ in range(min(step.start, MAX_STARTS_PER_PASS)):
             await self.scheduler.submit(dict(svc["task"]))
         by_id = {t["id"]: t for t in counted}
         for task_id in step.stop:

@@ -40,6 +40,6 @@ def decide_restart(restart: dict[str, Any], *, failed: bool, restarts: int,
     if cap is not None and restarts >= cap:
         return RestartDecision(False, 0.0, f"gave up after {restarts} restarts (max {cap})")
     base = float(restart["backoff"])
-    delay = min(base * (2 ** max(failures - 1, 0)), float(restart["max_backoff"])) if failed \
-        else base
+    ceiling = max(float(restart["max_backoff"]), base)
+    delay = min(base * (2 ** max(failures - 1, 0)), ceiling) if failed else base
     return RestartDecision(True, delay, f"restart {restarts + 1} in {delay:g}s")

@@ -53,7 +53,7 @@ class Route:
     summary: str
     request: dict[str, Any] | None = None
     response: dict[str, Any] | None = None
-    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
+    params: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # (name, in, JSON Schema)
     stream: str | None = None  # media type of a streamed response
 
 
@@ -302,7 +302,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- routing
 
-_P_CURSOR = (("limit", "query", "integer"), ("cursor", "query", "string"))
+_STATES = "|".join(schemas.TASK_STATES)
+_P_LIMIT = ("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000})
+_P_CURSOR = (_P_LIMIT, ("cursor", "query", {"type": "string"}))
+_P_BOOL = {"type": "boolean"}
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/health", health, None, "Liveness of this node"),
     Route("GET", "/v1/info", info, "viewer", "Role, version and identity of this node",
@@ -310,17 +313,20 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", metrics, "viewer", "Prometheus metrics", stream="text/plain"),
     Route("GET", "/v1/tasks", list_tasks, "viewer", "List tasks",
           response=schemas.page_of(schemas.TASK),
-          params=(("state", "query", "string"), ("label", "query", "string"),
-                  ("name", "query", "string"), ("agent", "query", "string"),
-                  ("site", "query", "string"), *_P_CURSOR)),
+          params=(("state", "query", {"type": "string",
+                                      "pattern": f"^({_STATES})(,({_STATES}))*$"}),
+                  ("label", "query", {"type": "string", "pattern": "^[^=]+=.*$"}),
+                  ("name", "query", {"type": "string"}), ("agent", "query", {"type": "string"}),
+                  ("site", "query", {"type": "string"}), *_P_CURSOR)),
     Route("POST", "/v1/tasks", create_task, "operator", "Submit a task",
           request=schemas.TASK_SPEC, response=schemas.TASK),
     Route("GET", "/v1/tasks/{id}", get_task, "viewer", "One task", response=schemas.TASK),
     Route("DELETE", "/v1/tasks/{id}", kill_task, "operator", "Kill a task",
           response=schemas.TASK),
     Route("GET", "/v1/tasks/{id}/logs", task_logs, "viewer", "A task's output",
-          params=(("stream", "query", "string"), ("tail", "query", "integer"),
-                  ("follow", "query", "boolean")), stream="text/plain"),
+          params=(("stream", "query", {"enum": ["stdout", "stderr"]}),
+                  ("tail", "query", {"type": "integer", "minimum": 0, "maximum": 100_000}),
+                  ("follow", "query", _P_BOOL)), stream="text/plain"),
     Route("GET", "/v1/services", list_services, "viewer", "List services",
           response=schemas.page_of(schemas.SERVICE_VIEW)),
     Route("POST", "/v1/services", create_service, "operator",
@@ -338,12 +344,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/agents/{id}", get_agent, "viewer", "One agent", response=schemas.AGENT),
     Route("POST", "/v1/agents/{id}/drain", drain_agent, "operator",
           "Stop new placements on an agent", response=schemas.AGENT,
-          params=(("migrate", "query", "boolean"),)),
+          params=(("migrate", "query", _P_BOOL),)),
     Route("GET", "/v1/offers", list_offers, "viewer", "Free resources offered by agents",
           response=schemas.page_of(schemas.OFFER)),
     Route("GET", "/v1/events", events, "viewer",
           "Server-sent events; resume with Last-Event-ID", stream="text/event-stream",
-          params=(("after", "query", "integer"), ("Last-Event-ID", "header", "integer"))),
+          params=(("after", "query", {"type": "integer", "minimum": 0}),
+                  ("Last-Event-ID", "header", {"type": "integer", "minimum": 0}))),
     Route("GET", "/openapi.json", openapi, None, "This document"),
 )
 
@@ -372,7 +379,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 f"body: at most {MAX_BODY} bytes", details={"limit": MAX_BODY}))
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
-        return _json(error_body(code, message), status=exc.status)
+        resp = _json(error_body(code, message), status=exc.status)
+        if "Allow" in exc.headers:  # RFC 9110: a 405 says which methods the resource has
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -22,9 +22,9 @@ def _operation(route: Any) -> dict[str, Any]:
     for name in re.findall(r"{(\w+)}", route.path):
         op["parameters"].append({"name": name, "in": "path", "required": True,
                                  "schema": {"type": "string", "minLength": 1}})
-    for name, where, typ in route.params:
+    for name, where, schema in route.params:
         op["parameters"].append({"name": name, "in": where, "required": False,
-                                 "schema": {"type": typ}})
+                                 "schema": schema})
     if route.request is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": route.request}}}

@@ -22,8 +22,6 @@ BAD_SPECS = [
     ({"name": "x", "command": ["true"], "resources": {"gpus": 1}}, "resources"),
     ({"name": "x", "command": ["true"], "restart": {"policy": "sometimes"}}, "restart.policy"),
     ({"name": "x", "command": ["true"], "restart": {"max": -1}}, "restart.max"),
-    ({"name": "x", "command": ["true"], "restart": {"backoff": 5, "max_backoff": 1}},
-     "restart.max_backoff"),
     ({"name": "x", "command": ["true"], "health": {"interval": 1}}, "health.command"),
     ({"name": "x", "command": ["true"], "health": {"command": ["true"], "retries": 0}},
      "health.retries"),
