@@ -39,6 +39,9 @@ class CoreScheduler:
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.placed = 0
+        # Offers change -> version moves; a task that did not fit is tried again only then.
+        self._offers_version = 0
+        self._tried_at: dict[str, int] = {}
 
     async def start(self) -> None:
         self._loop = asyncio.create_task(self._tick_loop(), name="core-scheduler")
@@ -113,7 +116,9 @@ class CoreScheduler:
                              result, launch["agent_id"], extra={"task": launch["task_id"]})
                     await self._place(launch, now)
             for launch in self.store.launches("pending"):
-                await self._place(launch, now)
+                # Nothing new to place it on since it last did not fit: skip the work.
+                if self._tried_at.get(launch["task_id"]) != self._offers_version:
+                    await self._place(launch, now)
 
     def _refresh_offers(self, now: float) -> None:
         statuses = {a["id"]: a["status"] for a in self.store.list_agents() if not a["revoked"]}
@@ -125,9 +130,11 @@ class CoreScheduler:
             if self._offer_ids.get(agent, (None, ""))[0] != key:
                 self._offer_ids[agent] = (key, statuses[agent])
                 self.placer.update_offer(Offer.from_body(body, status=statuses[agent]))
+                self._offers_version += 1
         for agent in set(self._offer_ids) - set(statuses):
             self.placer.remove(agent)
             del self._offer_ids[agent]
+            self._offers_version += 1
 
     # ------------------------------------------------------------ placing
 
@@ -142,9 +149,11 @@ class CoreScheduler:
                                    existing=self._existing(spec["name"]),
                                    exclude=launch["excluded"])
         if isinstance(choice, NoPlacement):
+            self._tried_at[task_id] = self._offers_version
             with self.store.transaction():
                 self._save(launch, "pending", None, reason=choice.reason)
             return
+        self._tried_at.pop(task_id, None)
         launch = {**launch, "agent_id": choice.agent_id, "offer_id": choice.offer_id,
                   "command_id": uuid.uuid4().hex}
         with self.store.transaction():  # write-ahead: this agent, this command, before sending

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from federation import schemas
@@ -58,7 +59,10 @@ class Route:
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+    # orjson: lists of tasks are the hot path; ``orjson.Fragment`` items (task JSON kept as
+    # text by a store) are copied into the answer without being decoded and encoded again.
+    return web.Response(body=orjson.dumps(data, default=str), status=status,
+                        content_type="application/json")
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -273,7 +277,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     ev = fut.result()
                 except StopAsyncIteration:
                     break
-                data = json.dumps(ev.data, separators=(",", ":"), default=str)
+                data = orjson.dumps(ev.data, default=str).decode()
                 await resp.write(f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
         except ConnectionResetError:
             pass
