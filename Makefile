@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install lint clean
+.PHONY: demo test bench fuzz install lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+fuzz: $(STAMP)
+	OUTPOST_FUZZ=300 $(BIN)/python -m pytest -q tests/test_fuzz_api.py -p no:cacheprovider -o timeout=1800
 
 lint: $(STAMP)
 	$(BIN)/ruff check federation edge_agent core_hub tests bench
