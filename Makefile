@@ -24,7 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 fuzz: $(STAMP)
-	OUTPOST_FUZZ=300 $(BIN)/python -m pytest -q tests/test_fuzz_api.py -p no:cacheprovider -o timeout=1800
+	OUTPOST_FUZZ=300 OUTPOST_FUZZ_TIMEOUT=3600 $(BIN)/python -m pytest -q tests/test_fuzz_api.py -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check federation edge_agent core_hub tests bench

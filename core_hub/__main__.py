@@ -4,6 +4,8 @@
                     [--nats-port N]) [--config hub.toml]
     outpost-hub token create --data-dir DIR [--ttl SECONDS] [--uses N]
     outpost-hub token ls|revoke --data-dir DIR [REF]
+    outpost-hub site bundle --data-dir DIR --site NAME --out DIR [--hub-nats URL] [--ttl S]
+                    [--python python3] [--wheel outpost-*.whl]
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     revoke = tsub.add_parser("revoke", help="revoke a join token (token or digest prefix)")
     revoke.add_argument("--data-dir", required=True)
     revoke.add_argument("ref")
+    site = sub.add_parser("site", help="edge sites: bundles that join a site to this hub")
+    ssub = site.add_subparsers(dest="action", required=True)
+    bundle = ssub.add_parser(
+        "bundle", help="write a site bundle: edge.toml with a fresh join token, a NATS leaf "
+        "config, systemd units and install.sh")
+    bundle.add_argument("--data-dir", required=True, help="the hub's data dir")
+    bundle.add_argument("--site", required=True, help="the site's name")
+    bundle.add_argument("--out", required=True, type=Path, help="new (or empty) directory")
+    bundle.add_argument("--hub-nats", help="the hub NATS leafnodes URL the site's leaf connects "
+                        "to (default: nats-leaf://<this host>:7422)")
+    bundle.add_argument("--ttl", type=float, default=7 * 86400.0,
+                        help="seconds the join token stays valid (default: 7 days)")
+    bundle.add_argument("--python", default="python3",
+                        help="the interpreter install.sh makes the venv with (3.11 or newer)")
+    bundle.add_argument("--wheel", type=Path, help="an outpost wheel or sdist to ship in it")
     return p.parse_args(argv)
 
 
@@ -127,6 +144,25 @@ def tokens_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_command(args: argparse.Namespace) -> int:
+    from core_hub.bundle import write_bundle
+
+    made = write_bundle(Path(args.data_dir), args.site, args.out, hub_url=args.hub_nats,
+                        ttl_s=args.ttl, python=args.python, wheel=args.wheel)
+    expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(made.expires_at))
+    print(f"site bundle for {made.site} in {made.path}")
+    print(f"  join token: one use, valid until {expires} UTC")
+    print(f"  the site's leaf node connects to {made.hub_url}")
+    if args.hub_nats is None:
+        print("  (from this machine's name: pass --hub-nats nats-leaf://HOST:7422 with the "
+              "address the site reaches)")
+    if not made.has_package:
+        print("  no outpost wheel in it: add one (--wheel, or `pip wheel --no-deps SOURCE`) or "
+              "set OUTPOST_WHEEL when installing")
+    print(f"copy {made.path} to the site and run there: sudo ./install.sh")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
@@ -140,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return tokens_command(args)
         if args.command == "apitoken":
             return apitokens_command(args)
+        if args.command == "site":
+            return site_command(args)
         config = load_config(args, env)
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)

@@ -13,6 +13,8 @@ from aiohttp import web
 from core_hub.backend import CoreBackend
 from core_hub.commands import Commander
 from core_hub.config import HubConfig
+from core_hub.dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
+from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
 from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
@@ -103,7 +105,8 @@ class Hub:
                               services=services)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
-                                           lookup=store.api_token_role))
+                                           lookup=store.api_token_role),
+                        extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0)
         await self.runner.setup()

@@ -13,7 +13,9 @@ enrollment validates requests); read helpers return plain dicts ready for the AP
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,16 +31,47 @@ from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
 from federation.sqlitedb import Database
 
+log = logging.getLogger(__name__)
+
 STREAM_SEQ = "stream_seq"
 # Fields of an ``agent`` event the hub keeps, and how each is stored.
 AGENT_TEXT_FIELDS = ("name", "site", "status", "version", "isolation")
 AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
+# Nesting orjson.dumps writes (it refuses 255 levels): a stored task body is never deeper.
+_MAX_DEPTH = 254
+# The writer checkpoints the WAL itself only past this many pages (64 MB); see HubStore.
+_WAL_SAFETY_PAGES = 16384
 
 
 def _dumps(value: Any) -> str:
     """Compact JSON text; orjson, since ingest encodes every task it stores."""
     return orjson.dumps(value).decode()
+
+
+# A tasks row as upsert_task_rows takes it: id, agent_id, name, state, generation, body (JSON
+# text), updated_at (None: the upsert's ``ts``).
+TaskRow = tuple[str, str, str, str, int, str, float | None]
+
+
+def task_row(agent_id: str, task: dict[str, Any], text: bytes | None = None) -> TaskRow:
+    """The row that stores ``task`` (checked by the caller) for sender ``agent_id``.
+
+    ``text`` is the JSON text ``task`` was just decoded from (with orjson), if any. A text
+    that already names the sender as ``agent_id`` (an edge writes its own id into each task
+    it reports) is stored as it came rather than encoded again: it is JSON that orjson read,
+    so every reader decodes the same task from it. Otherwise, and for a text that may nest
+    deeper than orjson writes (``json.loads`` fails not much deeper), ``agent_id`` is set in
+    the dict and the dict encoded, as for a task without text."""
+    if (text is not None and task.get("agent_id") == agent_id
+            and text.count(b"[") + text.count(b"{") <= _MAX_DEPTH):
+        body = text.decode()
+    else:
+        task["agent_id"] = agent_id
+        body = _dumps(task)
+    updated = task.get("updated_at")
+    return (task["id"], agent_id, task["name"], task["state"], task.get("generation", 1), body,
+            updated if isinstance(updated, int | float) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +89,19 @@ class HubStore(Database):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, MIGRATIONS, "hub store")
+        # The WAL is copied back into the database by a _Checkpointer thread, not by the writer
+        # after its commits: ingest then never stalls on that copy and its fsyncs (~0.5 s per
+        # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
+        # the WAL stays bounded even if the thread falls behind.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
+        self._checkpointer = _Checkpointer(self.path)
+
+    def close(self) -> None:
+        self._checkpointer.close()
+        super().close()
+
+    def _committed(self) -> None:
+        self._checkpointer.poke()
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -153,15 +199,15 @@ class HubStore(Database):
         """Store each task as the agent reported it, in order, with ``agent_id`` set (in the
         dict too) to the sender; returns how many were refused because the id belongs to a
         task of another agent (an agent speaks only for its own)."""
-        rows = []
-        for task in tasks:
-            task["agent_id"] = agent_id
-            updated = task.get("updated_at")
-            rows.append((task["id"], agent_id, task["name"], task["state"],
-                         task.get("generation", 1), _dumps(task),
-                         updated if isinstance(updated, int | float) else ts))
+        return self.upsert_task_rows([task_row(agent_id, task) for task in tasks], ts)
+
+    def upsert_task_rows(self, rows: list[TaskRow], ts: float) -> int:
+        """``upsert_tasks`` for rows made by ``task_row``; ``ts`` is the ``updated_at`` of
+        a row whose task has no number there."""
         if not rows:
             return 0
+        if any(row[6] is None for row in rows):
+            rows = [row if row[6] is not None else (*row[:6], ts) for row in rows]
         changed = self._db.executemany(
             "INSERT INTO tasks(id, agent_id, name, state, generation, body, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
@@ -424,6 +470,48 @@ class HubStore(Database):
     def revoke_token(self, digest: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE join_tokens SET revoked = 1 WHERE digest = ?", (digest,))
+
+
+class _Checkpointer:
+    """Checkpoints (PASSIVE: it never blocks the writer or readers) a WAL database on its own
+    connection in its own thread, when poked after a commit, at most every ``interval_s``.
+    sqlite3 releases the GIL while SQLite works, so the copy runs on another core. The
+    owner calls ``close()``, which waits for a checkpoint under way."""
+
+    def __init__(self, path: Path, interval_s: float = 0.05) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hub-store-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            while True:
+                self._wake.wait()
+                if self._closing.is_set():
+                    return
+                self._wake.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as err:  # the writer's safety net checkpoints instead
+                    log.warning("WAL checkpoint of %s failed: %s", self._path, err)
+                if self._closing.wait(self._interval_s):
+                    return
+        finally:
+            db.close()
 
 
 def _agent(row: sqlite3.Row) -> dict[str, Any]:

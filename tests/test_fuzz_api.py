@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, joined
+from tests.helpers import AgentProcess, joined
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,response_headers_conformance")
@@ -32,7 +32,7 @@ def fuzz(url: str, token: str, examples: int) -> subprocess.CompletedProcess[str
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(int(os.environ.get("OUTPOST_FUZZ_TIMEOUT", "400")))
 @pytest.mark.parametrize("role", ["edge", "core"])
 def test_schemathesis_finds_nothing(role: str, request: pytest.FixtureRequest,
                                     start_agent: Callable[..., AgentProcess]) -> None:

@@ -8,8 +8,9 @@ progress (the view's stream floor), never on a sleep.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ def task(task_id: str, state: str, generation: int = 1) -> tuple[str, dict[str, 
                     "origin": "edge", "agent_id": "", "updated_at": T0}
 
 
+def reported(edge: Edge, task_id: str, state: str, **fields: Any) -> tuple[str, bytes]:
+    """A task event as an edge ships it: JSON text that names the edge as ``agent_id``."""
+    return "task", orjson.dumps({**task(task_id, state)[1], "agent_id": edge.id, **fields})
+
+
 @dataclass
 class Hub:
     js: JetStreamContext
@@ -77,6 +83,12 @@ class Hub:
 
     def states(self, agent: str | None = None) -> dict[str, str]:
         return {t["id"]: t["state"] for t in self.store.list_tasks(agent_id=agent)}
+
+    def rows(self) -> dict[str, tuple[str, str, float]]:
+        """Each task's stored (agent_id, body text, updated_at), read from the file."""
+        with closing(sqlite3.connect(self.dir / "hub.db")) as db:
+            return {row[0]: row[1:] for row in db.execute(
+                "SELECT id, agent_id, body, updated_at FROM tasks")}
 
     def view(self) -> dict[str, Any]:
         """Everything ingest builds, for comparing two views."""
@@ -256,6 +268,88 @@ async def test_an_agent_speaks_only_for_its_own_tasks_and_bad_bodies_are_skipped
     assert hub.store.get_agent(b.id)["applied_seq"] == 5  # skipped, not stuck
 
 
+async def test_task_text_naming_its_sender_is_stored_as_sent(hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    a.enroll(hub.store)
+    b.enroll(hub.store)
+    # Not orjson's own spelling (spaces, escapes, exponents): kept as it came all the same.
+    odd = ('{"id": "t1", "name": "caf\\u00e9\\n", "state": "finished", "generation": 2,'
+           f' "exit_code": 1E0, "agent_id": "{a.id}", "updated_at": 1.7e9}}').encode()
+    claims_b = reported(a, "t2", "running", agent_id=b.id)
+    # Duplicate keys: a reader keeps the last one, as orjson did when the hub decoded it.
+    last_is_a = ("task", orjson.dumps({"agent_id": b.id, **task("t3", "running")[1]})[:-1]
+                 + f',"agent_id":"{a.id}"}}'.encode())
+    last_is_b = ("task", reported(a, "t4", "running")[1][:-1] + f',"agent_id":"{b.id}"}}'.encode())
+    no_time = reported(a, "t5", "running")
+    no_time = ("task", orjson.dumps({k: v for k, v in orjson.loads(no_time[1]).items()
+                                     if k != "updated_at"}))
+    last = await hub.publish(a, a.batch(
+        reported(a, "t1", "running"), claims_b, last_is_a, ("task", odd), last_is_b, no_time,
+        reported(a, "t6", "pending")))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert (ingest.stats.applied_events, ingest.stats.bad_events) == (7, 0)
+    rows = hub.rows()
+    assert rows["t1"] == (a.id, odd.decode(), 1.7e9)  # the last of t1's two, coalesced
+    assert rows["t3"][1] == last_is_a[1].decode()
+    assert rows["t6"][1] == reported(a, "t6", "pending")[1].decode()
+    # Text naming someone else is stored with the sender put in, like a task without text.
+    assert orjson.loads(rows["t2"][1]) == {**orjson.loads(claims_b[1]), "agent_id": a.id}
+    assert rows["t5"][2] == T0 + 7  # no updated_at: the envelope's last task event's ts
+    for task_id in ("t1", "t2", "t3", "t4", "t5", "t6"):
+        assert rows[task_id][0] == a.id
+        assert hub.store.get_task(task_id)["agent_id"] == a.id
+    assert hub.store.get_task("t1") == orjson.loads(odd)
+    assert hub.states() == {"t1": "finished", "t2": "running", "t3": "running", "t4": "running",
+                            "t5": "running", "t6": "pending"}
+
+
+async def test_malformed_task_texts_are_counted_and_skipped(hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    a.enroll(hub.store)
+    b.enroll(hub.store)
+    await hub.publish(b, b.batch(reported(b, "b1", "running")))
+    good = orjson.loads(reported(a, "x", "running")[1])
+
+    def text(**change: Any) -> tuple[str, bytes]:
+        return "task", orjson.dumps({k: v for k, v in {**good, **change}.items()
+                                     if v is not ...})
+
+    def spliced(raw: bytes) -> tuple[str, bytes]:  # one more member, as JSON text
+        return "task", orjson.dumps(good)[:-1] + b"," + raw + b"}"
+
+    bad = [("task", b"{not json"), ("task", b"[]"), ("task", b'"t1"'), ("task", b"null"),
+           ("task", b""), ("task", orjson.dumps(good) + b" x"), ("task", b"\xff\xfe{}"),
+           text(id=5), text(id=""), text(id="x" * 129), text(id=...), text(name=None),
+           text(name=...), text(state="sleeping"), text(state=...), text(generation=1.5),
+           text(generation=True), text(generation=None), text(generation="2"),
+           spliced(b'"n":"\\ud800"'), spliced(b'"n":1e400'), spliced(b'"n":NaN'),
+           spliced(b'"n":"a\tb"')]
+    last = await hub.publish(a, a.batch(
+        *bad, text(id="x" * 128, generation=...), reported(a, "b1", "killed"),
+        ("task", orjson.dumps({"id": "t1", "name": "n", "state": "pending"}))))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert (ingest.stats.bad_events, ingest.stats.applied_events,
+                ingest.stats.foreign_tasks) == (len(bad), 1 + 3, 1)
+    assert hub.states() == {"x" * 128: "running", "b1": "running", "t1": "pending"}
+    assert hub.store.get_task("b1")["agent_id"] == b.id
+    assert hub.store.get_task("t1")["agent_id"] == a.id
+    assert hub.store.get_agent(a.id)["applied_seq"] == len(bad) + 3
+
+
+async def test_a_single_event_envelope_is_applied(hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    body = {**task("t1", "running")[1], "agent_id": a.id}
+    await hub.publish(a, wire.sign_envelope("task", a.id, 1, body, a.signer, ts=T0))
+    last = await hub.publish(a, wire.sign_envelope("task", a.id, 2, {"id": 7}, a.signer))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+        assert (ingest.stats.applied_events, ingest.stats.bad_events) == (1, 1)
+    assert hub.store.get_task("t1") == body
+
+
 async def test_snapshot_reconcile_marks_missing_tasks_lost(hub: Hub) -> None:
     a = Edge(1)
     a.enroll(hub.store)
@@ -356,3 +450,23 @@ async def test_an_envelope_that_cannot_be_stored_is_retried_not_skipped(hub: Hub
         assert hub.states() == {"t1": "running"}
         assert hub.store.get_agent(a.id)["applied_seq"] == 1
         assert hub.store.stream_seq == 1
+
+
+async def test_text_nested_deeper_than_orjson_writes_is_not_stored_as_sent(hub: Hub) -> None:
+    a, b = Edge(1, "a"), Edge(2, "b")
+    a.enroll(hub.store)
+    b.enroll(hub.store)
+
+    def nested(edge: Edge, depth: int) -> tuple[str, bytes]:  # the task map is one level
+        text = reported(edge, "t-" + edge.name, "running")[1]
+        return "task", text[:-1] + b',"deep":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    # Both name their sender. The view holds no body orjson could not write again (nor, a
+    # little deeper, json.loads read): a's is encoded, which fails as before, and retried.
+    await hub.publish(a, a.batch(nested(a, 255)))
+    last = await hub.publish(b, b.batch(nested(b, 254)))
+    async with ingesting(hub, error_delay_s=0.05) as ingest:
+        await ingest.wait_until(lambda: ingest.stats.apply_errors >= 2
+                                and hub.store.get_agent(b.id)["applied_seq"] == 1)
+    assert hub.states() == {"t-b": "running"} and hub.store.stream_seq == last - 2
+    assert hub.rows()["t-b"][1] == nested(b, 254)[1].decode()
