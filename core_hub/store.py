@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from core_hub.migrations import MIGRATIONS
-from federation.backend import Page, TaskQuery
+from federation.backend import TaskQuery
 from federation.errors import BadRequest, NotFound
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
@@ -374,8 +374,14 @@ class HubStore(Database):
             sql += " WHERE " + " AND ".join(where)
         return [json.loads(row[0]) for row in self._db.execute(sql + " ORDER BY id", args)]
 
-    def page_tasks(self, query: TaskQuery, *, agent_ids: list[str] | None = None) -> Page:
-        """One page of tasks in id order; ``agent_ids`` narrows to those agents (a site)."""
+    def page_tasks(self, query: TaskQuery, *, agent_ids: list[str] | None = None
+                   ) -> tuple[list[tuple[str, str, str]], str | None]:
+        """One page of tasks in id order (``agent_ids`` narrows to those agents, a site) as
+        (body JSON text, agent id, state), and the next cursor.
+
+        Bodies stay text so a page can go out without being decoded and encoded again; the
+        caller decodes only the few it must rewrite (by agent and state).
+        """
         where, args = [], []
         pos = decode_cursor(query.cursor)
         if pos is not None:
@@ -399,14 +405,18 @@ class HubStore(Database):
         if query.label:
             where.append("json_extract(body, '$.labels.\"' || ? || '\"') = ?")
             args.extend(query.label)
-        sql = "SELECT id, body FROM tasks"
+        sql = "SELECT id, body, agent_id, state FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, query.limit + 1)).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         cursor = encode_cursor({"id": rows[-1][0]}) if more else None
-        return Page([json.loads(r[1]) for r in rows], cursor)
+        return [(r[1], r[2], r[3]) for r in rows], cursor
+
+    def unreachable_agents(self) -> set[str]:
+        return {r[0] for r in self._db.execute(
+            "SELECT id FROM agents WHERE status = 'unreachable'")}
 
     def count_tasks_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(
