@@ -87,11 +87,12 @@ class Liveness:
                 else:
                     wanted = "online"
                 if wanted == "unreachable" and status != "unreachable":
-                    if budget <= 0:
-                        continue
-                    budget -= 1
-                    log.warning("agent %s unreachable", agent["id"],
-                                extra={"agent": agent["id"]})
+                    if budget <= 0:  # over this second's cap: only disconnected for now
+                        wanted = "disconnected"
+                    else:
+                        budget -= 1
+                        log.warning("agent %s unreachable", agent["id"],
+                                    extra={"agent": agent["id"]})
                 fields: dict[str, Any] = {}
                 if wanted != status:
                     fields["status"] = wanted
