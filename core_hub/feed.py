@@ -22,7 +22,7 @@ SLOTS = 4096
 async def fleet_events(js: Any, key_for: Callable[[str], bytes | None],
                        after: int | None) -> AsyncIterator[StreamEvent]:
     """Events after SSE id ``after`` (None: only new ones), forever."""
-    from nats.js.api import DeliverPolicy
+    from nats.js.api import ConsumerConfig, DeliverPolicy
 
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
 
@@ -37,7 +37,7 @@ async def fleet_events(js: Any, key_for: Callable[[str], bytes | None],
         start_seq, skip_index = divmod(after, SLOTS)
         sub = await js.subscribe(subjects.EVENTS_ALL, cb=on_msg, ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                 opt_start_seq=max(start_seq, 1))
+                                 config=ConsumerConfig(opt_start_seq=max(start_seq, 1)))
     try:
         while True:
             msg = await queue.get()

@@ -72,6 +72,8 @@ class RpcServer:
             await self.nc.publish(msg.reply, wire.pack({"error": {
                 "status": 400, "code": "bad_request", "message": f"bad log request: {exc}"}}))
             return
+        # An answer at once, even for a task with nothing to show yet: silence means offline.
+        await self.nc.publish(msg.reply, wire.pack({"data": b""}))
         task = asyncio.create_task(self._stream(msg.reply, chunks), name=f"rpc-logs-{ref}")
         self.streams[ref] = task
         task.add_done_callback(lambda _: self.streams.pop(ref, None))
