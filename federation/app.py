@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -125,8 +126,9 @@ async def list_tasks(request: web.Request) -> web.Response:
     label = None
     if q.get("label"):
         key, sep, value = q["label"].partition("=")
-        if not sep or not key:
-            raise BadRequest("label: must look like key=value", details={"field": "label"})
+        if not sep or not re.match(schemas.LABEL_KEY_PATTERN, key):
+            raise BadRequest("label: must look like key=value, with a valid label key",
+                             details={"field": "label"})
         label = (key, value)
     query = TaskQuery(
         states=states,
@@ -319,7 +321,8 @@ ROUTES: tuple[Route, ...] = (
           response=schemas.page_of(schemas.TASK),
           params=(("state", "query", {"type": "string",
                                       "pattern": f"^({_STATES})(,({_STATES}))*$"}),
-                  ("label", "query", {"type": "string", "pattern": "^[^=]+=.*$"}),
+                  ("label", "query", {"type": "string",
+                                      "pattern": schemas.LABEL_KEY_PATTERN[:-1] + "=.*$"}),
                   ("name", "query", {"type": "string"}), ("agent", "query", {"type": "string"}),
                   ("site", "query", {"type": "string"}), *_P_CURSOR)),
     Route("POST", "/v1/tasks", create_task, "operator", "Submit a task",

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -173,9 +174,19 @@ class NatsServer:
         self._reap()
 
     def pause(self) -> None:
-        """SIGSTOP: sockets stay open but nothing answers, like a hung link or a frozen box."""
+        """SIGSTOP: sockets stay open but nothing answers, like a hung link or a frozen box.
+        Returns once the process is really stopped (signal delivery is not instant)."""
         self._signal(signal.SIGSTOP)
         self._paused = True
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                stat = Path(f"/proc/{self.pid}/stat").read_text()
+            except FileNotFoundError:
+                return
+            if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         """SIGCONT after ``pause``."""

@@ -56,6 +56,7 @@ def test_oversized_body_is_413(agent: AgentProcess) -> None:
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=100000", "state=sleeping",
+                                   "label=bad%00key=1",
                                    "label=novalue", "cursor=@@@", "cursor=bm90LWEtY3Vyc29y"])
 def test_bad_list_queries_are_400(agent: AgentProcess, query: str) -> None:
     resp = agent.api("GET", f"/v1/tasks?{query}")
