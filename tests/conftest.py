@@ -67,7 +67,7 @@ def nats_proc(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture
 def hub_proc(tmp_path: Path, nats_proc: NatsServer) -> Iterator[HubProcess]:
     hub = HubProcess(tmp_path / "hub", nats_proc.url,
-                     ["--disconnected-after", "1.5", "--unreachable-after", "3"]).start()
+                     ["--disconnected-after", "2.5", "--unreachable-after", "4"]).start()
     try:
         yield hub
     finally:

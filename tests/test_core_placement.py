@@ -75,6 +75,10 @@ def test_nothing_fits_stays_pending_with_a_reason(fleet: dict[str, AgentProcess]
 
 def test_binpack_fills_one_agent_first(fleet: dict[str, AgentProcess],
                                        hub_proc: HubProcess) -> None:
+    # Placement only uses online agents: on a busy machine a late heartbeat can briefly make
+    # one 'disconnected', so start from a fleet that is all online.
+    wait_until(lambda: all(a["status"] == "online" for a in
+                           hub_proc.api("GET", "/v1/agents").body["items"]), what="all online")
     placed = [running_on(hub_proc, submit(hub_proc, f"pack{i}", resources={"cpus": 0.5},
                                           constraints={"strategy": "binpack"})["id"])
               for i in range(2)]

@@ -189,7 +189,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("dashboard")
     nats = NatsServer(root / "nats")
     asyncio.run(nats.start())
-    hub = HubProcess(root / "hub", nats.url, ["--disconnected-after", "1.5", "--unreachable-after",
+    hub = HubProcess(root / "hub", nats.url, ["--disconnected-after", "2.5", "--unreachable-after",
                                               str(UNREACHABLE_AFTER),
                                               "--listen", f"127.0.0.1:{_free_port()}"])
     agents: dict[str, AgentProcess] = {}
