@@ -29,6 +29,11 @@ signed envelope is a bug at that agent; it is counted as ``bad_events`` and skip
 event cannot wedge an agent's stream. An envelope whose apply raises anyway (a full disk, a body
 SQLite or JSON cannot hold) is rolled back alone and retried with backoff: the view never skips
 what it could not store, and ``apply_errors`` shows it.
+
+Batch events arrive as JSON text (``Envelope.raw_events``). Each is decoded once, with orjson,
+for its checks; a task's text that names its sender is then stored as it came, not encoded
+again (``store.task_row``). On the 2-core build box that leaves ~18 us of hub CPU per task
+event, most of it SQLite's insert and the envelope's Ed25519 check.
 """
 
 from __future__ import annotations
@@ -349,7 +354,9 @@ class Ingest:
         if env.first > applied + 1:
             return Outcome.GAP
         # Undecoded: task bodies are decoded once, in _apply_events, and stored as they came.
-        events = [event for event in env.raw_events() if event.seq > applied]
+        events = env.raw_events()
+        if env.first <= applied:
+            events = [event for event in events if event.seq > applied]
         try:
             with self._store.savepoint():
                 self._apply_events(env.agent, events, delta)
@@ -453,9 +460,14 @@ def _is_number(x: Any) -> bool:
 
 
 def _task_ok(body: Any) -> bool:
-    return (isinstance(body, dict) and isinstance(body.get("id"), str)
-            and 0 < len(body["id"]) <= 128 and isinstance(body.get("name"), str)
-            and body.get("state") in _TASK_STATES
+    # Runs for every task event: each key is looked up once. A state is checked to be text
+    # before the set lookup: a list there would raise (and wedge the stream), not be refused.
+    if not isinstance(body, dict):
+        return False
+    task_id, state = body.get("id"), body.get("state")
+    return (isinstance(task_id, str) and 0 < len(task_id) <= 128
+            and isinstance(body.get("name"), str)
+            and isinstance(state, str) and state in _TASK_STATES
             and type(body.get("generation", 1)) is int)
 
 
@@ -475,7 +487,8 @@ def _offer_ok(body: Any) -> bool:
 
 def _result_ok(body: Any) -> bool:
     return (isinstance(body, dict) and isinstance(body.get("command_id"), str)
-            and 0 < len(body["command_id"]) <= 128 and body.get("status") in RESULT_STATUSES)
+            and 0 < len(body["command_id"]) <= 128 and isinstance(body.get("status"), str)
+            and body["status"] in RESULT_STATUSES)
 
 
 def _snapshot_ok(body: Any) -> bool:

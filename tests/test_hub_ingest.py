@@ -8,6 +8,7 @@ progress (the view's stream floor), never on a sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
@@ -26,6 +27,7 @@ from federation.identity import id_from_public_key
 from federation.natsd import NatsServer
 from federation.streams import ensure_streams
 from federation.wire import Event, Signer
+from tests.helpers import wait_until
 from tests.nats_fixtures import connect
 
 T0 = 1_700_000_000.0
@@ -323,8 +325,10 @@ async def test_malformed_task_texts_are_counted_and_skipped(hub: Hub) -> None:
            text(id=5), text(id=""), text(id="x" * 129), text(id=...), text(name=None),
            text(name=...), text(state="sleeping"), text(state=...), text(generation=1.5),
            text(generation=True), text(generation=None), text(generation="2"),
+           text(state=["running"]), text(state={"running": 1}), text(id=["x"]),
            spliced(b'"n":"\\ud800"'), spliced(b'"n":1e400'), spliced(b'"n":NaN'),
            spliced(b'"n":"a\tb"')]
+    bad.append(("result", orjson.dumps({"command_id": "c1", "status": ["applied"]})))
     last = await hub.publish(a, a.batch(
         *bad, text(id="x" * 128, generation=...), reported(a, "b1", "killed"),
         ("task", orjson.dumps({"id": "t1", "name": "n", "state": "pending"}))))
@@ -470,3 +474,24 @@ async def test_text_nested_deeper_than_orjson_writes_is_not_stored_as_sent(hub: 
                                 and hub.store.get_agent(b.id)["applied_seq"] == 1)
     assert hub.states() == {"t-b": "running"} and hub.store.stream_seq == last - 2
     assert hub.rows()["t-b"][1] == nested(b, 254)[1].decode()
+
+
+async def test_commits_reach_the_database_file_without_the_writer_checkpointing(
+        hub: Hub) -> None:
+    a = Edge(1)
+    a.enroll(hub.store)
+    last = await hub.publish(a, a.batch(reported(a, "t1", "running")))
+    async with ingesting(hub) as ingest:
+        await caught_up(ingest, hub, last)
+
+    def in_file() -> set[str]:  # what a copy of the file alone, without its WAL, holds
+        shutil.copyfile(hub.dir / "hub.db", hub.dir / "copy.db")
+        try:
+            with closing(sqlite3.connect(hub.dir / "copy.db")) as db:
+                return {row[0] for row in db.execute("SELECT id FROM tasks")}
+        except sqlite3.DatabaseError:  # copied mid-write, or before the schema got there
+            return set()
+
+    # The writer checkpoints only past 16 MB of WAL; the store's own thread copies these
+    # few pages into the file soon after the commit. No event says when: poll the file.
+    wait_until(lambda: in_file() == {"t1"}, interval=0.02, what="t1 in the database file")
