@@ -103,10 +103,16 @@ class CoreScheduler:
             self._refresh_offers(now)
             for launch in self.store.launches("placing"):  # written, maybe never published
                 await self._publish(launch)
+            offers = {o.get("agent_id"): o for o in self.store.list_offers()}
             for launch in self.store.launches("sent"):
                 result = launch["result"]
                 if result in DONE_RESULTS:
                     self.placer.confirm(launch["task_id"])
+                    # An offer the edge made after it applied the launch already counts the
+                    # task: holding the reservation as well would count it twice.
+                    offer = offers.get(launch["agent_id"]) or {}
+                    if (offer.get("created_at") or 0) >= (launch["result_ts"] or float("inf")):
+                        self.placer.release(launch["task_id"])
                     with self.store.transaction():
                         self._save(launch, "accepted", launch["agent_id"], reason=None)
                 elif result in FAILED_RESULTS:

@@ -298,7 +298,8 @@ class HubStore(Database):
     def launches(self, *statuses: str) -> list[dict[str, Any]]:
         marks = ",".join("?" * len(statuses))
         rows = self._db.execute(
-            "SELECT l.*, r.status AS result, r.body AS result_body FROM launches l"
+            "SELECT l.*, r.status AS result, r.body AS result_body, r.ts AS result_ts"
+            " FROM launches l"
             " LEFT JOIN results r ON r.command_id = l.command_id"
             f" WHERE l.status IN ({marks}) ORDER BY l.created_at", statuses).fetchall()
         out = []

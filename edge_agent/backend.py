@@ -160,7 +160,7 @@ class EdgeBackend:
         return {"id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
                 "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
                 "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
-                "expires_at": time.time() + OFFER_TTL}
+                "created_at": time.time(), "expires_at": time.time() + OFFER_TTL}
 
     async def list_offers(self) -> Page:
         offer = self.current_offer()

@@ -79,9 +79,11 @@ def test_binpack_fills_one_agent_first(fleet: dict[str, AgentProcess],
     # one 'disconnected', so start from a fleet that is all online.
     wait_until(lambda: all(a["status"] == "online" for a in
                            hub_proc.api("GET", "/v1/agents").body["items"]), what="all online")
-    placed = [running_on(hub_proc, submit(hub_proc, f"pack{i}", resources={"cpus": 0.5},
-                                          constraints={"strategy": "binpack"})["id"])
-              for i in range(2)]
+    # Submitted back to back: the second sees the first's reservation (not yet an edge's
+    # offer) and still packs onto the same, fullest agent that fits.
+    ids = [submit(hub_proc, f"pack{i}", resources={"cpus": 0.5},
+                  constraints={"strategy": "binpack"})["id"] for i in range(2)]
+    placed = [running_on(hub_proc, task_id) for task_id in ids]
     assert len({t["agent_id"] for t in placed}) == 1
 
 
