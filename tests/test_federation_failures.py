@@ -198,4 +198,6 @@ def test_outbox_stays_bounded_offline_and_keeps_every_final_state(
     for task_id in done:
         agent.wait_state(task_id, "finished", "failed")
     asyncio.run(nats_proc.start())
-    converged(agent, hub_proc)  # every task's final state arrived, nothing stale won
+    # Every task's final state arrives and nothing stale wins (slow on a loaded CI box: the
+    # churn leaves thousands of events to ship).
+    converged(agent, hub_proc, timeout=90)
