@@ -370,7 +370,7 @@ def test_operator_submits_a_task_and_reads_its_log(fleet: Fleet, open_tab: Calla
     expect(page.locator("#tv-spec")).to_contain_text("0.25 CPU · 64 MB")
     expect(page.locator("#log")).to_contain_text("hello from the dashboard 3", timeout=10_000)
     first = page.locator("#log").inner_text()
-    expect(page.locator("#log")).not_to_have_text(first, timeout=5000)  # it follows
+    expect(page.locator("#log")).not_to_have_text(first, timeout=15_000)  # it follows
     task_shot = shot(tab, "task", tmp_path)
 
     # Kill from the task view (the button asks once more).
