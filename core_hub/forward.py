@@ -16,7 +16,7 @@ from typing import Any
 from federation import subjects, wire
 from federation.errors import BadRequest, NotFound, OutpostError, Unavailable
 
-FIRST_REPLY_S = 3.0
+FIRST_REPLY_S = 6.0  # a live edge on a slow uplink (or a busy box) still answers within this
 QUIET_LIMIT_S = 120.0  # a finished (non-follow) read never goes this long without a message
 
 _ERRORS: dict[int, type[OutpostError]] = {400: BadRequest, 404: NotFound}

@@ -48,14 +48,20 @@ def test_demo_starts_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
         agents = wait_until(online, timeout=20, what="both agents online at the hub")
         assert {a["site"] for a in agents} == {"berlin", "oslo"}
 
+        seen: list[tuple[str, str, str]] = []
+
         def running() -> list[dict]:
-            items = http("GET", url + "/v1/tasks", token=token).body["items"]
+            items = http("GET", url + "/v1/tasks?limit=100", token=token).body["items"]
+            seen[:] = sorted((t["name"], t["state"], t.get("reason") or "") for t in items)
             up = [t for t in items if t["state"] == "running" and t["name"] != "hello"]
             return up if sorted(t["name"] for t in up) == ["greeter"] * 2 + [
                 "ticker"] * 2 + ["web"] * 2 else []
 
-        tasks = wait_until(running, timeout=30,
-                           what="web and ticker at both sites, the greeter service x2")
+        try:
+            tasks = wait_until(running, timeout=60,
+                               what="web and ticker at both sites, the greeter service x2")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; tasks at the hub: {seen}") from None
         greeters = {t["agent_id"] for t in tasks if t["name"] == "greeter"}
         assert len(greeters) == 2, "the service spreads over both sites"
         pids = [t["pid"] for t in tasks]
