@@ -4,6 +4,8 @@
                     [--nats-port N]) [--config hub.toml]
     outpost-hub token create --data-dir DIR [--ttl SECONDS] [--uses N]
     outpost-hub token ls|revoke --data-dir DIR [REF]
+    outpost-hub agents ls --data-dir DIR
+    outpost-hub agents revoke --data-dir DIR ID [--token T] [--ca FILE]
     outpost-hub site bundle --data-dir DIR --site NAME --out DIR [--hub-nats URL] [--ttl S]
                     [--python python3] [--wheel outpost-*.whl]
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core_hub import agents_cli
 from core_hub.config import HubConfig
 from federation.config import build_settings, load_toml
 from federation.errors import ConfigError, OutpostError
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     revoke = tsub.add_parser("revoke", help="revoke a join token (token or digest prefix)")
     revoke.add_argument("--data-dir", required=True)
     revoke.add_argument("ref")
+    agents_cli.add_parser(sub)
     site = sub.add_parser("site", help="edge sites: bundles that join a site to this hub")
     ssub = site.add_subparsers(dest="action", required=True)
     bundle = ssub.add_parser(
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return apitokens_command(args)
         if args.command == "site":
             return site_command(args)
+        if args.command == "agents":
+            return agents_cli.agents_command(args)
         config = load_config(args, env)
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)

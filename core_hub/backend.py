@@ -8,8 +8,9 @@ running them, and it is the authority on that (DESIGN guarantee 6).
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,12 +24,15 @@ from core_hub.services import Services
 from core_hub.store import HubStore
 from federation import __version__
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
-from federation.errors import NotFound, Unavailable
+from federation.errors import Conflict, NotFound, Unavailable
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import AGENT_STATUSES, TASK_STATES, TERMINAL_STATES
 
+log = logging.getLogger(__name__)
+
 PUBLIC_AGENT_FIELDS = ("id", "name", "site", "labels", "resources", "used", "status", "version",
-                       "isolation", "last_seen", "outbox", "enrolled_at", "revoked")
+                       "isolation", "last_seen", "outbox", "enrolled_at", "revoked",
+                       "revoked_at")
 
 
 class CoreBackend:
@@ -38,8 +42,11 @@ class CoreBackend:
 
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
                  js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any,
-                 services: Services) -> None:
+                 services: Services,
+                 on_agent_change: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.nc = nc
+        # The hub's hook after an agent's trust changes (registry, NATS credentials).
+        self.on_agent_change = on_agent_change
         self.services = services
         self.store = store
         self.scheduler = scheduler
@@ -136,6 +143,9 @@ class CoreBackend:
 
     async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]:
         agent = await self.get_agent(agent_id)
+        if agent["revoked"]:
+            raise Conflict(f"agent {agent['id']} is revoked; it takes no commands",
+                           details={"agent": agent["id"], "status": "revoked"})
         command_id = await self.commander.send(agent["id"], "drain", {"migrate": migrate})
         with self.store.transaction():
             self.store.update_agent_record(agent["id"], {"status": "draining"})
@@ -143,15 +153,32 @@ class CoreBackend:
                 self.store.set_meta(f"migrate:{agent['id']}", "1")
         return {**agent, "status": "draining", "command_id": command_id}
 
+    async def revoke_agent(self, agent_id: str) -> dict[str, Any]:
+        """Distrust an agent at once (by its id, not a name: names need not be unique). Ingest
+        reads the flag for every envelope, so nothing it sends is applied after this returns;
+        the hook then records it in the registry and withdraws its NATS credentials. Revoking
+        again is harmless and retries the hook (503 if that fails: the view already has it)."""
+        now = time.time()
+        changed = self.store.revoke_agent(agent_id, now)
+        if changed:
+            log.warning("agent %s revoked", agent_id, extra={"agent_id": agent_id})
+        if self.on_agent_change is not None:
+            try:
+                await self.on_agent_change(agent_id)
+            except Exception as exc:
+                log.exception("agent %s revoked here, but not recorded beyond this hub",
+                              agent_id, extra={"agent_id": agent_id})
+                raise Unavailable(
+                    f"agent {agent_id} is revoked in this hub's view, but the registry or "
+                    f"NATS could not record it ({type(exc).__name__}); revoke again to retry",
+                    details={"agent": agent_id}) from None
+        return self._agent(self.store.get_agent(agent_id))
+
     async def list_offers(self) -> Page:
         return Page(self.store.list_offers(now=time.time()), None)
 
     async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]:
-        def key_for(agent: str) -> bytes | None:
-            known = self.store.agent_key(agent)
-            return None if known is None or known.revoked else known.public_key
-
-        return fleet_events(self.js, key_for, after)
+        return fleet_events(self.js, self.store.agent_key, after)
 
     # ------------------------------------------------------------ services
 

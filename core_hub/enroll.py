@@ -20,6 +20,9 @@ again, even after its single-use token is spent. A revoked key cannot come back,
 revocation means the key is distrusted, and the edge must enroll a new key.
 
 The agent id is ``identity.id_from_public_key``; the hub's own key is ``<data_dir>/hub.key``.
+A key belongs to one agent, ever: a key that is (or was, before a rotation) another agent's
+cannot enroll. Key rotation requests (``op: rotate``, see ``keyrotation.py``) arrive on the same
+subject, so an agent needs no other permission to rotate, and get the same replies.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from core_hub.keyrotation import KeyRotations, is_rotation
 from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.errors import Forbidden, Invalid, NotFound, OutpostError, Unauthorized
@@ -162,9 +166,10 @@ class Enroller:
         self._hub_public_key = bytes(hub_public_key)
         self._queue = queue
         self._clock = clock
+        self._rotations = KeyRotations(store, clock=clock)
         self._sub: Subscription | None = None
-        # Called after each successful enrollment, before the reply (the hub saves the agent
-        # to its JetStream registry there).
+        # Called after each successful enrollment or key rotation, before the reply (the hub
+        # saves the agent to its JetStream registry there).
         self.on_enrolled: Callable[[str], Awaitable[None]] | None = None
 
     async def start(self) -> None:
@@ -206,10 +211,20 @@ class Enroller:
         return {"ok": True, "agent_id": agent_id, "hub_public_key": self._hub_public_key}
 
     def _enroll(self, data: bytes) -> str:
+        if len(data) <= MAX_REQUEST_BYTES:
+            try:
+                decoded = wire.unpack(data)
+            except ValueError:
+                decoded = None  # _parse says why
+            if is_rotation(decoded):
+                return self._rotations.rotate(decoded)
         request = _parse(data)
         public = request["public_key"]
         agent_id = id_from_public_key(public)
         known = self._store.agent_key(agent_id)
+        owner = self._store.agent_with_key(public) if known is None else None
+        if owner is not None:  # rotated to from another agent, or rotated away from by it
+            raise Forbidden(f"this key belongs to agent {owner}", details={"agent_id": owner})
         if known is not None and known.public_key != public:  # a SHA-256 prefix collision
             raise Forbidden("agent id already belongs to another key",
                             details={"agent_id": agent_id})

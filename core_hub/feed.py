@@ -13,13 +13,15 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from core_hub.keyrotation import open_agent_envelope
+from core_hub.store import AgentKey
 from federation import subjects, wire
 from federation.backend import StreamEvent
 
 SLOTS = 4096
 
 
-async def fleet_events(js: Any, key_for: Callable[[str], bytes | None],
+async def fleet_events(js: Any, key_of: Callable[[str], AgentKey | None],
                        after: int | None) -> AsyncIterator[StreamEvent]:
     """Events after SSE id ``after`` (None: only new ones), forever."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -42,10 +44,9 @@ async def fleet_events(js: Any, key_for: Callable[[str], bytes | None],
         while True:
             msg = await queue.get()
             seq = msg.metadata.sequence.stream
+            agent = msg.subject.rsplit(".", 1)[-1]
             try:
-                env = wire.open_envelope(msg.data, key_for,
-                                         expected_agent=msg.subject.rsplit(".", 1)[-1],
-                                         kinds=wire.EVENT_ENVELOPE_KINDS)
+                env = open_agent_envelope(msg.data, key_of(agent), agent)
             except wire.EnvelopeRejected:
                 continue
             for index, event in enumerate(env.events()):

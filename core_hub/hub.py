@@ -45,6 +45,7 @@ class Hub:
         self.url = ""
         self.nats_url = config.nats_url or ""
         self.admin_token = ""
+        self.registry: Registry | None = None
 
     async def start(self) -> None:
         import nats
@@ -82,11 +83,11 @@ class Hub:
                              duplicate_window_s=cfg.duplicate_window_s)
         self.store = store = HubStore(cfg.data_dir / "hub.db")
         signer = load_hub_signer(cfg.data_dir)
-        registry = Registry(js, store, replicas=cfg.stream_replicas)
+        self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
         await registry.restore()
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
-        enroller.on_enrolled = registry.save
+        enroller.on_enrolled = self._after_agent_change
         ingest = Ingest(js, store)
         liveness = Liveness(self.nc, store, LivenessSettings(
             cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s))
@@ -102,7 +103,7 @@ class Hub:
         self.parts.append(services)
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
-                              services=services)
+                              services=services, on_agent_change=self._after_agent_change)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
                                            lookup=store.api_token_role),
@@ -120,6 +121,15 @@ class Hub:
             (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
         log.info("hub serving %s; NATS %s", self.url, self.nats_url,
                  extra={"url": self.url, "nats": self.nats_url})
+
+    async def _after_agent_change(self, agent_id: str) -> None:
+        """The one call site for an agent whose trust changed (enrolled, key rotated, revoked):
+        record it in the registry bucket, so a rebuilt view keeps it, then refresh what else
+        caches who may speak (NATS credentials)."""
+        assert self.registry is not None
+        await self.registry.save(agent_id)
+        # NATS credentials: the per-agent authorization refresh (core_hub/natsauth.py, being
+        # built) belongs here, so a revoked agent's credentials stop working at once.
 
     async def stop(self) -> None:
         """Stops every part in reverse order; each gets a few seconds, so a hub whose NATS is

@@ -2,9 +2,10 @@
 
 This is the hub half of DESIGN.md guarantee 2. Every message on ``OUTPOST_EVENTS`` is opened
 with ``wire.open_envelope`` against the sending agent's enrolled key and the agent named by the
-subject; anything rejected is counted by reason, logged, acked and never applied. An accepted
-envelope covers the agent's seqs ``first..seq`` and is judged against the agent's
-``applied_seq``:
+subject (or a key it rotated away from, for envelopes from before the rotation:
+``keyrotation.open_agent_envelope``); a revoked agent's envelopes are rejected. Anything
+rejected is counted by reason, logged, acked and never applied. An accepted envelope covers
+the agent's seqs ``first..seq`` and is judged against the agent's ``applied_seq``:
 
 - ``seq <= applied``: a duplicate (a re-sent outbox row, a redelivery): ack, count.
 - ``first > applied + 1``: an earlier envelope has not arrived yet: nak with a delay so
@@ -52,8 +53,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from core_hub.keyrotation import open_agent_envelope
 from core_hub.store import AGENT_JSON_FIELDS, AGENT_TEXT_FIELDS, HubStore, TaskRow, task_row
-from federation import subjects, wire
+from federation import subjects
 from federation.errors import Invalid
 from federation.schemas import AGENT_STATUSES, TASK_STATES
 from federation.wire import Envelope, EnvelopeRejected, Event
@@ -66,6 +68,8 @@ LOST_REASON = "not on the agent at reconcile"
 # After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
 _WARN_REDELIVERIES = 20
 _TASK_STATES = frozenset(TASK_STATES)
+# Statuses an agent may report about itself; ``revoked`` is the core's word only.
+_AGENT_SAYS = frozenset(AGENT_STATUSES) - {"revoked"}
 
 
 class Outcome(Enum):
@@ -79,9 +83,10 @@ class IngestStats:
     """Counters for ``/metrics``: ``applied_events`` and ``applied_envelopes``; ``duplicates``
     (envelopes already applied); ``gaps`` (envelope deliveries nak'd to wait for an earlier
     one); ``rejected`` (envelopes by reason: ``wire.REASONS`` plus ``revoked`` and
-    ``subject``); ``bad_events`` (malformed bodies skipped); ``foreign_tasks`` (task rows
-    naming another agent's task id, refused; counted once per envelope and task, and not
-    subtracted from ``applied_events``); ``apply_errors`` (envelopes whose apply raised)."""
+    ``subject``; a revoked agent's events land in ``revoked``); ``bad_events`` (malformed
+    bodies skipped); ``foreign_tasks`` (task rows naming another agent's task id, refused;
+    counted once per envelope and task, and not subtracted from ``applied_events``);
+    ``apply_errors`` (envelopes whose apply raised)."""
 
     applied_events: int = 0
     applied_envelopes: int = 0
@@ -317,10 +322,8 @@ class Ingest:
             self._reject(delta, "subject", err.message, None)
             return None
         key = self._store.agent_key(agent)
-        public = key.public_key if key is not None and not key.revoked else None
         try:
-            return wire.open_envelope(msg.data, lambda _agent: public, agent,
-                                      kinds=wire.EVENT_ENVELOPE_KINDS)
+            return open_agent_envelope(msg.data, key, agent)
         except EnvelopeRejected as err:
             reason = "revoked" if err.reason == "unknown_agent" and key is not None else err.reason
             self._reject(delta, reason, err.message, agent)
@@ -474,7 +477,7 @@ def _task_ok(body: Any) -> bool:
 def _agent_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The agent record fields the hub keeps, those of the right type; the id is the sender's."""
     fields = {k: body[k] for k in AGENT_TEXT_FIELDS if isinstance(body.get(k), str)}
-    if fields.get("status", AGENT_STATUSES[0]) not in AGENT_STATUSES:
+    if fields.get("status", AGENT_STATUSES[0]) not in _AGENT_SAYS:
         del fields["status"]
     fields.update({k: body[k] for k in AGENT_JSON_FIELDS if isinstance(body.get(k), dict)})
     return fields

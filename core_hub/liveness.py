@@ -71,10 +71,13 @@ class Liveness:
             self.sweep(time.time())
 
     def sweep(self, now: float) -> None:
-        """Write heartbeat times and the statuses they imply (draining is left alone)."""
+        """Write heartbeat times and the statuses they imply (draining and revoked are left
+        alone)."""
         budget = self.settings.max_unreachable_per_s
         with self.store.transaction():
             for agent in self.store.list_agents():
+                if agent["revoked"]:  # final: its heartbeats (if any) change nothing
+                    continue
                 beat = self.beats.get(agent["id"])
                 last = beat["received"] if beat else agent.get("last_seen")
                 status = agent.get("status")

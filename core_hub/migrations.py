@@ -102,4 +102,11 @@ MIGRATIONS: tuple[str, ...] = (
         revoked INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 6: agent trust over time: when an agent was revoked, and the keys it signed with before
+    # a rotation (JSON [[hex key, last seq it signed, retired_at], ...]) so events still in
+    # the stream from before the rotation verify, and none after it do.
+    """
+    ALTER TABLE agents ADD COLUMN revoked_at REAL;
+    ALTER TABLE agents ADD COLUMN retired_keys TEXT NOT NULL DEFAULT '[]';
+    """,
 )

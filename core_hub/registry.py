@@ -2,9 +2,16 @@
 
 The hub's SQLite file is a cache that JetStream can rebuild (DESIGN: "the hub never holds state
 JetStream cannot rebuild"); the one thing ingest cannot rebuild from events is who may send
-them. So every enrollment (and revocation) is also written to the ``OUTPOST_AGENTS`` bucket, and
-a hub starting with a fresh or deleted view restores the keys from it before ingest begins.
-Join tokens stay local: losing them only means making new ones.
+them. So every enrollment, key rotation and revocation is also written to the
+``OUTPOST_AGENTS`` bucket, and a hub starting with a fresh or deleted view restores the keys
+from it before ingest begins. A record holds the agent's current key, its retired keys (each
+with the last seq it signed, so a rebuild still verifies the events from before a rotation)
+and whether it is revoked.
+
+On start the bucket and the view are also reconciled for agents both know: revocation is
+sticky either way (a revocation made with ``outpost-hub agents revoke`` while the hub was down
+reaches the bucket here), and the side that knows more key rotations wins (a key is only ever
+retired, never brought back). Join tokens stay local: losing them only means making new ones.
 """
 
 from __future__ import annotations
@@ -44,30 +51,45 @@ class Registry:
         record = {"public_key": bytes.fromhex(agent["public_key"]), "name": agent["name"],
                   "site": agent["site"], "labels": agent["labels"],
                   "resources": agent["resources"], "version": agent["version"],
-                  "enrolled_at": agent["enrolled_at"], "revoked": agent["revoked"]}
+                  "enrolled_at": agent["enrolled_at"], "revoked": agent["revoked"],
+                  "revoked_at": agent["revoked_at"], "retired_keys": agent["retired_keys"]}
         await self.kv.put(agent_id, wire.pack(record))
 
     async def restore(self) -> int:
-        """Enroll into the view every agent the bucket knows and the view does not."""
-        from nats.js.errors import NoKeysError
-
+        """Enroll into the view every agent the bucket knows and the view does not, and
+        reconcile revocations and key rotations for those both know; returns how many agents
+        were new to the view."""
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        records: dict[str, dict[str, Any]] = {}
         try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return 0
+            while (entry := await watcher.updates(timeout=10.0)) is not None:
+                if entry.value:
+                    records[entry.key] = wire.unpack(entry.value)
+        finally:
+            await watcher.stop()
         restored = 0
-        for agent_id in keys:
-            if self.store.agent_key(agent_id) is not None:
-                continue
-            entry = await self.kv.get(agent_id)
-            record = wire.unpack(entry.value)
-            self.store.enroll_agent(agent_id, record["public_key"], name=record["name"],
-                                    site=record["site"], labels=record["labels"],
-                                    resources=record["resources"], version=record["version"],
-                                    now=record["enrolled_at"])
-            if record.get("revoked"):
-                self.store.revoke_agent(agent_id)
-            restored += 1
+        for agent_id, record in records.items():
+            if self.store.agent_key(agent_id) is None:
+                self.store.enroll_agent(
+                    agent_id, record["public_key"], name=record["name"], site=record["site"],
+                    labels=record["labels"], resources=record["resources"],
+                    version=record["version"], now=record["enrolled_at"])
+                restored += 1
+            if self._reconcile(agent_id, record):
+                await self.save(agent_id)
         if restored:
             log.info("restored %d agents from the %s bucket", restored, BUCKET)
         return restored
+
+    def _reconcile(self, agent_id: str, record: dict[str, Any]) -> bool:
+        """Bring the view up to ``record``; True if the view knows more than the bucket."""
+        agent = self.store.get_agent(agent_id)
+        retired = list(record.get("retired_keys") or [])
+        if len(retired) > len(agent["retired_keys"]):
+            self.store.restore_agent_keys(agent_id, record["public_key"], retired)
+            log.info("agent %s: key rotation restored from the %s bucket", agent_id, BUCKET,
+                     extra={"agent_id": agent_id})
+        if record.get("revoked") and not agent["revoked"]:
+            self.store.revoke_agent(agent_id, record.get("revoked_at"))
+        return (len(agent["retired_keys"]) > len(retired)
+                or (agent["revoked"] and not record.get("revoked")))

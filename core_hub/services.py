@@ -139,7 +139,8 @@ class Services:
             agent = agents.get(task.get("agent_id") or "")
             away = (agent is not None and agent["status"] == "unreachable"
                     and now - (agent.get("last_seen") or 0) > rule["lost_after"])
-            if away and rule["replace"]:
+            # A revoked agent's reports are no longer believed: its instances are replaced.
+            if (away and rule["replace"]) or (agent is not None and agent["revoked"]):
                 lost.append(task)
             elif agent is not None and self.store.get_meta(f"migrate:{agent['id']}"):
                 leaving.append(task)

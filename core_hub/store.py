@@ -80,12 +80,22 @@ def task_row(agent_id: str, task: dict[str, Any], text: bytes | None = None) -> 
 
 @dataclass(frozen=True, slots=True)
 class AgentKey:
-    """What ingest needs per message: the enrolled ``public_key`` (raw 32 bytes), whether the
-    agent is ``revoked``, and ``applied_seq``, the last event seq applied from it."""
+    """What ingest needs per message: the current ``public_key`` (raw 32 bytes), whether the
+    agent is ``revoked``, ``applied_seq`` (the last event seq applied from it), and
+    ``retired`` (keys it had before rotations, oldest first, each with the last seq it may
+    have signed: an envelope ending at or below that seq may carry that key's signature)."""
 
     public_key: bytes
     revoked: bool
     applied_seq: int
+    retired: tuple[tuple[bytes, int], ...] = ()
+
+    def key_for(self, seq: int) -> bytes | None:
+        """The retired key that signed an envelope ending at ``seq``, if one may have."""
+        for public, until in self.retired:
+            if seq <= until:
+                return public
+        return None
 
 
 class HubStore(Database):
@@ -143,11 +153,22 @@ class HubStore(Database):
     # ------------------------------------------------------------ agents: registry
 
     def agent_key(self, agent_id: str) -> AgentKey | None:
-        row = self._db.execute("SELECT public_key, revoked, applied_seq FROM agents WHERE id = ?",
-                               (agent_id,)).fetchone()
+        row = self._db.execute("SELECT public_key, revoked, applied_seq, retired_keys FROM agents"
+                               " WHERE id = ?", (agent_id,)).fetchone()
         if row is None:
             return None
-        return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]))
+        retired = () if row[3] == "[]" else tuple(
+            (bytes.fromhex(key), int(until)) for key, until, *_ in json.loads(row[3]))
+        return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]), retired)
+
+    def agent_with_key(self, public_key: bytes) -> str | None:
+        """The id of the agent whose current or a retired key is ``public_key``, if any (a key
+        belongs to one agent, ever)."""
+        row = self._db.execute(
+            "SELECT id FROM agents WHERE public_key = ? OR EXISTS (SELECT 1 FROM"
+            " json_each(agents.retired_keys) k WHERE json_extract(k.value, '$[0]') = ?)",
+            (public_key, public_key.hex())).fetchone()
+        return None if row is None else str(row[0])
 
     def enroll_agent(self, agent_id: str, public_key: bytes, *, name: str, site: str,
                      labels: dict[str, str], resources: dict[str, Any], version: str,
@@ -163,12 +184,39 @@ class HubStore(Database):
                 (agent_id, public_key, name, site, _dumps(labels), _dumps(resources), version,
                  now))
 
-    def revoke_agent(self, agent_id: str) -> None:
-        """Distrust an agent's key from now on: its events are rejected, it cannot re-enroll."""
+    def revoke_agent(self, agent_id: str, now: float | None = None) -> bool:
+        """Distrust an agent from now on: its events are rejected, it cannot re-enroll, it gets
+        no placements, and its status is ``revoked`` for good. Returns False if it already was
+        (revoking twice is harmless); raise NotFound for an unknown id."""
         with self.transaction() as db:
-            if db.execute("UPDATE agents SET revoked = 1 WHERE id = ?",
-                          (agent_id,)).rowcount == 0:
+            if db.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
                 raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
+            changed = db.execute(
+                "UPDATE agents SET revoked = 1, status = 'revoked', revoked_at = ?"
+                " WHERE id = ? AND revoked = 0", (now, agent_id)).rowcount
+            db.execute("DELETE FROM offers WHERE agent_id = ?", (agent_id,))
+        return bool(changed)
+
+    def rotate_agent_key(self, agent_id: str, old_key: bytes, new_key: bytes, until: int,
+                         now: float) -> None:
+        """Make ``new_key`` the agent's key; ``old_key`` stays valid only for envelopes ending
+        at or below seq ``until`` (those the agent signed before the rotation)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT retired_keys FROM agents WHERE id = ? AND public_key = ?",
+                             (agent_id, old_key)).fetchone()
+            if row is None:
+                raise NotFound(f"agent {agent_id!r} with that key not found",
+                               details={"agent": agent_id})
+            retired = [*json.loads(row[0]), [old_key.hex(), until, now]]
+            db.execute("UPDATE agents SET public_key = ?, retired_keys = ? WHERE id = ?",
+                       (new_key, _dumps(retired), agent_id))
+
+    def restore_agent_keys(self, agent_id: str, public_key: bytes,
+                           retired: list[list[Any]]) -> None:
+        """Set an agent's current and retired keys as the registry recorded them."""
+        with self.transaction() as db:
+            db.execute("UPDATE agents SET public_key = ?, retired_keys = ? WHERE id = ?",
+                       (public_key, _dumps(retired), agent_id))
 
     # ------------------------------------------------------------ agents: applying events
 
@@ -542,6 +590,9 @@ def _agent(row: sqlite3.Row) -> dict[str, Any]:
         agent[field] = json.loads(agent[field])
     agent["public_key"] = bytes(agent["public_key"]).hex()
     agent["revoked"] = bool(agent["revoked"])
+    agent["retired_keys"] = json.loads(agent["retired_keys"])
+    if agent["revoked"]:  # whatever liveness or the agent last wrote there
+        agent["status"] = "revoked"
     return agent
 
 

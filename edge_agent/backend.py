@@ -152,6 +152,11 @@ class EdgeBackend:
         self.store.append_event("agent", self.agent_record())
         return self.agent_record()
 
+    async def revoke_agent(self, agent_id: str) -> dict[str, Any]:
+        raise Conflict("agents are revoked at the core, which holds their keys: "
+                       "`outpost-hub agents revoke ID` or POST this to the hub",
+                       details={"role": "edge", "agent": agent_id})
+
     def current_offer(self) -> dict[str, Any] | None:
         """What this agent offers now (None while draining): its free resources and labels."""
         if self.draining:

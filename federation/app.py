@@ -236,6 +236,10 @@ async def drain_agent(request: web.Request) -> web.Response:
     return _json(await _backend(request).drain_agent(request.match_info["id"], migrate))
 
 
+async def revoke_agent(request: web.Request) -> web.Response:
+    return _json(await _backend(request).revoke_agent(request.match_info["id"]))
+
+
 async def list_offers(request: web.Request) -> web.Response:
     return _json((await _backend(request).list_offers()).to_json())
 
@@ -352,6 +356,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/agents/{id}/drain", drain_agent, "operator",
           "Stop new placements on an agent", response=schemas.AGENT,
           params=(("migrate", "query", _P_BOOL),)),
+    Route("POST", "/v1/agents/{id}/revoke", revoke_agent, "admin",
+          "Distrust an agent for good: its events are rejected, it gets no placements "
+          "(core only; an edge answers 409)", response=schemas.AGENT),
     Route("GET", "/v1/offers", list_offers, "viewer", "Free resources offered by agents",
           response=schemas.page_of(schemas.OFFER)),
     Route("GET", "/v1/events", events, "viewer",

@@ -18,7 +18,8 @@ TASK_STATES = ["pending", "staging", "starting", "running", "finished", "failed"
                "lost", "unknown"]
 TERMINAL_STATES = frozenset({"finished", "failed", "killed", "lost"})
 RESTART_POLICIES = ["never", "on-failure", "always"]
-AGENT_STATUSES = ["online", "disconnected", "unreachable", "draining"]
+# ``revoked`` is set at the core only (``outpost-hub agents revoke``) and is final.
+AGENT_STATUSES = ["online", "disconnected", "unreachable", "draining", "revoked"]
 
 _LABELS = {
     "type": "object",
@@ -167,6 +168,8 @@ AGENT = {
         "version": {"type": "string"},
         "isolation": {"type": "string"},
         "last_seen": {"type": ["number", "null"]},
+        "revoked": {"type": "boolean"},
+        "revoked_at": {"type": ["number", "null"]},
     },
 }
 

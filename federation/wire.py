@@ -54,7 +54,9 @@ SIG_LEN = 64
 _SIG_TAIL = b"\xa3sig\xc4\x40"
 _TRAILER_LEN = len(_SIG_TAIL) + SIG_LEN
 
-Reason = Literal["malformed", "version", "kind", "unknown_agent", "signature", "wrong_agent"]
+# ``retired_key``: signed by a key the agent has rotated away from, past the last seq it signed.
+Reason = Literal["malformed", "version", "kind", "unknown_agent", "signature", "wrong_agent",
+                 "retired_key"]
 REASONS: frozenset[str] = frozenset(get_args(Reason))
 
 
@@ -279,6 +281,31 @@ def enroll_proof_ok(request: dict[str, Any]) -> bool:
     """True if ``request['sig']`` signs the rest of the request with ``request['public_key']``."""
     signed = {key: value for key, value in request.items() if key != "sig"}
     return verify(request["public_key"], request["sig"], pack(signed))
+
+
+# The fields of a key rotation request, in the order they are signed (both signatures are over
+# the msgpack of these, so the old key vouches for the new one and the new key proves it is held).
+ROTATE_FIELDS = ("op", "agent_id", "old_public_key", "new_public_key", "until")
+
+
+def rotate_request(old: Signer, new: Signer, agent_id: str, until: int) -> bytes:
+    """An agent's request (sent to ``subjects.ENROLL``) to replace its key ``old`` with ``new``:
+    every event envelope it signed, or will sign, with ``old`` ends at or below seq ``until``;
+    later ones carry ``new``'s signature. ``old_sig`` and ``new_sig`` sign the same bytes."""
+    request: dict[str, Any] = {"op": "rotate", "agent_id": agent_id,
+                               "old_public_key": old.public, "new_public_key": new.public,
+                               "until": until}
+    signed = pack(request)
+    request["old_sig"] = old.sign(signed)
+    request["new_sig"] = new.sign(signed)
+    return pack(request)
+
+
+def rotate_proof_ok(request: dict[str, Any]) -> bool:
+    """True if both keys of a rotation request signed its fields (see ``rotate_request``)."""
+    signed = pack({key: request[key] for key in ROTATE_FIELDS})
+    return (verify(request["old_public_key"], request["old_sig"], signed)
+            and verify(request["new_public_key"], request["new_sig"], signed))
 
 
 def _batch_problem(body: Any, seq: int) -> str | None:

@@ -17,7 +17,7 @@ const LOG_TAIL = 200;
 const TASK_STATES = ["pending", "staging", "starting", "running", "finished", "failed", "killed",
   "lost", "unknown"];
 const TERMINAL = new Set(["finished", "failed", "killed", "lost"]);
-const STATUS_ORDER = { unreachable: 0, disconnected: 1, draining: 2, online: 3 };
+const STATUS_ORDER = { unreachable: 0, disconnected: 1, draining: 2, online: 3, revoked: 4 };
 const EVENT_KINDS = ["task", "offer", "agent", "snapshot", "result"];
 const BACKLOG_AFTER_S = 5;
 const NAME_RE = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
@@ -435,7 +435,7 @@ function updateCard(c, a) {
     c.labels.dataset.sig = labelSig;
     c.labels.replaceChildren(...Object.entries(a.labels || {}).map(([k, v]) => h("span", { class: "chip" }, `${k}=${v}`)));
   }
-  const wantDrain = canOperate() && st !== "draining";
+  const wantDrain = canOperate() && st !== "draining" && st !== "revoked";
   if (wantDrain && !c.drain) {
     c.drain = confirmButton("Drain", "Confirm drain", () => drainAgent(c.agent), "drain");
     c.foot.append(c.drain);
