@@ -6,15 +6,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.config import parse_listen
+from federation.config import check_readable, check_tls_files, parse_listen
 from federation.errors import ConfigError
+from federation.limits import ApiLimits
 
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
     """``data_dir`` holds the view, keys and (embedded) NATS data; ``listen`` is the API's
     HOST:PORT; ``nats_url`` an external NATS, or ``embedded_nats`` to run one on ``nats_port``
-    (0: any free port); liveness thresholds are seconds since an agent's last heartbeat."""
+    (0: any free port); liveness thresholds are seconds since an agent's last heartbeat.
+    ``rate_limit_per_s``/``rate_limit_burst``/``max_streams_per_token``: per-token API limits
+    (``federation.limits``); ``tls_cert``/``tls_key``: serve the API over HTTPS (PEM files);
+    ``nats_tls_cert``/``nats_tls_key``: the embedded nats-server requires TLS with these;
+    ``nats_ca``: CA file the hub trusts for its own NATS connection (a private CA)."""
 
     data_dir: Path
     listen: str = "127.0.0.1:7000"
@@ -33,6 +38,14 @@ class HubConfig:
     duplicate_window_s: float = 120.0
     log_format: str = "text"
     log_level: str = "info"
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
+    max_streams_per_token: int = 32
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    nats_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if self.nats_url is None and not self.embedded_nats:
@@ -59,6 +72,17 @@ class HubConfig:
         if self.admin_token is not None and len(self.admin_token) < 16:
             self._bad("admin_token", "(hidden)", "at least 16 characters")
         self.host_port  # noqa: B018 (validates listen)
+        self.api_limits  # noqa: B018 (validates the limits)
+        check_tls_files(self.tls_cert, self.tls_key)
+        check_tls_files(self.nats_tls_cert, self.nats_tls_key, "nats_tls")
+        if self.nats_tls_cert is not None and not self.embedded_nats:
+            self._bad("nats_tls_cert", str(self.nats_tls_cert),
+                      "only with embedded_nats (an external NATS has its own tls block)")
+        check_readable(self.nats_ca, "nats_ca")
+
+    @property
+    def api_limits(self) -> ApiLimits:
+        return ApiLimits(self.rate_limit_per_s, self.rate_limit_burst, self.max_streams_per_token)
 
     @staticmethod
     def _bad(setting: str, value: object, expected: str) -> None:

@@ -51,11 +51,18 @@ class Hub:
         import nats
 
         cfg = self.config
+        ssl_context = None  # loaded first: a bad certificate stops the hub before it starts
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            from federation.tls import server_context
+
+            ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
         if cfg.embedded_nats:
             from federation.natsd import NatsServer
 
-            self.natsd = NatsServer(cfg.data_dir / "nats", port=cfg.nats_port)
+            self.natsd = NatsServer(cfg.data_dir / "nats", port=cfg.nats_port,
+                                    tls_cert=cfg.nats_tls_cert, tls_key=cfg.nats_tls_key)
             await self.natsd.start()
             self.nats_url = self.natsd.url
         last_error = ""
@@ -73,7 +80,8 @@ class Hub:
 
         self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=0.5,
                                      max_reconnect_attempts=-1, connect_timeout=5,
-                                     error_cb=_nats_error, reconnected_cb=_reconnected)
+                                     error_cb=_nats_error, reconnected_cb=_reconnected,
+                                     **_nats_tls(cfg, self.nats_url))
         js = self.nc.jetstream(timeout=5)
         await ensure_streams(js, replicas=cfg.stream_replicas,
                              events_max_age_s=cfg.events_max_age_s,
@@ -107,15 +115,17 @@ class Hub:
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
                                            lookup=store.api_token_role),
-                        extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS)
+                        extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS,
+                        limits=cfg.api_limits)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0)
         await self.runner.setup()
         host, port = cfg.host_port
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        site = web.TCPSite(self.runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
         for name, value in (("hub.url", self.url), ("nats.url", self.nats_url)):
             (cfg.data_dir / f"{name}.tmp").write_text(value)
             (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
@@ -156,6 +166,15 @@ class Hub:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _nats_tls(cfg: HubConfig, url: str) -> dict[str, Any]:
+    """nats.connect arguments for a TLS link: the ``nats_ca`` to trust, for tls:// URLs."""
+    if cfg.nats_ca is None and not url.startswith("tls://"):
+        return {}
+    from federation.tls import client_context
+
+    return {"tls": client_context(cfg.nats_ca, "nats_ca")}
 
 
 async def _bounded(coro: Any, what: str, seconds: float = STOP_GRACE_S) -> None:

@@ -52,6 +52,11 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        ssl_context = None  # loaded first: a bad certificate stops the agent before anything runs
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            from federation.tls import server_context
+
+            ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         self.store = store = Store(cfg.data_dir / "agent.db")
@@ -64,7 +69,8 @@ class Agent:
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
-            stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep)
+            stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
+            max_tasks=cfg.max_tasks)
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
@@ -74,15 +80,17 @@ class Agent:
             await self._start_sync(backend)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}),
-                        extra_routes=[web.get("/", status_page)], public_paths=("/",))
+                        extra_routes=[web.get("/", status_page)], public_paths=("/",),
+                        limits=cfg.api_limits)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0)
         await self.runner.setup()
         host, port = cfg.host_port
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        site = web.TCPSite(self.runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
         # Written whole then renamed: whoever polls for this file never reads it half-written.
         (cfg.data_dir / "agent.url.tmp").write_text(self.url)
         (cfg.data_dir / "agent.url.tmp").replace(cfg.data_dir / "agent.url")
@@ -101,7 +109,7 @@ class Agent:
         seed, _ = load_or_create_key(cfg.data_dir / "agent.key")
         self.sync = Sync(
             SyncSettings(cfg.nats_url or "", cfg.join_token, cfg.heartbeat_s, cfg.outbox_max,
-                         __version__),
+                         __version__, nats_ca=cfg.nats_ca),
             self.store, Signer(seed), backend.agent_record, self.supervisor.snapshot,
             CommandApplier(backend), offer=backend.current_offer)
         backend.link_status = self.sync.status

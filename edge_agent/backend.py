@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from edge_agent.scheduler import Capacity
 from edge_agent.store import Store
 from edge_agent.supervisor import Supervisor
 from federation import __version__
@@ -162,6 +163,11 @@ class EdgeBackend:
         if self.draining:
             return None
         free = self.supervisor.free()
+        if self.supervisor.at_task_cap():
+            # At max_tasks nothing more fits, whatever the resources say: offer nothing free,
+            # so the core's placer treats this agent as full instead of sending launches that
+            # would only be declined.
+            free = Capacity(0.0, 0, 0)
         return {"id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
                 "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
                 "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),

@@ -8,8 +8,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federation.config import parse_listen
+from federation.config import check_readable, check_tls_files, parse_listen
 from federation.errors import ConfigError
+from federation.limits import ApiLimits
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
 ISOLATION_MODES = ("auto", "cgroup-v2", "cgroup-v1", "rlimit")
@@ -26,6 +27,11 @@ class AgentConfig:
     ``data_dir`` holds the store, task directories and keys; ``listen`` is HOST:PORT of the API;
     ``cpus``/``mem_mb``/``disk_mb`` are what tasks may use in all (default: the whole box);
     ``admin_token`` is the API's admin bearer token (generated into the data dir when unset).
+    ``max_tasks``: tasks not yet ended (pending to running) this agent holds at once; one more
+    is refused with 409 and the agent offers nothing to the core while at the cap.
+    ``rate_limit_per_s``/``rate_limit_burst``/``max_streams_per_token``: per-token API limits
+    (``federation.limits``). ``tls_cert``/``tls_key``: serve the API over HTTPS (PEM files).
+    ``nats_ca``: CA file that signed the NATS server's certificate (for ``tls://`` URLs).
     """
 
     data_dir: Path
@@ -48,6 +54,13 @@ class AgentConfig:
     join_token: str | None = None
     heartbeat_s: float = 2.0
     outbox_max: int = 200_000
+    max_tasks: int = 1000
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
+    max_streams_per_token: int = 32
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    nats_ca: Path | None = None
 
     def __post_init__(self) -> None:
         self.host_port  # noqa: B018 (validates listen)
@@ -84,6 +97,15 @@ class AgentConfig:
             self._bad("outbox_max", self.outbox_max, "at least 1000")
         if self.admin_token is not None and len(self.admin_token) < 16:
             self._bad("admin_token", "(hidden)", "at least 16 characters")
+        if not 1 <= self.max_tasks <= 1_000_000:
+            self._bad("max_tasks", self.max_tasks, "1 to 1000000")
+        self.api_limits  # noqa: B018 (validates the limits)
+        check_tls_files(self.tls_cert, self.tls_key)
+        check_readable(self.nats_ca, "nats_ca")
+
+    @property
+    def api_limits(self) -> ApiLimits:
+        return ApiLimits(self.rate_limit_per_s, self.rate_limit_burst, self.max_streams_per_token)
 
     @staticmethod
     def _bad(setting: str, value: object, expected: str) -> None:

@@ -23,6 +23,8 @@ from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
 from federation.sqlitedb import Database
 
+_ACTIVE = ("pending", "staging", "starting", "running")
+
 # Columns of ``tasks`` that the API shows besides the spec.
 _PUBLIC = ("id", "state", "exit_code", "reason", "origin", "generation", "restarts", "pid",
            "created_at", "updated_at", "started_at", "finished_at")
@@ -133,6 +135,12 @@ class Store(Database):
         return self._db.execute(
             f"SELECT * FROM tasks WHERE state NOT IN ({marks}) ORDER BY num",
             tuple(TERMINAL_STATES)).fetchall()
+
+    def count_active(self) -> int:
+        """Tasks not yet ended (pending to running); an index range per state, not a scan."""
+        return int(self._db.execute(
+            f"SELECT count(*) FROM tasks WHERE state IN ({','.join('?' * len(_ACTIVE))})",
+            _ACTIVE).fetchone()[0])
 
     def count_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(

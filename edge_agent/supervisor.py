@@ -39,13 +39,14 @@ class Supervisor:
     """Owns every task on this agent from submission to its last exit."""
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
-                 stop_tasks_on_exit: bool, events_keep: int) -> None:
+                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000) -> None:
         self.store = store
         self.executor = executor
         self.capacity = capacity
         self.boot = boot
         self.stop_tasks_on_exit = stop_tasks_on_exit
         self.events_keep = events_keep
+        self.max_tasks = max_tasks  # tasks not yet ended held at once (AgentConfig.max_tasks)
         self.reserved: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, _Pending] = {}
         self.exit_reasons: dict[str, str] = {}
@@ -91,6 +92,7 @@ class Supervisor:
                task_id: str | None = None) -> dict[str, Any]:
         need = spec["resources"]
         self._check_capacity(need)
+        self._check_count()
         task_id = task_id or uuid.uuid4().hex
         # One commit for the submission and, when it fits, its start: every state still gets
         # its own event, but the disk is touched once.
@@ -100,6 +102,18 @@ class Supervisor:
             self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
             self.schedule()
         return self.store.to_api(self.store.row(task_id))
+
+    def at_task_cap(self) -> bool:
+        return self.store.count_active() >= self.max_tasks
+
+    def _check_count(self) -> None:
+        """Refuse a task past ``max_tasks`` (ended tasks do not count); nothing is stored."""
+        active = self.store.count_active()
+        if active >= self.max_tasks:
+            raise Conflict(
+                f"this agent already holds {active} tasks that have not ended, its most "
+                f"(max_tasks {self.max_tasks}); kill or wait for some, or submit elsewhere",
+                details={"limit": "max_tasks", "max_tasks": self.max_tasks, "active": active})
 
     def _check_capacity(self, need: dict[str, Any]) -> None:
         """A task that could never fit this agent, even idle, is refused up front."""

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_agent.store import Store
@@ -35,13 +36,15 @@ OFFER_REFRESH_S = 15.0  # offers live 30 s at the core; renew them well before
 @dataclass(frozen=True, slots=True)
 class SyncSettings:
     """``nats_url``: the core's (or the site leaf's) NATS; ``join_token``: used once to enroll;
-    ``heartbeat_s``: heartbeat period; ``outbox_max``: unshipped events kept before coalescing."""
+    ``heartbeat_s``: heartbeat period; ``outbox_max``: unshipped events kept before coalescing;
+    ``nats_ca``: CA file that signed the NATS server's certificate (TLS links)."""
 
     nats_url: str
     join_token: str | None
     heartbeat_s: float = 2.0
     outbox_max: int = 200_000
     version: str = ""
+    nats_ca: Path | None = None
 
 
 # Applies one verified command synchronously (inside the store transaction that records it):
@@ -152,10 +155,19 @@ class Sync:
             servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
             connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
             ping_interval=3, max_outstanding_pings=2, allow_reconnect=True,
-            disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error)
+            disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
+            **self._tls())
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
         log.info("connected to %s", self.settings.nats_url, extra={"agent": self.agent_id})
+
+    def _tls(self) -> dict[str, Any]:
+        """nats.connect's ``tls`` for a tls:// URL or a private CA; none for plain nats://."""
+        if self.settings.nats_ca is None and not self.settings.nats_url.startswith("tls://"):
+            return {}
+        from federation.tls import client_context
+
+        return {"tls": client_context(self.settings.nats_ca, "nats_ca")}
 
     # ------------------------------------------------------------ enrollment
 

@@ -7,19 +7,20 @@ paging and the OpenAPI document are the same code, so "the same API everywhere" 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from federation import schemas
-from federation.auth import TokenAuth, role_allows
+from federation.auth import TokenAuth, digest, role_allows
 from federation.backend import Backend, TaskQuery
 from federation.errors import (
     BadRequest,
@@ -29,6 +30,7 @@ from federation.errors import (
     Unauthorized,
     error_body,
 )
+from federation.limits import ApiLimits, Limiter
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,16 @@ BACKEND = web.AppKey("backend", Backend)
 AUTH = web.AppKey("auth", TokenAuth)
 STATS = web.AppKey("stats", dict)
 ROLE = web.RequestKey("role", str)
+LIMITER = web.AppKey("limiter", Limiter)
+# The caller's token digest: the key of its rate bucket and of its stream slots.
+CALLER = web.RequestKey("caller", str)
 # Handlers that stream without end (SSE, log follow); cancelled at shutdown so it is prompt.
 STREAMS = web.AppKey("streams", set)
 MAX_BODY = 256 * 1024
 SSE_KEEPALIVE = 15.0
+DISCONNECT_POLL = 1.0  # how often a quiet stream checks that its client is still there
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -163,6 +170,13 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
         raise BadRequest("stream: must be stdout or stderr", details={"field": "stream"})
     tail = _int_param(request, "tail", 100, 0, 100_000)
     follow = _bool_param(request, "follow")
+    # Only a follow is endless, so only a follow takes one of the token's stream slots.
+    with _stream_slot(request) if follow else contextlib.nullcontext():
+        return await _send_logs(request, stream, tail, follow)
+
+
+async def _send_logs(request: web.Request, stream: str, tail: int,
+                     follow: bool) -> web.StreamResponse:
     chunks = await _backend(request).open_logs(
         request.match_info["id"], stream=stream, tail=tail, follow=follow
     )
@@ -171,12 +185,55 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     with _streaming(request):
         try:
-            async for chunk in chunks:
-                await resp.write(chunk)
+            async with contextlib.aclosing(_while_connected(request, chunks, None)) as items:
+                async for chunk in items:
+                    await resp.write(chunk)
+        except ConnectionResetError:
+            return resp
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
     await resp.write_eof()
     return resp
+
+
+async def _while_connected(request: web.Request, source: AsyncIterator[T],
+                           keepalive: float | None) -> AsyncIterator[T | None]:
+    """The items of ``source``, plus ``None`` after each ``keepalive`` seconds of quiet; ends
+    when the client has gone.
+
+    aiohttp does not cancel a handler whose client left, and a quiet stream writes nothing that
+    could fail, so the connection is looked at every ``DISCONNECT_POLL`` s: a closed stream
+    gives its slot back within a second or so. The next-item wait is kept across those wake-ups:
+    cancelling it (as wait_for would) would close ``source`` after the first quiet period.
+    """
+    it = source.__aiter__()
+    loop = asyncio.get_running_loop()
+    poll = DISCONNECT_POLL if keepalive is None else min(DISCONNECT_POLL, keepalive)
+    quiet_since = loop.time()
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=poll)
+            if not done:
+                if request.transport is None or request.transport.is_closing():
+                    return
+                if keepalive is not None and loop.time() - quiet_since >= keepalive:
+                    quiet_since = loop.time()
+                    yield None
+                continue
+            fut, pending = pending, None
+            try:
+                item = fut.result()
+            except StopAsyncIteration:
+                return
+            quiet_since = loop.time()
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
 
 
 class _streaming:
@@ -191,6 +248,11 @@ class _streaming:
 
     def __exit__(self, *exc: object) -> None:
         self.streams.discard(self.task)
+
+
+def _stream_slot(request: web.Request) -> contextlib.AbstractContextManager[None]:
+    """One of the caller's stream slots, held until the stream ends (429 if none is free)."""
+    return request.app[LIMITER].streams.hold(request.get(CALLER, ""))
 
 
 async def _cancel_streams(app: web.Application) -> None:
@@ -260,37 +322,30 @@ def _last_event_id(request: web.Request) -> int | None:
 
 async def events(request: web.Request) -> web.StreamResponse:
     after = _last_event_id(request)
+    with _stream_slot(request):
+        return await _send_events(request, after)
+
+
+async def _send_events(request: web.Request, after: int | None) -> web.StreamResponse:
     feed = await _backend(request).open_events(after)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     await resp.write(b"retry: 2000\n\n")
-    it = feed.__aiter__()
-    # The next-event wait is kept across keepalives: cancelling it (as wait_for would) would
-    # close the feed generator and end the stream after the first quiet period.
-    pending: asyncio.Future[Any] | None = None
     with _streaming(request):
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE)
-                if not done:
-                    await resp.write(b": keepalive\n\n")
-                    continue
-                fut, pending = pending, None
-                try:
-                    ev = fut.result()
-                except StopAsyncIteration:
-                    break
-                data = orjson.dumps(ev.data, default=str).decode()
-                await resp.write(f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
+            async with contextlib.aclosing(_while_connected(request, feed,
+                                                            SSE_KEEPALIVE)) as items:
+                async for ev in items:
+                    if ev is None:
+                        await resp.write(b": keepalive\n\n")
+                        continue
+                    data = orjson.dumps(ev.data, default=str).decode()
+                    await resp.write(
+                        f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode())
         except ConnectionResetError:
             pass
         finally:
-            if pending is not None:
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
             await feed.aclose()  # type: ignore[attr-defined]
     return resp
 
@@ -299,7 +354,9 @@ async def metrics(request: web.Request) -> web.Response:
     from federation.metrics import render
 
     families = _backend(request).metrics()
-    stats = request.app[STATS]
+    limiter = request.app[LIMITER]
+    stats = {**request.app[STATS], "rate_limited": limiter.buckets.refused,
+             "streams_refused": limiter.streams.refused}
     return web.Response(body=render(families, stats), content_type="text/plain",
                         charset="utf-8")
 
@@ -370,7 +427,9 @@ ROUTES: tuple[Route, ...] = (
 
 
 def _error_response(exc: OutpostError) -> web.Response:
-    return _json(exc.body(), status=exc.status)
+    resp = _json(exc.body(), status=exc.status)
+    resp.headers.update(exc.headers())
+    return resp
 
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
@@ -418,9 +477,13 @@ def _auth_middleware(roles: dict[tuple[str, str], str | None]) -> Any:
                 token = request.query.get("token", "") if request.method == "GET" else ""
             if not token:
                 raise Unauthorized("a bearer token is required (Authorization: Bearer ...)")
-            role = request.app[AUTH].role_for(token.strip())
+            token = token.strip()
+            role = request.app[AUTH].role_for(token)
             if role is None:
                 raise Unauthorized("unknown or revoked token")
+            # Counted only once the token is known: the buckets stay as few as the tokens.
+            request[CALLER] = caller = digest(token)
+            request.app[LIMITER].buckets.take(caller)
             if not role_allows(role, needed):
                 raise Forbidden(f"role {role!r} may not do this; needs {needed!r}",
                                 details={"role": role, "needed": needed})
@@ -436,8 +499,10 @@ def build_app(
     *,
     extra_routes: list[web.RouteDef] | None = None,
     public_paths: tuple[str, ...] = (),
+    limits: ApiLimits | None = None,
 ) -> web.Application:
-    """The API app over ``backend``. ``extra_routes`` add role-specific pages (``/``)."""
+    """The API app over ``backend``. ``extra_routes`` add role-specific pages (``/``);
+    ``limits`` are the per-token request rate and open-stream cap (defaults: ``ApiLimits()``)."""
     roles: dict[tuple[str, str], str | None] = {(r.method, r.path): r.role for r in ROUTES}
     for path in public_paths:
         roles[("GET", path)] = None
@@ -445,6 +510,7 @@ def build_app(
                           middlewares=[_errors, _auth_middleware(roles)])
     app[BACKEND] = backend
     app[AUTH] = auth
+    app[LIMITER] = Limiter(limits or ApiLimits())
     app[STATS] = {"started": time.time()}
     app[STREAMS] = set()
     app.on_shutdown.append(_cancel_streams)

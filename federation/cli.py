@@ -9,6 +9,7 @@ are read line by line so output appears as the node writes it.
     outpost tasks ls [--state S] [--label K=V] [--name N] [--limit N] [--all]
     outpost tasks get|kill ID        outpost tasks logs ID [-f] [--tail N] [--stderr]
     outpost agents ls | offers ls | info | events [--after N]
+    (an https:// node signed by a private CA: --cacert CA.pem or OUTPOST_CACERT)
 
 Exit status: 0 ok, 1 the API refused (the line on stderr says why), 2 usage error, 3 the node
 could not be reached (or a stream was cut), 130 interrupted by Ctrl-C.
@@ -21,6 +22,7 @@ import http.client
 import json
 import os
 import shlex
+import ssl
 import sys
 import time
 import urllib.error
@@ -62,11 +64,13 @@ class ApiError(CliError):
 
 @dataclass(frozen=True, slots=True)
 class Client:
-    """Talks to one node. Fields: ``url`` (no trailing slash), ``token``, ``timeout`` seconds."""
+    """Talks to one node. Fields: ``url`` (no trailing slash), ``token``, ``timeout`` seconds,
+    ``context`` (TLS for https:// URLs: trusts ``--cacert``; None: the system's CAs)."""
 
     url: str
     token: str | None
     timeout: float
+    context: ssl.SSLContext | None = None
 
     def _open(self, method: str, path: str, query: dict[str, Any] | None, body: Any,
               headers: dict[str, str], timeout: float | None) -> http.client.HTTPResponse:
@@ -78,11 +82,17 @@ class Client:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
+            resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout,
+                                                                    context=self.context)
             return resp
         except urllib.error.HTTPError as err:
             raise self._api_error(err) from None
         except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise Unreachable(
+                    f"cannot reach {self.url}: its TLS certificate is not trusted "
+                    f"({err.reason.verify_message}); pass --cacert CA.pem (or set "
+                    "OUTPOST_CACERT) if a private CA signed it") from None
             raise Unreachable(f"cannot reach {self.url}: {_reason(err.reason)}") from None
         except (OSError, http.client.HTTPException) as err:
             raise Unreachable(f"cannot reach {self.url}: {_reason(err)}") from None
@@ -471,6 +481,9 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         help="node API address, e.g. http://127.0.0.1:7070 (env OUTPOST_URL)")
     parser.add_argument("--token", default=default(None),
                         help="bearer token (env OUTPOST_TOKEN)")
+    parser.add_argument("--cacert", default=default(None), metavar="FILE",
+                        help="CA certificate (PEM) to trust for an https:// node signed by a "
+                        "private CA (env OUTPOST_CACERT)")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print the API's JSON instead of a table")
     parser.add_argument("--timeout", type=_number(float, 0, strict=True),
@@ -563,6 +576,16 @@ def _check_url(url: str | None) -> str:
     return url.rstrip("/")
 
 
+def _tls_context(cacert: str | None) -> ssl.SSLContext | None:
+    """A context trusting only ``cacert`` (a private CA); None: urllib's default (system CAs)."""
+    if not cacert:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as err:
+        raise UsageError(f"--cacert: cannot load {cacert}: {_reason(err)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     options, command = _split_argv(sys.argv[1:] if argv is None else argv)
     try:
@@ -576,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = command or []
         token = args.token if args.token is not None else os.environ.get("OUTPOST_TOKEN")
         url = _check_url(args.url or os.environ.get("OUTPOST_URL"))
-        client = Client(url, token or None, args.timeout)
+        client = Client(url, token or None, args.timeout,
+                        _tls_context(args.cacert or os.environ.get("OUTPOST_CACERT")))
         return int(args.func(client, args))
     except CliError as err:
         print(f"outpost: {err}", file=sys.stderr)

@@ -125,3 +125,25 @@ def parse_listen(listen: str, setting: str = "listen") -> tuple[str, int]:
         raise ConfigError(f"{setting}: {listen!r} is not valid; expected HOST:PORT",
                           details={"setting": setting})
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_tls_files(cert: Path | None, key: Path | None, setting: str = "tls") -> None:
+    """A certificate and its key come together, and both files must be readable now (a typo
+    should stop the node at start, not at the first TLS handshake)."""
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{setting}_cert and {setting}_key: give both or neither",
+                          details={"setting": f"{setting}_cert"})
+    for name, path in ((f"{setting}_cert", cert), (f"{setting}_key", key)):
+        check_readable(path, name)
+
+
+def check_readable(path: Path | None, setting: str) -> None:
+    """``ConfigError`` unless ``path`` is None or a readable file."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}",
+                          details={"setting": setting}) from None

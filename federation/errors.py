@@ -8,6 +8,7 @@
     ├── Conflict (409)           state or generation conflict, duplicate
     ├── PayloadTooLarge (413)    request body over the limit
     ├── Invalid (422)            well-formed but a field is wrong, or cannot fit the agent
+    ├── TooManyRequests (429)    a per-token limit (request rate, open streams); Retry-After
     ├── Unavailable (503)        the thing exists but cannot answer now (edge offline)
     └── ConfigError              bad configuration file, env or flag (CLI exit, no HTTP)
 """
@@ -30,6 +31,10 @@ class OutpostError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message, self.details)
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error response carries besides its body (none by default)."""
+        return {}
 
 
 class BadRequest(OutpostError):
@@ -65,6 +70,22 @@ class PayloadTooLarge(OutpostError):
 class Invalid(OutpostError):
     status = 422
     code = "invalid"
+
+
+class TooManyRequests(OutpostError):
+    """A per-token limit was hit; ``retry_after`` (seconds, None: when a stream closes) says
+    when trying again can work, sent as the ``Retry-After`` header too."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class Unavailable(OutpostError):

@@ -20,6 +20,12 @@ def _app_metrics(stats: dict[str, Any]) -> list[Metric]:
         Metric("outpost_http_internal_errors_total", "counter",
                "API requests that failed with an internal error",
                [({}, float(stats.get("errors", 0)))]),
+        Metric("outpost_http_rate_limited_total", "counter",
+               "API requests refused (429) by the per-token request rate limit",
+               [({}, float(stats.get("rate_limited", 0)))]),
+        Metric("outpost_http_streams_refused_total", "counter",
+               "Streams refused (429) because the token held the most it may",
+               [({}, float(stats.get("streams_refused", 0)))]),
         Metric("outpost_uptime_seconds", "gauge", "Seconds since the API started",
                [({}, time.time() - stats.get("started", time.time()))]),
     ]

@@ -64,12 +64,14 @@ class NatsServer:
     Fields: ``store_dir`` (JetStream data, the config, the log and the ports file), ``host``,
     ``port`` (0 until the first start has picked one), ``config_extra`` (appended verbatim to the
     generated config), ``start_timeout_s`` / ``stop_timeout_s`` (how long ``start`` waits for
-    readiness and ``stop`` for a clean exit), ``monitor_port`` (HTTP monitoring, this run).
+    readiness and ``stop`` for a clean exit), ``monitor_port`` (HTTP monitoring, this run),
+    ``tls_cert`` / ``tls_key`` (PEM files: clients must then connect with TLS, ``tls://``).
     """
 
     def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1",
                  config_extra: str = "", *, start_timeout_s: float = START_TIMEOUT_S,
-                 stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
+                 stop_timeout_s: float = STOP_TIMEOUT_S, tls_cert: Path | None = None,
+                 tls_key: Path | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
@@ -77,6 +79,7 @@ class NatsServer:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.monitor_port = 0
+        self.tls_cert, self.tls_key = tls_cert, tls_key
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
 
@@ -86,7 +89,8 @@ class NatsServer:
     def url(self) -> str:
         if not self.port:
             raise NatsServerError("nats-server has no port yet: start it first")
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls_cert is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -220,9 +224,17 @@ class NatsServer:
             f"http: {json.dumps(self.host + ':-1')}",
             f"ports_file_dir: {json.dumps(str(ports_dir))}",
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+            self._tls_block(),
             self.config_extra,
             "",
         ])
+
+    def _tls_block(self) -> str:
+        """Clients must use TLS; the monitoring port (readiness polls) stays plain HTTP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return ""
+        return (f"tls {{ cert_file: {json.dumps(str(self.tls_cert))}, "
+                f"key_file: {json.dumps(str(self.tls_key))}, timeout: 5 }}")
 
     async def _wait_ready(self, ports_dir: Path) -> None:
         """Poll until the ports file names our ports and /healthz says JetStream is current."""

@@ -9,7 +9,9 @@ from federation import __version__, schemas
 
 _STATUS_TEXT = {400: "Bad request", 401: "No or unknown token", 403: "Role may not do this",
                 404: "Not found", 409: "Conflict", 413: "Body too large",
-                422: "A field is invalid", 503: "Unavailable now"}
+                422: "A field is invalid",
+                429: "Over a per-token limit (request rate or open streams)",
+                503: "Unavailable now"}
 
 
 def _operation(route: Any) -> dict[str, Any]:
@@ -40,11 +42,17 @@ def _operation(route: Any) -> dict[str, Any]:
         op["responses"]["202"] = {"description": "Kill under way", "content": {
             "application/json": {"schema": route.response or {"type": "object"}}}}
     errors = [400, 404, 409, 413, 422, 503]
-    if route.role is not None:
+    if route.role is not None:  # only a token is limited: /v1/health never answers 429
         errors[1:1] = [401, 403]
+        errors.insert(-1, 429)
     for code in errors:
         op["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if 429 in errors:
+        op["responses"]["429"]["headers"] = {"Retry-After": {
+            "description": "Seconds until the request rate allows another request (absent "
+                           "when the limit is on open streams)",
+            "required": False, "schema": {"type": "integer", "minimum": 1}}}
     if route.role is not None:
         op["security"] = [{"bearer": []}]
     return op

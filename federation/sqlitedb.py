@@ -7,6 +7,7 @@ importing sqlite-utils costs an idle edge agent ~13 MB RSS, a third of its memor
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,11 +34,27 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[str], what: str) -> i
     return len(migrations)
 
 
+def private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600, or tighten it to 0600: a store holds token digests and
+    task environments. SQLite gives the -wal and -shm files the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left by a version that did not make them private
+        side = path.with_name(path.name + suffix)
+        if side.exists() and side.stat().st_mode & 0o077:
+            side.chmod(0o600)
+
+
 class Database:
     """One SQLite file: the connection, its schema, and nestable transactions."""
 
     def __init__(self, path: Path, migrations: Sequence[str], what: str) -> None:
         self.path = Path(path)
+        private_file(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
