@@ -25,6 +25,7 @@ from core_hub.store import HubStore
 from federation.app import build_app
 from federation.auth import TokenAuth
 from federation.identity import load_or_create_token
+from federation.log import redact_url
 from federation.streams import ensure_streams
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,8 @@ class Hub:
         for name, value in (("hub.url", self.url), ("nats.url", self.nats_url)):
             (cfg.data_dir / f"{name}.tmp").write_text(value)
             (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
-        log.info("hub serving %s; NATS %s", self.url, self.nats_url,
-                 extra={"url": self.url, "nats": self.nats_url})
+        log.info("hub serving %s; NATS %s", self.url, redact_url(self.nats_url),
+                 extra={"url": self.url, "nats": redact_url(self.nats_url)})
 
     async def _after_agent_change(self, agent_id: str) -> None:
         """The one call site for an agent whose trust changed (enrolled, key rotated, revoked):

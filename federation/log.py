@@ -1,4 +1,6 @@
-"""Logging set-up for the commands (only ``__main__`` modules call this): text or JSON lines."""
+"""Logging set-up for the commands (only ``__main__`` modules call this): text or JSON lines;
+and ``redact_url`` for addresses that may carry a password (nothing secret goes to a log).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from urllib.parse import urlsplit
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -36,3 +39,17 @@ def configure(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def redact_url(url: str) -> str:
+    """``url`` without secrets in its user part: ``nats://u:pw@h`` -> ``nats://u:***@h``, and
+    ``nats://TOKEN@h`` (NATS token auth) -> ``nats://***@h``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return parts._replace(netloc=f"{user}@{host}").geturl()

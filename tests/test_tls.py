@@ -210,3 +210,11 @@ def test_keys_tokens_and_stores_are_private_and_logs_hold_no_secret(
     logs = agent.log() + tls_hub.log()
     for secret in (agent.token, tls_hub.token, join, ca.key.read_text().splitlines()[1]):
         assert secret not in logs
+
+
+def test_nats_urls_are_logged_without_their_secrets() -> None:
+    from federation.log import redact_url
+
+    assert redact_url("nats://hub:s3cret@10.0.0.1:4222") == "nats://hub:***@10.0.0.1:4222"
+    assert redact_url("tls://t0ken@hub.example.com:4222") == "tls://***@hub.example.com:4222"
+    assert redact_url("tls://127.0.0.1:4222") == "tls://127.0.0.1:4222"
