@@ -26,6 +26,11 @@ class HubConfig:
     nats_url: str | None = None
     embedded_nats: bool = False
     nats_port: int = 4222
+    # NATS least privilege (core_hub/natsauth.py): always on with embedded_nats; for an external
+    # NATS, the file the hub keeps its authorization in (the server's config includes it) and,
+    # on the same host, the server's pid file (the hub then reloads it after each change).
+    nats_auth_file: Path | None = None
+    nats_pid_file: Path | None = None
     admin_token: str | None = None
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
@@ -54,6 +59,11 @@ class HubConfig:
             self._bad("nats_url", self.nats_url, "nats://HOST:PORT")
         if not 0 <= self.nats_port <= 65535:
             self._bad("nats_port", self.nats_port, "0 to 65535")
+        if self.nats_auth_file is not None and self.embedded_nats:
+            self._bad("nats_auth_file", str(self.nats_auth_file),
+                      "unset with embedded_nats (it keeps its own, under data_dir/nats)")
+        if self.nats_pid_file is not None and self.nats_auth_file is None:
+            self._bad("nats_pid_file", str(self.nats_pid_file), "only with nats_auth_file")
         if not 0 < self.disconnected_after_s < self.unreachable_after_s:
             self._bad("unreachable_after_s", self.unreachable_after_s,
                       "more than disconnected_after_s, both above 0")

@@ -1,8 +1,9 @@
 """Forwarding live reads to the edge that owns a task (logs), over NATS request/reply.
 
-The answer streams back as messages to a private inbox (see ``edge_agent/rpc.py``). An edge
-that does not answer within ``FIRST_REPLY_S`` is offline: the API says so with a 503 instead of
-waiting. When the API client goes away mid-follow, the edge is told to stop.
+The answer streams back as messages to ``outpost.v1.rpcreply.<agent>.<ref>`` (see
+``edge_agent/rpc.py``), the one reply subject that agent's NATS permissions let it publish to.
+An edge that does not answer within ``FIRST_REPLY_S`` is offline: the API says so with a 503
+instead of waiting. When the API client goes away mid-follow, the edge is told to stop.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tai
                        follow: bool) -> AsyncIterator[bytes]:
     """Ask ``agent_id`` for a task's logs; raises before the first byte if it cannot answer."""
     ref = uuid.uuid4().hex
-    inbox = nc.new_inbox()
+    # The agent's NATS permissions let it publish to its own rpcreply subjects only.
+    inbox = subjects.rpc_reply(agent_id, ref)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
 
     async def on_msg(msg: Any) -> None:

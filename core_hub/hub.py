@@ -18,15 +18,23 @@ from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
 from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
+from core_hub.natsauth import (
+    AUTH_FILE_NAME,
+    NatsAuth,
+    pid_file_reload,
+    signal_reload,
+    trusted_agents,
+)
 from core_hub.registry import Registry
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
 from federation.app import build_app
 from federation.auth import TokenAuth
-from federation.identity import load_or_create_token
+from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
-from federation.streams import ensure_streams
+from federation.natscreds import hub_credentials
+from federation.streams import ensure_command_consumer, ensure_streams
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,7 @@ class Hub:
         self.nats_url = config.nats_url or ""
         self.admin_token = ""
         self.registry: Registry | None = None
+        self.nats_auth: NatsAuth | None = None  # least privilege on the hub's NATS, if managed
 
     async def start(self) -> None:
         import nats
@@ -59,11 +68,15 @@ class Hub:
             ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
+        self.store = store = HubStore(cfg.data_dir / "hub.db")
+        hub_seed, hub_public = load_or_create_key(cfg.data_dir / "hub.key")
+        self._least_privilege(store, hub_public)
         if cfg.embedded_nats:
             from federation.natsd import NatsServer
 
             self.natsd = NatsServer(cfg.data_dir / "nats", port=cfg.nats_port,
                                     tls_cert=cfg.nats_tls_cert, tls_key=cfg.nats_tls_key)
+            self.natsd.config_extra = f'include "{AUTH_FILE_NAME}"'
             await self.natsd.start()
             self.nats_url = self.natsd.url
         last_error = ""
@@ -82,7 +95,8 @@ class Hub:
         self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=0.5,
                                      max_reconnect_attempts=-1, connect_timeout=5,
                                      error_cb=_nats_error, reconnected_cb=_reconnected,
-                                     **_nats_tls(cfg, self.nats_url))
+                                     **_nats_tls(cfg, self.nats_url),
+                                     **self._nats_credentials(hub_seed))
         js = self.nc.jetstream(timeout=5)
         await ensure_streams(js, replicas=cfg.stream_replicas,
                              events_max_age_s=cfg.events_max_age_s,
@@ -90,11 +104,11 @@ class Hub:
                              commands_max_age_s=cfg.commands_max_age_s,
                              commands_max_bytes=cfg.commands_max_bytes,
                              duplicate_window_s=cfg.duplicate_window_s)
-        self.store = store = HubStore(cfg.data_dir / "hub.db")
         signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
         await registry.restore()
+        await self._agents_to_nats(js)
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
         enroller.on_enrolled = self._after_agent_change
         ingest = Ingest(js, store)
@@ -139,8 +153,57 @@ class Hub:
         caches who may speak (NATS credentials)."""
         assert self.registry is not None
         await self.registry.save(agent_id)
-        # NATS credentials: the per-agent authorization refresh (core_hub/natsauth.py, being
-        # built) belongs here, so a revoked agent's credentials stop working at once.
+        assert self.store is not None and self.nc is not None
+        key = self.store.agent_key(agent_id)
+        if key is not None and not key.revoked:  # its commands wait for it from now on
+            await ensure_command_consumer(self.nc.jetstream(timeout=5), agent_id)
+        await self.refresh_nats_auth()
+
+    async def refresh_nats_auth(self) -> bool:
+        """Make the NATS server's users equal the store's trusted agents (and reload it): after
+        an agent is enrolled, revoked, removed or re-keyed. True if anything changed; a no-op
+        without least privilege (an external NATS with no ``nats_auth_file``)."""
+        if self.nats_auth is None:
+            return False
+        return await self.nats_auth.refresh()
+
+    def _least_privilege(self, store: HubStore, hub_public: bytes) -> None:
+        """Write the authorization file before the hub connects (the embedded server reads it
+        at start, so it knows the hub's own key from the first moment)."""
+        cfg = self.config
+        path = (cfg.data_dir / "nats" / AUTH_FILE_NAME if cfg.embedded_nats
+                else cfg.nats_auth_file)
+        if path is None:
+            log.warning("NATS without least privilege: any client of %s may act as any agent "
+                        "(set nats_auth_file and include it in the server's config)",
+                        cfg.nats_url)
+            return
+        reload = self._reload_embedded if cfg.embedded_nats else (
+            pid_file_reload(cfg.nats_pid_file) if cfg.nats_pid_file else None)
+        self.nats_auth = NatsAuth(path, store, hub_public, reload)
+        if self.nats_auth.write() and cfg.nats_pid_file is not None:
+            signal_reload(cfg.nats_pid_file)  # an external server learns the hub's key first
+
+    async def _reload_embedded(self) -> None:
+        if self.natsd is not None and self.natsd.running:
+            await self.natsd.reload()
+
+    def _nats_credentials(self, hub_seed: bytes) -> dict[str, Any]:
+        return hub_credentials(hub_seed).connect_options() if self.nats_auth else {}
+
+    async def _agents_to_nats(self, js: Any) -> None:
+        """At start, with least privilege: every trusted agent has its command consumer (the
+        agents may not create one) and a user (the view may have been restored just now)."""
+        if self.nats_auth is None:
+            return
+        assert self.store is not None
+        agents = [agent_id for agent_id, _ in trusted_agents(self.store)]
+        for start in range(0, len(agents), 64):
+            await asyncio.gather(*(ensure_command_consumer(js, agent_id)
+                                   for agent_id in agents[start:start + 64]))
+        await self.nats_auth.refresh()
+        await self.nats_auth.start()
+        self.parts.append(self.nats_auth)
 
     async def stop(self) -> None:
         """Stops every part in reverse order; each gets a few seconds, so a hub whose NATS is

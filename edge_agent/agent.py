@@ -100,7 +100,6 @@ class Agent:
 
     async def _start_sync(self, backend: EdgeBackend) -> None:
         from edge_agent.commands import CommandApplier
-        from edge_agent.keyrotation import KeyRotation
         from edge_agent.sync import Sync, SyncSettings
         from federation import __version__
         from federation.wire import Signer
@@ -112,10 +111,9 @@ class Agent:
             SyncSettings(cfg.nats_url or "", cfg.join_token, cfg.heartbeat_s, cfg.outbox_max,
                          __version__, nats_ca=cfg.nats_ca),
             self.store, Signer(seed), backend.agent_record, self.supervisor.snapshot,
-            CommandApplier(backend), offer=backend.current_offer)
+            CommandApplier(backend), offer=backend.current_offer, nats_key=seed)
         backend.link_status = self.sync.status
         self.sync.rpc_backend = backend
-        self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
         await self.sync.start()
 
     async def stop(self) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 from edge_agent.store import Store
 from federation import subjects, wire
 from federation.errors import OutpostError
+from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials
+from federation.streams import command_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,6 @@ class SyncSettings:
     nats_ca: Path | None = None
 
 
-class KeyRotated(Exception):  # noqa: N818 (a signal to reconnect, not a failure)
-    """Raised out of the serve loops once the hub has taken the agent's new key."""
-
-
 # Applies one verified command synchronously (inside the store transaction that records it):
 # returns (status, detail, extra fields for the result event).
 CommandHandler = Callable[[wire.Envelope], tuple[str, str | None, dict[str, Any]]]
@@ -62,7 +60,8 @@ class Sync:
     def __init__(self, settings: SyncSettings, store: Store, signer: wire.Signer,
                  agent_record: Callable[[], dict[str, Any]],
                  snapshot: Callable[[], dict[str, Any]], on_command: CommandHandler,
-                 offer: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 offer: Callable[[], dict[str, Any] | None] = lambda: None,
+                 nats_key: bytes | None = None) -> None:
         self.settings = settings
         self.store = store
         self.signer = signer
@@ -71,9 +70,8 @@ class Sync:
         self.snapshot = snapshot
         self.on_command = on_command
         self.offer = offer
+        self._nats_key = nats_key  # the identity seed: the agent's NATS nkey once enrolled
         self.rpc_backend: Any = None  # the EdgeBackend live reads are answered from
-        # edge_agent.keyrotation.KeyRotation, set by the agent: finishes a pending key rotation.
-        self.rotation: Any = None
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
@@ -129,18 +127,16 @@ class Sync:
         delay = 0.5
         while True:
             try:
-                await self._connect()
+                await self._connect(enrolling=self.hub_key is None)
                 if self.hub_key is None:
                     await self._enroll()
+                    # The enroll user may do nothing else: come back as this agent.
+                    await self._close()
+                    await self._connect(enrolling=False)
                 delay = 0.5
                 await self._serve()
             except asyncio.CancelledError:
                 raise
-            except KeyRotated:  # the NATS user is the identity key: come back as the new one
-                log.info("key rotated; reconnecting with the new key",
-                         extra={"agent": self.agent_id})
-                await self._close()
-                continue
             except Exception as exc:  # any failure of the link: drop it and come back later
                 log.warning("link to core down: %r", exc, extra={"agent": self.agent_id},
                             exc_info=log.isEnabledFor(logging.DEBUG))
@@ -148,7 +144,7 @@ class Sync:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 15.0)
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, enrolling: bool) -> None:
         import nats
 
         async def _disconnected() -> None:
@@ -167,6 +163,7 @@ class Sync:
             connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
             ping_interval=3, max_outstanding_pings=2, allow_reconnect=True,
             disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
+            **self._credentials(enrolling),
             **self._tls())
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
@@ -179,6 +176,15 @@ class Sync:
         from federation.tls import client_context
 
         return {"tls": client_context(self.settings.nats_ca, "nats_ca")}
+
+    def _credentials(self, enrolling: bool) -> dict[str, Any]:
+        """Who this connection is to NATS (federation/natscreds.py): the public enroll user
+        before enrollment, then the agent's own nkey (its identity key)."""
+        if enrolling:
+            return ENROLL_CREDENTIALS.connect_options()
+        if self._nats_key is None:
+            return {}
+        return agent_credentials(self._nats_key, self.agent_id).connect_options()
 
     # ------------------------------------------------------------ enrollment
 
@@ -237,10 +243,6 @@ class Sync:
                 await asyncio.sleep(0.2)
                 continue
             rows = self.store.events_after(floor, MAX_BATCH_EVENTS * IN_FLIGHT)
-            if self.rotation is not None and self.rotation.pending():
-                # Until the hub takes the new key, the old one signs only up to ``until``.
-                until = await self._rotate()
-                rows = [row for row in rows if row["seq"] <= until]
             if not rows:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.store.wait_for_change(), 1.0)
@@ -261,27 +263,6 @@ class Sync:
             self._set_floor(floor)
             if any(isinstance(r, BaseException) for r in results):
                 await asyncio.sleep(0.5)
-
-    async def _rotate(self) -> int:
-        """Ask the hub to take the pending key (at most every few seconds); once it has,
-        sign with the new key and reconnect as it. Returns the seq the old key signs up to."""
-        rotation = self.rotation
-        until: int = rotation.until()
-        if not rotation.due():
-            return until
-        try:
-            reply = await self.nc.request(subjects.ENROLL, rotation.request(self.signer),
-                                          timeout=5)
-            seed = rotation.answered(wire.unpack(reply.data))
-        except Exception as exc:  # no answer, a garbled one, a full disk: try again later
-            log.warning("key rotation not finished, will retry: %r", exc,
-                        extra={"agent": self.agent_id})
-            return until
-        if seed is None:
-            return until
-        self.signer = wire.Signer(seed)
-        self._nats_key = seed
-        raise KeyRotated()
 
     def _batches(self, floor: int, rows: list[Any]) -> list[tuple[int, int, int, bytes]]:
         """Signed batches of ``rows``: (first seq covered, last seq, event count, bytes)."""
@@ -313,14 +294,13 @@ class Sync:
 
     async def _command_loop(self) -> None:
         from nats.errors import TimeoutError as NatsTimeout
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        # The hub creates this consumer at enrollment; pull_subscribe only looks it up (and
+        # creates it if a hub without least privilege has not).
         durable = subjects.command_consumer(self.agent_id)
         sub = await self.js.pull_subscribe(
             subjects.commands(self.agent_id), durable=durable, stream=subjects.COMMANDS_STREAM,
-            config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
-                                  deliver_policy=DeliverPolicy.ALL, ack_wait=30,
-                                  filter_subject=subjects.commands(self.agent_id)))
+            config=command_consumer_config(self.agent_id))
         try:
             while True:
                 try:

@@ -101,6 +101,12 @@ class NatsServer:
         return self.store_dir / "nats-server.conf"
 
     @property
+    def pid_file(self) -> Path:
+        """Where the server writes its pid: another process (``outpost-hub`` revoking an agent)
+        signals a reload through it."""
+        return self.store_dir / "nats-server.pid"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -197,6 +203,27 @@ class NatsServer:
         self._signal(signal.SIGCONT)
         self._paused = False
 
+    async def reload(self, timeout_s: float = 5.0) -> None:
+        """Re-read the config (SIGHUP) and return once the server has applied it, so that a
+        user just added may connect and one just removed is gone. A config the server rejects
+        raises NatsServerError with the log tail (the server keeps its old config)."""
+        before = await self._config_load_time()
+        self._signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while await self._config_load_time() == before:  # noqa: ASYNC110 (a poll)
+                    await asyncio.sleep(_POLL_S)
+        except TimeoutError:
+            raise NatsServerError(f"nats-server did not reload within {timeout_s:.0f}s",
+                                  log_tail=self.log_tail()) from None
+
+    async def _config_load_time(self) -> str:
+        body = await _http_get(self.host, self.monitor_port, "/varz")
+        try:
+            return str(json.loads(body).get("config_load_time", ""))
+        except ValueError:
+            return ""
+
     async def restart(self, *, hard: bool = False) -> None:
         """Stop (or with ``hard``, SIGKILL) and start again on the same port and store dir."""
         if hard:
@@ -223,6 +250,7 @@ class NatsServer:
             f"port: {port}",
             f"http: {json.dumps(self.host + ':-1')}",
             f"ports_file_dir: {json.dumps(str(ports_dir))}",
+            f"pid_file: {json.dumps(str(self.pid_file))}",
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
             self._tls_block(),
             self.config_extra,
@@ -277,6 +305,27 @@ class NatsServer:
             self._proc = None
         self._paused = False
         self.monitor_port = 0
+
+
+async def _http_get(host: str, port: int, path: str) -> bytes:
+    """Body of a GET on the monitoring port; empty if it cannot be read."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return b""
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 2.0)
+        return response.partition(b"\r\n\r\n")[2]
+    except (OSError, TimeoutError):
+        return b""
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
 
 
 async def _http_status(host: str, port: int, path: str) -> int:

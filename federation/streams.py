@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import logging
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
 from nats.js.errors import BadRequestError
 from nats.js.manager import JetStreamManager
 
@@ -79,3 +88,18 @@ async def ensure_streams(js: JetStreamManager, *, replicas: int = 1,
         assert config.name is not None
         infos[config.name] = info
     return infos
+
+
+def command_consumer_config(agent_id: str) -> ConsumerConfig:
+    """One agent's durable pull consumer on ``OUTPOST_COMMANDS``: its commands only, in order,
+    each acked explicitly after the agent recorded it."""
+    durable = subjects.command_consumer(agent_id)
+    return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                          deliver_policy=DeliverPolicy.ALL, ack_wait=30,
+                          filter_subject=subjects.commands(agent_id))
+
+
+async def ensure_command_consumer(js: JetStreamManager, agent_id: str) -> None:
+    """Create one agent's command consumer (idempotent). The hub does it at enrollment and at
+    start, so an agent under least privilege needs no right to create consumers."""
+    await js.add_consumer(subjects.COMMANDS_STREAM, config=command_consumer_config(agent_id))

@@ -8,6 +8,8 @@ before it reaches NATS. The names follow DESIGN.md, "Wire contract":
     outpost.v1.cmd.<agent_id>           stream OUTPOST_COMMANDS (core -> edge, durable per agent)
     outpost.v1.hb.<agent_id>            core NATS heartbeats, not stored
     outpost.v1.rpc.<agent_id>.<verb>    request/reply for live reads while the edge is online
+    outpost.v1.rpcreply.<agent_id>.<ref> the answer to one live read (the only subject besides
+                                        its own events and heartbeats an agent may publish to)
     outpost.v1.enroll                   request/reply enrollment
 """
 
@@ -31,6 +33,7 @@ HEARTBEATS_ALL = f"{PREFIX}.hb.*"
 # is accepted so other prefixes (a hub's own key, say) fit too.
 _AGENT_ID = re.compile(r"[a-z0-9]{1,64}")
 _VERB = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_REF = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def validate_agent_id(agent_id: str) -> str:
@@ -66,6 +69,14 @@ def rpc(agent_id: str, verb: str) -> str:
     if not isinstance(verb, str) or not _VERB.fullmatch(verb):
         raise Invalid(f"rpc verb {verb!r} is not subject-safe", details={"verb": repr(verb)})
     return f"{PREFIX}.rpc.{validate_agent_id(agent_id)}.{verb}"
+
+
+def rpc_reply(agent_id: str, ref: str) -> str:
+    """Subject one agent streams its answer to a live read ``ref`` to; the hub sets it as the
+    request's reply subject, so an agent's NATS permissions can name its own replies."""
+    if not isinstance(ref, str) or not _REF.fullmatch(ref):
+        raise Invalid(f"rpc reference {ref!r} is not subject-safe", details={"ref": repr(ref)})
+    return f"{PREFIX}.rpcreply.{validate_agent_id(agent_id)}.{ref}"
 
 
 def command_consumer(agent_id: str) -> str:

@@ -180,7 +180,8 @@ def read_events(url: str, token: str, after: int = 0,
 
 @dataclass
 class HubProcess:
-    """A real ``outpost-hub run`` process using an existing NATS (so tests can break NATS)."""
+    """A real ``outpost-hub run`` process using an existing NATS (so tests can break NATS), or
+    with ``embedded`` its own NATS (least privilege on; ``nats_url`` is read from the hub)."""
 
     data_dir: Path
     nats_url: str
@@ -188,16 +189,20 @@ class HubProcess:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     token: str = ""
+    embedded: bool = False
 
     def start(self, timeout: float = 20.0) -> HubProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url_file = self.data_dir / "hub.url"
         url_file.unlink(missing_ok=True)
+        (self.data_dir / "nats.url").unlink(missing_ok=True)
         log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        nats_args = (["--embedded-nats", "--nats-port", "0"] if self.embedded
+                     else ["--nats", self.nats_url])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "core_hub", "run", "--data-dir", str(self.data_dir),
-             "--nats", self.nats_url, "--listen", "127.0.0.1:0", *self.args],
+             *nats_args, "--listen", "127.0.0.1:0", *self.args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         log.close()
         wait_until(lambda: url_file.exists() or self.proc.poll() is not None, timeout,
@@ -206,6 +211,10 @@ class HubProcess:
             raise AssertionError(f"hub exited with {self.proc.returncode}: {self.log()}")
         self.url = url_file.read_text()
         self.token = (self.data_dir / "admin.token").read_text().strip()
+        if self.embedded:  # written just after hub.url
+            nats_file = self.data_dir / "nats.url"
+            wait_until(nats_file.exists, 5, what="the hub's nats.url")
+            self.nats_url = nats_file.read_text()
         return self
 
     def log(self) -> str:

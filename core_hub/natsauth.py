@@ -1,0 +1,253 @@
+"""NATS least privilege: the hub writes the server's ``authorization`` block from its fleet view.
+
+Without it any client of the hub's NATS could publish events as any agent, read every agent's
+commands, or delete the streams. With it the server itself refuses (a permissions violation),
+before a message reaches the hub or a consumer. The users it lists:
+
+- the hub: an nkey user from ``hub.key``, every permission;
+- ``outpost-enroll`` (public password, ``federation/natscreds.py``): may only send an
+  enrollment request and read replies under ``_INBOX_ENROLL.>``;
+- each enrolled, non-revoked agent: an nkey user from its current identity key, allowed to
+  publish its own events and heartbeats (``outpost.v1.events.<id>``, ``outpost.v1.hb.<id>``),
+  its answers to live reads (``outpost.v1.rpcreply.<id>.>``), key rotation requests
+  (``outpost.v1.enroll``, signed by the old and the new key: ``keyrotation.py``), and the
+  JetStream calls that fetch from and ack its own durable command consumer (the hub creates
+  that consumer, so the agent needs no right to create one); to subscribe to its live-read
+  requests (``outpost.v1.rpc.<id>.>``) and its own inboxes (``_INBOX.<id>.>``). Nothing else:
+  not another agent's subjects, not the stream or consumer management API.
+
+``NatsAuth.refresh()`` renders the file again and reloads the server. The hub calls it at start
+and from ``Hub._after_agent_change`` (enrolled, revoked, key rotated) through
+``Hub.refresh_nats_auth()``, so a revoked agent's connection is closed and refused from then
+on, and a rotated key replaces the old one; from another process, ``refresh_offline`` does the
+same against the files of a hub's data dir.
+
+A rotated-away key keeps its user for ``ROTATION_GRACE_S``: the hub refreshes before it answers
+the rotation request, on the agent's old connection, and that answer must still reach it (the
+agent then reconnects with its new key). ``NatsAuth.run`` drops the old key when the grace ends.
+With ``--embedded-nats`` this is on by default; for an external NATS the operator sets
+``nats_auth_file``, includes that file in the server's config, and either sets
+``nats_pid_file`` (same host: the hub sends SIGHUP) or reloads the server after each change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from core_hub.store import HubStore
+from federation import subjects
+from federation.errors import OutpostError
+from federation.natscreds import (
+    ENROLL_INBOX_PREFIX,
+    ENROLL_PASSWORD,
+    ENROLL_USER,
+    agent_inbox_prefix,
+    user_nkey,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_FILE_NAME = "outpost-auth.conf"  # beside the embedded server's own config
+ROTATION_GRACE_S = 30.0
+
+
+class NatsAuthError(OutpostError):
+    """The authorization file could not be written or the server not told to reload it."""
+
+    code = "nats_auth"
+
+
+def agent_permissions(agent_id: str) -> dict[str, Any]:
+    """The server permissions of one enrolled agent (see the module docstring for why)."""
+    durable = subjects.command_consumer(agent_id)
+    stream = subjects.COMMANDS_STREAM
+    return {
+        "publish": {"allow": [
+            subjects.events(agent_id),
+            subjects.heartbeat(agent_id),
+            subjects.ENROLL,  # key rotation requests (signed by both keys) go there too
+            f"{subjects.PREFIX}.rpcreply.{agent_id}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+        ]},
+        "subscribe": {"allow": [
+            f"{subjects.PREFIX}.rpc.{agent_id}.>",
+            f"{agent_inbox_prefix(agent_id)}.>",
+        ]},
+    }
+
+
+ENROLL_PERMISSIONS: dict[str, Any] = {
+    "publish": {"allow": [subjects.ENROLL]},
+    "subscribe": {"allow": [f"{ENROLL_INBOX_PREFIX}.>"]},
+}
+
+
+def render(hub_public_key: bytes, agents: Iterable[tuple[str, bytes]]) -> str:
+    """The ``authorization { users = [...] }`` block for the hub and ``agents`` (id, raw public
+    key). JSON is valid NATS config syntax, so every value is quoted safely."""
+    users: list[dict[str, Any]] = [
+        {"nkey": user_nkey(hub_public_key)},
+        {"user": ENROLL_USER, "password": ENROLL_PASSWORD, "permissions": ENROLL_PERMISSIONS},
+    ]
+    for agent_id, public_key in sorted(agents):
+        users.append({"nkey": user_nkey(public_key), "permissions": agent_permissions(agent_id)})
+    lines = ",\n    ".join(json.dumps(user, separators=(", ", ": ")) for user in users)
+    return ("# written by core_hub/natsauth.py from the hub's enrolled agents; do not edit\n"
+            f"authorization {{\n  users = [\n    {lines}\n  ]\n}}\n")
+
+
+def trusted_agents(store: HubStore) -> list[tuple[str, bytes]]:
+    """(id, public key) of every enrolled agent that is not revoked."""
+    return [(agent["id"], bytes.fromhex(agent["public_key"]))
+            for agent in store.list_agents() if not agent["revoked"]]
+
+
+def write_auth_file(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` (0600, whole or not at all); False if it was already there."""
+    try:
+        if path.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise NatsAuthError(f"cannot write the NATS authorization file {path}: {exc}",
+                            details={"path": str(path)}) from exc
+    return True
+
+
+def signal_reload(pid_file: Path) -> bool:
+    """SIGHUP the nats-server whose pid is in ``pid_file``; False if it is not running."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError as exc:
+        raise NatsAuthError(f"not allowed to signal nats-server (pid file {pid_file})",
+                            details={"pid_file": str(pid_file)}) from exc
+    return True
+
+
+class NatsAuth:
+    """Keeps one authorization file equal to the store's trusted agents.
+
+    Fields: ``path`` (the file the server includes), ``store``, ``hub_public_key`` (raw),
+    ``reload`` (awaited after the file changed: the embedded server's ``reload``, a SIGHUP
+    through a pid file, or None when the operator reloads the server), ``clock`` (monotonic
+    seconds, for the rotation grace)."""
+
+    def __init__(self, path: Path, store: HubStore, hub_public_key: bytes,
+                 reload: Callable[[], Awaitable[None]] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self.store = store
+        self.hub_public_key = bytes(hub_public_key)
+        self.reload = reload
+        self.clock = clock
+        self._keys: dict[str, bytes] = {}  # agent id -> the key last written for it
+        self._retiring: dict[str, tuple[bytes, float]] = {}  # old key, grace end
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one write-and-reload at a time (enrollments may overlap)
+
+    def write(self) -> bool:
+        """Render and write the file (no reload); True if it changed."""
+        agents = trusted_agents(self.store)
+        now = self.clock()
+        current = dict(agents)
+        for agent_id, key in self._keys.items():
+            if agent_id in current and current[agent_id] != key:  # rotated since last time
+                self._retiring[agent_id] = (key, now + ROTATION_GRACE_S)
+        self._retiring = {agent_id: (key, until) for agent_id, (key, until)
+                          in self._retiring.items() if agent_id in current and until > now}
+        self._keys = current
+        changed = write_auth_file(self.path, render(
+            self.hub_public_key,
+            [*agents, *((agent_id, key) for agent_id, (key, _) in self._retiring.items())]))
+        if changed:
+            log.info("NATS authorization written: %d agents", len(agents),
+                     extra={"path": str(self.path), "agents": len(agents)})
+        return changed
+
+    async def refresh(self) -> bool:
+        """Write the file from the store and, if it changed, have the server apply it: call this
+        after an agent is enrolled, revoked or removed. True if anything changed."""
+        async with self._lock:
+            changed = self.write()
+            if changed and self.reload is not None:
+                await self.reload()
+        return changed
+
+    async def start(self) -> None:
+        """Start ``run`` as a task this object owns (``stop`` ends it)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="nats-auth")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        """Until cancelled: refresh when a rotated-away key's grace ends."""
+        while True:
+            ends = [until for _, until in self._retiring.values()]
+            await asyncio.sleep(max(0.0, min(ends) - self.clock()) + 0.01 if ends else 1.0)
+            if any(until <= self.clock() for until in ends):
+                try:
+                    await self.refresh()
+                except Exception:  # the next change or tick tries again
+                    log.exception("NATS authorization refresh failed")
+
+
+def pid_file_reload(pid_file: Path) -> Callable[[], Awaitable[None]]:
+    """A ``NatsAuth.reload`` for an external nats-server on this host (its ``pid_file``)."""
+    async def reload() -> None:
+        if not signal_reload(pid_file):
+            log.warning("nats-server pid file %s names no running server: not reloaded",
+                        pid_file, extra={"pid_file": str(pid_file)})
+    return reload
+
+
+def refresh_offline(data_dir: Path, auth_file: Path | None = None,
+                    pid_file: Path | None = None) -> bool:
+    """From another process than the hub (``outpost-hub agents revoke``): write the hub's
+    authorization file from its store and SIGHUP the server. Defaults: the embedded server's
+    file and pid file under ``<data_dir>/nats``. True if the file changed."""
+    from federation.identity import load_or_create_key
+
+    data_dir = Path(data_dir)
+    nats_dir = data_dir / "nats"
+    auth_file = auth_file or nats_dir / AUTH_FILE_NAME
+    pid_file = pid_file or nats_dir / "nats-server.pid"
+    if not (data_dir / "hub.key").exists():
+        raise NatsAuthError(f"no hub key in {data_dir} (start the hub there first)")
+    _seed, public = load_or_create_key(data_dir / "hub.key")
+    store = HubStore(data_dir / "hub.db")
+    try:
+        changed = NatsAuth(auth_file, store, public).write()
+    finally:
+        store.close()
+    if changed and not signal_reload(pid_file):
+        log.info("no running nats-server behind %s: it reads the new file when it starts",
+                 pid_file)
+    return changed

@@ -1,0 +1,101 @@
+"""Who a NATS client says it is: the nkey of a hub or an agent, or the public enroll user.
+
+With least privilege on (``core_hub/natsauth.py``), the NATS server knows every enrolled agent
+as an nkey user whose public key is the agent's own Ed25519 identity key (nkeys are Ed25519),
+so no second secret is handed out or stored: the key that signs the agent's envelopes also
+answers the server's connect challenge. An agent that has not enrolled yet connects as the
+shared ``outpost-enroll`` user, whose password is public on purpose: that user may only send
+an enrollment request and read the answer, and an answer holds nothing secret (the agent id
+and the hub's public key).
+
+Each client's request inboxes live under a prefix of its own (``_INBOX.<agent_id>``), so the
+server can let an agent read its replies (JetStream acks, fetched commands) and nobody else's.
+Against a server without authorization all of this is ignored by the server, so the same
+client code works there.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from federation import subjects
+
+ENROLL_USER = "outpost-enroll"
+ENROLL_PASSWORD = "outpost-enroll"  # public: the enroll user can do nothing but enroll
+ENROLL_INBOX_PREFIX = "_INBOX_ENROLL"
+_NKEY_USER = 20 << 3  # nkeys' version byte of a user key: base32 "U..."
+_NKEY_SEED = 18 << 3  # ... and of a seed: "S..."
+
+
+def _crc16(data: bytes) -> bytes:
+    """CRC-16/XMODEM, little-endian: the checksum nkeys append before base32."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc.to_bytes(2, "little")
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw + _crc16(raw)).decode().rstrip("=")
+
+
+def user_nkey(public_key: bytes) -> str:
+    """The nkey (``U...``) of a raw 32-byte Ed25519 public key, as a server config names it."""
+    if len(public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return _b32(bytes([_NKEY_USER]) + bytes(public_key))
+
+
+def user_seed(seed: bytes) -> str:
+    """The nkey seed (``SU...``) of a raw 32-byte Ed25519 seed, as nats-py's
+    ``nkeys_seed_str`` takes it."""
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 seed is 32 bytes")
+    return _b32(bytes([_NKEY_SEED | _NKEY_USER >> 5, (_NKEY_USER & 31) << 3]) + bytes(seed))
+
+
+def agent_inbox_prefix(agent_id: str) -> str:
+    """The inbox prefix of one agent's connection; its permissions allow ``<prefix>.>``."""
+    return f"_INBOX.{subjects.validate_agent_id(agent_id)}"
+
+
+@dataclass(frozen=True, slots=True)
+class NatsCredentials:
+    """What one connection presents: an nkey ``seed`` (``SU...``) or a ``user``/``password``,
+    and the ``inbox_prefix`` its replies come to. Never logged (``repr`` hides the secret)."""
+
+    seed: str | None = None
+    user: str | None = None
+    password: str | None = None
+    inbox_prefix: str = "_INBOX"
+
+    def __repr__(self) -> str:
+        who = "nkey" if self.seed else self.user or "anonymous"
+        return f"NatsCredentials({who}, inbox_prefix={self.inbox_prefix!r})"
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect``."""
+        options: dict[str, Any] = {"inbox_prefix": self.inbox_prefix}
+        if self.seed:
+            options["nkeys_seed_str"] = self.seed
+        elif self.user:
+            options["user"], options["password"] = self.user, self.password
+        return options
+
+
+def agent_credentials(seed: bytes, agent_id: str) -> NatsCredentials:
+    """An enrolled agent: its identity key as an nkey, its own inbox prefix."""
+    return NatsCredentials(seed=user_seed(seed), inbox_prefix=agent_inbox_prefix(agent_id))
+
+
+def hub_credentials(seed: bytes) -> NatsCredentials:
+    """The hub: its signing key as an nkey (the server gives it every permission)."""
+    return NatsCredentials(seed=user_seed(seed))
+
+
+ENROLL_CREDENTIALS = NatsCredentials(user=ENROLL_USER, password=ENROLL_PASSWORD,
+                                     inbox_prefix=ENROLL_INBOX_PREFIX)

@@ -1,0 +1,290 @@
+"""NATS least privilege: with the hub's embedded NATS, the server itself stops an agent from
+speaking for another, reading another's commands or touching the streams; the enroll user can
+only enroll; a revoked agent is cut off; and the whole normal flow still works.
+
+Everything is real: a hub process with its embedded nats-server, agent processes that enroll,
+and nats-py clients that present an agent's own key (read from its data dir) as an attacker
+holding that key would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from core_hub.natsauth import AUTH_FILE_NAME, refresh_offline
+from core_hub.store import HubStore
+from federation import subjects, wire
+from federation.natscreds import (
+    ENROLL_CREDENTIALS,
+    NatsCredentials,
+    agent_credentials,
+    hub_credentials,
+)
+from federation.streams import command_consumer_config
+from tests.helpers import AgentProcess, HubProcess, converged, joined, wait_until
+
+
+@pytest.fixture
+def secure_hub(tmp_path: Path) -> Iterator[HubProcess]:
+    hub = HubProcess(tmp_path / "hub", "", ["--disconnected-after", "2.5",
+                                            "--unreachable-after", "4"], embedded=True).start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+def enrolled(start_agent: Callable[..., AgentProcess], hub: HubProcess,
+             name: str) -> tuple[AgentProcess, str]:
+    agent = joined(start_agent, hub, SimpleNamespace(url=hub.nats_url), name=name)
+    return agent, agent.api("GET", "/v1/info").body["agent_id"]
+
+
+def creds_of(agent: AgentProcess, agent_id: str) -> NatsCredentials:
+    return agent_credentials((agent.data_dir / "agent.key").read_bytes(), agent_id)
+
+
+class Watched:
+    """A nats-py connection that records the server's errors (permission violations)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: Client | None = None
+
+    async def on_error(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+
+    async def violation(self, what: str, subject: str) -> None:
+        """Wait for the server's ``permissions violation for <what> to "<subject>"``."""
+        needle = f'permissions violation for {what} to "{subject}"'
+        try:
+            async with asyncio.timeout(5):
+                while not any(needle.lower() in e.lower() for e in self.errors):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"no {needle!r} from the server; errors: {self.errors}") from None
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, creds: NatsCredentials | None = None) -> AsyncIterator[Any]:
+    me = Watched()
+    options = creds.connect_options() if creds else {}
+    me.nc = await nats.connect(url, allow_reconnect=False, connect_timeout=3,
+                               error_cb=me.on_error, **options)
+    try:
+        yield me
+    finally:
+        await me.nc.close()
+
+
+async def refused(url: str, creds: NatsCredentials | None) -> str:
+    """The server's refusal of a connection with ``creds``; fails if it is accepted."""
+    nc = Client()
+    try:
+        await nc.connect(url, allow_reconnect=False, connect_timeout=3,
+                         **(creds.connect_options() if creds else {}))
+    except Exception as exc:
+        return str(exc)
+    finally:
+        await nc.close()  # a refused client still holds its socket until closed
+    raise AssertionError(f"the server accepted {creds!r}")
+
+
+async def test_an_agent_cannot_act_as_another_or_manage_streams(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    b, b_id = enrolled(start_agent, secure_hub, "b")
+    url = secure_hub.nats_url
+    async with client(url, creds_of(a, a_id)) as me:
+        nc = me.nc
+        js = nc.jetstream(timeout=1)
+        # Its own subjects work (the control).
+        assert (await js.publish(subjects.events(a_id), b"junk")).stream == "OUTPOST_EVENTS"
+        # Another agent's events and heartbeats: refused by the server.
+        for subject in (subjects.events(b_id), subjects.heartbeat(b_id)):
+            await nc.publish(subject, b"forged")
+            await me.violation("publish", subject)
+        # Another agent's commands: neither the subject nor its consumer.
+        await nc.subscribe(subjects.commands(b_id))
+        await me.violation("subscription", subjects.commands(b_id))
+        await nc.subscribe(f"outpost.v1.rpc.{b_id}.>")
+        await me.violation("subscription", f"outpost.v1.rpc.{b_id}.>")
+        await nc.subscribe(f"_INBOX.{b_id}.>")
+        await me.violation("subscription", f"_INBOX.{b_id}.>")
+        await nc.subscribe(">")
+        await me.violation("subscription", ">")
+        b_next = f"$JS.API.CONSUMER.MSG.NEXT.OUTPOST_COMMANDS.{subjects.command_consumer(b_id)}"
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request(b_next, b'{"batch": 1}', timeout=1)
+        await me.violation("publish", b_next)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.pull_subscribe(subjects.commands(b_id), durable=subjects.command_consumer(
+                b_id), stream=subjects.COMMANDS_STREAM)
+        # No stream or consumer management at all.
+        attempts = [
+            js.add_stream(StreamConfig(name="EVIL", subjects=["evil.>"])),
+            js.delete_stream(subjects.EVENTS_STREAM),
+            js.delete_stream(subjects.COMMANDS_STREAM),
+            js.purge_stream(subjects.COMMANDS_STREAM),
+            js.add_consumer(subjects.COMMANDS_STREAM, command_consumer_config(b_id)),
+            js.delete_consumer(subjects.COMMANDS_STREAM, subjects.command_consumer(a_id)),
+            js.delete_consumer(subjects.COMMANDS_STREAM, subjects.command_consumer(b_id)),
+        ]
+        for attempt in attempts:
+            with pytest.raises(nats.errors.TimeoutError):
+                await attempt
+        for api in ("STREAM.CREATE.EVIL", "STREAM.DELETE.OUTPOST_EVENTS",
+                    "STREAM.PURGE.OUTPOST_COMMANDS",
+                    f"CONSUMER.DELETE.OUTPOST_COMMANDS.{subjects.command_consumer(b_id)}"):
+            await me.violation("publish", f"$JS.API.{api}")
+    # All still there, as the hub sees it.
+    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
+    async with client(url, hub_credentials(hub_seed)) as hub:
+        jsm = hub.nc.jetstream(timeout=5)
+        names = {s.config.name for s in await jsm.streams_info()}
+        assert {subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM} <= names and "EVIL" not in names
+        for agent_id in (a_id, b_id):
+            await jsm.consumer_info(subjects.COMMANDS_STREAM,
+                                    subjects.command_consumer(agent_id))
+    # A forged event never reached the hub's view of b; b is still online and unharmed.
+    agents = {x["id"]: x for x in secure_hub.api("GET", "/v1/agents").body["items"]}
+    assert agents[b_id]["status"] == "online"
+
+
+async def test_the_enroll_user_can_only_enroll_and_anonymous_is_refused(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    url = secure_hub.nats_url
+    assert "Authorization Violation" in await refused(url, None)
+    assert "Authorization Violation" in await refused(
+        url, NatsCredentials(user="outpost-enroll", password="guess"))
+    async with client(url, ENROLL_CREDENTIALS) as me:
+        nc = me.nc
+        # Enrolling is allowed: the hub answers (here: no such token), and the answer holds
+        # nothing secret.
+        reply = wire.unpack((await nc.request(subjects.ENROLL, wire.pack({}), timeout=5)).data)
+        assert reply["ok"] is False and set(reply) == {"ok", "code", "error"}
+        for subject in (subjects.events(a_id), subjects.heartbeat(a_id), "$JS.API.INFO",
+                        f"outpost.v1.rpcreply.{a_id}.x"):
+            await nc.publish(subject, b"x")
+            await me.violation("publish", subject)
+        for subject in (subjects.ENROLL, subjects.commands(a_id), "outpost.v1.>",
+                        f"_INBOX.{a_id}.>"):
+            await nc.subscribe(subject)
+            await me.violation("subscription", subject)
+    # An enrollment reply is the agent id and the hub's public key: no credential in it.
+    hub_key = (secure_hub.data_dir / "hub.key").read_bytes()
+    assert hub_key not in (a.data_dir / "agent.db").read_bytes()
+
+
+async def test_a_revoked_agent_is_cut_off_after_refresh(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    b, b_id = enrolled(start_agent, secure_hub, "b")
+    url = secure_hub.nats_url
+    auth_file = secure_hub.data_dir / "nats" / AUTH_FILE_NAME
+    assert a_id in auth_file.read_text() and b_id in auth_file.read_text()
+    async with client(url, creds_of(b, b_id)):
+        pass  # b's key is accepted before
+    store = HubStore(secure_hub.data_dir / "hub.db")
+    try:
+        store.revoke_agent(b_id)
+    finally:
+        store.close()
+    assert refresh_offline(secure_hub.data_dir) is True
+    assert b_id not in auth_file.read_text() and a_id in auth_file.read_text()
+    # The live connection of b is closed and its key is refused from now on.
+    wait_until(lambda: not b.api("GET", "/v1/info").body["link"]["connected"], 10,
+               what="the revoked agent's NATS link to drop")
+    assert "Authorization Violation" in await refused(url, creds_of(b, b_id))
+    async with client(url, creds_of(a, a_id)) as me:  # a is untouched
+        await me.nc.jetstream(timeout=2).publish(subjects.events(a_id), b"junk")
+    assert refresh_offline(secure_hub.data_dir) is False  # nothing changed: no reload
+
+
+def test_enroll_events_commands_and_logs_work_with_least_privilege(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    # Events: a task submitted at the edge shows at the hub.
+    talker = a.submit("talker", ["sh", "-c", "echo one; echo two"])
+    a.wait_state(talker["id"], "finished")
+    converged(a, secure_hub)
+    # Commands: the hub places a task on the agent (a launch through its command consumer).
+    placed = secure_hub.api("POST", "/v1/tasks", {
+        "name": "from-core", "command": ["sh", "-c", "echo placed"],
+        "constraints": {"agent": a_id}})
+    assert placed.status in (201, 202), placed.body
+    wait_until(lambda: a.api("GET", f"/v1/tasks/{placed.body['id']}").status == 200
+               and a.task(placed.body["id"])["state"] == "finished", 20,
+               what="the core's task to run at the agent")
+    # Live reads: logs forwarded to the edge and streamed back on its rpcreply subject.
+    converged(a, secure_hub)
+    assert secure_hub.api("GET", f"/v1/tasks/{talker['id']}/logs").raw == b"one\ntwo\n"
+    ticker = a.submit("ticker", ["sh", "-c", "for i in 1 2 3; do echo t$i; sleep 0.3; done"])
+    wait_until(lambda: secure_hub.api("GET", f"/v1/tasks/{ticker['id']}").status == 200, 10,
+               what="the ticker at the hub")
+    req = urllib.request.Request(f"{secure_hub.url}/v1/tasks/{ticker['id']}/logs?follow=true",
+                                 headers={"Authorization": f"Bearer {secure_hub.token}"})
+    with urllib.request.urlopen(req, timeout=15) as stream:
+        assert stream.read() == b"t1\nt2\nt3\n"
+    # A hub restart keeps the agent's user (the file is rendered from the store again).
+    secure_hub.stop()
+    secure_hub.start()
+    a.stop()  # its NATS URL changed with the restarted embedded server's port
+    a.args = [*a.args[:a.args.index("--nats") + 1], secure_hub.nats_url,
+              *a.args[a.args.index("--nats") + 2:]]
+    a.start()
+    wait_until(lambda: any(x["id"] == a_id and x["status"] == "online" for x in
+                           secure_hub.api("GET", "/v1/agents").body["items"]), 20,
+               what="the agent back online after the hub restart")
+
+
+async def test_a_rotated_key_keeps_its_user_for_the_grace_then_only_the_new_key_works(
+        tmp_path: Path) -> None:
+    """The hub refreshes before answering a rotation on the agent's old connection; the old
+    key must outlive that answer, and no longer (real server, real store, a settable clock)."""
+    from nacl.signing import SigningKey
+
+    from core_hub.natsauth import ROTATION_GRACE_S, NatsAuth
+    from federation.identity import id_from_public_key
+    from federation.natsd import NatsServer
+
+    hub_key, old, new = (SigningKey.generate() for _ in range(3))
+    agent_id = id_from_public_key(bytes(old.verify_key))
+    store = HubStore(tmp_path / "hub.db")
+    now = [1000.0]
+    server = NatsServer(tmp_path / "nats", config_extra=f'include "{AUTH_FILE_NAME}"')
+    auth = NatsAuth(server.store_dir / AUTH_FILE_NAME, store, bytes(hub_key.verify_key),
+                    server.reload, clock=lambda: now[0])
+    try:
+        store.enroll_agent(agent_id, bytes(old.verify_key), name="a", site="s", labels={},
+                           resources={}, version="", now=0)
+        auth.write()
+        await server.start()
+        async with client(server.url, agent_credentials(bytes(old), agent_id)):
+            pass
+        store.rotate_agent_key(agent_id, bytes(old.verify_key), bytes(new.verify_key), 5, 0)
+        assert await auth.refresh() is True
+        for key in (old, new):  # both, during the grace
+            async with client(server.url, agent_credentials(bytes(key), agent_id)):
+                pass
+        now[0] += ROTATION_GRACE_S + 1
+        assert await auth.refresh() is True
+        assert "Authorization Violation" in await refused(
+            server.url, agent_credentials(bytes(old), agent_id))
+        async with client(server.url, agent_credentials(bytes(new), agent_id)):
+            pass
+    finally:
+        await server.stop()
+        store.close()
