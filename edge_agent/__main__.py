@@ -2,6 +2,7 @@
 
     outpost-agent --data-dir DIR [--listen HOST:PORT] [--name N] [--site S] [--label k=v ...]
                   [--cpus C] [--mem-mb M] [--config edge.toml] [--stop-tasks-on-exit]
+    outpost-agent rotate-key --data-dir DIR [--wait SECONDS]
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rotate-key"]:
+        from edge_agent.keyrotation import main as rotate_key
+
+        return rotate_key(argv[1:])
     args = parse_args(argv)
     env = dict(os.environ)
     try:

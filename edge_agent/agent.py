@@ -100,6 +100,7 @@ class Agent:
 
     async def _start_sync(self, backend: EdgeBackend) -> None:
         from edge_agent.commands import CommandApplier
+        from edge_agent.keyrotation import KeyRotation
         from edge_agent.sync import Sync, SyncSettings
         from federation import __version__
         from federation.wire import Signer
@@ -114,6 +115,7 @@ class Agent:
             CommandApplier(backend), offer=backend.current_offer, nats_key=seed)
         backend.link_status = self.sync.status
         self.sync.rpc_backend = backend
+        self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
         await self.sync.start()
 
     async def stop(self) -> None:

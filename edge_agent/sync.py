@@ -49,6 +49,10 @@ class SyncSettings:
     nats_ca: Path | None = None
 
 
+class KeyRotated(Exception):  # noqa: N818 (a signal to reconnect, not a failure)
+    """Raised out of the serve loops once the hub has taken the agent's new key."""
+
+
 # Applies one verified command synchronously (inside the store transaction that records it):
 # returns (status, detail, extra fields for the result event).
 CommandHandler = Callable[[wire.Envelope], tuple[str, str | None, dict[str, Any]]]
@@ -72,6 +76,8 @@ class Sync:
         self.offer = offer
         self._nats_key = nats_key  # the identity seed: the agent's NATS nkey once enrolled
         self.rpc_backend: Any = None  # the EdgeBackend live reads are answered from
+        # edge_agent.keyrotation.KeyRotation, set by the agent: finishes a pending key rotation.
+        self.rotation: Any = None
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
@@ -137,6 +143,11 @@ class Sync:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except KeyRotated:  # the NATS user is the identity key: come back as the new one
+                log.info("key rotated; reconnecting with the new key",
+                         extra={"agent": self.agent_id})
+                await self._close()
+                continue
             except Exception as exc:  # any failure of the link: drop it and come back later
                 log.warning("link to core down: %r", exc, extra={"agent": self.agent_id},
                             exc_info=log.isEnabledFor(logging.DEBUG))
@@ -243,6 +254,10 @@ class Sync:
                 await asyncio.sleep(0.2)
                 continue
             rows = self.store.events_after(floor, MAX_BATCH_EVENTS * IN_FLIGHT)
+            if self.rotation is not None and self.rotation.pending():
+                # Until the hub takes the new key, the old one signs only up to ``until``.
+                until = await self._rotate()
+                rows = [row for row in rows if row["seq"] <= until]
             if not rows:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.store.wait_for_change(), 1.0)
@@ -263,6 +278,27 @@ class Sync:
             self._set_floor(floor)
             if any(isinstance(r, BaseException) for r in results):
                 await asyncio.sleep(0.5)
+
+    async def _rotate(self) -> int:
+        """Ask the hub to take the pending key (at most every few seconds); once it has,
+        sign with the new key and reconnect as it. Returns the seq the old key signs up to."""
+        rotation = self.rotation
+        until: int = rotation.until()
+        if not rotation.due():
+            return until
+        try:
+            reply = await self.nc.request(subjects.ENROLL, rotation.request(self.signer),
+                                          timeout=5)
+            seed = rotation.answered(wire.unpack(reply.data))
+        except Exception as exc:  # no answer, a garbled one, a full disk: try again later
+            log.warning("key rotation not finished, will retry: %r", exc,
+                        extra={"agent": self.agent_id})
+            return until
+        if seed is None:
+            return until
+        self.signer = wire.Signer(seed)
+        self._nats_key = seed
+        raise KeyRotated()
 
     def _batches(self, floor: int, rows: list[Any]) -> list[tuple[int, int, int, bytes]]:
         """Signed batches of ``rows``: (first seq covered, last seq, event count, bytes)."""

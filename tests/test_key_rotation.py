@@ -1,0 +1,141 @@
+"""Key rotation with real processes: an agent changes its key while tasks run and keeps its id,
+its tasks and its history; the hub takes its new signatures and refuses the old key's from the
+rotation point on, and still applies what the old key signed before (a view rebuilt from
+JetStream converges). A rotation pending while the hub is down survives an agent crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from federation import subjects, wire
+from federation.natsd import NatsServer
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    converged,
+    joined,
+    publish_raw,
+    wait_until,
+)
+
+
+def rotate_key(edge: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", "rotate-key", "--data-dir",
+                           str(edge.data_dir), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=90)
+
+
+def hub_keys(hub: HubProcess, agent_id: str) -> tuple[bytes, list[list[object]]]:
+    db = sqlite3.connect(f"file:{hub.data_dir / 'hub.db'}?mode=ro", uri=True)
+    try:
+        public, retired = db.execute("SELECT public_key, retired_keys FROM agents WHERE id = ?",
+                                     (agent_id,)).fetchone()
+    finally:
+        db.close()
+    return bytes(public), json.loads(retired)
+
+
+def rejected(hub: HubProcess, reason: str) -> float:
+    text = hub.api("GET", "/metrics").raw.decode()
+    found = re.search(rf'^outpost_ingest_rejected_total\{{reason="{reason}"\}} (\S+)$', text,
+                      re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_rotate_while_tasks_run(start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+                                nats_proc: NatsServer) -> None:
+    hub = hub_proc
+    edge = joined(start_agent, hub, nats_proc, "--cpus", "2", "--mem-mb", "512")
+    agent_id = edge.api("GET", "/v1/info").body["agent_id"]
+    old_seed = (edge.data_dir / "agent.key").read_bytes()
+    running = edge.submit("long", ["sleep", "120"], kill_timeout=1)
+    done = edge.submit("short", ["true"])
+    edge.wait_state(running["id"], "running")
+    edge.wait_state(done["id"], "finished")
+    converged(edge, hub)
+
+    result = rotate_key(edge)
+    assert result.returncode == 0, result.stderr
+    assert "key rotated" in result.stdout and agent_id in result.stdout
+    new_seed = (edge.data_dir / "agent.key").read_bytes()
+    assert new_seed != old_seed and not (edge.data_dir / "agent.key.next").exists()
+    assert stat.S_IMODE((edge.data_dir / "agent.key").stat().st_mode) == 0o600
+    until = json.loads((edge.data_dir / "key-rotation.json").read_text())["until"]
+
+    # Same id, same tasks and history; the hub holds the new key and retired the old one.
+    assert edge.api("GET", "/v1/info").body["agent_id"] == agent_id
+    public, retired = hub_keys(hub, agent_id)
+    assert public == wire.Signer(new_seed).public
+    assert [(bytes.fromhex(str(k)), u) for k, u, _ in retired] == [
+        (wire.Signer(old_seed).public, until)]
+    assert edge.task(running["id"])["state"] == "running"
+    after = edge.submit("after", ["true"])
+    edge.wait_state(after["id"], "finished")
+    converged(edge, hub)  # new-key events applied; the running and finished tasks unchanged
+    assert hub.api("GET", f"/v1/tasks/{running['id']}").body["state"] == "running"
+    agents = hub.api("GET", "/v1/agents").body["items"]
+    assert [a["id"] for a in agents] == [agent_id]
+
+    # The old key signs nothing after the rotation point.
+    forged = {"id": "forged", "name": "forged", "state": "running", "generation": 1,
+              "command": ["true"]}
+    data = wire.sign_envelope("task", agent_id, until + 1, forged, wire.Signer(old_seed))
+    asyncio.run(publish_raw(nats_proc.url, subjects.events(agent_id), data))
+    wait_until(lambda: rejected(hub, "retired_key") >= 1, timeout=20,
+               what="the old key's envelope rejected")
+    assert hub.api("GET", "/v1/tasks/forged").status == 404
+
+    # A view rebuilt from JetStream applies both keys' events: the same tasks again.
+    hub.stop()
+    for path in hub.data_dir.glob("hub.db*"):
+        path.unlink()
+    hub.start()
+    converged(edge, hub)
+    assert hub.api("GET", "/v1/tasks/forged").status == 404
+
+
+def test_a_pending_rotation_survives_a_crash(start_agent: Callable[..., AgentProcess],
+                                             hub_proc: HubProcess,
+                                             nats_proc: NatsServer) -> None:
+    """The hub is down when the rotation starts; the agent keeps working, is SIGKILLed, and
+    restarts; when the hub is back the rotation completes and nothing was lost."""
+    hub = hub_proc
+    edge = joined(start_agent, hub, nats_proc)
+    agent_id = edge.api("GET", "/v1/info").body["agent_id"]
+    first = edge.submit("first", ["sleep", "120"], kill_timeout=1)
+    converged(edge, hub)
+    hub.stop()
+
+    pending = rotate_key(edge, "--wait", "2")
+    assert pending.returncode == 1 and "not confirmed" in pending.stderr, pending
+    next_key = edge.data_dir / "agent.key.next"
+    assert next_key.exists() and stat.S_IMODE(next_key.stat().st_mode) == 0o600
+    again = rotate_key(edge, "--wait", "0")  # the same pending key, not a second one
+    assert again.returncode == 0 and "pending key" in again.stdout
+    meanwhile = edge.submit("meanwhile", ["true"])
+    edge.wait_state(meanwhile["id"], "finished")
+    time.sleep(1.0)  # let the sync loop fix the rotation point and publish up to it
+    edge.kill()
+    edge.start()
+    assert edge.api("GET", "/v1/info").body["agent_id"] == agent_id
+    later = edge.submit("later", ["true"])
+    edge.wait_state(later["id"], "finished")
+
+    hub.start()
+    wait_until(lambda: not next_key.exists(), timeout=30, what="the rotation to complete")
+    status = json.loads((edge.data_dir / "key-rotation.json").read_text())
+    assert status["state"] == "done"
+    assert hub_keys(hub, agent_id)[0] == wire.Signer(
+        (edge.data_dir / "agent.key").read_bytes()).public
+    converged(edge, hub)
+    assert hub.api("GET", f"/v1/tasks/{first['id']}").body["state"] == "running"
+    assert rejected(hub, "signature") == rejected(hub, "retired_key") == 0
