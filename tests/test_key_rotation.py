@@ -1,7 +1,8 @@
 """Key rotation with real processes: an agent changes its key while tasks run and keeps its id,
 its tasks and its history; the hub takes its new signatures and refuses the old key's from the
 rotation point on, and still applies what the old key signed before (a view rebuilt from
-JetStream converges). A rotation pending while the hub is down survives an agent crash."""
+JetStream converges). A rotation pending while the hub is down survives an agent crash. And the
+hub's rules for a rotation request, over real NATS into a real Enroller."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import msgpack
+
+from core_hub.keyrotation import open_agent_envelope
 from federation import subjects, wire
 from federation.natsd import NatsServer
 from tests.helpers import (
@@ -26,6 +31,8 @@ from tests.helpers import (
     publish_raw,
     wait_until,
 )
+from tests.test_enroll import EDGE, OTHER, Clock, refused, request
+from tests.test_enroll import hub as enroll_hub
 
 
 def rotate_key(edge: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -139,3 +146,63 @@ def test_a_pending_rotation_survives_a_crash(start_agent: Callable[..., AgentPro
     converged(edge, hub)
     assert hub.api("GET", f"/v1/tasks/{first['id']}").body["state"] == "running"
     assert rejected(hub, "signature") == rejected(hub, "retired_key") == 0
+
+
+# ---------------------------------------------------------------- the hub's rules, over NATS
+
+NEW = wire.Signer(bytes(range(2, 34)))
+
+
+async def test_the_hub_checks_rotation_requests(nats_server: NatsServer,
+                                                tmp_path: Path) -> None:
+    """Real NATS request/reply into a real Enroller and store: who may rotate, and to what."""
+    async with enroll_hub(nats_server.url, tmp_path, Clock()) as (ask, store, tokens, _):
+        token = tokens.create_token(ttl_s=600, uses=None)
+        agent_id = (await ask(request(token)))["agent_id"]
+        other_id = (await ask(request(token, OTHER, name="edge-2")))["agent_id"]
+        store.set_applied_seq(agent_id, 4, 0.0)
+
+        # Both keys must sign; the old key must be the agent's current one.
+        tampered = msgpack.unpackb(wire.rotate_request(EDGE, NEW, agent_id, 7))
+        tampered["until"] = 70
+        refused(await ask(msgpack.packb(tampered)), "unauthorized", "both keys")
+        half = msgpack.unpackb(wire.rotate_request(EDGE, NEW, agent_id, 7))
+        half["new_sig"] = msgpack.unpackb(wire.rotate_request(EDGE, OTHER, agent_id, 7))[
+            "new_sig"]
+        refused(await ask(msgpack.packb(half)), "unauthorized", "both keys")
+        refused(await ask(wire.rotate_request(OTHER, NEW, agent_id, 7)), "forbidden",
+                "current key")
+        refused(await ask(wire.rotate_request(EDGE, OTHER, agent_id, 7)), "conflict",
+                "already belongs")
+        refused(await ask(wire.rotate_request(EDGE, NEW, agent_id, 3)), "invalid", "until")
+        refused(await ask(wire.rotate_request(EDGE, NEW, "anobody", 7)), "not_found",
+                "not enrolled")
+
+        done = await ask(wire.rotate_request(EDGE, NEW, agent_id, 7))
+        assert done["ok"] is True and done["agent_id"] == agent_id
+        assert await ask(wire.rotate_request(EDGE, NEW, agent_id, 7)) == done  # idempotent
+        key = store.agent_key(agent_id)
+        assert key is not None and key.public_key == NEW.public
+        assert key.retired == ((EDGE.public, 7),)
+        # The old key cannot rotate again, nor enroll; the new key cannot enroll as another.
+        refused(await ask(wire.rotate_request(EDGE, OTHER, agent_id, 9)), "forbidden",
+                "current key")
+        refused(await ask(request(token)), "forbidden", "another key")
+        refused(await ask(request(token, NEW)), "forbidden", f"belongs to agent {agent_id}")
+
+        # Which envelopes verify now: the old key up to seq 7 only, the new key at any seq.
+        def opens(signer: wire.Signer, seq: int) -> str:
+            data = wire.sign_envelope("offer", agent_id, seq, {"expires_at": 1.0}, signer)
+            try:
+                open_agent_envelope(data, store.agent_key(agent_id), agent_id)
+            except wire.EnvelopeRejected as err:
+                return err.reason
+            return "ok"
+
+        assert [opens(EDGE, 7), opens(EDGE, 8), opens(NEW, 5), opens(NEW, 8),
+                opens(OTHER, 8)] == ["ok", "retired_key", "ok", "ok", "signature"]
+        store.revoke_agent(agent_id)
+        assert opens(NEW, 9) == "unknown_agent"  # ingest counts it as revoked
+        refused(await ask(wire.rotate_request(NEW, wire.Signer(bytes(range(3, 35))),
+                                              agent_id, 9)), "forbidden", "revoked")
+        assert store.agent_key(other_id) is not None
