@@ -183,16 +183,20 @@ async def _send_logs(request: web.Request, stream: str, tail: int,
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    with _streaming(request):
-        try:
-            async with contextlib.aclosing(_while_connected(request, chunks, None)) as items:
-                async for chunk in items:
-                    await resp.write(chunk)
-        except ConnectionResetError:
-            return resp
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-    await resp.write_eof()
+    try:
+        with _streaming(request):
+            try:
+                async with contextlib.aclosing(_while_connected(request, chunks,
+                                                                None)) as items:
+                    async for chunk in items:
+                        await resp.write(chunk)
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+        if request.transport is None or request.transport.is_closing():
+            return resp  # the reader left: there is nobody to end the body for
+        await resp.write_eof()
+    except ConnectionResetError:  # the reader left mid-write
+        pass
     return resp
 
 

@@ -90,7 +90,8 @@ async def _open_events(session: aiohttp.ClientSession, agent: Agent) -> aiohttp.
 
 
 async def test_streams_per_token_are_capped_and_a_closed_one_frees_its_slot(
-        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+        tmp_path: Path, session: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
     agent = await _agent(tmp_path, max_streams_per_token=2)
     streams: list[aiohttp.ClientResponse] = []
     try:
@@ -128,6 +129,8 @@ async def test_streams_per_token_are_capped_and_a_closed_one_frees_its_slot(
         for resp in streams:
             resp.close()
         await agent.stop()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], \
+        [r.getMessage() for r in caplog.records]
 
 
 def test_task_cap_is_409_and_loses_nothing(start_agent: Callable[..., AgentProcess]) -> None:
@@ -190,3 +193,31 @@ def test_bad_limit_settings_are_config_errors(tmp_path: Path, settings: dict[str
     with pytest.raises(ConfigError) as exc:
         AgentConfig(data_dir=tmp_path, **settings)
     assert exc.value.details["setting"] == setting
+
+
+async def test_a_closed_log_follow_frees_its_slot_quietly(
+        tmp_path: Path, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    agent = await _agent(tmp_path, max_streams_per_token=1)
+    try:
+        async with session.post(agent.url + "/v1/tasks", headers=_auth(agent), json={
+                "name": "quiet", "command": ["sleep", "30"], "kill_timeout": 1}) as resp:
+            task_id = (await resp.json())["id"]
+        follow = f"{agent.url}/v1/tasks/{task_id}/logs?follow=true"
+        first = await session.get(follow, headers=_auth(agent))
+        assert first.status == 200
+        async with session.get(agent.url + "/v1/events", headers=_auth(agent)) as refused:
+            assert refused.status == 429  # the follow holds the token's one slot
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:
+            again = await _open_events(session, agent)
+            if again.status == 200:
+                again.close()
+                break
+            again.release()
+            assert time.monotonic() < deadline, "the closed follow's slot was never freed"
+            await asyncio.sleep(0.1)
+    finally:
+        await agent.stop()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], \
+        [r.getMessage() for r in caplog.records]
