@@ -8,14 +8,23 @@ file (``nats_ca``, ``outpost --cacert``), never by turning verification off.
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from pathlib import Path
 
 from federation.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """An HTTPS server context for ``cert`` (PEM, chain allowed) and its ``key``; TLS 1.2+."""
+    try:
+        if os.stat(key).st_mode & 0o077:
+            log.warning("TLS key %s is open to its group or others; chmod 600 it", key)
+    except OSError:
+        pass  # load_cert_chain below says what is wrong with it
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

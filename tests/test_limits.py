@@ -4,6 +4,8 @@ already accepted is lost. Real agents (the real aiohttp app on loopback, or real
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from edge_agent.config import AgentConfig
 from federation.errors import ConfigError, TooManyRequests
 from federation.limits import TokenBuckets
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, joined, wait_until
+from tests.helpers import ROOT, AgentProcess, HubProcess, joined, wait_until
 
 
 async def _agent(tmp_path: Path, **settings: Any) -> Agent:
@@ -221,3 +223,21 @@ async def test_a_closed_log_follow_frees_its_slot_quietly(
         await agent.stop()
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], \
         [r.getMessage() for r in caplog.records]
+
+
+def test_at_the_core_each_token_has_its_own_rate(tmp_path: Path, nats_proc: NatsServer) -> None:
+    hub = HubProcess(tmp_path / "hub", nats_proc.url,
+                     ["--rate-limit", "0.5", "--rate-burst", "3"]).start()
+    try:
+        viewer = subprocess.run(
+            [sys.executable, "-m", "core_hub", "apitoken", "create", "--data-dir",
+             str(hub.data_dir), "--role", "viewer"], capture_output=True, text=True, cwd=ROOT,
+            check=True).stdout.strip()
+        for _ in range(3):
+            assert hub.api("GET", "/v1/agents", token=viewer).status == 200
+        over = hub.api("GET", "/v1/agents", token=viewer)
+        assert over.status == 429 and int(over.headers["Retry-After"]) == 2
+        assert hub.api("GET", "/v1/agents").status == 200  # the admin token is not affected
+        assert hub.api("GET", "/v1/health", token=viewer).status == 200
+    finally:
+        hub.stop()
