@@ -8,7 +8,7 @@ are read line by line so output appears as the node writes it.
     outpost [--url URL] [--token T] [--json] tasks run NAME [options] -- CMD [ARGS...]
     outpost tasks ls [--state S] [--label K=V] [--name N] [--limit N] [--all]
     outpost tasks get|kill ID        outpost tasks logs ID [-f] [--tail N] [--stderr]
-    outpost agents ls | offers ls | info | events [--after N]
+    outpost agents ls | agents revoke ID | offers ls | info | events [--after N]
     (an https:// node signed by a private CA: --cacert CA.pem or OUTPOST_CACERT)
 
 Exit status: 0 ok, 1 the API refused (the line on stderr says why), 2 usage error, 3 the node
@@ -331,6 +331,16 @@ def tasks_logs(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def agents_revoke(client: Client, args: argparse.Namespace) -> int:
+    """Distrust an agent for good (admin token, at the core; an edge answers 409)."""
+    agent = client.call("POST", f"/v1/agents/{quote(args.id, safe='')}/revoke")[1]
+    if args.json:
+        _print_json(agent)
+    else:
+        print(f"{agent['id']}  {agent['status']}  {agent['name']}  {agent['site']}")
+    return 0
+
+
 def agents_ls(client: Client, args: argparse.Namespace) -> int:
     page = _pages(client, "/v1/agents", {}, every=True)
     if args.json:
@@ -535,9 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for noun, func, text in (("agents", agents_ls, "list agents"),
                              ("offers", offers_ls, "list free resources offered by agents")):
-        verbs = nouns.add_parser(noun, help=text).add_subparsers(dest="verb", metavar="{ls}",
-                                                                 required=True)
+        verbs = nouns.add_parser(noun, help=text).add_subparsers(
+            dest="verb", metavar="{ls,revoke}" if noun == "agents" else "{ls}", required=True)
         leaf(verbs, "ls", func, text)
+        if noun == "agents":
+            leaf(verbs, "revoke", agents_revoke, "revoke an agent for good: the core rejects "
+                 "its events and places nothing on it (admin token)").add_argument(
+                "id", help="the agent's id")
     ev = leaf(nouns, "events", events, "print events as they happen, until Ctrl-C "
               "(with --json: one JSON object per line)")
     ev.add_argument("--after", type=_number(int, 0), metavar="N",

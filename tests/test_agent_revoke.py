@@ -26,6 +26,11 @@ def hub_cli(hub: HubProcess, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+def outpost(hub: HubProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "federation.cli", "--url", hub.url, "--token",
+                           token, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
 def agent_at_hub(hub: HubProcess, agent_id: str) -> dict[str, Any]:
     return next(a for a in hub.api("GET", "/v1/agents").body["items"] if a["id"] == agent_id)
 
@@ -68,6 +73,8 @@ def test_revoke_a_running_agent(start_agent: Callable[..., AgentProcess], hub_pr
         token = hub_cli(hub, "apitoken", "create", "--role", role).stdout.strip()
         refused = http("POST", f"{hub.url}/v1/agents/{agent_id}/revoke", token=token)
         assert refused.status == 403 and refused.body["error"]["code"] == "forbidden", refused
+        client = outpost(hub, token, "agents", "revoke", agent_id)
+        assert client.returncode == 1 and "needs 'admin'" in client.stderr, client
     assert agent_at_hub(hub, agent_id)["status"] == "online"
 
     # An edge does not revoke: a clear JSON 409, like other core-only routes.
@@ -120,7 +127,8 @@ def test_revocation_outlives_the_hub(start_agent: Callable[..., AgentProcess],
     for name in ("one", "two", "good"):
         edge = joined(start_agent, hub, nats_proc, name=name)
         ids[name] = edge.api("GET", "/v1/info").body["agent_id"]
-    assert hub.api("POST", f"/v1/agents/{ids['one']}/revoke").status == 200
+    client = outpost(hub, hub.token, "agents", "revoke", ids["one"])
+    assert client.returncode == 0 and f"{ids['one']}  revoked" in client.stdout, client
     hub.stop()
     offline = hub_cli(hub, "agents", "revoke", ids["two"])
     assert offline.returncode == 0, offline.stderr
