@@ -22,7 +22,7 @@ from core_hub.liveness import Liveness
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
-from federation import __version__
+from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound, Unavailable
 from federation.pagination import decode_cursor, encode_cursor
@@ -98,6 +98,13 @@ class CoreBackend:
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         return self._present(self.store.get_task(task_id), self._unreachable())
+
+    async def task_history(self, task_id: str) -> dict[str, Any]:
+        """What the task's agent reported, as ingest recorded it (the edge is the authority
+        on runtime state; a task not placed yet has none)."""
+        self.store.get_task(task_id)  # 404 for an unknown task
+        return {"task_id": task_id,
+                "items": history.collapse(self.store.task_history(task_id))}
 
     async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Placed on an edge's offer (or pending with the reason nothing fits)."""

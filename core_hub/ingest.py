@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -54,7 +55,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from core_hub.keyrotation import open_agent_envelope
-from core_hub.store import AGENT_JSON_FIELDS, AGENT_TEXT_FIELDS, HubStore, TaskRow, task_row
+from core_hub.store import (
+    AGENT_JSON_FIELDS,
+    AGENT_TEXT_FIELDS,
+    HistoryRow,
+    HubStore,
+    TaskRow,
+    task_row,
+)
 from federation import subjects
 from federation.errors import Invalid
 from federation.schemas import AGENT_STATUSES, TASK_STATES
@@ -65,6 +73,7 @@ log = logging.getLogger(__name__)
 DURABLE = "outpost-hub-ingest"
 RESULT_STATUSES = frozenset({"applied", "declined", "expired", "rejected", "duplicate"})
 LOST_REASON = "not on the agent at reconcile"
+HISTORY_PRUNE_S = 300.0
 # After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
 _WARN_REDELIVERIES = 20
 _TASK_STATES = frozenset(TASK_STATES)
@@ -133,6 +142,7 @@ class Ingest:
         self._durable = durable
         self._batch = batch
         self._fetch_timeout_s = fetch_timeout_s
+        self._pruned_at = time.monotonic()
         self._gap_delay_s = gap_delay_s
         self._max_gap_delay_s = max_gap_delay_s
         self._error_delay_s = error_delay_s
@@ -227,6 +237,7 @@ class Ingest:
                 assert self._sub is not None
                 msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout_s)
             except nats.errors.TimeoutError:
+                self._maybe_prune()
                 continue
             except (nats.errors.Error, OSError) as err:
                 log.warning("ingest fetch failed, retrying: %s", err,
@@ -239,6 +250,16 @@ class Ingest:
             msgs.sort(key=lambda msg: msg.metadata.sequence.stream)
             for chunk in _chunks(msgs, self._max_chunk_bytes):
                 await self._settle(self._process(chunk))
+            self._maybe_prune()
+
+    def _maybe_prune(self) -> None:
+        """Every ``HISTORY_PRUNE_S``: trim task histories to their newest rows."""
+        now = time.monotonic()
+        if now - self._pruned_at >= HISTORY_PRUNE_S:
+            self._pruned_at = now
+            dropped = self._store.prune_history()
+            if dropped:
+                log.debug("pruned %d task history rows", dropped)
 
     async def _settle(self, outcomes: list[tuple[Msg, Outcome]]) -> None:
         for msg, outcome in outcomes:
@@ -383,6 +404,7 @@ class Ingest:
         # Each task event becomes its row at once, so its decoded dict is freed before the next
         # is decoded (keeping a thousand alive makes each decode ~3x slower: cold memory).
         tasks: dict[str, TaskRow] = {}
+        history: list[HistoryRow] = []
         tasks_ts = 0.0
         loads, decode_error, pop = orjson.loads, orjson.JSONDecodeError, tasks.pop
         for event in events:
@@ -397,8 +419,12 @@ class Ingest:
             if event.kind == "task":
                 if _task_ok(body):
                     row = task_row(agent, body, text)
-                    pop(row[0], None)  # keep the order of last states
+                    before = pop(row[0], None)  # keep the order of last states
                     tasks[row[0]] = row
+                    if before is None or before[3] != row[3]:  # a change of state: history
+                        history.append((row[0], agent, event.seq, event.ts, row[3],
+                                        body.get("exit_code"), body.get("reason"), row[4],
+                                        body.get("restarts")))
                     tasks_ts = event.ts
                     delta.applied_events += 1
                 else:
@@ -428,6 +454,8 @@ class Ingest:
             delta.applied_events += 1
         if tasks:
             self._upsert(agent, list(tasks.values()), tasks_ts, delta)
+        if history:
+            store.add_history(history)
 
     def _upsert(self, agent: str, rows: list[TaskRow], ts: float, delta: IngestStats) -> None:
         foreign = self._store.upsert_task_rows(rows, ts)

@@ -109,4 +109,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE agents ADD COLUMN revoked_at REAL;
     ALTER TABLE agents ADD COLUMN retired_keys TEXT NOT NULL DEFAULT '[]';
     """,
+    # 7: each task's state changes as its agent reported them (the API's task history); rows
+    # carry the sender, so a row an agent wrote about another agent's task is never shown.
+    """
+    CREATE TABLE task_history (
+        task_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        reason TEXT,
+        generation INTEGER,
+        restarts INTEGER,
+        PRIMARY KEY (task_id, agent_id, seq)
+    ) WITHOUT ROWID;
+    """,
 )

@@ -32,7 +32,7 @@ from core_hub.migrations import MIGRATIONS
 from federation.backend import TaskQuery
 from federation.errors import BadRequest, NotFound
 from federation.pagination import decode_cursor, encode_cursor
-from federation.schemas import TERMINAL_STATES
+from federation.schemas import HISTORY_LIMIT, TERMINAL_STATES
 from federation.sqlitedb import Database
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def _dumps(value: Any) -> str:
 # A tasks row as upsert_task_rows takes it: id, agent_id, name, state, generation, body (JSON
 # text), updated_at (None: the upsert's ``ts``).
 TaskRow = tuple[str, str, str, str, int, str, float | None]
+# (task_id, agent_id, seq, ts, state, exit_code, reason, generation, restarts)
+HistoryRow = tuple[str, str, int, float, str, Any, Any, Any, Any]
 
 
 def task_row(agent_id: str, task: dict[str, Any], text: bytes | None = None) -> TaskRow:
@@ -267,6 +269,34 @@ class HubStore(Database):
             " body = excluded.body, updated_at = excluded.updated_at"
             " WHERE tasks.agent_id = excluded.agent_id", rows).rowcount
         return len(rows) - changed
+
+    def add_history(self, rows: list[HistoryRow]) -> None:
+        """Record task state changes (``HistoryRow``); a replayed one is ignored."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO task_history(task_id, agent_id, seq, ts, state, exit_code,"
+            " reason, generation, restarts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def task_history(self, task_id: str) -> list[dict[str, Any]]:
+        """The newest changes the task's own agent reported, oldest first (raw; callers
+        collapse them with ``federation.history``)."""
+        rows = self._db.execute(
+            "SELECT ts, state, exit_code, reason, generation, restarts FROM task_history"
+            " WHERE task_id = ? AND agent_id = (SELECT agent_id FROM tasks WHERE id = ?)"
+            " ORDER BY seq DESC LIMIT ?", (task_id, task_id, 4 * HISTORY_LIMIT)).fetchall()
+        keys = ("ts", "state", "exit_code", "reason", "generation", "restarts")
+        return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
+
+    def prune_history(self, keep: int = 2 * HISTORY_LIMIT) -> int:
+        """Keep each task's newest ``keep`` rows, and none of tasks no longer in the view."""
+        with self.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM task_history WHERE task_id NOT IN (SELECT id FROM tasks)").rowcount
+            old = db.execute(
+                "DELETE FROM task_history WHERE (task_id, agent_id, seq) IN ("
+                " SELECT task_id, agent_id, seq FROM (SELECT task_id, agent_id, seq,"
+                " row_number() OVER (PARTITION BY task_id ORDER BY seq DESC) AS n"
+                " FROM task_history) WHERE n > ?)", (keep,)).rowcount
+        return int(gone + old)
 
     def mark_missing_lost(self, agent_id: str, present: Iterable[str], ts: float,
                           reason: str) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from edge_agent.scheduler import Capacity
 from edge_agent.store import Store
 from edge_agent.supervisor import Supervisor
-from federation import __version__
+from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound
 from federation.schemas import TASK_STATES, TERMINAL_STATES
@@ -80,6 +80,12 @@ class EdgeBackend:
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         return self.store.to_api(self.store.find(task_id))
+
+    async def task_history(self, task_id: str) -> dict[str, Any]:
+        row = self.store.find(task_id)
+        changes = history.collapse(history.entry(ts, task)
+                                   for ts, task in self.store.task_history(row["id"]))
+        return {"task_id": row["id"], "items": changes}
 
     async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
         if self.draining:

@@ -188,6 +188,14 @@ class Store(Database):
         with self.transaction() as db:
             self._append_event(db, kind, task_id, body, time.time())
 
+    def task_history(self, task_id: str, scan: int = 1000) -> list[tuple[float, dict[str, Any]]]:
+        """The task's state events this store still holds (the newest ``scan``), oldest
+        first, as (ts, task record)."""
+        rows = self._db.execute(
+            "SELECT ts, body FROM events WHERE task_id = ? AND kind = 'task'"
+            " ORDER BY seq DESC LIMIT ?", (task_id, scan)).fetchall()
+        return [(row[0], orjson.loads(row[1])) for row in reversed(rows)]
+
     def events_after(self, seq: int, limit: int = 500) -> list[sqlite3.Row]:
         return self._db.execute(
             "SELECT seq, ts, kind, task_id, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",

@@ -159,6 +159,10 @@ async def get_task(request: web.Request) -> web.Response:
     return _json(await _backend(request).get_task(request.match_info["id"]))
 
 
+async def task_history(request: web.Request) -> web.Response:
+    return _json(await _backend(request).task_history(request.match_info["id"]))
+
+
 async def kill_task(request: web.Request) -> web.Response:
     later, body = await _backend(request).kill_task(request.match_info["id"])
     return _json(body, status=202 if later else 200)
@@ -395,6 +399,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/tasks/{id}", get_task, "viewer", "One task", response=schemas.TASK),
     Route("DELETE", "/v1/tasks/{id}", kill_task, "operator", "Kill a task",
           response=schemas.TASK),
+    Route("GET", "/v1/tasks/{id}/history", task_history, "viewer",
+          "A task's recent state changes, oldest first", response=schemas.HISTORY),
     Route("GET", "/v1/tasks/{id}/logs", task_logs, "viewer", "A task's output",
           params=(("stream", "query", {"enum": ["stdout", "stderr"]}),
                   ("tail", "query", {"type": "integer", "minimum": 0, "maximum": 100_000}),

@@ -72,6 +72,10 @@ class Backend(Protocol):
 
     async def get_task(self, task_id: str) -> dict[str, Any]: ...
 
+    async def task_history(self, task_id: str) -> dict[str, Any]:
+        """``{"task_id", "items"}``: the task's recent state changes, oldest first."""
+        ...
+
     async def create_task(self, spec: dict[str, Any]) -> dict[str, Any]: ...
 
     async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:

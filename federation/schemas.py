@@ -144,6 +144,27 @@ TASK = {
     },
 }
 
+# One change of a task's state, as the API's task history lists them (oldest first).
+HISTORY_ENTRY = {
+    "type": "object",
+    "required": ["ts", "state"],
+    "properties": {
+        "ts": {"type": "number"},
+        "state": {"enum": TASK_STATES},
+        "exit_code": {"type": ["integer", "null"]},
+        "reason": {"type": ["string", "null"]},
+        "generation": {"type": ["integer", "null"]},
+        "restarts": {"type": ["integer", "null"]},
+    },
+}
+HISTORY = {
+    "type": "object",
+    "required": ["task_id", "items"],
+    "properties": {"task_id": {"type": "string"},
+                   "items": {"type": "array", "items": HISTORY_ENTRY}},
+}
+HISTORY_LIMIT = 100  # changes kept and shown per task: the newest
+
 # Amounts in answers (an agent's capacity and what is in use): zero is a fine answer there.
 USAGE = {
     "type": "object",

@@ -20,6 +20,7 @@ ERROR_CHECK = fastjsonschema.compile(schemas.ERROR)
 AGENT_CHECK = fastjsonschema.compile(schemas.AGENT)
 OFFER_CHECK = fastjsonschema.compile(schemas.OFFER)
 INFO_CHECK = fastjsonschema.compile(schemas.INFO)
+HISTORY_CHECK = fastjsonschema.compile(schemas.HISTORY)
 
 
 @pytest.fixture(params=["edge", "core"])
@@ -60,6 +61,38 @@ def test_task_lifecycle_has_the_same_shapes(node: Any) -> None:
     assert killed.status in (200, 202)
     wait_until(lambda: node.api("GET", f"/v1/tasks/{task_id}").body["state"] == "killed",
                timeout=15, what="killed")
+
+
+def test_task_history_is_the_same_at_both(node: Any) -> None:
+    """A task that fails once and is restarted: both nodes list the same changes, in order."""
+    created = node.api("POST", "/v1/tasks", {
+        "name": "flaky", "command": ["sh", "-c", "sleep 0.3; exit 3"],
+        "restart": {"policy": "on-failure", "max": 1, "backoff": 0.2}})
+    assert created.status == 201, created.body
+    task_id = created.body["id"]
+
+    def settled() -> list[dict[str, Any]]:
+        task = node.api("GET", f"/v1/tasks/{task_id}").body
+        if task["state"] != "failed" or task["restarts"] != 1:
+            return []
+        answer = node.api("GET", f"/v1/tasks/{task_id}/history")
+        assert answer.status == 200, answer.body
+        HISTORY_CHECK(answer.body)
+        assert answer.body["task_id"] == task_id
+        items = answer.body["items"]
+        return items if items and items[-1]["state"] == "failed" else []
+
+    items = wait_until(settled, timeout=20, what="failed after one restart, in the history")
+    states = [i["state"] for i in items]
+    # Two runs, each ending in exit code 3; the last change is the final failure.
+    assert states.count("running") == 2, states
+    assert [i["exit_code"] for i in items if i["state"] == "failed"] == [3, 3], items
+    assert states.index("running") < states.index("failed"), states
+    assert [i["ts"] for i in items] == sorted(i["ts"] for i in items)
+    assert items[-1]["restarts"] == 1
+    missing = node.api("GET", "/v1/tasks/nope/history")
+    assert missing.status == 404
+    ERROR_CHECK(missing.body)
 
 
 def test_agents_and_offers_have_the_same_shapes(node: Any) -> None:

@@ -266,6 +266,10 @@ def test_fleet_shows_every_agent_and_follows_liveness(fleet: Fleet, open_tab: Ca
     isolation = fleet.hub.api("GET", f"/v1/agents/{fleet.ids['oslo']}").body["isolation"]
     expect(card(fleet_tab, fleet, "oslo")).to_contain_text(isolation)
     expect(card(fleet_tab, fleet, "oslo").locator(".bar-row").nth(1)).to_contain_text("256 MB")
+    # Capacity over time per site: a CPU and a memory line, and the share in use now.
+    spark = page.locator('section.site[data-site="oslo"] .site-spark')
+    expect(spark.locator("polyline")).to_have_count(2)
+    expect(spark).to_contain_text(re.compile(r"cpu \d+% · mem \d+%"))
     expect(page.locator("#counts tr[data-site=oslo]")).to_contain_text("1")
 
     # The task's log streams from the edge in a second page.
@@ -368,6 +372,9 @@ def test_operator_submits_a_task_and_reads_its_log(fleet: Fleet, open_tab: Calla
     expect(facts).to_contain_text("Restarts")
     expect(page.locator("#tv-spec")).to_contain_text("hello from the dashboard")
     expect(page.locator("#tv-spec")).to_contain_text("0.25 CPU · 64 MB")
+    # Its state history, newest first, as the edge reported it.
+    expect(page.locator("#tv-history li").first).to_contain_text("running", timeout=10_000)
+    assert "running" in page.locator("#tv-history").inner_text()
     expect(page.locator("#log")).to_contain_text("hello from the dashboard 3", timeout=10_000)
     first = page.locator("#log").inner_text()
     expect(page.locator("#log")).not_to_have_text(first, timeout=15_000)  # it follows
@@ -389,6 +396,10 @@ def test_operator_submits_a_task_and_reads_its_log(fleet: Fleet, open_tab: Calla
     expect(row.locator(".state")).to_have_text("failed")
     row.locator("td.name").click()
     expect(fact(page, "Exit code")).to_have_text("3")
+    newest = page.locator("#tv-history li").first
+    expect(newest.locator(".state")).to_have_text("failed")
+    expect(newest).to_contain_text("exit 3")
+    expect(page.locator("#tv-history li .state").filter(has_text="running")).to_have_count(1)
     assert fleet_shot.exists() and task_shot.exists()
 
 

@@ -11,6 +11,7 @@ const TOKEN_KEY = "outpost-token";
 const PAGE_SIZE = 50;
 const AGENTS_PER_SITE = 48;
 const SITES_OPEN_UP_TO = 120; // agents; bigger fleets start with healthy sites folded
+const CAPACITY_SAMPLES = 120; // per site: two minutes at the agents poll's quickest pace
 const FEED_MAX = 200;
 const LOG_MAX_CHARS = 200_000;
 const LOG_TAIL = 200;
@@ -138,8 +139,9 @@ const S = {
   sites: [],
   cards: new Map(), // agent id -> card
   siteEls: new Map(), // site -> section parts
-  siteOpen: new Map(), // site -> bool, once the user or the default decided
+  siteOpen: new Map(), // site -> bool, once the user opened or folded it
   siteAll: new Set(), // sites showing every agent
+  capacity: new Map(), // site -> [{t, cpu, mem}] fractions in use, one per agents poll
   counts: null, // {bySite: Map(site -> {state: n}), total: {state: n}, n, at, took}
   filter: { site: "", agent: "", state: "", name: "" },
   pages: { cursors: [null], idx: 0, items: [], next: null, gen: 0, sig: "" },
@@ -357,6 +359,7 @@ async function loadAgents() {
   S.offers = new Map((offers.items || []).map(o => [o.agent_id, o]));
   S.agents = new Map(items.map(a => [a.id, a]));
   S.sites = [...new Set(items.map(a => a.site))].sort();
+  sampleCapacity();
   renderFleet();
   renderSummary();
   renderFilterOptions();
@@ -477,6 +480,72 @@ function agentMatches(a, text, status) {
     a.id.startsWith(text);
 }
 
+// ---------------------------------------------------------------- capacity over time
+
+/** One sample per site at every agents poll (since this page opened): the share of the
+ * site's CPU and memory in use, over agents that can run work (not unreachable). */
+function sampleCapacity() {
+  const t = Date.now() / 1000;
+  const per = new Map();
+  for (const a of S.agents.values()) {
+    if (a.status === "unreachable") continue;
+    const res = a.resources || {};
+    const p = per.get(a.site) || { cpu: 0, cpuTotal: 0, mem: 0, memTotal: 0 };
+    p.cpu += usedOf(a, "cpus");
+    p.cpuTotal += res.cpus || 0;
+    p.mem += usedOf(a, "mem_mb");
+    p.memTotal += res.mem_mb || 0;
+    per.set(a.site, p);
+  }
+  for (const site of S.sites) {
+    const p = per.get(site);
+    const series = S.capacity.get(site) || [];
+    series.push({
+      t,
+      cpu: p && p.cpuTotal > 0 ? clamp(p.cpu / p.cpuTotal, 0, 1) : 0,
+      mem: p && p.memTotal > 0 ? clamp(p.mem / p.memTotal, 0, 1) : 0,
+    });
+    if (series.length > CAPACITY_SAMPLES) series.splice(0, series.length - CAPACITY_SAMPLES);
+    S.capacity.set(site, series);
+  }
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+/** A small SVG plot of a site's CPU and memory use over the samples taken so far. */
+function sparkline(series) {
+  const w = 120, hgt = 22;
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${hgt}`);
+  svg.setAttribute("width", String(w));
+  svg.setAttribute("height", String(hgt));
+  svg.setAttribute("class", "spark");
+  const step = w / Math.max(1, CAPACITY_SAMPLES - 1);
+  const x0 = w - step * (series.length - 1);
+  for (const key of ["mem", "cpu"]) {
+    const line = document.createElementNS(SVG_NS, "polyline");
+    line.setAttribute("class", `spark-${key}`);
+    line.setAttribute("points", series.map((p, i) =>
+      `${(x0 + i * step).toFixed(1)},${(hgt - 1 - p[key] * (hgt - 2)).toFixed(1)}`).join(" "));
+    svg.append(line);
+  }
+  return svg;
+}
+
+function renderSpark(s, site) {
+  const series = S.capacity.get(site) || [];
+  if (!series.length) return;
+  const last = series[series.length - 1];
+  const sig = `${series.length}:${last.t}`;
+  if (s.spark.dataset.sig === sig) return;
+  s.spark.dataset.sig = sig;
+  const pct = x => `${Math.round(x * 100)}%`;
+  s.spark.title = `In use at ${site} since this page opened: cpu ${pct(last.cpu)} (blue), ` +
+    `memory ${pct(last.mem)} (grey)`;
+  s.spark.replaceChildren(sparkline(series), h("span", { class: "spark-now" },
+    `cpu ${pct(last.cpu)} · mem ${pct(last.mem)}`));
+}
+
 function siteSection(site) {
   let s = S.siteEls.get(site);
   if (s) return s;
@@ -484,8 +553,9 @@ function siteSection(site) {
   const title = h("h3", {}, site);
   const count = h("span", { class: "muted small" });
   const chips = h("span", { class: "chips" });
+  const spark = h("span", { class: "site-spark" });
   const body = h("div", { class: "site-body" });
-  const head = h("div", { class: "site-head", role: "button", tabindex: "0" }, caret, title, count, chips);
+  const head = h("div", { class: "site-head", role: "button", tabindex: "0" }, caret, title, count, chips, spark);
   const el = h("section", { class: "site", dataset: { site } }, head, body);
   const toggle = () => {
     S.siteOpen.set(site, !el.classList.contains("open"));
@@ -493,7 +563,7 @@ function siteSection(site) {
   };
   head.addEventListener("click", toggle);
   head.addEventListener("keydown", ev => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); toggle(); } });
-  s = { el, body, count, chips, more: null, order: "" };
+  s = { el, body, count, chips, spark, more: null, order: "" };
   S.siteEls.set(site, s);
   return s;
 }
@@ -528,6 +598,7 @@ function renderFleet() {
     for (const a of all) tally[a.status] = (tally[a.status] || 0) + 1;
     const behind = all.filter(backlog);
     setText(s.count, `${all.length} agent${all.length === 1 ? "" : "s"}`);
+    renderSpark(s, site);
     const chipSig = JSON.stringify([tally, behind.length]);
     if (s.chips.dataset.sig !== chipSig) {
       s.chips.dataset.sig = chipSig;
@@ -536,8 +607,10 @@ function renderFleet() {
       behind.length ? h("span", { class: "chip backlog", title: "agents with events waiting to reach the core" },
         `${behind.length} outbox backlog`) : "");
     }
-    if (!S.siteOpen.has(site)) S.siteOpen.set(site, !big || all.some(a => a.status !== "online"));
-    const open = S.siteOpen.get(site) || Boolean(text || status);
+    // Until the user decides, a big fleet shows only the sites that need a look, as they
+    // come to need it (an agent that goes unreachable later opens its site then).
+    const byDefault = !big || all.some(a => a.status !== "online");
+    const open = (S.siteOpen.has(site) ? S.siteOpen.get(site) : byDefault) || Boolean(text || status);
     s.el.classList.toggle("open", open);
     if (!open) {
       s.body.replaceChildren();
@@ -830,6 +903,7 @@ function openTask(id) {
   $("#tv-spec").replaceChildren();
   $("#task-actions").replaceChildren();
   setText($("#tv-json"), "");
+  $("#tv-history").replaceChildren();
   window.scrollTo(0, 0);
   setText($("#log"), "");
   logStatus("");
@@ -866,10 +940,35 @@ async function loadTask() {
   const was = view.task;
   view.task = t;
   renderTask(t);
+  if (!was || was.updated_at !== t.updated_at || was.state !== t.state) loadHistory(view);
   // The log follows the task: it starts once the task is on an edge, and a change of state
   // reconnects it unless it is streaming fine (an agent gone unreachable shows why, as 503).
   if (!S.log) startLogs();
   else if (was && was.state !== t.state && (!S.log.streaming || t.state === "unknown")) startLogs();
+}
+
+/** The task's state changes as its edge reported them (the API's history), newest first. */
+async function loadHistory(view) {
+  let answer;
+  try {
+    answer = await api("GET", `/v1/tasks/${enc(view.id)}/history`);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return;
+    throw e;
+  }
+  if (S.view !== view) return;
+  const items = answer.items.slice().reverse();
+  const list = $("#tv-history");
+  if (!items.length) {
+    list.replaceChildren(h("li", { class: "muted" }, "No state reported by an edge yet."));
+    return;
+  }
+  list.replaceChildren(...items.map(e => h("li", {},
+    h("span", { class: "when", title: when(e.ts) }, when(e.ts)),
+    h("span", { class: `state state-${e.state}` }, e.state),
+    e.exit_code !== null && e.exit_code !== undefined ? h("span", { class: "exit" }, `exit ${e.exit_code}`) : "",
+    e.restarts ? h("span", { class: "muted small" }, `restart ${e.restarts}`) : "",
+    e.reason ? h("span", { class: "reason" }, e.reason) : "")));
 }
 
 function fact(label, value, cls = "") {
