@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from federation.natscreds import (
     NatsCredentials,
     agent_credentials,
     hub_credentials,
+    user_nkey,
 )
 from federation.streams import command_consumer_config
 from tests.helpers import AgentProcess, HubProcess, converged, joined, wait_until
@@ -49,6 +51,17 @@ def enrolled(start_agent: Callable[..., AgentProcess], hub: HubProcess,
              name: str) -> tuple[AgentProcess, str]:
     agent = joined(start_agent, hub, SimpleNamespace(url=hub.nats_url), name=name)
     return agent, agent.api("GET", "/v1/info").body["agent_id"]
+
+
+def agent_nkeys(hub: HubProcess, agent_id: str) -> list[str]:
+    """The nkeys the agent's connections authenticated with, from the embedded server's
+    monitoring port (/connz)."""
+    ports = next((hub.data_dir / "nats" / "ports").glob("*.ports"))
+    monitor = json.loads(ports.read_text())["monitoring"][0]
+    with urllib.request.urlopen(f"{monitor}/connz?auth=true&limit=1024", timeout=5) as resp:
+        conns = json.loads(resp.read())["connections"] or []
+    return [c.get("authorized_user", "") for c in conns
+            if c.get("name") == f"outpost-agent-{agent_id}"]
 
 
 def creds_of(agent: AgentProcess, agent_id: str) -> NatsCredentials:
@@ -288,3 +301,33 @@ async def test_a_rotated_key_keeps_its_user_for_the_grace_then_only_the_new_key_
     finally:
         await server.stop()
         store.close()
+
+
+def test_key_rotation_under_least_privilege(start_agent: Callable[..., AgentProcess],
+                                            secure_hub: HubProcess) -> None:
+    """The rotation request goes out on the old key's connection; the agent then comes back
+    as its new key (a NATS user the hub added before answering) and its events flow."""
+    from tests.test_key_rotation import rotate_key
+
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    old = creds_of(a, a_id)
+    result = rotate_key(a)
+    assert result.returncode == 0, result.stderr
+    new = creds_of(a, a_id)
+    assert new.seed != old.seed
+    new_nkey = user_nkey(wire.Signer((a.data_dir / "agent.key").read_bytes()).public)
+    assert new_nkey in (secure_hub.data_dir / "nats" / AUTH_FILE_NAME).read_text()
+    # The agent's link is now the new key's (the server's own list of connections says so).
+    wait_until(lambda: agent_nkeys(secure_hub, a_id) == [new_nkey], 15,
+               what="the agent connected as its new key")
+    after = a.submit("after-rotation", ["true"])
+    a.wait_state(after["id"], "finished")
+    converged(a, secure_hub)
+
+    async def new_key_accepted() -> None:
+        async with client(secure_hub.nats_url, new) as me:
+            await me.nc.publish(subjects.heartbeat(a_id), b"")
+            await me.nc.flush()
+            assert not me.errors
+
+    asyncio.run(new_key_accepted())
