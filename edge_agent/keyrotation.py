@@ -21,10 +21,14 @@ The agent's sync loop then finishes the rotation while it is connected:
 
 A crash anywhere in between loses nothing: before the rename the old key is still the key, the
 pending key and ``until`` are on disk, and the same request is sent again (the hub answers a
-rotation it already recorded with ok). The hub keeps accepting the old key for envelopes that
-end at or below ``until`` (those already in JetStream) and for nothing later. A refusal from the
-hub (revoked, wrong key) drops the pending key and says why in ``key-rotation.json``; a hub that
-cannot answer now leaves it pending for the next try.
+rotation it already recorded with ok). Where the NATS user is the identity key (least
+privilege), a hub that took the new key has also told NATS; if its answer was lost, the link
+comes back as the pending key (``other_key``) and asks again from there.
+
+The hub keeps accepting the old key for envelopes that end at or below ``until`` (those
+already in JetStream) and for nothing later. A refusal from the hub (revoked, wrong key) drops
+the pending key and says why in ``key-rotation.json``; a hub that cannot answer now leaves it
+pending for the next try.
 """
 
 from __future__ import annotations
@@ -111,6 +115,14 @@ class KeyRotation:
             log.info("key rotation: the old key signs events up to seq %s", value,
                      extra={"agent": self.store.agent_id, "until": int(value)})
         return int(value)
+
+    def other_key(self, seed: bytes | None) -> bytes | None:
+        """While a rotation is pending, the NATS user the agent tries next: the pending key
+        after the current one failed, and back (the hub may hold either, see the module doc)."""
+        if not self.pending():
+            return seed
+        current = (self.data_dir / KEY).read_bytes()
+        return (self.data_dir / NEXT).read_bytes() if seed == current else current
 
     def due(self) -> bool:
         """Time to send the request (again): at most every RETRY_S."""

@@ -151,6 +151,10 @@ class Sync:
             except Exception as exc:  # any failure of the link: drop it and come back later
                 log.warning("link to core down: %r", exc, extra={"agent": self.agent_id},
                             exc_info=log.isEnabledFor(logging.DEBUG))
+                if self.rotation is not None and self.rotation.pending():
+                    # The hub may have taken the new key (and told NATS) while its answer was
+                    # lost: the next try connects as the other of the two keys.
+                    self._nats_key = self.rotation.other_key(self._nats_key)
             await self._close()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 15.0)
