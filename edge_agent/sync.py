@@ -23,6 +23,7 @@ from typing import Any
 from edge_agent.store import Store
 from federation import subjects, wire
 from federation.errors import OutpostError
+from federation.log import redact_url
 from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials
 from federation.streams import command_consumer_config
 
@@ -182,7 +183,8 @@ class Sync:
             **self._tls())
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
-        log.info("connected to %s", self.settings.nats_url, extra={"agent": self.agent_id})
+        log.info("connected to %s", redact_url(self.settings.nats_url),
+                 extra={"agent": self.agent_id})
 
     def _tls(self) -> dict[str, Any]:
         """nats.connect's ``tls`` for a tls:// URL or a private CA; none for plain nats://."""
