@@ -483,3 +483,17 @@ def test_operator_drains_an_agent(fleet: Fleet, open_tab: Callable[..., Tab]) ->
     assert fleet.status("oslo") == "draining"
     expect(card(tab, fleet, "oslo").locator("button.drain")).to_have_count(0)
     expect(card(tab, fleet, "berlin").locator("button.drain")).to_have_count(1)
+
+
+def test_a_revoked_agent_shows_revoked(fleet: Fleet, open_tab: Callable[..., Tab]) -> None:
+    """Runs last: oslo is revoked for good. Its card says so in its own colour, with no
+    drain button; berlin is untouched."""
+    assert fleet.hub.api("POST", f"/v1/agents/{fleet.ids['oslo']}/revoke").status == 200
+    tab = sign_in(open_tab, fleet)
+    oslo = card(tab, fleet, "oslo")
+    expect(oslo.locator(".status")).to_have_text("revoked")
+    expect(oslo).to_have_class(re.compile(r"\bis-revoked\b"))
+    expect(oslo.locator("button.drain")).to_have_count(0)
+    assert oslo.locator(".status").evaluate("e => getComputedStyle(e).color") == \
+        "rgb(71, 84, 103)"  # --revoked in style.css
+    expect(card(tab, fleet, "berlin").locator(".status")).to_have_text("online")
