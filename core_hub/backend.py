@@ -3,7 +3,8 @@
 Reads come from the SQLite view that ingest keeps; what must happen at a site (kill, drain)
 becomes a signed command that waits in JetStream for a disconnected edge, and the answer is 202
 with the command id. Tasks on an unreachable agent show ``unknown``: the edge is probably still
-running them, and it is the authority on that (DESIGN guarantee 6).
+running them, and it is the authority on that (DESIGN guarantee 6). So do the unfinished tasks of
+a revoked agent: its reports are no longer believed.
 """
 
 from __future__ import annotations
@@ -66,13 +67,14 @@ class CoreBackend:
 
     # ------------------------------------------------------------ tasks
 
-    def _unreachable(self) -> set[str]:
-        return self.store.unreachable_agents()
+    def _unreachable(self) -> dict[str, str]:
+        return self.store.unheard_agents()
 
-    def _present(self, task: dict[str, Any], unreachable: set[str]) -> dict[str, Any]:
-        if task.get("agent_id") in unreachable and task.get("state") not in TERMINAL_STATES:
+    def _present(self, task: dict[str, Any], unreachable: dict[str, str]) -> dict[str, Any]:
+        status = unreachable.get(task.get("agent_id") or "")
+        if status is not None and task.get("state") not in TERMINAL_STATES:
             return {**task, "state": "unknown",
-                    "reason": f"agent unreachable; last reported {task.get('state')}"}
+                    "reason": f"agent {status}; last reported {task.get('state')}"}
         return task
 
     async def list_tasks(self, query: TaskQuery) -> Page:

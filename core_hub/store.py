@@ -497,9 +497,12 @@ class HubStore(Database):
         cursor = encode_cursor({"id": rows[-1][0]}) if more else None
         return [(r[1], r[2], r[3]) for r in rows], cursor
 
-    def unreachable_agents(self) -> set[str]:
-        return {r[0] for r in self._db.execute(
-            "SELECT id FROM agents WHERE status = 'unreachable'")}
+    def unheard_agents(self) -> dict[str, str]:
+        """Agents whose last reports may no longer be true, with why: ``unreachable`` or
+        ``revoked`` (a revoked agent's reports are not applied any more)."""
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT id, CASE WHEN revoked THEN 'revoked' ELSE status END FROM agents"
+            " WHERE status = 'unreachable' OR revoked = 1")}
 
     def count_tasks_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(

@@ -100,7 +100,8 @@ def test_revoke_a_running_agent(start_agent: Callable[..., AgentProcess], hub_pr
     edge.wait_state(after["id"], "finished", timeout=15)
     wait_until(lambda: rejected_revoked(hub) >= 1, timeout=20, what="revoked events counted")
     assert hub.api("GET", f"/v1/tasks/{after['id']}").status == 404
-    assert hub.api("GET", f"/v1/tasks/{before['id']}").body["state"] == "running"
+    shown = hub.api("GET", f"/v1/tasks/{before['id']}").body
+    assert shown["state"] == "unknown" and shown["reason"] == "agent revoked; last reported running"
     assert agent_at_hub(hub, agent_id)["status"] == "revoked"
 
     # No placements, no drain; revoking again is harmless.
