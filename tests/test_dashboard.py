@@ -485,15 +485,26 @@ def test_operator_drains_an_agent(fleet: Fleet, open_tab: Callable[..., Tab]) ->
     expect(card(tab, fleet, "berlin").locator("button.drain")).to_have_count(1)
 
 
-def test_a_revoked_agent_shows_revoked(fleet: Fleet, open_tab: Callable[..., Tab]) -> None:
-    """Runs last: oslo is revoked for good. Its card says so in its own colour, with no
-    drain button; berlin is untouched."""
-    assert fleet.hub.api("POST", f"/v1/agents/{fleet.ids['oslo']}/revoke").status == 200
+def test_admin_revokes_an_agent(fleet: Fleet, open_tab: Callable[..., Tab]) -> None:
+    """Runs last: oslo is revoked for good. An operator gets no revoke button; the admin's
+    confirmed click revokes it, and its card says so in its own colour, with no actions left;
+    berlin is untouched."""
+    operator = sign_in(open_tab, fleet, fleet.api_token("operator"))
+    expect(card(operator, fleet, "berlin").locator("button.drain")).to_have_count(1)
+    expect(operator.page.locator("button.revoke")).to_have_count(0)
     tab = sign_in(open_tab, fleet)
     oslo = card(tab, fleet, "oslo")
+    revoke = oslo.locator("button.revoke")
+    revoke.click()
+    expect(revoke).to_have_text("Confirm revoke (for good)")
+    assert fleet.status("oslo") != "revoked", "one click only arms the button"
+    revoke.click()
+    expect(tab.page.locator("#flash")).to_contain_text("Revoked oslo-1")
     expect(oslo.locator(".status")).to_have_text("revoked")
+    assert fleet.status("oslo") == "revoked"
     expect(oslo).to_have_class(re.compile(r"\bis-revoked\b"))
-    expect(oslo.locator("button.drain")).to_have_count(0)
+    expect(oslo.locator("button.action")).to_have_count(0)
     assert oslo.locator(".status").evaluate("e => getComputedStyle(e).color") == \
         "rgb(71, 84, 103)"  # --revoked in style.css
     expect(card(tab, fleet, "berlin").locator(".status")).to_have_text("online")
+    expect(card(tab, fleet, "berlin").locator("button.revoke")).to_have_count(1)

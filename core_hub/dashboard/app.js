@@ -395,6 +395,7 @@ function makeCard(agent) {
     labels: h("div", { class: "labels" }),
     foot: null,
     drain: null,
+    revoke: null,
     agent,
   };
   c.foot = h("div", { class: "agent-foot" }, c.outbox);
@@ -446,6 +447,21 @@ function updateCard(c, a) {
     c.drain.remove();
     c.drain = null;
   }
+  // Revoking is for good (the agent's key is distrusted): admins only, confirmed like a drain.
+  const wantRevoke = S.role === "admin" && st !== "revoked";
+  if (wantRevoke && !c.revoke) {
+    c.revoke = confirmButton("Revoke", "Confirm revoke (for good)", () => revokeAgent(c.agent), "revoke");
+    c.foot.append(c.revoke);
+  } else if (!wantRevoke && c.revoke) {
+    c.revoke.remove();
+    c.revoke = null;
+  }
+}
+
+async function revokeAgent(agent) {
+  await api("POST", `/v1/agents/${enc(agent.id)}/revoke`);
+  flash(true, `Revoked ${agent.name}: its events are rejected and nothing is placed on it.`);
+  pollers.agents.now();
 }
 
 /** In use now: capacity minus the free amount of the agent's latest offer (edges send one on
