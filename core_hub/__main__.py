@@ -8,6 +8,7 @@
     outpost-hub agents revoke --data-dir DIR ID [--token T] [--ca FILE]
     outpost-hub site bundle --data-dir DIR --site NAME --out DIR [--hub-nats URL] [--ttl S]
                     [--python python3] [--wheel outpost-*.whl]
+    outpost-hub nats-auth --data-dir DIR [--out FILE [--pid-file FILE]]
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bundle.add_argument("--python", default="python3",
                         help="the interpreter install.sh makes the venv with (3.11 or newer)")
     bundle.add_argument("--wheel", type=Path, help="an outpost wheel or sdist to ship in it")
+    nauth = sub.add_parser("nats-auth", help="write the NATS authorization file the hub "
+                           "manages (least privilege), e.g. before nats-server first starts")
+    nauth.add_argument("--data-dir", required=True, help="the hub's data dir")
+    nauth.add_argument("--out", type=Path, help="the file (the hub's nats_auth_file); default: "
+                       "the one the hub last used")
+    nauth.add_argument("--pid-file", type=Path, help="nats-server's pid file: reload it")
     return p.parse_args(argv)
 
 
@@ -197,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             return site_command(args)
         if args.command == "agents":
             return agents_cli.agents_command(args)
+        if args.command == "nats-auth":
+            from core_hub.natsauth import auth_command
+
+            return auth_command(Path(args.data_dir), args.out, args.pid_file)
         config = load_config(args, env)
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)

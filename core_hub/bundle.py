@@ -75,8 +75,11 @@ def _q(text: str) -> str:
 
 
 def leaf_conf(site: str, hub_url: str, *, data_dir: str = DEFAULT_DATA_DIR,
-              listen: str = LEAF_LISTEN, http: str = LEAF_HTTP) -> str:
-    """The site's NATS leaf node: agents connect to ``listen``; it links to ``hub_url``."""
+              listen: str = LEAF_LISTEN, http: str = LEAF_HTTP,
+              leaf_seed: str | None = None) -> str:
+    """The site's NATS leaf node: agents connect to ``listen``; it links to ``hub_url``, as the
+    site's leaf nkey ``leaf_seed`` (``SU...``) when the hub's NATS has least privilege."""
+    nkey = f"\n      nkey: {_q(leaf_seed)}" if leaf_seed else ""
     return f"""\
 # NATS leaf node of the Outpost edge site "{site}" (made by `outpost-hub site bundle`).
 #
@@ -110,10 +113,11 @@ leafnodes {{
   reconnect: "2s"
   remotes [
     {{
-      # The hub's leafnodes port. With authorization at the hub, put the user in the URL
-      # ("nats-leaf://USER:PASSWORD@HOST:{HUB_LEAFNODE_PORT}") or add credentials: "leaf.creds";
-      # over the internet use "tls://HOST:{HUB_LEAFNODE_PORT}" and a tls {{ ca_file: ... }} block.
-      urls: [{_q(hub_url)}]
+      # The hub's leafnodes port; over the internet use "tls://HOST:{HUB_LEAFNODE_PORT}" and a
+      # tls {{ ca_file: ... }} block. With least privilege at the hub (core_hub/natsauth.py) the
+      # bundle adds this site's leaf key, nkey: "SU..." (secret: keep this file 0600 or 0640),
+      # and the hub lets this link carry only the site's agents' subjects.
+      urls: [{_q(hub_url)}]{nkey}
     }}
   ]
 }}
@@ -345,9 +349,13 @@ render() {
     chmod "$3" "$2.tmp"
     mv "$2.tmp" "$2"
 }
+if [ -e "$here/agent.key" ] && [ ! -e "$DATA_DIR/agent.key" ]; then
+    # The agent's identity key, made with the bundle: the site's leaf may carry its subjects.
+    (umask 077 && cp "$here/agent.key" "$DATA_DIR/agent.key")
+fi
 if [ "$leaf" = yes ]; then
     render "$here/edge.toml" "$PREFIX/etc/edge.toml" 600
-    render "$here/nats-leaf.conf" "$PREFIX/etc/nats-leaf.conf" 644
+    render "$here/nats-leaf.conf" "$PREFIX/etc/nats-leaf.conf" 600
     if ! check=$("$nats_bin" -t -c "$PREFIX/etc/nats-leaf.conf" 2>&1); then
         die "nats-leaf.conf: $check"
     fi
@@ -379,6 +387,10 @@ if [ "$systemd" = yes ]; then
     chown -R "$OUTPOST_USER:$OUTPOST_USER" "$DATA_DIR"
     chown "root:$OUTPOST_USER" "$PREFIX/etc/edge.toml"
     chmod 640 "$PREFIX/etc/edge.toml"
+    if [ "$leaf" = yes ]; then  # it holds the site's leaf key
+        chown "root:$OUTPOST_USER" "$PREFIX/etc/nats-leaf.conf"
+        chmod 640 "$PREFIX/etc/nats-leaf.conf"
+    fi
     units="outpost-agent.service"
     [ "$leaf" = yes ] && units="outpost-leaf.service $units"
     for unit in $units; do
@@ -457,8 +469,13 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
                  wheel: Path | None = None) -> Bundle:
     """Writes the bundle for ``site`` into ``out`` (new or empty) with a fresh one-use join
     token from the hub in ``hub_data_dir``; ``wheel`` (an outpost wheel or sdist) is copied in."""
+    from nacl.signing import SigningKey
+
     from core_hub.enroll import JoinTokens
+    from core_hub.natsauth import record_site, refresh_offline
     from core_hub.store import HubStore
+    from federation.identity import id_from_public_key
+    from federation.natscreds import user_nkey, user_seed
 
     if not re.match(NAME_PATTERN, site):
         raise ConfigError(f"site: {site!r} is not valid; expected lowercase letters, digits, "
@@ -487,11 +504,20 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
         token = JoinTokens(store).create_token(ttl_s, 1)
     finally:
         store.close()
+    # The agent's key is made here, so its id, and with it what the site's leaf may carry, is
+    # known before it enrolls (a leaf link that is up keeps the permissions it came with).
+    agent_key, leaf_key = SigningKey.generate(), SigningKey.generate()
+    record_site(Path(hub_data_dir), site, user_nkey(bytes(leaf_key.verify_key)),
+                [id_from_public_key(bytes(agent_key.verify_key))])
+    refresh_offline(Path(hub_data_dir))  # a hub with least privilege lets the leaf in now
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
+    (out / "agent.key").touch(0o600)
+    (out / "agent.key").write_bytes(bytes(agent_key))
     files = {
         "edge.toml": (edge_toml(site, f"nats://{LEAF_LISTEN}", token), 0o600),
-        "nats-leaf.conf": (leaf_conf(site, hub_url), 0o644),
+        "nats-leaf.conf": (leaf_conf(site, hub_url, leaf_seed=user_seed(bytes(leaf_key))),
+                           0o600),
         "outpost-agent.service": (agent_unit(), 0o644),
         "outpost-leaf.service": (leaf_unit(), 0o644),
         "install.sh": (script, 0o755),
@@ -500,7 +526,7 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
         path = out / name
         path.write_text(text)
         path.chmod(mode)
-    names = list(files)
+    names = ["agent.key", *files]
     if wheel is not None:
         shutil.copyfile(wheel, out / Path(wheel).name)
         names.append(Path(wheel).name)

@@ -22,6 +22,7 @@ from core_hub.natsauth import (
     AUTH_FILE_NAME,
     NatsAuth,
     pid_file_reload,
+    record_managed,
     signal_reload,
     trusted_agents,
 )
@@ -180,7 +181,9 @@ class Hub:
             return
         reload = self._reload_embedded if cfg.embedded_nats else (
             pid_file_reload(cfg.nats_pid_file) if cfg.nats_pid_file else None)
-        self.nats_auth = NatsAuth(path, store, hub_public, reload)
+        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir)
+        record_managed(cfg.data_dir, path, cfg.data_dir / "nats" / "nats-server.pid"
+                       if cfg.embedded_nats else cfg.nats_pid_file)
         if self.nats_auth.write() and cfg.nats_pid_file is not None:
             signal_reload(cfg.nats_pid_file)  # an external server learns the hub's key first
 

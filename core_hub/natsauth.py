@@ -22,6 +22,16 @@ and from ``Hub._after_agent_change`` (enrolled, revoked, key rotated) through
 on, and a rotated key replaces the old one; from another process, ``refresh_offline`` does the
 same against the files of a hub's data dir.
 
+Edge sites behind a NATS leaf node (``outpost-hub site bundle``, an external NATS with a
+leafnodes port) link with a per-site nkey (``nkey`` in the bundle's ``nats-leaf.conf``) whose
+permissions are those of the site's agents, in the hub's JetStream domain (the leaf maps
+``$JS.API.>`` to ``$JS.hub.API.>``). The bundle makes the agent's key too, so the site's agent
+ids, and with them the leaf's permissions, are fixed when the bundle is made: nats-server does
+not apply changed permissions to a leaf connection that is up (checked with 2.15), so an
+enrollment must not change them. A revoked agent's subjects leave the site's permissions when
+the leaf next connects; until then the hub refuses its envelopes, as for any revoked agent.
+``<data_dir>/nats-sites/<site>.json`` records each site's leaf key and agent ids.
+
 A rotated-away key keeps its user for ``ROTATION_GRACE_S``: the hub refreshes before it answers
 the rotation request, on the agent's old connection, and that answer must still reach it (the
 agent then reconnects with its new key). ``NatsAuth.run`` drops the old key when the grace ends.
@@ -57,6 +67,9 @@ from federation.natscreds import (
 log = logging.getLogger(__name__)
 
 AUTH_FILE_NAME = "outpost-auth.conf"  # beside the embedded server's own config
+MANAGED_FILE = "nats-auth.json"  # in the hub's data dir: which file and server it manages
+SITES_DIR = "nats-sites"
+HUB_JS_DOMAIN = "hub"  # configs/nats/hub.conf; core_hub/bundle.py maps the leaves' API to it
 ROTATION_GRACE_S = 30.0
 
 
@@ -87,21 +100,40 @@ def agent_permissions(agent_id: str) -> dict[str, Any]:
     }
 
 
+def site_permissions(agent_ids: Iterable[str]) -> dict[str, Any]:
+    """A site leaf's permissions: its agents' together, with the JetStream API subjects as
+    they cross a leaf link (``$JS.hub.API.*``), plus enrollment for agents not enrolled yet."""
+    publish, subscribe = [subjects.ENROLL], [f"{ENROLL_INBOX_PREFIX}.>"]
+    for agent_id in sorted(set(agent_ids)):
+        perms = agent_permissions(agent_id)
+        publish += [subject.replace("$JS.API.", f"$JS.{HUB_JS_DOMAIN}.API.", 1)
+                    for subject in perms["publish"]["allow"] if subject != subjects.ENROLL]
+        subscribe += perms["subscribe"]["allow"]
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+
+
 ENROLL_PERMISSIONS: dict[str, Any] = {
     "publish": {"allow": [subjects.ENROLL]},
     "subscribe": {"allow": [f"{ENROLL_INBOX_PREFIX}.>"]},
 }
 
 
-def render(hub_public_key: bytes, agents: Iterable[tuple[str, bytes]]) -> str:
-    """The ``authorization { users = [...] }`` block for the hub and ``agents`` (id, raw public
-    key). JSON is valid NATS config syntax, so every value is quoted safely."""
+def render(hub_public_key: bytes, agents: Iterable[tuple[str, bytes]],
+           sites: Iterable[tuple[str, list[str]]] = ()) -> str:
+    """The ``authorization { users = [...] }`` block for the hub, ``agents`` (id, raw public
+    key) and site leaves (leaf nkey, agent ids). JSON is valid NATS config syntax, so every
+    value is quoted safely."""
     users: list[dict[str, Any]] = [
         {"nkey": user_nkey(hub_public_key)},
-        {"user": ENROLL_USER, "password": ENROLL_PASSWORD, "permissions": ENROLL_PERMISSIONS},
+        {"user": ENROLL_USER, "password": ENROLL_PASSWORD, "permissions": ENROLL_PERMISSIONS,
+         "allowed_connection_types": ["STANDARD"]},
     ]
     for agent_id, public_key in sorted(agents):
-        users.append({"nkey": user_nkey(public_key), "permissions": agent_permissions(agent_id)})
+        users.append({"nkey": user_nkey(public_key), "permissions": agent_permissions(agent_id),
+                      "allowed_connection_types": ["STANDARD"]})
+    for leaf_nkey, agent_ids in sorted(sites):
+        users.append({"nkey": leaf_nkey, "permissions": site_permissions(agent_ids),
+                      "allowed_connection_types": ["LEAFNODE"]})
     lines = ",\n    ".join(json.dumps(user, separators=(", ", ": ")) for user in users)
     return ("# written by core_hub/natsauth.py from the hub's enrolled agents; do not edit\n"
             f"authorization {{\n  users = [\n    {lines}\n  ]\n}}\n")
@@ -111,6 +143,38 @@ def trusted_agents(store: HubStore) -> list[tuple[str, bytes]]:
     """(id, public key) of every enrolled agent that is not revoked."""
     return [(agent["id"], bytes.fromhex(agent["public_key"]))
             for agent in store.list_agents() if not agent["revoked"]]
+
+
+def record_site(data_dir: Path, site: str, leaf_nkey: str, agent_ids: Iterable[str]) -> None:
+    """Remember a site's leaf key (a new bundle replaces it) and add its agent ids."""
+    path = Path(data_dir) / SITES_DIR / f"{site}.json"
+    try:
+        known = json.loads(path.read_text())["agents"]
+    except (FileNotFoundError, ValueError, KeyError):
+        known = []
+    record = {"site": site, "leaf_nkey": leaf_nkey,
+              "agents": sorted({*known, *map(subjects.validate_agent_id, agent_ids)})}
+    write_auth_file(path, json.dumps(record, indent=1) + "\n")
+
+
+def site_leaves(data_dir: Path, revoked: set[str]) -> list[tuple[str, list[str]]]:
+    """(leaf nkey, agent ids that are not revoked) of every recorded site."""
+    out = []
+    for path in sorted((Path(data_dir) / SITES_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            agents = [a for a in record["agents"] if subjects.is_agent_id(a) and a not in revoked]
+            out.append((str(record["leaf_nkey"]), agents))
+        except (ValueError, KeyError, TypeError, OSError):
+            log.warning("ignoring unreadable site record %s", path, extra={"path": str(path)})
+    return out
+
+
+def record_managed(data_dir: Path, auth_file: Path, pid_file: Path | None) -> None:
+    """Note in the hub's data dir which file (and server) the hub keeps its authorization in,
+    so ``refresh_offline`` (another process) finds them."""
+    write_auth_file(Path(data_dir) / MANAGED_FILE, json.dumps(
+        {"auth_file": str(auth_file), "pid_file": str(pid_file) if pid_file else None}) + "\n")
 
 
 def write_auth_file(path: Path, text: str) -> bool:
@@ -152,12 +216,14 @@ class NatsAuth:
     Fields: ``path`` (the file the server includes), ``store``, ``hub_public_key`` (raw),
     ``reload`` (awaited after the file changed: the embedded server's ``reload``, a SIGHUP
     through a pid file, or None when the operator reloads the server), ``clock`` (monotonic
-    seconds, for the rotation grace)."""
+    seconds, for the rotation grace), ``sites_from`` (the data dir with ``nats-sites/``)."""
 
     def __init__(self, path: Path, store: HubStore, hub_public_key: bytes,
                  reload: Callable[[], Awaitable[None]] | None = None, *,
+                 sites_from: Path | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
+        self.sites_from = sites_from  # the hub's data dir, whose nats-sites/ lists the leaves
         self.store = store
         self.hub_public_key = bytes(hub_public_key)
         self.reload = reload
@@ -178,9 +244,14 @@ class NatsAuth:
         self._retiring = {agent_id: (key, until) for agent_id, (key, until)
                           in self._retiring.items() if agent_id in current and until > now}
         self._keys = current
+        sites: list[tuple[str, list[str]]] = []
+        if self.sites_from is not None:
+            revoked = {a["id"] for a in self.store.list_agents() if a["revoked"]}
+            sites = site_leaves(self.sites_from, revoked)
         changed = write_auth_file(self.path, render(
             self.hub_public_key,
-            [*agents, *((agent_id, key) for agent_id, (key, _) in self._retiring.items())]))
+            [*agents, *((agent_id, key) for agent_id, (key, _) in self._retiring.items())],
+            sites))
         if changed:
             log.info("NATS authorization written: %d agents", len(agents),
                      extra={"path": str(self.path), "agents": len(agents)})
@@ -228,26 +299,43 @@ def pid_file_reload(pid_file: Path) -> Callable[[], Awaitable[None]]:
     return reload
 
 
-def refresh_offline(data_dir: Path, auth_file: Path | None = None,
-                    pid_file: Path | None = None) -> bool:
-    """From another process than the hub (``outpost-hub agents revoke``): write the hub's
-    authorization file from its store and SIGHUP the server. Defaults: the embedded server's
-    file and pid file under ``<data_dir>/nats``. True if the file changed."""
+def refresh_offline(data_dir: Path) -> bool:
+    """From another process than the hub (a site bundle, a revocation while the hub is down):
+    write the authorization file the hub in ``data_dir`` manages from its store and sites, and
+    SIGHUP the server through its pid file. False (and nothing done) if the hub manages none or
+    nothing changed."""
     from federation.identity import load_or_create_key
 
     data_dir = Path(data_dir)
-    nats_dir = data_dir / "nats"
-    auth_file = auth_file or nats_dir / AUTH_FILE_NAME
-    pid_file = pid_file or nats_dir / "nats-server.pid"
-    if not (data_dir / "hub.key").exists():
-        raise NatsAuthError(f"no hub key in {data_dir} (start the hub there first)")
+    try:
+        managed = json.loads((data_dir / MANAGED_FILE).read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError as exc:
+        raise NatsAuthError(f"{data_dir / MANAGED_FILE} is not JSON: {exc}") from exc
     _seed, public = load_or_create_key(data_dir / "hub.key")
     store = HubStore(data_dir / "hub.db")
     try:
-        changed = NatsAuth(auth_file, store, public).write()
+        changed = NatsAuth(Path(managed["auth_file"]), store, public,
+                           sites_from=data_dir).write()
     finally:
         store.close()
-    if changed and not signal_reload(pid_file):
+    pid_file = managed.get("pid_file")
+    if changed and pid_file and not signal_reload(Path(pid_file)):
         log.info("no running nats-server behind %s: it reads the new file when it starts",
                  pid_file)
     return changed
+
+
+def auth_command(data_dir: Path, out: Path | None, pid_file: Path | None) -> int:
+    """``outpost-hub nats-auth``: (re)write the hub's authorization file from its data dir."""
+    if out is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        record_managed(data_dir, out.resolve(), pid_file.resolve() if pid_file else None)
+    elif not (data_dir / MANAGED_FILE).exists():
+        raise NatsAuthError(f"the hub in {data_dir} manages no NATS authorization yet: "
+                            "pass --out (its nats_auth_file)")
+    changed = refresh_offline(data_dir)
+    managed = json.loads((data_dir / MANAGED_FILE).read_text())
+    print(f"{managed['auth_file']}: {'written' if changed else 'up to date'}")
+    return 0

@@ -393,8 +393,9 @@ def test_site_bundle_installs_an_agent_that_enrolls(tmp_path: Path,
         made = tmp_path / "bundle"
         assert {p.name for p in made.iterdir()} == {
             "edge.toml", "nats-leaf.conf", "outpost-agent.service", "outpost-leaf.service",
-            "install.sh", wheel.name}
-        assert (made / "edge.toml").stat().st_mode & 0o077 == 0
+            "install.sh", "agent.key", wheel.name}
+        for secret in ("edge.toml", "nats-leaf.conf", "agent.key"):  # token, leaf key, agent key
+            assert (made / secret).stat().st_mode & 0o077 == 0
 
         prefix, data = tmp_path / "prefix", tmp_path / "data"
         log = (tmp_path / "install.log").open("wb")
@@ -437,6 +438,9 @@ def test_site_bundle_installs_an_agent_that_enrolls(tmp_path: Path,
             capture_output=True, text=True, timeout=30, cwd=tmp_path)
         assert where.stdout.startswith(str(prefix)), where
         assert (prefix / "etc" / "edge.toml").stat().st_mode & 0o077 == 0
+        # The agent runs with the key the bundle made (the site's leaf may carry its subjects).
+        assert (data / "agent.key").read_bytes() == (made / "agent.key").read_bytes()
+        assert (data / "agent.key").stat().st_mode & 0o077 == 0
     finally:
         if installer is not None and installer.poll() is None:
             os.killpg(installer.pid, signal.SIGTERM)

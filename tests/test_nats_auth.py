@@ -331,3 +331,105 @@ def test_key_rotation_under_least_privilege(start_agent: Callable[..., AgentProc
             assert not me.errors
 
     asyncio.run(new_key_accepted())
+
+
+def test_a_site_leaf_carries_only_its_agents(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    """An external NATS from configs/nats/hub.conf with the least-privilege lines on, as
+    docs/deploy.md says; a site bundle's leaf (its own key) links the site's agent, whose
+    enrollment, events, commands and logs flow; the leaf carries nothing for other agents and
+    no stream management; a leaf without the site's key cannot link at all."""
+    import re
+    import subprocess
+    import sys
+
+    from core_hub import bundle
+    from tests.deploy_support import ConfServer, free_port, replace_once
+    from tests.helpers import ROOT
+
+    hub_dir, auth_file = tmp_path / "hub", tmp_path / "hub" / "nats-auth.conf"
+    pid_file = tmp_path / "hub-nats.pid"
+    made = subprocess.run([sys.executable, "-m", "core_hub", "nats-auth", "--data-dir",
+                           str(hub_dir), "--out", str(auth_file), "--pid-file", str(pid_file)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert made.returncode == 0 and "written" in made.stdout, made.stderr
+    client_port, http_port, leaf_port = free_port(), free_port(), free_port()
+    text = (ROOT / "configs" / "nats" / "hub.conf").read_text()
+    for old, new in (('"0.0.0.0:4222"', f'"127.0.0.1:{client_port}"'),
+                     ('"127.0.0.1:8222"', f'"127.0.0.1:{http_port}"'),
+                     ('"0.0.0.0:7422"', f'"127.0.0.1:{leaf_port}"'),
+                     ('"/var/lib/outpost-nats"', f'"{tmp_path / "hub-nats"}"'),
+                     ('# pid_file: "/var/lib/outpost-nats/nats-server.pid"',
+                      f'pid_file: "{pid_file}"'),
+                     ('# include "../../var/lib/outpost-hub/nats-auth.conf"',
+                      'include "hub/nats-auth.conf"')):
+        text = replace_once(text, old, new)
+    (tmp_path / "hub-nats.conf").write_text(text)
+    servers = [ConfServer(tmp_path / "hub-nats.conf", client_port, http_port).start()]
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'[hub]\nnats_auth_file = "{auth_file}"\n'
+                        f'nats_pid_file = "{pid_file}"\n')
+    hub = HubProcess(hub_dir, servers[0].url, ["--config", str(hub_toml),
+                                               "--disconnected-after", "2.5",
+                                               "--unreachable-after", "4"])
+    try:
+        hub.start()
+        assert "Authorization Violation" in asyncio.run(refused(servers[0].url, None))
+        out = tmp_path / "bundle"
+        bundle.write_bundle(hub_dir, "berlin", out, hub_url=f"nats-leaf://127.0.0.1:{leaf_port}")
+        seed = re.search(r'nkey: "(SU[A-Z2-7]+)"', (out / "nats-leaf.conf").read_text())
+        assert seed is not None and (out / "nats-leaf.conf").stat().st_mode & 0o077 == 0
+
+        def leaf(name: str, leaf_seed: str | None) -> ConfServer:
+            port, http = free_port(), free_port()
+            conf = tmp_path / name / "nats-leaf.conf"
+            conf.parent.mkdir()
+            conf.write_text(bundle.leaf_conf("berlin", f"nats-leaf://127.0.0.1:{leaf_port}",
+                                             data_dir=str(conf.parent), listen=f"127.0.0.1:{port}",
+                                             http=f"127.0.0.1:{http}", leaf_seed=leaf_seed))
+            server = ConfServer(conf, port, http)
+            servers.append(server)
+            return server.start()
+
+        site = leaf("site", seed.group(1))
+        wait_until(lambda: servers[0].leafs() == 1, 15, what="the site's leaf linked")
+        (tmp_path / "berlin").mkdir()
+        (tmp_path / "berlin" / "agent.key").write_bytes((out / "agent.key").read_bytes())
+        edge = joined(start_agent, hub, SimpleNamespace(url=site.url), "--site", "berlin",
+                      name="berlin")
+        edge_id = edge.api("GET", "/v1/info").body["agent_id"]
+        talker = edge.submit("talker", ["sh", "-c", "echo through the leaf"])
+        edge.wait_state(talker["id"], "finished")
+        converged(edge, hub)
+        placed = hub.api("POST", "/v1/tasks", {"name": "from-core", "command": ["true"],
+                                                "constraints": {"agent": edge_id}})
+        assert placed.status in (201, 202), placed.body
+        wait_until(lambda: edge.api("GET", f"/v1/tasks/{placed.body['id']}").status == 200, 20,
+                   what="the core's launch to reach the site")
+        assert hub.api("GET", f"/v1/tasks/{talker['id']}/logs").raw == b"through the leaf\n"
+
+        async def rogue_at_the_site() -> None:
+            other = "a" + "x" * 25
+            # Replies cross the link only to the site's agents' inboxes.
+            async with client(site.url, NatsCredentials(inbox_prefix=f"_INBOX.{edge_id}")) as me:
+                js = me.nc.jetstream(timeout=1)
+                await js.publish(subjects.events(edge_id), b"junk")  # its own agent's: carried
+                for attempt in (js.publish(subjects.events(other), b"forged"),
+                                js.delete_stream(subjects.EVENTS_STREAM),
+                                js.add_consumer(subjects.COMMANDS_STREAM,
+                                                command_consumer_config(other))):
+                    with pytest.raises((nats.errors.TimeoutError,
+                                        nats.js.errors.NoStreamResponseError,
+                                        nats.js.errors.ServiceUnavailableError)):
+                        await attempt
+
+        asyncio.run(rogue_at_the_site())
+        converged(edge, hub)  # the junk envelope was counted bad, nothing else changed
+        stranger = leaf("stranger", None)
+        wait_until(lambda: "Authorization Violation" in stranger.log_path.read_text(), 15,
+                   what="a leaf without the site's key refused")
+        assert servers[0].leafs() == 1
+    finally:
+        hub.stop()
+        for server in servers:
+            server.kill()
