@@ -4,9 +4,10 @@
 token in ``<data_dir>/admin.token`` or ``--token``), so the hub applies it at once: ingest
 drops the agent's events from the next envelope on, placement stops using it, the registry
 bucket records it and the hub's NATS-credential hook runs. When no hub answers at that URL
-(it is stopped), the revocation is written to the hub's view directly instead: ingest reads
-the flag for every envelope, and the hub copies it to the registry bucket when it next starts
-(``Registry.restore``). Either way an unknown id is an error (exit 1) with the reason.
+(it is stopped), the revocation is written to the hub's view directly instead, and the NATS
+authorization the hub manages (if any) is rewritten and reloaded (``natsauth.refresh_offline``);
+ingest reads the flag for every envelope, and the hub copies it to the registry bucket when it
+next starts (``Registry.restore``). Either way an unknown id is an error (exit 1) with the reason.
 
 ``ls`` reads the view (SQLite in WAL mode: safe beside a running hub).
 """
@@ -101,7 +102,21 @@ def _revoke(data: Path, agent_id: str, *, token: str | None, ca: Path | None) ->
         store.close()
     print(f"revoked {agent_id} in the hub's view{'' if changed else ' (it already was)'}; "
           f"no hub is running at {data}: it records this in the registry when it starts")
+    _withdraw_nats_user(data)
     return 0
+
+
+def _withdraw_nats_user(data: Path) -> None:
+    """With the hub down, a NATS server it manages (least privilege) may still run: rewrite its
+    authorization file and reload it, so the revoked agent's connection is refused now."""
+    from core_hub.natsauth import refresh_offline
+
+    try:
+        if refresh_offline(data):
+            print("its NATS user is removed from the hub's NATS authorization")
+    except OutpostError as exc:
+        print(f"outpost-hub: warning: NATS authorization not updated: {exc.message}",
+              file=sys.stderr)
 
 
 def _admin_token(data: Path) -> str:
@@ -134,6 +149,9 @@ def _post_revoke(url: str, agent_id: str, token: str, ca: Path | None) -> dict[s
     except urllib.error.URLError as err:
         if isinstance(err.reason, ConnectionRefusedError):
             return None  # a stale hub.url: the hub is not running
+        if isinstance(err.reason, ssl.SSLCertVerificationError):
+            raise OutpostError(f"the hub at {url} has a TLS certificate this machine does not "
+                               f"trust ({err.reason.verify_message}); pass --ca CA.pem") from None
         raise OutpostError(f"could not reach the hub at {url}: {err.reason}") from None
     except ConnectionRefusedError:
         return None

@@ -146,3 +146,21 @@ def test_revocation_outlives_the_hub(start_agent: Callable[..., AgentProcess],
     assert statuses[ids["one"]] == statuses[ids["two"]] == "revoked"
     wait_until(lambda: agent_at_hub(hub, ids["good"])["status"] == "online", timeout=20,
                what="the trusted agent back online in the rebuilt view")
+
+
+def test_revoke_cli_against_a_hub_serving_https(tmp_path: Path, nats_proc: NatsServer) -> None:
+    """The CLI reaches a hub whose API is HTTPS with a private CA's certificate (``--ca``),
+    and says what to do when it does not trust it."""
+    from tests.certs import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    hub = HubProcess(tmp_path / "tlshub", nats_proc.url,
+                     ["--tls-cert", str(ca.cert), "--tls-key", str(ca.key)]).start()
+    try:
+        assert hub.url.startswith("https://")
+        untrusted = hub_cli(hub, "agents", "revoke", "anobody")
+        assert untrusted.returncode == 1 and "--ca" in untrusted.stderr, untrusted
+        trusted = hub_cli(hub, "agents", "revoke", "anobody", "--ca", str(ca.ca))
+        assert trusted.returncode == 1 and "not found" in trusted.stderr, trusted
+    finally:
+        hub.stop()
