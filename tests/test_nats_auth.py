@@ -226,6 +226,18 @@ async def test_a_revoked_agent_is_cut_off_after_refresh(
     assert refresh_offline(secure_hub.data_dir) is False  # nothing changed: no reload
 
 
+async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    """POST /v1/agents/{id}/revoke on the running hub: Hub._after_agent_change refreshes the
+    server's users, so the agent's link drops and its key is refused at once."""
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    b, b_id = enrolled(start_agent, secure_hub, "b")
+    assert secure_hub.api("POST", f"/v1/agents/{b_id}/revoke").status == 200
+    wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
+    assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
+    assert len(agent_nkeys(secure_hub, a_id)) == 1
+
+
 def test_enroll_events_commands_and_logs_work_with_least_privilege(
         start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
     a, a_id = enrolled(start_agent, secure_hub, "a")
