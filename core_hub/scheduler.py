@@ -3,8 +3,10 @@ launch, follow the edge's answer (accept or decline), place again on a decline.
 
 Never on two agents (DESIGN guarantee 5): the choice of agent and the command id are written to
 the view *before* the launch is published, and only a ``declined``/``rejected``/``expired``
-result from that agent lets the task move elsewhere. A hub that restarts mid-placement resends
-the same launch (same command id, same task id) to the same agent, which applies it once.
+result from that agent lets the task move elsewhere, or that agent being revoked (it has left
+the fleet: whatever it may run is no longer the fleet's, and it will never answer). A hub that
+restarts mid-placement resends the same launch (same command id, same task id) to the same
+agent, which applies it once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CoreScheduler:
         self.commander = commander
         self.placer = Placer()
         self._offer_ids: dict[str, tuple[Any, str]] = {}
+        self._revoked: set[str] = set()
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.placed = 0
@@ -115,11 +118,12 @@ class CoreScheduler:
                         self.placer.release(launch["task_id"])
                     with self.store.transaction():
                         self._save(launch, "accepted", launch["agent_id"], reason=None)
-                elif result in FAILED_RESULTS:
+                elif result in FAILED_RESULTS or launch["agent_id"] in self._revoked:
                     self.placer.release(launch["task_id"])
                     launch["excluded"] = [*launch["excluded"], launch["agent_id"]]
                     log.info("launch of %s %s by %s; placing again", launch["task_id"],
-                             result, launch["agent_id"], extra={"task": launch["task_id"]})
+                             result or "unanswered, the agent is revoked", launch["agent_id"],
+                             extra={"task": launch["task_id"]})
                     await self._place(launch, now)
             for launch in self.store.launches("pending"):
                 # Nothing new to place it on since it last did not fit: skip the work.
@@ -127,7 +131,9 @@ class CoreScheduler:
                     await self._place(launch, now)
 
     def _refresh_offers(self, now: float) -> None:
-        statuses = {a["id"]: a["status"] for a in self.store.list_agents() if not a["revoked"]}
+        agents = self.store.list_agents()
+        statuses = {a["id"]: a["status"] for a in agents if not a["revoked"]}
+        self._revoked = {a["id"] for a in agents if a["revoked"]}
         for body in self.store.list_offers():
             agent = body.get("agent_id")
             if agent not in statuses:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -164,3 +165,30 @@ def test_revoke_cli_against_a_hub_serving_https(tmp_path: Path, nats_proc: NatsS
         assert trusted.returncode == 1 and "not found" in trusted.stderr, trusted
     finally:
         hub.stop()
+
+
+def test_a_launch_the_revoked_agent_never_answered_is_placed_again(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """A launch sent to an agent that is then revoked (here: frozen before it could answer) is
+    not left waiting for an answer that will never count: it goes to another agent."""
+    hub = hub_proc
+    frozen = joined(start_agent, hub, nats_proc, name="frozen")
+    frozen_id = frozen.api("GET", "/v1/info").body["agent_id"]
+    wait_until(lambda: hub.api("GET", "/v1/offers").body["items"], what="an offer")
+    assert frozen.proc is not None
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        task = hub.api("POST", "/v1/tasks", {"name": "moved", "command": ["sleep", "60"],
+                                              "kill_timeout": 1}).body
+        assert task["agent_id"] == frozen_id, task
+        spare = joined(start_agent, hub, nats_proc, name="spare")
+        spare_id = spare.api("GET", "/v1/info").body["agent_id"]
+        assert hub.api("GET", f"/v1/tasks/{task['id']}").body["agent_id"] == frozen_id
+        assert hub.api("POST", f"/v1/agents/{frozen_id}/revoke").status == 200
+        moved = wait_until(lambda: (t := hub.api("GET", f"/v1/tasks/{task['id']}").body)
+                           ["agent_id"] == spare_id and t["state"] == "running" and t,
+                           timeout=30, what="the task placed again and running on the spare")
+        assert spare.task(moved["id"])["state"] == "running"
+    finally:
+        frozen.kill()  # SIGKILL ends a stopped process too
