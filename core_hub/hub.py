@@ -35,7 +35,11 @@ from federation.auth import TokenAuth
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
 from federation.natscreds import hub_credentials
-from federation.streams import ensure_command_consumer, ensure_streams
+from federation.streams import (
+    delete_command_consumer,
+    ensure_command_consumer,
+    ensure_streams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,8 @@ class Hub:
         key = self.store.agent_key(agent_id)
         if key is not None and not key.revoked:  # its commands wait for it from now on
             await ensure_command_consumer(self.nc.jetstream(timeout=5), agent_id)
+        elif key is not None:  # revoked: nobody fetches its commands again
+            await delete_command_consumer(self.nc.jetstream(timeout=5), agent_id)
         await self.refresh_nats_auth()
 
     async def refresh_nats_auth(self) -> bool:

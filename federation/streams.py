@@ -103,3 +103,15 @@ async def ensure_command_consumer(js: JetStreamManager, agent_id: str) -> None:
     """Create one agent's command consumer (idempotent). The hub does it at enrollment and at
     start, so an agent under least privilege needs no right to create consumers."""
     await js.add_consumer(subjects.COMMANDS_STREAM, config=command_consumer_config(agent_id))
+
+
+async def delete_command_consumer(js: JetStreamManager, agent_id: str) -> bool:
+    """Delete a revoked agent's command consumer, so nothing can fetch its commands any more
+    (a site leaf keeps its permissions until it reconnects); False if there was none."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        return bool(await js.delete_consumer(subjects.COMMANDS_STREAM,
+                                             subjects.command_consumer(agent_id)))
+    except NotFoundError:
+        return False

@@ -236,6 +236,12 @@ async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
     wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
     assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
     assert len(agent_nkeys(secure_hub, a_id)) == 1
+    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
+    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+        jsm = hub.nc.jetstream(timeout=5)
+        with pytest.raises(nats.js.errors.NotFoundError):  # nothing left to fetch b's commands
+            await jsm.consumer_info(subjects.COMMANDS_STREAM, subjects.command_consumer(b_id))
+        await jsm.consumer_info(subjects.COMMANDS_STREAM, subjects.command_consumer(a_id))
 
 
 def test_enroll_events_commands_and_logs_work_with_least_privilege(
