@@ -13,7 +13,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +48,16 @@ def hub_keys(hub: HubProcess, agent_id: str) -> tuple[bytes, list[list[object]]]
     finally:
         db.close()
     return bytes(public), json.loads(retired)
+
+
+def rotation_point(edge: AgentProcess) -> int | None:
+    """The last seq the agent's old key signs, once its sync loop has fixed it."""
+    db = sqlite3.connect(f"file:{edge.data_dir / 'agent.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'key_rotation_until'").fetchone()
+    finally:
+        db.close()
+    return int(row[0]) if row and row[0] else None
 
 
 def rejected(hub: HubProcess, reason: str) -> float:
@@ -130,7 +139,7 @@ def test_a_pending_rotation_survives_a_crash(start_agent: Callable[..., AgentPro
     assert again.returncode == 0 and "pending key" in again.stdout
     meanwhile = edge.submit("meanwhile", ["true"])
     edge.wait_state(meanwhile["id"], "finished")
-    time.sleep(1.0)  # let the sync loop fix the rotation point and publish up to it
+    wait_until(lambda: rotation_point(edge), timeout=10, what="the rotation point fixed")
     edge.kill()
     edge.start()
     assert edge.api("GET", "/v1/info").body["agent_id"] == agent_id
