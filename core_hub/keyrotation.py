@@ -66,9 +66,11 @@ class KeyRotations:
         if self._store.agent_with_key(new) is not None:
             raise Conflict("new_public_key already belongs to an agent",
                            details={"agent_id": agent_id})
-        if until < known.applied_seq or (known.retired and until < known.retired[-1][1]):
-            raise Invalid(f"until ({until}) is below events already signed with later keys",
-                          details={"agent_id": agent_id, "applied_seq": known.applied_seq})
+        # The old key signed every event the hub has applied, and none of an earlier key's.
+        floor = max(known.applied_seq, known.retired[-1][1] if known.retired else 0)
+        if until < floor:
+            raise Invalid(f"until ({until}) is below seq {floor}, which the current key "
+                          "already signed", details={"agent_id": agent_id, "floor": floor})
         self._store.rotate_agent_key(agent_id, old, new, until, self._clock())
         log.warning("agent %s rotated its key; the old one signs nothing after seq %d",
                     agent_id, until, extra={"agent_id": agent_id, "until": until})
