@@ -8,9 +8,10 @@ Each instance is an ordinary core-placed task named after the service and labell
   counts when ``disconnect.replace`` is on, so a replacement is placed (the edge is probably
   still running the original; edge autonomy);
 - too many (a scale-down, or an agent came back with its originals): kill the extras, chosen by
-  ``disconnect.keep`` (``keep_original``: the newest go; ``keep_replacement``: the oldest go;
-  ``longest_running``: the most recently started go). Only the surplus is killed, never every
-  copy.
+  ``disconnect.keep``. The service remembers which instances it replaced, so when they come
+  back ``keep_original`` stops replacements (the newest first) and ``keep_replacement`` stops
+  the returned originals (then the oldest); ``longest_running`` stops the most recently
+  started. Only the surplus is killed, never every copy.
 - a changed task rolls out revision by revision (``core_hub.rollout``): new instances first,
   old ones stopped as new ones become ready, rolled back (or paused) on failure;
 - an agent drained with ``migrate``: its instances stop counting, replacements are placed on
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from core_hub.commands import Commander
@@ -153,7 +156,8 @@ class Services:
         if rollout and rollout["status"] in ("rolling", "rolling_back"):
             await self._roll(svc, rollout, now)
             return
-        counted, _, leaving = self._split(svc, now)
+        counted, lost, leaving = self._split(svc, now)
+        replaced = self._track_replaced(svc["name"], counted, lost, leaving)
         if leaving and sum(t["state"] == "running" for t in counted) >= svc["instances"]:
             for task in leaving:  # their replacements run: now the drained copies may go
                 await self._kill(task)
@@ -162,7 +166,7 @@ class Services:
         for _ in range(min(missing, MAX_STARTS_PER_PASS)):
             await self.scheduler.submit(dict(svc["task"]))
         if missing < 0:
-            for task in self._surplus(counted, -missing, svc["disconnect"]["keep"]):
+            for task in self._surplus(counted, -missing, svc["disconnect"]["keep"], replaced):
                 log.info("service %s: %d over, stopping %s", svc["name"], -missing, task["id"],
                          extra={"service": svc["name"], "task": task["id"]})
                 await self._kill(task)
@@ -199,16 +203,33 @@ class Services:
         for task_id in step.stop:
             await self._kill(by_id[task_id])
 
+    def _track_replaced(self, name: str, counted: list[dict[str, Any]],
+                        lost: list[dict[str, Any]], leaving: list[dict[str, Any]]) -> set[str]:
+        """The instances this service has replaced (lost with their agent) that are still
+        active somewhere: when their agent returns they are the originals the keep rule
+        weighs against the replacements. Kept in the view's meta table."""
+        key = f"replaced:{name}"
+        before = set(json.loads(self.store.get_meta(key) or "[]"))
+        active = {t["id"] for t in (*counted, *lost, *leaving)}
+        now = (before | {t["id"] for t in lost}) & active
+        if now != before:
+            self.store.set_meta(key, json.dumps(sorted(now)))
+        return now
+
     @staticmethod
-    def _surplus(tasks: list[dict[str, Any]], n: int, keep: str) -> list[dict[str, Any]]:
-        """Which ``n`` of ``tasks`` to stop: unplaced ones first, then by the ``keep`` rule."""
-        def order(task: dict[str, Any]) -> tuple[int, float]:
+    def _surplus(tasks: list[dict[str, Any]], n: int, keep: str,
+                 replaced: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Which ``n`` of ``tasks`` to stop: unplaced ones first, then by the ``keep`` rule
+        (``replaced``: returned originals, see ``_track_replaced``)."""
+        def order(task: dict[str, Any]) -> tuple[int, int, float]:
             placed = 0 if task["state"] in ("pending", "staging") else 1
-            if keep == "keep_replacement":
-                return placed, task.get("created_at") or 0.0  # oldest first
-            if keep == "longest_running":
-                return placed, -(task.get("started_at") or float("inf"))  # newest start first
-            return placed, -(task.get("created_at") or 0.0)  # keep_original: newest first
+            original = task["id"] in replaced
+            if keep == "keep_replacement":  # returned originals first, then the oldest
+                return placed, 0 if original else 1, task.get("created_at") or 0.0
+            if keep == "longest_running":  # the most recently started first
+                return placed, 0, -(task.get("started_at") or float("inf"))
+            # keep_original: never a returned original while another can go; newest first
+            return placed, 1 if original else 0, -(task.get("created_at") or 0.0)
         return sorted(tasks, key=order)[:n]
 
     async def _kill(self, task: dict[str, Any]) -> None:

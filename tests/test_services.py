@@ -9,6 +9,7 @@ from typing import Any
 
 from federation.natsd import NatsServer
 from tests.helpers import AgentProcess, HubProcess, joined, pid_alive, wait_until
+from tests.tcp_proxy import TcpProxy
 
 
 def service(hub: HubProcess, name: str) -> dict[str, Any]:
@@ -79,6 +80,61 @@ def test_service_survives_an_agent_loss_and_settles_on_return(
     time.sleep(1.5)
     assert not running_where(hub_proc, "web"), "nothing comes back after delete"
     assert a.api("GET", "/v1/services").body == {"items": [], "next_cursor": None}
+
+
+def test_service_survives_an_agent_cut_off_from_nats(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """The agent lives on but its link is cut (its NATS connection relayed through a proxy
+    that the test cuts): the core replaces its instance; the edge keeps running the original
+    meanwhile; when the link returns, keep_replacement stops the original, only the surplus."""
+    proxy = TcpProxy("127.0.0.1", nats_proc.port).start()
+    try:
+        a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+        b = joined(start_agent, hub_proc, proxy, "--site", "beta", name="b")
+        a_id, b_id = (x.api("GET", "/v1/info").body["agent_id"] for x in (a, b))
+        wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
+                   what="offers from both")
+        assert hub_proc.api("POST", "/v1/services", {
+            "name": "cache", "instances": 2,
+            "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                     "resources": {"cpus": 0.1, "mem_mb": 16}},
+            "disconnect": {"lost_after": 1, "replace": True, "keep": "keep_replacement"},
+        }).status == 201
+        first = wait_until(lambda: sorted((w := running_where(hub_proc, "cache")).values())
+                           == sorted([a_id, b_id]) and w, timeout=20,
+                           what="one instance per agent")
+        original = next(t for t, agent in first.items() if agent == b_id)
+        original_pid = b.task(original)["pid"]
+
+        proxy.cut()
+        wait_until(lambda: not b.api("GET", "/v1/info").body["link"]["connected"], timeout=10,
+                   what="the edge sees its link down")
+        wait_until(lambda: list(running_where(hub_proc, "cache").values()) == [a_id, a_id]
+                   and service(hub_proc, "cache")["running"] == 2, timeout=30,
+                   what="a replacement on the agent still connected")
+        assert hub_proc.api("GET", f"/v1/tasks/{original}").body["state"] == "unknown"
+        # Cut off is not down: the edge still runs the original and still takes work.
+        assert b.task(original)["state"] == "running" and pid_alive(original_pid)
+        local = b.api("POST", "/v1/tasks", {"name": "offline-job", "command": ["true"]})
+        assert local.status == 201, local.body
+
+        proxy.restore()
+        wait_until(lambda: b.api("GET", "/v1/info").body["link"]["connected"], timeout=20,
+                   what="the edge reconnected")
+        wait_until(lambda: b.task(original)["state"] == "killed", timeout=30,
+                   what="keep_replacement stops the returned original")
+        kept = wait_until(lambda: list((w := running_where(hub_proc, "cache")).values())
+                          == [a_id, a_id] and w, timeout=20, what="two instances, both on a")
+        a_first = next(t for t, agent in first.items() if agent == a_id)
+        assert a_first in kept, "the instance that was never away is not the one stopped"
+        assert not pid_alive(original_pid)
+        assert service(hub_proc, "cache")["running"] == 2
+        # What the edge did alone reached the core.
+        wait_until(lambda: hub_proc.api("GET", f"/v1/tasks/{local.body['id']}").body.get(
+            "state") == "finished", timeout=20, what="the offline job at the core")
+    finally:
+        proxy.close()
 
 
 def test_drain_with_migrate_moves_service_instances(start_agent: Callable[..., AgentProcess],
