@@ -52,7 +52,7 @@ class TcpProxy:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._call(self._cut())
+            self._call(self._shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.thread.is_alive():
@@ -69,6 +69,13 @@ class TcpProxy:
         for writer in list(self.links):
             writer.transport.abort()
         self.links.clear()
+
+    async def _shutdown(self) -> None:
+        await self._cut()
+        relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
