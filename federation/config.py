@@ -85,8 +85,13 @@ def load_toml(path: Path | None, section: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
     if section is not None:
         data = data.get(section, data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: [{section}] must be a table of settings",
+                              details={"setting": section})
     return data
 
 
