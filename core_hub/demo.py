@@ -51,6 +51,15 @@ def _call(url: str, token: str, path: str, body: Any = None) -> Any:
         return json.loads(resp.read())
 
 
+def _wait_for_offers(url: str, token: str, count: int, timeout_s: float = 30.0) -> None:
+    """Until ``count`` agents have an offer at the hub (or ``timeout_s``: place anyway)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(_call(url, token, "/v1/offers")["items"]) >= count:
+            return
+        time.sleep(0.2)
+
+
 class Demo:
     """Owns the child processes; ``stop()`` ends them in reverse order."""
 
@@ -125,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 if spec["name"] not in running:
                     _call(url, token.strip(), "/v1/tasks", spec)
             edges.append((name, url))
-        # A service kept by the core: two instances, spread over the two sites.
+        # A service kept by the core: two instances, spread over the two sites, so once both
+        # agents have enrolled and offered (each enrollment reloads NATS: a moment).
+        _wait_for_offers(hub_url, hub_token, len(SITES))
         try:
             _call(hub_url, hub_token, "/v1/services", {
                 "name": "greeter", "instances": 2,
