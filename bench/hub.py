@@ -102,7 +102,10 @@ class EmbeddedHub(HubProc):
         with open(self.log_path, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "core_hub", "run", "--data-dir", str(self.data_dir),
-                 "--embedded-nats", "--nats-port", "0", "--listen", "127.0.0.1:0"],
+                 "--embedded-nats", "--nats-port", "0", "--listen", "127.0.0.1:0",
+                 # One token drives every request here: a limit that never bites, so the
+                 # figures include the rate check but not 429s.
+                 "--rate-limit", "1e9", "--rate-burst", "1000000000"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     async def start(self) -> EmbeddedHub:
