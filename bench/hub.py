@@ -105,7 +105,7 @@ class EmbeddedHub(HubProc):
                  "--embedded-nats", "--nats-port", "0", "--listen", "127.0.0.1:0",
                  # One token drives every request here: a limit that never bites, so the
                  # figures include the rate check but not 429s.
-                 "--rate-limit", "1e9", "--rate-burst", "1000000000"],
+                 "--rate-limit", "1000000", "--rate-burst", "1000000"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     async def start(self) -> EmbeddedHub:
