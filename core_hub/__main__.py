@@ -23,7 +23,7 @@ from typing import Any
 
 from core_hub import agents_cli
 from core_hub.config import HubConfig
-from federation.config import build_settings, load_toml
+from federation.config import API_FLAGS, add_api_flags, build_settings, load_toml
 from federation.errors import ConfigError, OutpostError
 
 
@@ -43,17 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--disconnected-after", dest="disconnected_after_s")
     run.add_argument("--log-format")
     run.add_argument("--log-level")
-    run.add_argument("--rate-limit", dest="rate_limit_per_s",
-                     help="API requests per second per token (1000; 0: no limit)")
-    run.add_argument("--rate-burst", dest="rate_limit_burst",
-                     help="API requests a token may make at once (2000)")
-    run.add_argument("--max-streams", dest="max_streams_per_token",
-                     help="open event and log-follow streams per token (32)")
-    run.add_argument("--tls-cert", help="PEM certificate (chain): serve the API over HTTPS")
-    run.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    add_api_flags(run)
     run.add_argument("--nats-tls-cert", help="embedded nats-server: require TLS, this cert")
     run.add_argument("--nats-tls-key", help="embedded nats-server: key of --nats-tls-cert")
-    run.add_argument("--nats-ca", help="CA file that signed the NATS server's certificate")
     api = sub.add_parser("apitoken", help="API tokens with roles (viewer, operator, admin)")
     asub = api.add_subparsers(dest="action", required=True)
     acreate = asub.add_parser("create", help="print a new API token")
@@ -107,9 +99,8 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> HubConfig:
     file = load_toml(args.config, section="hub")
     flags: dict[str, Any] = {k: getattr(args, k) for k in (
         "data_dir", "listen", "nats_url", "embedded_nats", "nats_port", "unreachable_after_s",
-        "disconnected_after_s", "log_format", "log_level", "rate_limit_per_s",
-        "rate_limit_burst", "max_streams_per_token", "tls_cert", "tls_key", "nats_tls_cert",
-        "nats_tls_key", "nats_ca")}
+        "disconnected_after_s", "log_format", "log_level", "nats_tls_cert", "nats_tls_key",
+        *API_FLAGS)}
     if "data_dir" not in file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:
         raise ConfigError("data_dir: required (--data-dir, $OUTPOST_DATA_DIR or the config file)")
     return build_settings(HubConfig, file=file, env=env, flags=flags,

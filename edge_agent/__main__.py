@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
-from federation.config import build_settings, load_toml, parse_pairs
+from federation.config import API_FLAGS, add_api_flags, build_settings, load_toml, parse_pairs
 from federation.errors import ConfigError
 
 
@@ -38,15 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat", dest="heartbeat_s", help="seconds between heartbeats")
     p.add_argument("--outbox-max", help="unshipped events kept before superseded ones coalesce")
     p.add_argument("--max-tasks", help="tasks not yet ended this agent holds at once (1000)")
-    p.add_argument("--rate-limit", dest="rate_limit_per_s",
-                   help="API requests per second per token (1000; 0: no limit)")
-    p.add_argument("--rate-burst", dest="rate_limit_burst",
-                   help="API requests a token may make at once (2000)")
-    p.add_argument("--max-streams", dest="max_streams_per_token",
-                   help="open event and log-follow streams per token (32)")
-    p.add_argument("--tls-cert", help="PEM certificate (chain): serve the API over HTTPS")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--nats-ca", help="CA file that signed the NATS server's certificate")
+    add_api_flags(p)
     p.add_argument("--log-format", help="text | json")
     p.add_argument("--log-level", help="debug | info | warning | error")
     return p.parse_args(argv)
@@ -62,9 +54,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
         "log_format": args.log_format, "log_level": args.log_level,
         "nats_url": args.nats_url, "join_token": args.join_token,
         "heartbeat_s": args.heartbeat_s, "outbox_max": args.outbox_max,
-        **{k: getattr(args, k) for k in ("max_tasks", "rate_limit_per_s", "rate_limit_burst",
-                                         "max_streams_per_token", "tls_cert", "tls_key",
-                                         "nats_ca")},
+        **{k: getattr(args, k) for k in ("max_tasks", *API_FLAGS)},
     }
     merged_file = dict(file)
     if "data_dir" not in merged_file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:

@@ -7,6 +7,7 @@ whoever needs it; nothing deeper in the code reads the environment. Every bad va
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tomllib
 import types
@@ -63,6 +64,25 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         raise ConfigError(f"{name} (from {source}): {exc}: {value!r}",
                           details={"setting": name, "source": source}) from None
     return value
+
+
+# Settings every node (edge and hub) takes as flags too: per-token API limits, HTTPS for the
+# API, and the CA that signed its NATS server's certificate.
+API_FLAGS = ("rate_limit_per_s", "rate_limit_burst", "max_streams_per_token", "tls_cert",
+             "tls_key", "nats_ca")
+
+
+def add_api_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``API_FLAGS``, with the same names and help at the edge and the hub."""
+    p.add_argument("--rate-limit", dest="rate_limit_per_s",
+                   help="API requests per second per token (1000; 0: no limit)")
+    p.add_argument("--rate-burst", dest="rate_limit_burst",
+                   help="API requests a token may make at once (2000)")
+    p.add_argument("--max-streams", dest="max_streams_per_token",
+                   help="open event and log-follow streams per token (32)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve the API over HTTPS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--nats-ca", help="CA file that signed the NATS server's certificate")
 
 
 def parse_pairs(items: list[str], name: str) -> dict[str, str]:

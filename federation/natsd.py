@@ -307,44 +307,34 @@ class NatsServer:
         self.monitor_port = 0
 
 
-async def _http_get(host: str, port: int, path: str) -> bytes:
-    """Body of a GET on the monitoring port; empty if it cannot be read."""
+async def _http(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """(status, body) of a GET on the monitoring port; (0, b"") if it cannot be read."""
     try:
         reader, writer = await asyncio.open_connection(host, port)
     except OSError:
-        return b""
+        return 0, b""
     try:
         writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         await writer.drain()
         response = await asyncio.wait_for(reader.read(), 2.0)
-        return response.partition(b"\r\n\r\n")[2]
+        head, _, body = response.partition(b"\r\n\r\n")
+        parts = head.split(b"\r\n", 1)[0].split()
+        return (int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0), body
     except (OSError, TimeoutError):
-        return b""
+        return 0, b""
     finally:
         writer.close()
         try:
             await writer.wait_closed()
         except OSError:
             pass
+
+
+async def _http_get(host: str, port: int, path: str) -> bytes:
+    """Body of a GET on the monitoring port; empty if it cannot be read."""
+    return (await _http(host, port, path))[1]
 
 
 async def _http_status(host: str, port: int, path: str) -> int:
     """Status code of a GET on the monitoring port; 0 if it cannot be reached yet."""
-    try:
-        reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return 0
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), 2.0)
-        parts = status_line.split()
-        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
-    except (OSError, TimeoutError):
-        return 0
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+    return (await _http(host, port, path))[0]
