@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 DURABLE = "outpost-hub-ingest"
 RESULT_STATUSES = frozenset({"applied", "declined", "expired", "rejected", "duplicate"})
 LOST_REASON = "not on the agent at reconcile"
-HISTORY_PRUNE_S = 300.0
+HISTORY_PRUNE_S = 60.0
 # After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
 _WARN_REDELIVERIES = 20
 _TASK_STATES = frozenset(TASK_STATES)
@@ -129,20 +129,24 @@ class Ingest:
     its first redelivery, doubling on each until ``max_gap_delay_s``; ``error_delay_s`` the
     same for an envelope whose apply failed, and the pause after a failed fetch. A fetch is
     applied in transactions of at most ``max_chunk_bytes`` of envelopes, so a fetch of big
-    batches does not hold the event loop (and the single writer) for seconds.
+    batches does not hold the event loop (and the single writer) for seconds. Every
+    ``history_prune_s`` the task histories that grew are cut back to their newest rows.
     """
 
     def __init__(self, js: JetStreamContext, store: HubStore, *, durable: str = DURABLE,
                  batch: int = 256, fetch_timeout_s: float = 1.0, gap_delay_s: float = 0.5,
                  max_gap_delay_s: float = 30.0, error_delay_s: float = 1.0,
                  ack_wait_s: float = 30.0, max_ack_pending: int = 50_000,
-                 max_chunk_bytes: int = 1 << 20) -> None:
+                 max_chunk_bytes: int = 1 << 20,
+                 history_prune_s: float = HISTORY_PRUNE_S) -> None:
         self._js = js
         self._store = store
         self._durable = durable
         self._batch = batch
         self._fetch_timeout_s = fetch_timeout_s
         self._pruned_at = time.monotonic()
+        self._history_prune_s = history_prune_s
+        self._history_touched: set[str] = set()
         self._gap_delay_s = gap_delay_s
         self._max_gap_delay_s = max_gap_delay_s
         self._error_delay_s = error_delay_s
@@ -253,11 +257,12 @@ class Ingest:
             self._maybe_prune()
 
     def _maybe_prune(self) -> None:
-        """Every ``HISTORY_PRUNE_S``: trim task histories to their newest rows."""
+        """Every ``history_prune_s``: trim the histories that grew to their newest rows."""
         now = time.monotonic()
-        if now - self._pruned_at >= HISTORY_PRUNE_S:
+        if now - self._pruned_at >= self._history_prune_s:
             self._pruned_at = now
-            dropped = self._store.prune_history()
+            touched, self._history_touched = self._history_touched, set()
+            dropped = self._store.prune_history(touched) if touched else 0
             if dropped:
                 log.debug("pruned %d task history rows", dropped)
 
@@ -456,6 +461,7 @@ class Ingest:
             self._upsert(agent, list(tasks.values()), tasks_ts, delta)
         if history:
             store.add_history(history)
+            self._history_touched.update(row[0] for row in history)
 
     def _upsert(self, agent: str, rows: list[TaskRow], ts: float, delta: IngestStats) -> None:
         foreign = self._store.upsert_task_rows(rows, ts)

@@ -286,17 +286,21 @@ class HubStore(Database):
         keys = ("ts", "state", "exit_code", "reason", "generation", "restarts")
         return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
 
-    def prune_history(self, keep: int = 2 * HISTORY_LIMIT) -> int:
-        """Keep each task's newest ``keep`` rows, and none of tasks no longer in the view."""
+    def prune_history(self, task_ids: Iterable[str], keep: int = 2 * HISTORY_LIMIT) -> int:
+        """Keep only the newest ``keep`` rows of each of ``task_ids`` (the tasks that got rows
+        lately: a sweep of the whole table would stall ingest on a big fleet)."""
         with self.transaction() as db:
-            gone = db.execute(
-                "DELETE FROM task_history WHERE task_id NOT IN (SELECT id FROM tasks)").rowcount
-            old = db.execute(
-                "DELETE FROM task_history WHERE (task_id, agent_id, seq) IN ("
-                " SELECT task_id, agent_id, seq FROM (SELECT task_id, agent_id, seq,"
-                " row_number() OVER (PARTITION BY task_id ORDER BY seq DESC) AS n"
-                " FROM task_history) WHERE n > ?)", (keep,)).rowcount
-        return int(gone + old)
+            over = [row[0] for row in db.execute(
+                "SELECT task_id FROM task_history WHERE task_id IN"
+                " (SELECT value FROM json_each(?)) GROUP BY task_id HAVING count(*) > ?",
+                (_dumps(sorted(set(task_ids))), keep))]
+            dropped = 0
+            for task_id in over:
+                dropped += db.execute(
+                    "DELETE FROM task_history WHERE task_id = ? AND (agent_id, seq) NOT IN"
+                    " (SELECT agent_id, seq FROM task_history WHERE task_id = ?"
+                    " ORDER BY seq DESC LIMIT ?)", (task_id, task_id, keep)).rowcount
+        return dropped
 
     def mark_missing_lost(self, agent_id: str, present: Iterable[str], ts: float,
                           reason: str) -> list[str]:

@@ -162,6 +162,27 @@ async def test_batches_apply_in_order_once(hub: Hub) -> None:
     assert hub.store.stream_seq == last == 3
 
 
+async def test_state_changes_become_history_bounded_per_task(hub: Hub) -> None:
+    """One history row per change of state (a repeat within a batch is not a change), with
+    the exit code and reason; a task's history is cut back to its newest rows."""
+    a = Edge(1)
+    a.enroll(hub.store)
+    last = await hub.publish(a, a.batch(
+        task("t1", "pending"), task("t1", "running"), task("t1", "running"),
+        reported(a, "t1", "failed", exit_code=3, reason="exit 3")))
+    flapping = [task("t2", state) for _ in range(150) for state in ("running", "failed")]
+    for i in range(0, len(flapping), 100):
+        last = await hub.publish(a, a.batch(*flapping[i:i + 100]))
+    async with ingesting(hub, history_prune_s=0.0) as ingest:
+        await caught_up(ingest, hub, last)
+        rows = hub.store.task_history("t1")
+        assert [(r["state"], r["exit_code"], r["reason"]) for r in rows] == [
+            ("pending", None, None), ("running", None, None), ("failed", 3, "exit 3")]
+        await ingest.wait_until(lambda: len(hub.store.task_history("t2")) <= 2 * 100)
+    t2 = hub.store.task_history("t2")
+    assert t2[-1]["state"] == "failed" and [r["ts"] for r in t2] == sorted(r["ts"] for r in t2)
+
+
 async def test_same_envelope_twice_is_applied_once(hub: Hub) -> None:
     a = Edge(1)
     a.enroll(hub.store)

@@ -34,10 +34,9 @@ def test_history_is_bounded_per_task_and_bound_to_the_tasks_agent(tmp_path: Path
         shown = history.collapse(raw)
         assert len(shown) == HISTORY_LIMIT
         assert [e["ts"] for e in shown] == sorted(e["ts"] for e in shown)
-        # Pruning keeps each task's newest rows (agent-b's row is t1's newest) and drops the
-        # rows of tasks gone from the view.
-        assert store.prune_history(keep=10) == (451 - 10) + 1
+        # Pruning keeps each named task's newest rows (agent-b's row is t1's newest).
+        assert store.prune_history(["t1", "gone"], keep=10) == 451 - 10
         assert [r["ts"] for r in store.task_history("t1")] == [float(s) for s in range(442, 451)]
-        assert store.prune_history(keep=10) == 0
+        assert store.prune_history(["t1", "gone"], keep=10) == 0
     finally:
         store.close()
