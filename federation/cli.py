@@ -300,6 +300,18 @@ def tasks_get(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def tasks_history(client: Client, args: argparse.Namespace) -> int:
+    answer = client.get(_task_path(args.id, "/history"))
+    if args.json:
+        _print_json(answer)
+        return 0
+    now = time.time()
+    _table(["WHEN", "STATE", "EXIT", "RESTARTS", "REASON"],
+           [[_when(e["ts"], now), e["state"], _dash(e.get("exit_code")),
+             _dash(e.get("restarts")), _dash(e.get("reason"))] for e in answer["items"]])
+    return 0
+
+
 def tasks_kill(client: Client, args: argparse.Namespace) -> int:
     status, task = client.call("DELETE", _task_path(args.id))
     if args.json:
@@ -515,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     tasks = nouns.add_parser("tasks", help="run, list, inspect, kill tasks and read their logs")
-    verbs = tasks.add_subparsers(dest="verb", metavar="{run,ls,get,kill,logs}", required=True)
+    verbs = tasks.add_subparsers(dest="verb", metavar="{run,ls,get,history,kill,logs}",
+                                 required=True)
     run = leaf(verbs, "run", tasks_run, "submit a task; prints its id",
                usage="%(prog)s [options] NAME -- CMD [ARGS...]")
     run.add_argument("name", help="task name: a-z 0-9 _ . -")
@@ -535,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=_number(int, 1), help="page size (the node's default: 100)")
     ls.add_argument("--all", action="store_true", help="follow next_cursor through every page")
     for verb, func, text in (("get", tasks_get, "show one task"),
+                             ("history", tasks_history, "a task's state changes, oldest first"),
                              ("kill", tasks_kill, "kill a task")):
         leaf(verbs, verb, func, text).add_argument("id", help="task id or a unique prefix (6+)")
     logs = leaf(verbs, "logs", tasks_logs, "print a task's output")

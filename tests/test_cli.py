@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tests.helpers import ROOT, AgentProcess
+from tests.helpers import ROOT, AgentProcess, wait_until
 
 CLI = [sys.executable, "-m", "federation.cli"]
 
@@ -120,6 +120,25 @@ def test_get_by_prefix_and_run_json(agent: AgentProcess) -> None:
     assert fields["EXIT"] == ["0"] and fields["COMMAND"] == ["true"]
     as_json = json.loads(outpost("tasks", "get", created["id"], "--json", agent=agent).stdout)
     assert as_json["id"] == created["id"] and as_json["state"] == "finished"
+
+
+def test_history_as_table_and_json(agent: AgentProcess) -> None:
+    task_id = run_task(agent, "twice", "--restart", "on-failure", "--max-restarts", "1", "--",
+                       "sh", "-c", "exit 4")
+    agent.wait_state(task_id, "failed")
+    wait_until(lambda: agent.task(task_id)["restarts"] == 1 and
+               agent.task(task_id)["state"] == "failed", what="failed after one restart")
+    shown = outpost("tasks", "history", task_id[:8], agent=agent)
+    assert shown.returncode == 0, shown.stderr
+    rows = table(shown.stdout)
+    assert rows[0] == ["WHEN", "STATE", "EXIT", "RESTARTS", "REASON"]
+    states = [r[4] for r in rows[1:]]  # WHEN is "date time (N ago)": four cells
+    assert states.count("running") == 2 and states[-1] == "failed", rows
+    answer = json.loads(outpost("tasks", "history", task_id, "--json", agent=agent).stdout)
+    assert answer["task_id"] == task_id
+    assert [e["exit_code"] for e in answer["items"] if e["state"] == "failed"] == [4, 4]
+    missing = outpost("tasks", "history", "nope-nope", agent=agent)
+    assert missing.returncode == 1 and "not found" in missing.stderr
 
 
 def test_logs_tail_and_stderr(agent: AgentProcess) -> None:
