@@ -499,12 +499,12 @@ function agentMatches(a, text, status) {
 // ---------------------------------------------------------------- capacity over time
 
 /** One sample per site at every agents poll (since this page opened): the share of the
- * site's CPU and memory in use, over agents that can run work (not unreachable). */
+ * site's CPU and memory in use, over agents that can run work (not unreachable or revoked). */
 function sampleCapacity() {
   const t = Date.now() / 1000;
   const per = new Map();
   for (const a of S.agents.values()) {
-    if (a.status === "unreachable") continue;
+    if (a.status === "unreachable" || a.status === "revoked") continue;
     const res = a.resources || {};
     const p = per.get(a.site) || { cpu: 0, cpuTotal: 0, mem: 0, memTotal: 0 };
     p.cpu += usedOf(a, "cpus");
