@@ -364,7 +364,8 @@ async def metrics(request: web.Request) -> web.Response:
     families = _backend(request).metrics()
     limiter = request.app[LIMITER]
     stats = {**request.app[STATS], "rate_limited": limiter.buckets.refused,
-             "streams_refused": limiter.streams.refused}
+             "streams_refused": limiter.streams.refused,
+             "guesses_refused": limiter.failed_logins.refused}
     return web.Response(body=render(families, stats), content_type="text/plain",
                         charset="utf-8")
 
@@ -488,8 +489,16 @@ def _auth_middleware(roles: dict[tuple[str, str], str | None]) -> Any:
             if not token:
                 raise Unauthorized("a bearer token is required (Authorization: Bearer ...)")
             token = token.strip()
+            guesses = request.app[LIMITER].failed_logins
+            address = request.remote or "?"
+            guesses.check(address)
             role = request.app[AUTH].role_for(token)
             if role is None:
+                stats = request.app[STATS]
+                stats["unknown_tokens"] = stats.get("unknown_tokens", 0) + 1
+                log.info("unknown or revoked token from %s", address,
+                         extra={"remote": address, "path": request.path})
+                guesses.take(address)
                 raise Unauthorized("unknown or revoked token")
             # Counted only once the token is known: the buckets stay as few as the tokens.
             request[CALLER] = caller = digest(token)

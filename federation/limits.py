@@ -72,8 +72,20 @@ class TokenBuckets:
             return
         self._buckets[key] = (tokens, now)
         self.refused += 1
-        wait = (1.0 - tokens) / self.rate
-        raise TooManyRequests(
+        raise self._refusal((1.0 - tokens) / self.rate)
+
+    def check(self, key: str) -> None:
+        """Raise as ``take`` would, without spending anything."""
+        if self.rate <= 0:
+            return
+        tokens, at = self._buckets.get(key, (self.burst, 0.0))
+        tokens = min(self.burst, tokens + (self.clock() - at) * self.rate)
+        if tokens < 1.0 - 1e-9:
+            self.refused += 1
+            raise self._refusal((1.0 - tokens) / self.rate)
+
+    def _refusal(self, wait: float) -> TooManyRequests:
+        return TooManyRequests(
             f"rate limit: this token may make {self.rate:g} requests per second "
             f"(bursts of {self.burst:g}); retry after {wait:.2f} s",
             retry_after=max(1, math.ceil(wait)),
@@ -85,6 +97,24 @@ class TokenBuckets:
         for key, (_, at) in list(self._buckets.items()):
             if now - at >= full_after:
                 del self._buckets[key]
+
+
+class FailedLogins(TokenBuckets):
+    """Unknown or revoked tokens per client address: ``FAILED_LOGINS_BURST`` guesses, then
+    ``FAILED_LOGINS_PER_S``. While an address is over, every token it sends gets 429 before
+    it is looked up, so guessing cannot go on at the request rate (a right guess would not
+    show). A request with no token at all is not a guess and is not counted."""
+
+    def _refusal(self, wait: float) -> TooManyRequests:
+        return TooManyRequests(
+            f"too many unknown tokens from this address; retry after {wait:.0f} s",
+            retry_after=max(1, math.ceil(wait)),
+            details={"limit": "failed_logins", "per_s": self.rate, "burst": self.burst,
+                     "retry_after_s": round(wait, 3)})
+
+
+FAILED_LOGINS_BURST = 30
+FAILED_LOGINS_PER_S = 0.5
 
 
 class StreamSlots:
@@ -120,9 +150,11 @@ class StreamSlots:
 
 
 class Limiter:
-    """The limits one API app enforces: ``buckets`` for requests, ``streams`` for streams."""
+    """The limits one API app enforces: ``buckets`` for requests, ``streams`` for streams,
+    ``failed_logins`` for guessed tokens (per client address)."""
 
     def __init__(self, limits: ApiLimits) -> None:
         self.limits = limits
         self.buckets = TokenBuckets(limits.rate_per_s, limits.burst)
         self.streams = StreamSlots(limits.streams_per_token)
+        self.failed_logins = FailedLogins(FAILED_LOGINS_PER_S, FAILED_LOGINS_BURST)

@@ -26,6 +26,12 @@ def _app_metrics(stats: dict[str, Any]) -> list[Metric]:
         Metric("outpost_http_streams_refused_total", "counter",
                "Streams refused (429) because the token held the most it may",
                [({}, float(stats.get("streams_refused", 0)))]),
+        Metric("outpost_http_unknown_tokens_total", "counter",
+               "API requests with an unknown or revoked token (401)",
+               [({}, float(stats.get("unknown_tokens", 0)))]),
+        Metric("outpost_http_guesses_refused_total", "counter",
+               "API requests refused (429) because their address sent too many unknown tokens",
+               [({}, float(stats.get("guesses_refused", 0)))]),
         Metric("outpost_uptime_seconds", "gauge", "Seconds since the API started",
                [({}, time.time() - stats.get("started", time.time()))]),
     ]

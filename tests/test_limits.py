@@ -17,7 +17,7 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from federation.errors import ConfigError, TooManyRequests
-from federation.limits import TokenBuckets
+from federation.limits import FAILED_LOGINS_BURST, FAILED_LOGINS_PER_S, TokenBuckets
 from federation.natsd import NatsServer
 from tests.helpers import ROOT, AgentProcess, HubProcess, joined, wait_until
 
@@ -241,3 +241,32 @@ def test_at_the_core_each_token_has_its_own_rate(tmp_path: Path, nats_proc: Nats
         assert hub.api("GET", "/v1/health", token=viewer).status == 200
     finally:
         hub.stop()
+
+
+async def test_guessing_tokens_is_cut_off_per_address(
+        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """An address that sent FAILED_LOGINS_BURST unknown tokens gets 429 for any token,
+    the right one too, until its bucket refills; a request with no token is not a guess."""
+    agent = await _agent(tmp_path)
+    try:
+        for i in range(FAILED_LOGINS_BURST):
+            async with session.get(agent.url + "/v1/tasks",
+                                   headers={"Authorization": f"Bearer guess-{i}"}) as resp:
+                assert resp.status == 401
+        for headers in ({"Authorization": "Bearer one-more"}, _auth(agent)):
+            async with session.get(agent.url + "/v1/info", headers=headers) as resp:
+                assert resp.status == 429
+                assert int(resp.headers["Retry-After"]) >= 1
+                err = (await resp.json())["error"]
+            assert err["details"]["limit"] == "failed_logins"
+            assert "unknown tokens from this address" in err["message"]
+        async with session.get(agent.url + "/v1/info") as resp:  # no token: not a guess
+            assert resp.status == 401
+        await asyncio.sleep(1 / FAILED_LOGINS_PER_S + 0.2)  # one guess's worth refilled
+        async with session.get(agent.url + "/metrics", headers=_auth(agent)) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert f"outpost_http_unknown_tokens_total {FAILED_LOGINS_BURST}.0" in text
+        assert "outpost_http_guesses_refused_total 2.0" in text
+    finally:
+        await agent.stop()
