@@ -28,6 +28,7 @@ fuzz: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check federation edge_agent core_hub tests bench
+	$(BIN)/mypy --strict --ignore-missing-imports federation
 
 clean:
 	rm -rf $(VENV) .demo

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 
 BACKEND = web.AppKey("backend", Backend)
 AUTH = web.AppKey("auth", TokenAuth)
-STATS = web.AppKey("stats", dict)
+STATS = web.AppKey("stats", dict[str, Any])
 ROLE = web.RequestKey("role", str)
 LIMITER = web.AppKey("limiter", Limiter)
 # The caller's token digest: the key of its rate bucket and of its stream slots.
 CALLER = web.RequestKey("caller", str)
 # Handlers that stream without end (SSE, log follow); cancelled at shutdown so it is prompt.
-STREAMS = web.AppKey("streams", set)
+STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 MAX_BODY = 256 * 1024
 SSE_KEEPALIVE = 15.0
 DISCONNECT_POLL = 1.0  # how often a quiet stream checks that its client is still there
@@ -193,7 +193,8 @@ async def _send_logs(request: web.Request, stream: str, tail: int,
                 async with contextlib.aclosing(_while_connected(request, chunks,
                                                                 None)) as items:
                     async for chunk in items:
-                        await resp.write(chunk)
+                        if chunk:  # no keepalives here (None): a log stream has no idle beat
+                            await resp.write(chunk)
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
         if request.transport is None or request.transport.is_closing():
@@ -205,7 +206,7 @@ async def _send_logs(request: web.Request, stream: str, tail: int,
 
 
 async def _while_connected(request: web.Request, source: AsyncIterator[T],
-                           keepalive: float | None) -> AsyncIterator[T | None]:
+                           keepalive: float | None) -> AsyncGenerator[T | None, None]:
     """The items of ``source``, plus ``None`` after each ``keepalive`` seconds of quiet; ends
     when the client has gone.
 
@@ -248,14 +249,16 @@ class _streaming:
     """Registers the current handler as an endless stream for the app's shutdown to cancel."""
 
     def __init__(self, request: web.Request) -> None:
-        self.streams = request.app[STREAMS]
+        self.streams: set[asyncio.Task[Any]] = request.app[STREAMS]
         self.task = asyncio.current_task()
 
     def __enter__(self) -> None:
-        self.streams.add(self.task)
+        if self.task is not None:
+            self.streams.add(self.task)
 
     def __exit__(self, *exc: object) -> None:
-        self.streams.discard(self.task)
+        if self.task is not None:
+            self.streams.discard(self.task)
 
 
 def _stream_slot(request: web.Request) -> contextlib.AbstractContextManager[None]:
@@ -264,7 +267,8 @@ def _stream_slot(request: web.Request) -> contextlib.AbstractContextManager[None
 
 
 async def _cancel_streams(app: web.Application) -> None:
-    for task in list(app[STREAMS]):
+    streams: set[asyncio.Task[Any]] = app[STREAMS]
+    for task in list(streams):
         task.cancel()
 
 
@@ -363,7 +367,8 @@ async def metrics(request: web.Request) -> web.Response:
 
     families = _backend(request).metrics()
     limiter = request.app[LIMITER]
-    stats = {**request.app[STATS], "rate_limited": limiter.buckets.refused,
+    base: dict[str, Any] = request.app[STATS]
+    stats = {**base, "rate_limited": limiter.buckets.refused,
              "streams_refused": limiter.streams.refused,
              "guesses_refused": limiter.failed_logins.refused}
     return web.Response(body=render(families, stats), content_type="text/plain",

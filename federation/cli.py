@@ -407,7 +407,7 @@ class SseEvent:
 def parse_sse(lines: Iterator[bytes]) -> Iterator[SseEvent]:
     """Events from an ``text/event-stream`` body; comments (keepalives) and ``retry`` skipped."""
     ident: int | None = None
-    kind, data = "message", []
+    kind, data = "message", list[str]()
     for raw in lines:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:

@@ -21,14 +21,14 @@ RESTART_POLICIES = ["never", "on-failure", "always"]
 # ``revoked`` is set at the core only (``outpost-hub agents revoke``) and is final.
 AGENT_STATUSES = ["online", "disconnected", "unreachable", "draining", "revoked"]
 
-_LABELS = {
+_LABELS: dict[str, Any] = {
     "type": "object",
     "maxProperties": 32,
     "propertyNames": {"pattern": LABEL_KEY_PATTERN},
     "additionalProperties": {"type": "string", "maxLength": 256},
 }
 
-RESOURCES = {
+RESOURCES: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
@@ -38,7 +38,7 @@ RESOURCES = {
     },
 }
 
-RESTART = {
+RESTART: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
@@ -52,14 +52,14 @@ RESTART = {
     },
 }
 
-ARGV = {
+ARGV: dict[str, Any] = {
     "type": "array",
     "minItems": 1,
     "maxItems": 256,
     "items": {"type": "string", "minLength": 1, "maxLength": 4096},
 }
 
-HEALTH = {
+HEALTH: dict[str, Any] = {
     "type": ["object", "null"],
     "additionalProperties": False,
     "required": ["command"],
@@ -73,7 +73,7 @@ HEALTH = {
     },
 }
 
-_SELECTOR = {
+_SELECTOR: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["key", "op"],
@@ -85,7 +85,7 @@ _SELECTOR = {
     },
 }
 
-CONSTRAINTS = {
+CONSTRAINTS: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
@@ -98,7 +98,7 @@ CONSTRAINTS = {
     },
 }
 
-TASK_SPEC = {
+TASK_SPEC: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name", "command"],
@@ -121,7 +121,7 @@ TASK_SPEC = {
     },
 }
 
-TASK = {
+TASK: dict[str, Any] = {
     "type": "object",
     "required": ["id", "name", "command", "state", "generation", "origin", "created_at"],
     "properties": {
@@ -145,7 +145,7 @@ TASK = {
 }
 
 # One change of a task's state, as the API's task history lists them (oldest first).
-HISTORY_ENTRY = {
+HISTORY_ENTRY: dict[str, Any] = {
     "type": "object",
     "required": ["ts", "state"],
     "properties": {
@@ -157,7 +157,7 @@ HISTORY_ENTRY = {
         "restarts": {"type": ["integer", "null"]},
     },
 }
-HISTORY = {
+HISTORY: dict[str, Any] = {
     "type": "object",
     "required": ["task_id", "items"],
     "properties": {"task_id": {"type": "string"},
@@ -166,7 +166,7 @@ HISTORY = {
 HISTORY_LIMIT = 100  # changes kept and shown per task: the newest
 
 # Amounts in answers (an agent's capacity and what is in use): zero is a fine answer there.
-USAGE = {
+USAGE: dict[str, Any] = {
     "type": "object",
     "properties": {
         "cpus": {"type": "number", "minimum": 0},
@@ -175,7 +175,7 @@ USAGE = {
     },
 }
 
-AGENT = {
+AGENT: dict[str, Any] = {
     "type": "object",
     "required": ["id", "name", "site", "status"],
     "properties": {
@@ -194,7 +194,7 @@ AGENT = {
     },
 }
 
-OFFER = {
+OFFER: dict[str, Any] = {
     "type": "object",
     "required": ["agent_id", "cpus", "mem_mb"],
     "properties": {
@@ -209,7 +209,7 @@ OFFER = {
     },
 }
 
-INFO = {
+INFO: dict[str, Any] = {
     "type": "object",
     "required": ["role", "version", "isolation"],
     "properties": {
@@ -222,7 +222,7 @@ INFO = {
     },
 }
 
-ERROR = {
+ERROR: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
     "properties": {
@@ -242,7 +242,7 @@ ERROR = {
 SERVICE_LABEL = "outpost.service"
 REVISION_LABEL = "outpost.revision"
 
-SERVICE = {
+SERVICE: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name", "task", "instances"],
@@ -286,7 +286,7 @@ SERVICE = {
 
 
 # A service as the API answers: the request's fields plus its live status.
-SERVICE_VIEW = {**SERVICE, "additionalProperties": True, "properties": {
+SERVICE_VIEW: dict[str, Any] = {**SERVICE, "additionalProperties": True, "properties": {
     **SERVICE["properties"], "running": {"type": "integer"},
     "tasks": {"type": "array", "items": {"type": "string"}},
     "lost": {"type": "array", "items": {"type": "string"}},
@@ -295,7 +295,7 @@ SERVICE_VIEW = {**SERVICE, "additionalProperties": True, "properties": {
 
 def validate_service(data: Any) -> dict[str, Any]:
     """A service with defaults filled and its instance task spec built (``task_spec``)."""
-    svc = validate("service", SERVICE, data)
+    svc: dict[str, Any] = validate("service", SERVICE, data)
     svc["constraints"] = validate("constraints", CONSTRAINTS, svc.get("constraints", {}))
     svc["disconnect"] = validate("disconnect", SERVICE["properties"]["disconnect"],
                                  svc.get("disconnect", {}))
@@ -356,7 +356,7 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
 
 def validate_task_spec(data: Any) -> dict[str, Any]:
     """A task spec with every default filled, or ``Invalid``."""
-    spec = validate("task_spec", TASK_SPEC, data)
+    spec: dict[str, Any] = validate("task_spec", TASK_SPEC, data)
     for key, sub in (("resources", RESOURCES), ("restart", RESTART),
                      ("constraints", CONSTRAINTS)):
         spec[key] = validate(key, sub, spec.get(key, {}))

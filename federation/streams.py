@@ -13,6 +13,7 @@ commands even after hours away. The duplicate window is what makes ``Nats-Msg-Id
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from nats.js.api import (
     AckPolicy,
@@ -45,7 +46,7 @@ def stream_configs(*, replicas: int = 1,
     """The desired configuration of both streams; separate so tests and tools can read it."""
     if duplicate_window_s > min(events_max_age_s, commands_max_age_s):
         raise ValueError("duplicate window must not be longer than a stream's max age")
-    common = dict(retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD,
+    common: dict[str, Any] = dict(retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD,
                   storage=StorageType.FILE, num_replicas=replicas,
                   duplicate_window=duplicate_window_s)
     return [

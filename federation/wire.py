@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import msgpack
 import orjson
@@ -180,8 +180,8 @@ def sign_envelope(kind: str, agent: str, seq: int, body: Any, signer: Signer,
     if kind == BATCH and (problem := _batch_problem(body, seq)):
         raise ValueError(problem)
     stamp = time.time() if ts is None else float(ts)
-    signed = msgpack.packb({"v": VERSION, "kind": kind, "agent": agent, "seq": seq,
-                            "ts": stamp, "body": body})
+    signed: bytes = msgpack.packb({"v": VERSION, "kind": kind, "agent": agent, "seq": seq,
+                                   "ts": stamp, "body": body})
     # == packb of the seven-key map: fixmap 7 header, the same six pairs, then "sig".
     return b"\x87" + signed[1:] + _SIG_TAIL + signer.sign(signed)
 
@@ -246,7 +246,7 @@ def open_envelope(data: bytes, verify_key_for: Callable[[str], bytes | None],
         raise EnvelopeRejected("unknown_agent", f"no key for agent {agent!r}", agent=agent)
     if not verify(public, sig, b"\x86" + bytes(data[1:-_TRAILER_LEN])):
         raise EnvelopeRejected("signature", f"bad signature from {agent!r}", agent=agent)
-    return Envelope(v, kind, agent, seq, float(ts), d["body"], sig)
+    return Envelope(cast(int, v), kind, agent, seq, float(ts), d["body"], sig)
 
 
 # -- plain maps: enrollment and heartbeats ---------------------------------------------------
