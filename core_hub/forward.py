@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from federation import subjects, wire
 from federation.errors import BadRequest, NotFound, OutpostError, Unavailable
+
+log = logging.getLogger(__name__)
 
 FIRST_REPLY_S = 6.0  # a live edge on a slow uplink (or a busy box) still answers within this
 QUIET_LIMIT_S = 120.0  # a finished (non-follow) read never goes this long without a message
@@ -41,11 +44,16 @@ async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tai
         await nc.publish(subjects.rpc(agent_id, "logs"), wire.pack({
             "req": ref, "task_id": task_id, "stream": stream, "tail": tail, "follow": follow}),
             reply=inbox)
+        timed_out = False
         try:
             first = await asyncio.wait_for(queue.get(), FIRST_REPLY_S)
         except TimeoutError:
-            first = None
+            first, timed_out = None, True
         if first is None:
+            log.warning("logs of task %s: agent %s %s", task_id, agent_id,
+                        f"did not answer within {FIRST_REPLY_S:g} s" if timed_out
+                        else "has no log responder (not connected to NATS)",
+                        extra={"agent": agent_id, "task": task_id})
             raise Unavailable(f"agent {agent_id} is offline: its logs can be read when it "
                               "is back, or at the agent itself", details={"agent": agent_id})
         try:
@@ -55,6 +63,9 @@ async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tai
                               details={"agent": agent_id}) from None
         if "error" in answer:
             err = answer["error"]
+            log.info("logs of task %s: agent %s answered %s: %s", task_id, agent_id,
+                     err.get("status"), err.get("message"),
+                     extra={"agent": agent_id, "task": task_id})
             raise _ERRORS.get(err.get("status"), Unavailable)(
                 f"agent {agent_id}: {err.get('message')}", details={"agent": agent_id})
     except BaseException:

@@ -240,7 +240,7 @@ class Ingest:
                     await self._bind()
                 assert self._sub is not None
                 msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout_s)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's: nats-py raises both when idle
                 self._maybe_prune()
                 continue
             except (nats.errors.Error, OSError) as err:

@@ -335,8 +335,6 @@ class Sync:
             self.store.set_meta("outbox_acked", str(floor))
 
     async def _command_loop(self) -> None:
-        from nats.errors import TimeoutError as NatsTimeout
-
         # The hub creates this consumer at enrollment; pull_subscribe only looks it up (and
         # creates it if a hub without least privilege has not).
         durable = subjects.command_consumer(self.agent_id)
@@ -347,7 +345,7 @@ class Sync:
             while True:
                 try:
                     msgs = await sub.fetch(32, timeout=2)
-                except NatsTimeout:
+                except TimeoutError:  # nats' own, or asyncio's: nats-py raises both when idle
                     continue
                 for msg in msgs:
                     await self._apply_command(msg.data)

@@ -516,10 +516,11 @@ function sampleCapacity() {
   for (const site of S.sites) {
     const p = per.get(site);
     const series = S.capacity.get(site) || [];
+    // No agent of the site can run work now: a gap in the lines, not a drop to zero.
     series.push({
       t,
-      cpu: p && p.cpuTotal > 0 ? clamp(p.cpu / p.cpuTotal, 0, 1) : 0,
-      mem: p && p.memTotal > 0 ? clamp(p.mem / p.memTotal, 0, 1) : 0,
+      cpu: p && p.cpuTotal > 0 ? clamp(p.cpu / p.cpuTotal, 0, 1) : null,
+      mem: p && p.memTotal > 0 ? clamp(p.mem / p.memTotal, 0, 1) : null,
     });
     if (series.length > CAPACITY_SAMPLES) series.splice(0, series.length - CAPACITY_SAMPLES);
     S.capacity.set(site, series);
@@ -539,11 +540,22 @@ function sparkline(series) {
   const step = w / Math.max(1, CAPACITY_SAMPLES - 1);
   const x0 = w - step * (series.length - 1);
   for (const key of ["mem", "cpu"]) {
-    const line = document.createElementNS(SVG_NS, "polyline");
-    line.setAttribute("class", `spark-${key}`);
-    line.setAttribute("points", series.map((p, i) =>
-      `${(x0 + i * step).toFixed(1)},${(hgt - 1 - p[key] * (hgt - 2)).toFixed(1)}`).join(" "));
-    svg.append(line);
+    // One polyline per run of known samples (a site with no reachable agent leaves a gap).
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) {
+        const line = document.createElementNS(SVG_NS, "polyline");
+        line.setAttribute("class", `spark-${key}`);
+        line.setAttribute("points", run.join(" "));
+        svg.append(line);
+      }
+      run = [];
+    };
+    series.forEach((p, i) => {
+      if (p[key] === null) flush();
+      else run.push(`${(x0 + i * step).toFixed(1)},${(hgt - 1 - p[key] * (hgt - 2)).toFixed(1)}`);
+    });
+    flush();
   }
   return svg;
 }
@@ -556,10 +568,9 @@ function renderSpark(s, site) {
   if (s.spark.dataset.sig === sig) return;
   s.spark.dataset.sig = sig;
   const pct = x => `${Math.round(x * 100)}%`;
-  s.spark.title = `In use at ${site} since this page opened: cpu ${pct(last.cpu)} (blue), ` +
-    `memory ${pct(last.mem)} (grey)`;
-  s.spark.replaceChildren(sparkline(series), h("span", { class: "spark-now" },
-    `cpu ${pct(last.cpu)} · mem ${pct(last.mem)}`));
+  const now = last.cpu === null ? "no reachable agent" : `cpu ${pct(last.cpu)} · mem ${pct(last.mem)}`;
+  s.spark.title = `In use at ${site} since this page opened (cpu blue, memory grey): ${now}`;
+  s.spark.replaceChildren(sparkline(series), h("span", { class: "spark-now" }, now));
 }
 
 function siteSection(site) {
