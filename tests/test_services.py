@@ -33,14 +33,22 @@ def running_where(hub: HubProcess, name: str) -> dict[str, str]:
     return {t["id"]: t["agent_id"] for t in tasks}
 
 
+def two_sites(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: Any,
+              b_link: Any = None) -> tuple[AgentProcess, AgentProcess, str, str]:
+    """Agents ``a`` (site alpha) and ``b`` (site beta, over ``b_link`` if given), both
+    offering at ``hub``; returns them and their ids."""
+    a = joined(start_agent, hub, nats, "--site", "alpha", name="a")
+    b = joined(start_agent, hub, b_link or nats, "--site", "beta", name="b")
+    a_id, b_id = (x.api("GET", "/v1/info").body["agent_id"] for x in (a, b))
+    wait_until(lambda: len(hub.api("GET", "/v1/offers").body["items"]) == 2,
+               what="offers from both")
+    return a, b, a_id, b_id
+
+
 def test_service_survives_an_agent_loss_and_settles_on_return(
         start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
         nats_proc: NatsServer) -> None:
-    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
-    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
-    b_id = b.api("GET", "/v1/info").body["agent_id"]
-    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
-               what="offers from both")
+    a, b, a_id, b_id = two_sites(start_agent, hub_proc, nats_proc)
     resp = hub_proc.api("POST", "/v1/services", {
         "name": "web", "instances": 2,
         "task": {"command": ["sleep", "300"], "kill_timeout": 1,
@@ -54,7 +62,6 @@ def test_service_survives_an_agent_loss_and_settles_on_return(
     original_pid = b.task(original)["pid"]
 
     b.kill()  # the agent is gone; its instance keeps running at the edge
-    a_id = a.api("GET", "/v1/info").body["agent_id"]
     replaced = wait_until(lambda: list((w := running_where(hub_proc, "web")).values())
                           == [a_id, a_id] and service(hub_proc, "web")["running"] == 2 and w,
                           timeout=30, what="a replacement on the remaining agent")
@@ -90,11 +97,7 @@ def test_service_survives_an_agent_cut_off_from_nats(
     meanwhile; when the link returns, keep_replacement stops the original, only the surplus."""
     proxy = TcpProxy("127.0.0.1", nats_proc.port).start()
     try:
-        a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
-        b = joined(start_agent, hub_proc, proxy, "--site", "beta", name="b")
-        a_id, b_id = (x.api("GET", "/v1/info").body["agent_id"] for x in (a, b))
-        wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
-                   what="offers from both")
+        a, b, a_id, b_id = two_sites(start_agent, hub_proc, nats_proc, b_link=proxy)
         assert hub_proc.api("POST", "/v1/services", {
             "name": "cache", "instances": 2,
             "task": {"command": ["sleep", "300"], "kill_timeout": 1,
@@ -140,11 +143,7 @@ def test_service_survives_an_agent_cut_off_from_nats(
 def test_drain_with_migrate_moves_service_instances(start_agent: Callable[..., AgentProcess],
                                                     hub_proc: HubProcess,
                                                     nats_proc: NatsServer) -> None:
-    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
-    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
-    a_id, b_id = (x.api("GET", "/v1/info").body["agent_id"] for x in (a, b))
-    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
-               what="offers from both")
+    a, b, a_id, b_id = two_sites(start_agent, hub_proc, nats_proc)
     assert hub_proc.api("POST", "/v1/services", {
         "name": "mover", "instances": 2,
         "task": {"command": ["sleep", "300"], "kill_timeout": 1}}).status == 201
