@@ -443,6 +443,9 @@ class Ingest:
                 store.update_agent_record(agent, _agent_fields(body))
             elif event.kind == "offer" and _offer_ok(body):
                 store.upsert_offer(agent, body)
+                used = body.get("used")
+                if isinstance(used, dict) and all(_is_number(v) and v >= 0 for v in used.values()):
+                    store.update_agent_record(agent, {"used": used})
             elif event.kind == "result" and _result_ok(body):
                 store.insert_result(agent, body, event.ts)
             elif event.kind == "snapshot" and _snapshot_ok(body):

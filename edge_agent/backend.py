@@ -168,7 +168,10 @@ class EdgeBackend:
         """What this agent offers now (None while draining): its free resources and labels."""
         if self.draining:
             return None
-        free = self.supervisor.free()
+        cap, free = self.supervisor.capacity, self.supervisor.free()
+        # What is in use rides along, so the core's agent view stays current between records.
+        used = {"cpus": round(cap.cpus - free.cpus, 6), "mem_mb": cap.mem_mb - free.mem_mb,
+                "disk_mb": cap.disk_mb - free.disk_mb}
         if self.supervisor.at_task_cap():
             # At max_tasks nothing more fits, whatever the resources say: offer nothing free,
             # so the core's placer treats this agent as full instead of sending launches that
@@ -176,7 +179,7 @@ class EdgeBackend:
             free = Capacity(0.0, 0, 0)
         return {"id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
                 "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
-                "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
+                "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0), "used": used,
                 "created_at": time.time(), "expires_at": time.time() + OFFER_TTL}
 
     async def list_offers(self) -> Page:

@@ -205,6 +205,7 @@ OFFER: dict[str, Any] = {
         "cpus": {"type": "number"},
         "mem_mb": {"type": "integer"},
         "disk_mb": {"type": "integer"},
+        "used": USAGE,
         "expires_at": {"type": "number"},
     },
 }

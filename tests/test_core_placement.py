@@ -64,6 +64,20 @@ def test_constraints_and_spread(fleet: dict[str, AgentProcess], hub_proc: HubPro
     assert sites == {"berlin", "oslo"}
 
 
+def test_the_core_shows_what_each_agent_uses_now(fleet: dict[str, AgentProcess],
+                                                hub_proc: HubProcess) -> None:
+    """An agent's ``used`` at the core follows its offers (not only the record it sent when
+    it connected): a task starting and ending there shows within an offer's round trip."""
+    task = running_on(hub_proc, submit(hub_proc, "user", constraints={"site": "oslo"},
+                                       resources={"cpus": 0.5, "mem_mb": 64})["id"])
+    agent = f"/v1/agents/{task['agent_id']}"
+    wait_until(lambda: hub_proc.api("GET", agent).body["used"] == {
+        "cpus": 0.5, "mem_mb": 64, "disk_mb": 0}, timeout=10, what="oslo using 0.5 cpu")
+    hub_proc.api("DELETE", f"/v1/tasks/{task['id']}")
+    wait_until(lambda: hub_proc.api("GET", agent).body["used"]["cpus"] == 0, timeout=15,
+               what="oslo's cpu free again")
+
+
 def test_nothing_fits_stays_pending_with_a_reason(fleet: dict[str, AgentProcess],
                                                   hub_proc: HubProcess) -> None:
     big = submit(hub_proc, "big", resources={"cpus": 4})
