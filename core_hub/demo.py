@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"""
 Outpost demo: a hub (with embedded NATS JetStream) and two edge agents in sites berlin and oslo.
 
+  dashboard  : {hub_url}/#token={hub_token}
   hub API    : {hub_url}
   hub token  : {hub_token}
   NATS       : {nats_url}

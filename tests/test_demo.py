@@ -40,6 +40,7 @@ def test_demo_starts_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         assert url in text and "OUTPOST_TOKEN=" in text, text
         token = text.split("OUTPOST_TOKEN=")[1].split()[0]
+        assert f"dashboard  : {url}/#token={token}" in text, "a link that signs in at once"
 
         def online() -> list[dict]:
             agents = http("GET", url + "/v1/agents", token=token).body["items"]
