@@ -52,6 +52,10 @@ class Services:
         self.commander = commander
         self.killing: set[str] = set()
         self._loop: asyncio.Task[None] | None = None
+        # One pass at a time: a pass awaits placements, and a second pass started meanwhile
+        # (the tick and a create, say) would count the instances still being placed as
+        # missing and place them again.
+        self._pass = asyncio.Lock()
 
     async def start(self) -> None:
         self._loop = asyncio.create_task(self._tick_loop(), name="services")
@@ -106,10 +110,11 @@ class Services:
         return self.get(name)
 
     async def delete(self, name: str) -> dict[str, Any]:
-        status = self.get(name)
-        self.store.delete_service(name)
-        for task in self._instances(name):
-            await self._kill(task)
+        async with self._pass:
+            status = self.get(name)
+            self.store.delete_service(name)
+            for task in self._instances(name):
+                await self._kill(task)
         return {**status, "instances": 0}
 
     # ------------------------------------------------------------ reconcile
@@ -152,6 +157,14 @@ class Services:
         return counted, lost, leaving
 
     async def reconcile(self, svc: dict[str, Any], now: float) -> None:
+        """One pass over ``svc``, as the store has it once no other pass runs (it may have
+        changed, or gone, while this one waited)."""
+        async with self._pass:
+            current = next((s for s in self.store.services() if s["name"] == svc["name"]), None)
+            if current is not None:
+                await self._reconcile(current, now)
+
+    async def _reconcile(self, svc: dict[str, Any], now: float) -> None:
         rollout = svc.get("rollout")
         if rollout and rollout["status"] in ("rolling", "rolling_back"):
             await self._roll(svc, rollout, now)

@@ -196,3 +196,30 @@ def test_rolling_update_and_rollback(start_agent: Callable[..., AgentProcess],
     assert "revision 3" in view["rollout"]["reason"] and view["revision"] == 2
     assert view["task"]["command"] == ["sleep", "301"]
     wait_until(lambda: commands() == [["sleep", "301"]] * 2, timeout=20, what="two good copies")
+
+
+def test_a_new_service_is_placed_once_even_while_the_loop_runs(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """Creating a service places its instances while the services loop runs passes of its
+    own. With NATS hung, each launch waits seconds to be sent, so the loop surely runs during
+    the create; it must not count the instances still being placed as missing (that made
+    extra copies, then killed the surplus, breaking the spread)."""
+    joined(start_agent, hub_proc, nats_proc, "--cpus", "4", name="a")
+    wait_until(lambda: hub_proc.api("GET", "/v1/offers").body["items"], what="an offer")
+    nats_proc.pause()
+    try:
+        resp = hub_proc.api("POST", "/v1/services", {
+            "name": "slow", "instances": 2,
+            "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                     "resources": {"cpus": 0.1, "mem_mb": 8}}}, timeout=60)
+    finally:
+        nats_proc.resume()
+    assert resp.status == 201, resp.body
+    wait_until(lambda: service(hub_proc, "slow")["running"] == 2, timeout=30,
+               what="both instances running")
+    time.sleep(1.5)  # a few more passes
+    made = hub_proc.api("GET", "/v1/tasks?name=slow&limit=1000").body["items"]
+    assert len(made) == 2, [(t["id"], t["state"]) for t in made]
+    assert "over, stopping" not in hub_proc.log()
+    assert hub_proc.api("DELETE", "/v1/services/slow").status == 202
