@@ -69,9 +69,9 @@ class Services:
     # ------------------------------------------------------------ API
 
     def get(self, name: str) -> dict[str, Any]:
-        for svc in self.store.services():
-            if svc["name"] == name:
-                return self._status(svc, time.time())
+        svc = self.store.service(name)
+        if svc is not None:
+            return self._status(svc, time.time())
         raise NotFound(f"service {name!r} not found", details={"service": name})
 
     def list(self) -> list[dict[str, Any]]:
@@ -160,7 +160,7 @@ class Services:
         """One pass over ``svc``, as the store has it once no other pass runs (it may have
         changed, or gone, while this one waited)."""
         async with self._pass:
-            current = next((s for s in self.store.services() if s["name"] == svc["name"]), None)
+            current = self.store.service(svc["name"])
             if current is not None:
                 await self._reconcile(current, now)
 

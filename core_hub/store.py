@@ -60,6 +60,11 @@ TaskRow = tuple[str, str, str, str, int, str, float | None]
 HistoryRow = tuple[str, str, int, float, str, Any, Any, Any, Any]
 
 
+def _service(row: Any) -> dict[str, Any]:
+    """A ``services`` row (name, spec, created_at, updated_at) as the service dict."""
+    return {**json.loads(row[1]), "name": row[0], "created_at": row[2], "updated_at": row[3]}
+
+
 def task_row(agent_id: str, task: dict[str, Any], text: bytes | None = None) -> TaskRow:
     """The row that stores ``task`` (checked by the caller) for sender ``agent_id``.
 
@@ -358,9 +363,13 @@ class HubStore(Database):
                 raise NotFound(f"service {name!r} not found", details={"service": name})
 
     def services(self) -> list[dict[str, Any]]:
-        return [{**json.loads(r[1]), "name": r[0], "created_at": r[2], "updated_at": r[3]}
-                for r in self._db.execute(
-                    "SELECT name, spec, created_at, updated_at FROM services ORDER BY name")]
+        return [_service(r) for r in self._db.execute(
+            "SELECT name, spec, created_at, updated_at FROM services ORDER BY name")]
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT name, spec, created_at, updated_at FROM services"
+                               " WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _service(row)
 
     # ------------------------------------------------------------ core placements
 

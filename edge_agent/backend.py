@@ -132,14 +132,19 @@ class EdgeBackend:
                 return
             await asyncio.sleep(FOLLOW_POLL)
 
+    def _in_use(self, free: Capacity) -> dict[str, Any]:
+        """What tasks hold of this agent's capacity, given what is ``free`` (for its record
+        and its offers)."""
+        cap = self.supervisor.capacity
+        return {"cpus": round(cap.cpus - free.cpus, 6), "mem_mb": cap.mem_mb - free.mem_mb,
+                "disk_mb": cap.disk_mb - free.disk_mb}
+
     def agent_record(self) -> dict[str, Any]:
         cap = self.supervisor.capacity
-        free = self.supervisor.free()
         return {
             "id": self.agent_id, "name": self.name, "site": self.site, "labels": self.labels,
             "resources": {"cpus": cap.cpus, "mem_mb": cap.mem_mb, "disk_mb": cap.disk_mb},
-            "used": {"cpus": round(cap.cpus - free.cpus, 6), "mem_mb": cap.mem_mb - free.mem_mb,
-                     "disk_mb": cap.disk_mb - free.disk_mb},
+            "used": self._in_use(self.supervisor.free()),
             "status": "draining" if self.draining else "online",
             "version": __version__, "isolation": self.isolation, "last_seen": time.time(),
         }
@@ -168,10 +173,8 @@ class EdgeBackend:
         """What this agent offers now (None while draining): its free resources and labels."""
         if self.draining:
             return None
-        cap, free = self.supervisor.capacity, self.supervisor.free()
-        # What is in use rides along, so the core's agent view stays current between records.
-        used = {"cpus": round(cap.cpus - free.cpus, 6), "mem_mb": cap.mem_mb - free.mem_mb,
-                "disk_mb": cap.disk_mb - free.disk_mb}
+        free = self.supervisor.free()
+        used = self._in_use(free)
         if self.supervisor.at_task_cap():
             # At max_tasks nothing more fits, whatever the resources say: offer nothing free,
             # so the core's placer treats this agent as full instead of sending launches that
@@ -179,7 +182,9 @@ class EdgeBackend:
             free = Capacity(0.0, 0, 0)
         return {"id": f"{self.agent_id}:{self.store.last_event_seq()}", "agent_id": self.agent_id,
                 "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
-                "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0), "used": used,
+                "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
+                # What is in use rides along: the core's agent view stays current with it.
+                "used": used,
                 "created_at": time.time(), "expires_at": time.time() + OFFER_TTL}
 
     async def list_offers(self) -> Page:
