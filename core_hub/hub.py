@@ -16,6 +16,7 @@ from core_hub.config import HubConfig
 from core_hub.dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
 from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
+from core_hub.hubstate import StateMirror
 from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
@@ -113,6 +114,12 @@ class Hub:
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
         await registry.restore()
+        state = StateMirror(js, store, replicas=cfg.stream_replicas)
+        await state.open()
+        await state.flush()  # changes a crash left unwritten go out before any restore
+        await state.restore()
+        await state.start()
+        self.parts.append(state)
         await self._agents_to_nats(js)
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
         enroller.on_enrolled = self._after_agent_change

@@ -580,6 +580,89 @@ class HubStore(Database):
         with self.transaction() as db:
             db.execute("UPDATE join_tokens SET revoked = 1 WHERE digest = ?", (digest,))
 
+    # ------------------------------------------------------------ hub state mirrored to KV
+    # (core_hub.hubstate): rows only the hub has, as records keyed like kv_dirty marks them.
+
+    def dirty_state(self, limit: int = 256) -> list[tuple[str, str, int]]:
+        """Marked (bucket, key, gen) changes not yet written to their KV bucket."""
+        return [(r[0], r[1], r[2]) for r in self._db.execute(
+            "SELECT bucket, key, gen FROM kv_dirty LIMIT ?", (limit,))]
+
+    def clear_dirty(self, bucket: str, key: str, gen: int) -> None:
+        """Forget a mark once KV holds the record read at ``gen`` (a newer change keeps it)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ? AND gen = ?",
+                       (bucket, key, gen))
+
+    def state_record(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The record KV keeps for ``key`` of ``bucket``, or None if the row is gone."""
+        db = self._db
+        if bucket == "services":
+            svc = self.service(bytes.fromhex(key).decode())
+            if svc is None:
+                return None
+            replaced = self.get_meta(f"replaced:{svc['name']}")
+            return {"service": svc, "replaced": json.loads(replaced or "[]")}
+        if bucket == "api_tokens":
+            row = db.execute("SELECT digest, role, name, created_at, revoked FROM api_tokens"
+                             " WHERE digest = ?", (key,)).fetchone()
+            return None if row is None else {k: row[k] for k in row.keys()}  # noqa: SIM118
+        if bucket == "join_tokens":
+            token = self.get_token(key)
+            return None if token is None else token
+        row = db.execute("SELECT * FROM launches WHERE task_id = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        launch = {k: row[k] for k in row.keys()}  # noqa: SIM118
+        task = db.execute("SELECT body FROM tasks WHERE id = ?", (key,)).fetchone()
+        return {"launch": launch, "task": None if task is None else json.loads(task[0])}
+
+    def restore_state(self, bucket: str, key: str, record: dict[str, Any]) -> bool:
+        """Put a KV record into a view that lacks it (a view the record is newer than is not
+        touched); True if it was restored. The restore itself marks nothing."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM kv_dirty WHERE bucket = ? AND key = ?",
+                          (bucket, key)).fetchone() is not None:
+                return False  # the view changed it since: the view's change goes out
+            if bucket == "services":
+                svc = dict(record["service"])
+                name, created, updated = svc.pop("name"), svc.pop("created_at"), \
+                    svc.pop("updated_at")
+                done = db.execute("INSERT OR IGNORE INTO services(name, spec, created_at,"
+                                  " updated_at) VALUES (?, ?, ?, ?)",
+                                  (name, _dumps({**svc, "name": name}), created,
+                                   updated)).rowcount
+                if done and record["replaced"]:
+                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+                               (f"replaced:{name}", _dumps(record["replaced"])))
+            elif bucket == "api_tokens":
+                done = db.execute("INSERT OR IGNORE INTO api_tokens(digest, role, name,"
+                                  " created_at, revoked) VALUES (:digest, :role, :name,"
+                                  " :created_at, :revoked)", record).rowcount
+            elif bucket == "join_tokens":
+                done = db.execute("INSERT OR IGNORE INTO join_tokens(digest, created_at,"
+                                  " expires_at, uses_left, revoked) VALUES (:digest,"
+                                  " :created_at, :expires_at, :uses_left, :revoked)",
+                                  record).rowcount
+            else:
+                launch = record["launch"]
+                done = db.execute("INSERT OR IGNORE INTO launches(task_id, spec, agent_id,"
+                                  " command_id, status, excluded, reason, created_at,"
+                                  " updated_at) VALUES (:task_id, :spec, :agent_id,"
+                                  " :command_id, :status, :excluded, :reason, :created_at,"
+                                  " :updated_at)", launch).rowcount
+                task = record.get("task")
+                # An accepted launch's task is the edge's to report (ingest rebuilds it); the
+                # others exist only here: pending, on its way, or killed before placement.
+                if done and task is not None and launch["status"] != "accepted":
+                    db.execute("INSERT OR IGNORE INTO tasks(id, agent_id, name, state,"
+                               " generation, body, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (task["id"], task.get("agent_id") or "", task["name"],
+                                task["state"], task.get("generation", 1), _dumps(task),
+                                launch["updated_at"]))
+            db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ?", (bucket, key))
+        return bool(done)
+
 
 class _Checkpointer:
     """Checkpoints (PASSIVE: it never blocks the writer or readers) a WAL database on its own

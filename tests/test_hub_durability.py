@@ -1,0 +1,88 @@
+"""The core through its own failures, against real processes: a deleted view, a hung NATS, a
+hub started without NATS, another process holding the view's write lock.
+
+DESIGN: the hub never holds state JetStream cannot rebuild. Its view file is a cache: delete it
+(hub stopped) and every service, API token, join token and not-yet-placed task comes back and
+works. The API never blocks on NATS nor answers a lie: a kill accepted while NATS hangs is
+queued in the hub (202) and applied once NATS answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from federation.natsd import NatsServer
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    http,
+    joined,
+    pid_alive,
+    wait_until,
+)
+
+
+def hub_cli(hub: HubProcess, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "core_hub", *args, "--data-dir",
+                          str(hub.data_dir)], capture_output=True, text=True, cwd=ROOT,
+                         check=True)
+    return out.stdout.strip()
+
+
+def delete_view(hub: HubProcess) -> None:
+    hub.stop()
+    for path in hub.data_dir.glob("hub.db*"):
+        path.unlink()
+
+
+def test_a_deleted_view_keeps_services_tokens_and_pending_tasks(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    agent = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    resp = hub_proc.api("POST", "/v1/services", {
+        "name": "web", "instances": 1,
+        "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                 "resources": {"cpus": 0.1, "mem_mb": 16}}})
+    assert resp.status == 201, resp.body
+    instance = wait_until(lambda: (t := hub_proc.api(
+        "GET", "/v1/tasks?name=web&state=running").body["items"]) and t[0], timeout=20,
+        what="the service's instance running")
+    pid = agent.task(instance["id"])["pid"]
+    viewer = hub_cli(hub_proc, "apitoken", "create", "--role", "viewer", "--name", "ci")
+    join = hub_proc.join_token(uses=2)
+    pending = hub_proc.api("POST", "/v1/tasks", {
+        "name": "later", "command": ["sleep", "300"], "kill_timeout": 1,
+        "resources": {"cpus": 0.1, "mem_mb": 16}, "constraints": {"site": "beta"}})
+    assert pending.status == 201 and pending.body["state"] == "pending", pending.body
+    assert http("GET", hub_proc.url + "/v1/tasks", token=viewer).status == 200
+
+    delete_view(hub_proc)
+    hub_proc.start()
+
+    assert http("GET", hub_proc.url + "/v1/tasks", token=viewer).status == 200
+    svc = wait_until(lambda: (r := hub_proc.api("GET", "/v1/services/web")).status == 200
+                     and r.body["running"] == 1 and r.body, timeout=20,
+                     what="the service back, its instance counted")
+    assert svc["tasks"] == [instance["id"]], "it manages its original instance, no new copy"
+    assert hub_proc.api("GET", f"/v1/tasks/{pending.body['id']}").body["state"] == "pending"
+    # The join token with a use left still enrolls; the pending task then finds its site.
+    b = start_agent("--nats", nats_proc.url, "--join-token", join, "--heartbeat", "0.5",
+                    "--site", "beta", name="b")
+    b_id = b.api("GET", "/v1/info").body["agent_id"]
+    placed = wait_until(lambda: (t := hub_proc.api(
+        "GET", f"/v1/tasks/{pending.body['id']}").body)["state"] == "running" and t,
+        timeout=30, what="the restored pending task placed and running")
+    assert placed["agent_id"] == b_id
+    # Still managed: deleting the service stops the instance it started before the rebuild.
+    assert hub_proc.api("DELETE", "/v1/services/web").status == 202
+    wait_until(lambda: not pid_alive(pid), timeout=20, what="the instance stopped")
+    assert hub_proc.api("GET", "/v1/services/web").status == 404
