@@ -130,6 +130,8 @@ class Hub:
             await part.start()
             self.parts.append(part)
         commander = Commander(js, store, signer)
+        await commander.start()  # sends what an earlier run queued, then what is queued now
+        self.parts.append(commander)
         scheduler = CoreScheduler(store, commander)
         await scheduler.start()
         self.parts.append(scheduler)

@@ -201,4 +201,15 @@ MIGRATIONS: tuple[str, ...] = (
         ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
     END;
     """,
+    # 9 (API never blocks on NATS): commands signed and queued here, in order, until
+    # JetStream has stored them; the API answers 202 once a command is queued.
+    """
+    CREATE TABLE command_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        command_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        data BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )

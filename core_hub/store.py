@@ -663,6 +663,27 @@ class HubStore(Database):
             db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ?", (bucket, key))
         return bool(done)
 
+    # ------------------------------------------------------------ commands on their way
+
+    def queue_command(self, command_id: str, agent_id: str, data: bytes, now: float) -> None:
+        """Keep a signed command until JetStream has it (core_hub.commands sends it)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO command_outbox(command_id, agent_id, data, created_at)"
+                       " VALUES (?, ?, ?, ?)", (command_id, agent_id, data, now))
+
+    def queued_commands(self, limit: int = 256) -> list[tuple[int, str, str, bytes]]:
+        """The oldest queued commands: (row id, command id, agent id, signed envelope)."""
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in self._db.execute(
+            "SELECT id, command_id, agent_id, data FROM command_outbox ORDER BY id LIMIT ?",
+            (limit,))]
+
+    def command_queue_depth(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM command_outbox").fetchone()[0])
+
+    def drop_command(self, row_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM command_outbox WHERE id = ?", (row_id,))
+
 
 class _Checkpointer:
     """Checkpoints (PASSIVE: it never blocks the writer or readers) a WAL database on its own

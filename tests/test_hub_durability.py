@@ -86,3 +86,47 @@ def test_a_deleted_view_keeps_services_tokens_and_pending_tasks(
     assert hub_proc.api("DELETE", "/v1/services/web").status == 202
     wait_until(lambda: not pid_alive(pid), timeout=20, what="the instance stopped")
     assert hub_proc.api("GET", "/v1/services/web").status == 404
+
+
+def test_a_hung_nats_never_blocks_the_api(start_agent: Callable[..., AgentProcess],
+                                          hub_proc: HubProcess,
+                                          nats_proc: NatsServer) -> None:
+    """With NATS stopped (SIGSTOP), a kill is queued in the hub (202) and a submit is accepted
+    (201): both answer at once, while NATS still hangs (the client gives up at 4 s; NATS'
+    own request timeout is 5 s). Once NATS answers, the kill is applied once and the new task
+    placed. The event feed cannot open: 503 before any byte of a stream."""
+    agent = joined(start_agent, hub_proc, nats_proc)
+    victim = hub_proc.api("POST", "/v1/tasks", {
+        "name": "victim", "command": ["sleep", "300"], "kill_timeout": 1,
+        "resources": {"cpus": 0.1, "mem_mb": 16}}).body
+    wait_until(lambda: hub_proc.api("GET", f"/v1/tasks/{victim['id']}").body["state"]
+               == "running", timeout=20, what="the victim running")
+    pid = agent.task(victim["id"])["pid"]
+    nats_proc.pause()
+    try:
+        killed = hub_proc.api("DELETE", f"/v1/tasks/{victim['id']}", timeout=4)
+        assert killed.status == 202 and killed.body["command_id"], killed.body
+        made = hub_proc.api("POST", "/v1/tasks", {
+            "name": "after", "command": ["sleep", "300"], "kill_timeout": 1,
+            "resources": {"cpus": 0.1, "mem_mb": 16}}, timeout=4)
+        assert made.status == 201, made.body
+        feed = hub_proc.api("GET", "/v1/events?after=0", timeout=15)
+        assert feed.status == 503 and feed.body["error"]["code"] == "unavailable", feed.raw
+        assert pid_alive(pid), "nothing is applied while NATS hangs"
+    finally:
+        nats_proc.resume()
+    agent.wait_state(victim["id"], "killed", timeout=20)
+    wait_until(lambda: hub_proc.api("GET", f"/v1/tasks/{made.body['id']}").body["state"]
+               == "running", timeout=20, what="the task submitted meanwhile running")
+    results = wait_until(lambda: [r for r in _results(hub_proc.data_dir)
+                                  if r[0] == killed.body["command_id"]],
+                         timeout=10, what="the kill's result")
+    assert results == [(killed.body["command_id"], "applied")]
+
+
+def _results(hub_dir: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True)
+    try:
+        return [(r[0], r[1]) for r in db.execute("SELECT command_id, status FROM results")]
+    finally:
+        db.close()
