@@ -130,3 +130,31 @@ def _results(hub_dir: Path) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in db.execute("SELECT command_id, status FROM results")]
     finally:
         db.close()
+
+
+def test_a_hub_waiting_for_nats_stops_on_a_signal_and_logs_its_retries(
+        tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: NATS never answers
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        data = tmp_path / f"hub-{sig.name}"
+        log_path = tmp_path / f"hub-{sig.name}.log"
+        with open(log_path, "wb") as log:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "core_hub", "run", "--data-dir", str(data), "--nats",
+                 f"nats://127.0.0.1:{port}", "--listen", "127.0.0.1:0"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        try:
+            wait_until(lambda: log_path.read_text().count("retrying every") >= 3, timeout=20,
+                       what="the hub logging its tries to reach NATS")
+            proc.send_signal(sig)
+            assert proc.wait(timeout=20) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert not (data / "hub.url").exists()
