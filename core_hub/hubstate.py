@@ -119,5 +119,5 @@ class StateMirror:
             except Exception:  # NATS away or hung: the marks stay, the next pass retries
                 self.failures += 1
                 if not failing:
-                    log.exception("hub state: could not write to JetStream KV; retrying")
+                    log.exception("hub state: could not mirror it to JetStream KV yet; retrying")
                 failing = True

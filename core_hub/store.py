@@ -46,6 +46,7 @@ _TERMINAL = tuple(sorted(TERMINAL_STATES))
 _MAX_DEPTH = 254
 # The writer checkpoints the WAL itself only past this many pages (16 MB); see HubStore.
 _WAL_SAFETY_PAGES = 4096
+_LOOP_BUSY_MS = 50
 
 
 def _dumps(value: Any) -> str:
@@ -115,6 +116,11 @@ class HubStore(Database):
         # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
         # the WAL stays bounded even if the thread falls behind.
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
+        # The hub writes from its event loop: a lock another process holds (a CLI command's
+        # write, or one frozen mid-write) may stall the loop this long at most, not the 5 s
+        # other processes wait for the hub. The write then fails (503 at the API, a retry on
+        # the loop's next pass) instead of freezing heartbeats, reads and every other loop.
+        self._db.execute(f"PRAGMA busy_timeout={_LOOP_BUSY_MS}")
         self._checkpointer = _Checkpointer(self.path)
 
     def close(self) -> None:

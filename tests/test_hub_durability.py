@@ -158,3 +158,34 @@ def test_a_hub_waiting_for_nats_stops_on_a_signal_and_logs_its_retries(
                 proc.kill()
                 proc.wait()
         assert not (data / "hub.url").exists()
+
+
+def test_another_process_holding_the_view_does_not_freeze_the_hub(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """A process that takes the view's write lock and keeps it (a CLI frozen mid-write)
+    must not stall the hub's event loop for SQLite's busy timeout at each write: reads go on
+    answering (each within the client's 2 s; the old busy timeout was 5 s), an API write is a
+    503, and once the lock is gone nothing the edge reported meanwhile is missing."""
+    agent = joined(start_agent, hub_proc, nats_proc)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({str(hub_proc.data_dir / 'hub.db')!r}, isolation_level=None)\n"
+         "db.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(120)\n"],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        during = agent.submit("during", ["true"])  # the edge reports; ingest must wait
+        for _ in range(10):
+            assert hub_proc.api("GET", "/v1/health", timeout=2).status == 200
+            assert hub_proc.api("GET", "/v1/agents", timeout=2).status == 200
+        made = hub_proc.api("POST", "/v1/tasks", {"name": "x", "command": ["true"]},
+                            timeout=5)
+        assert made.status == 503 and made.body["error"]["code"] == "unavailable", made.body
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    wait_until(lambda: hub_proc.api("GET", f"/v1/tasks/{during['id']}").status == 200,
+               timeout=20, what="what the edge reported during the lock, at the core")
