@@ -105,8 +105,9 @@ class Hub:
             last_error, tries = "", 0
             log.info("nats: reconnected")
 
-        self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=NATS_RETRY_S,
-                                     max_reconnect_attempts=-1, connect_timeout=5,
+        self.nc = await nats.connect(self.nats_url, name="outpost-hub",
+                                     reconnect_time_wait=NATS_RETRY_S, max_reconnect_attempts=-1,
+                                     connect_timeout=5,
                                      error_cb=_nats_error, reconnected_cb=_reconnected,
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))

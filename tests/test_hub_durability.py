@@ -9,13 +9,11 @@ queued in the hub (202) and applied once NATS answers.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,7 +147,7 @@ def test_a_hub_waiting_for_nats_stops_on_a_signal_and_logs_its_retries(
                  f"nats://127.0.0.1:{port}", "--listen", "127.0.0.1:0"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
-            wait_until(lambda: log_path.read_text().count("retrying every") >= 3, timeout=20,
+            wait_until(lambda p=log_path: p.read_text().count("retrying every") >= 3, timeout=20,
                        what="the hub logging its tries to reach NATS")
             proc.send_signal(sig)
             assert proc.wait(timeout=20) == 0, log_path.read_text()
