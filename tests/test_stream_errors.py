@@ -62,3 +62,11 @@ async def test_a_bad_answer_mid_log_cuts_the_stream(start_agent: Callable[..., A
             assert not clean, "a cut stream must not look complete"
     finally:
         await nc.close()
+
+
+def test_an_event_feed_that_cannot_open_answers_before_it_starts(hub_proc: HubProcess) -> None:
+    """An ``after`` JetStream refuses (past any stream sequence) fails while the consumer is
+    made, before the stream's headers: one JSON error, not an error inside a 200 stream."""
+    resp = hub_proc.api("GET", "/v1/events?after=" + "9" * 30, timeout=15)
+    assert 400 <= resp.status < 600 and resp.status != 500, resp.raw
+    assert resp.body["error"]["code"], resp.raw
