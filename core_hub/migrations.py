@@ -2,9 +2,11 @@
 
 Each entry runs once, in order, inside one transaction; ``PRAGMA user_version`` records how far
 a database has come (``federation.sqlitedb`` runs them, as for the edge store: importing
-sqlite-utils for six tables is not worth its start-up cost). Everything here except ``agents``'
-keys and ``join_tokens`` is a view rebuilt from the ``OUTPOST_EVENTS`` stream; ``meta.stream_seq``
-says how far into that stream the view has come.
+sqlite-utils for six tables is not worth its start-up cost). The fleet is a view rebuilt from
+the ``OUTPOST_EVENTS`` stream (``meta.stream_seq`` says how far it has come); what starts at the
+hub is mirrored to KV buckets and restored from them: agents' keys (``core_hub.registry``),
+services, tokens and launches (``core_hub.hubstate``). ``command_outbox`` is the hub's queue of
+commands JetStream has not stored yet.
 """
 
 from __future__ import annotations
