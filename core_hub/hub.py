@@ -76,7 +76,7 @@ class Hub:
             ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
-        self.store = store = HubStore(cfg.data_dir / "hub.db")
+        self.store = store = HubStore(cfg.data_dir / "hub.db", loop_writer=True)
         hub_seed, hub_public = load_or_create_key(cfg.data_dir / "hub.key")
         self._least_privilege(store, hub_public)
         if cfg.embedded_nats:

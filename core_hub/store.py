@@ -109,18 +109,19 @@ class AgentKey:
 class HubStore(Database):
     """The fleet view on disk at ``path``; ``close()`` when done."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, loop_writer: bool = False) -> None:
         super().__init__(path, MIGRATIONS, "hub store")
         # The WAL is copied back into the database by a _Checkpointer thread, not by the writer
         # after its commits: ingest then never stalls on that copy and its fsyncs (~0.4 s per
         # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
         # the WAL stays bounded even if the thread falls behind.
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
-        # The hub writes from its event loop: a lock another process holds (a CLI command's
-        # write, or one frozen mid-write) may stall the loop this long at most, not the 5 s
-        # other processes wait for the hub. The write then fails (503 at the API, a retry on
-        # the loop's next pass) instead of freezing heartbeats, reads and every other loop.
-        self._db.execute(f"PRAGMA busy_timeout={_LOOP_BUSY_MS}")
+        if loop_writer:
+            # The hub writes from its event loop: a lock another process holds (a CLI
+            # command's write, or one frozen mid-write) may stall the loop this long at most,
+            # not the 5 s those processes wait for the hub. The write fails instead (503 at
+            # the API, a retry on the loop's next pass): heartbeats and reads go on.
+            self._db.execute(f"PRAGMA busy_timeout={_LOOP_BUSY_MS}")
         self._checkpointer = _Checkpointer(self.path)
 
     def close(self) -> None:
@@ -651,7 +652,11 @@ class HubStore(Database):
                                   " :created_at, :expires_at, :uses_left, :revoked)",
                                   record).rowcount
             else:
-                launch = record["launch"]
+                # A launch recorded as sent may have been in the lost view's command queue
+                # only: it is sent again (same command id: JetStream or the edge drops a copy).
+                launch = dict(record["launch"])
+                if launch["status"] == "sent":
+                    launch["status"] = "placing"
                 done = db.execute("INSERT OR IGNORE INTO launches(task_id, spec, agent_id,"
                                   " command_id, status, excluded, reason, created_at,"
                                   " updated_at) VALUES (:task_id, :spec, :agent_id,"
