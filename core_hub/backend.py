@@ -26,6 +26,7 @@ from core_hub.store import HubStore
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound, Unavailable
+from federation.outside import mapped
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import AGENT_STATUSES, TASK_STATES, TERMINAL_STATES
 
@@ -36,6 +37,7 @@ PUBLIC_AGENT_FIELDS = ("id", "name", "site", "labels", "resources", "used", "sta
                        "revoked_at")
 
 
+@mapped  # NATS and SQLite failures are 503s here, at one seam (federation.outside)
 class CoreBackend:
     """The whole fleet behind the one API."""
 
@@ -187,7 +189,7 @@ class CoreBackend:
         return Page(self.store.list_offers(now=time.time()), None)
 
     async def open_events(self, after: int | None) -> AsyncIterator[StreamEvent]:
-        return fleet_events(self.js, self.store.agent_key, after)
+        return await fleet_events(self.js, self.store.agent_key, after)
 
     # ------------------------------------------------------------ services
 
@@ -226,6 +228,9 @@ class CoreBackend:
                    [({}, float(self.store.stream_seq))]),
             Metric("outpost_commands_sent_total", "counter", "Commands sent to agents",
                    [({}, float(self.commander.sent))]),
+            Metric("outpost_commands_queued", "gauge",
+                   "Commands queued at the hub, not yet stored by JetStream",
+                   [({}, float(self.store.command_queue_depth()))]),
             Metric("outpost_placements_total", "counter", "Launches placed on an agent's offer",
                    [({}, float(self.scheduler.placed))]),
         ]

@@ -4,10 +4,20 @@ Each command goes to ``outpost.v1.cmd.<agent>`` on stream ``OUTPOST_COMMANDS``, 
 agent's durable consumer holds it for as long as the edge is away. The envelope names the target
 agent (so it cannot be replayed to another) and carries an id (the edge applies each id once)
 and an expiry (an edge that comes back too late reports it expired and does nothing).
+
+The API never waits on NATS for a command: ``send`` signs it and queues it in the hub's own
+SQLite outbox (intent before effect), and a sender loop publishes the queue in order, deleting a
+row only once JetStream has stored it. A hung or dead NATS therefore costs a 202 that is kept
+(the command goes out when NATS answers; a resend after a lost ack is the same ``Nats-Msg-Id``,
+which JetStream drops, and the same command id, which the edge applies once), never a 500 for
+a command that was in fact sent, nor an API call held for NATS' timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from typing import Any
@@ -16,30 +26,83 @@ from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.errors import NotFound
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TTL_S = 24 * 3600.0
+RETRY_S = 0.5  # after a failed publish; NATS' own request timeout bounds each try
 
 
 class Commander:
-    """Sends commands to agents; ``seq`` is the hub's own counter, kept in its store."""
+    """Queues and sends commands to agents; ``seq`` is the hub's own counter, in its store.
+    ``start()`` runs the sender; ``stop()`` ends it after one last try at the queue."""
 
     def __init__(self, js: Any, store: HubStore, signer: wire.Signer) -> None:
         self.js = js
         self.store = store
         self.signer = signer
         self.sent = 0
+        self.failures = 0
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
 
     async def send(self, agent_id: str, kind: str, body: dict[str, Any],
                    ttl_s: float = DEFAULT_TTL_S, command_id: str | None = None) -> str:
-        """Publish one command; returns its id once JetStream has stored it. A caller that
-        recorded the id first (write-ahead) passes it, so a resend is the same command."""
+        """Queue one command; returns its id once it is in the hub's store (JetStream gets it
+        from the sender). A caller that recorded the id first (write-ahead) passes it, so a
+        resend is the same command."""
         if self.store.agent_key(agent_id) is None:
             raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
         command_id = command_id or uuid.uuid4().hex
-        seq = int(self.store.get_meta("command_seq") or 0) + 1
-        self.store.set_meta("command_seq", str(seq))
-        payload = {**body, "id": command_id, "expires_at": time.time() + ttl_s}
-        data = wire.sign_envelope(kind, agent_id, seq, payload, self.signer)
-        await self.js.publish(subjects.commands(agent_id), data,
-                              headers={"Nats-Msg-Id": command_id})
-        self.sent += 1
+        now = time.time()
+        with self.store.transaction():
+            seq = int(self.store.get_meta("command_seq") or 0) + 1
+            self.store.set_meta("command_seq", str(seq))
+            payload = {**body, "id": command_id, "expires_at": now + ttl_s}
+            data = wire.sign_envelope(kind, agent_id, seq, payload, self.signer)
+            self.store.queue_command(command_id, agent_id, data, now)
+        self._wake.set()
         return command_id
+
+    async def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="command-sender")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        await self.publish_queued()  # the hub bounds how long; what is left goes at next start
+
+    async def publish_queued(self) -> int:
+        """Publish the queue in order, each row deleted once JetStream stored it; returns how
+        many went out. Raises on the first one NATS does not take (the rest wait)."""
+        done = 0
+        while rows := self.store.queued_commands():
+            for row_id, command_id, agent_id, data in rows:
+                await self.js.publish(subjects.commands(agent_id), data,
+                                      headers={"Nats-Msg-Id": command_id})
+                self.store.drop_command(row_id)
+                self.sent += 1
+                done += 1
+        return done
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            try:
+                await self.publish_queued()
+                if failing:
+                    log.info("commands: sending again")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away or hung: the queue waits; retry soon
+                self.failures += 1
+                if not failing:
+                    log.warning("commands: %d queued, not sent yet: %r",
+                                self.store.command_queue_depth(), exc)
+                failing = True
+                await asyncio.sleep(RETRY_S)

@@ -23,7 +23,9 @@ SLOTS = 4096
 
 async def fleet_events(js: Any, key_of: Callable[[str], AgentKey | None],
                        after: int | None) -> AsyncIterator[StreamEvent]:
-    """Events after SSE id ``after`` (None: only new ones), forever."""
+    """Events after SSE id ``after`` (None: only new ones), forever. The consumer is made
+    here, before the API starts the stream: a NATS that cannot make it is a 503, not a
+    stream that breaks after its headers."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
@@ -40,6 +42,11 @@ async def fleet_events(js: Any, key_of: Callable[[str], AgentKey | None],
         sub = await js.subscribe(subjects.EVENTS_ALL, cb=on_msg, ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                  config=ConsumerConfig(opt_start_seq=max(start_seq, 1)))
+    return _events(sub, queue, key_of, start_seq, skip_index)
+
+
+async def _events(sub: Any, queue: asyncio.Queue[Any], key_of: Callable[[str], AgentKey | None],
+                  start_seq: int, skip_index: int) -> AsyncIterator[StreamEvent]:
     try:
         while True:
             msg = await queue.get()

@@ -59,15 +59,17 @@ async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tai
         try:
             answer = wire.unpack(first)
         except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
             raise Unavailable(f"agent {agent_id} sent an unreadable answer",
-                              details={"agent": agent_id}) from None
+                              details={"agent": agent_id})
         if "error" in answer:
-            err = answer["error"]
+            err = answer["error"] if isinstance(answer["error"], dict) else {}
+            status = err.get("status")
             log.info("logs of task %s: agent %s answered %s: %s", task_id, agent_id,
-                     err.get("status"), err.get("message"),
-                     extra={"agent": agent_id, "task": task_id})
-            raise _ERRORS.get(err.get("status"), Unavailable)(
-                f"agent {agent_id}: {err.get('message')}", details={"agent": agent_id})
+                     status, err.get("message"), extra={"agent": agent_id, "task": task_id})
+            raise (_ERRORS.get(status, Unavailable) if isinstance(status, int) else Unavailable)(
+                f"agent {agent_id}: {str(err.get('message'))[:200]}", details={"agent": agent_id})
     except BaseException:
         await sub.unsubscribe()
         raise
@@ -76,22 +78,36 @@ async def forward_logs(nc: Any, agent_id: str, task_id: str, *, stream: str, tai
 
 async def _relay(nc: Any, sub: Any, queue: asyncio.Queue[Any], answer: dict[str, Any],
                  agent_id: str, ref: str, follow: bool) -> AsyncIterator[bytes]:
+    """The edge's answer as it streams in. Only an ``end`` ends it cleanly: anything else
+    (an error, an answer that is not one, silence past the limit) raises, and the API cuts
+    the started response, so a client never takes a broken read for the whole log."""
     done = False
     try:
         while True:
+            if not isinstance(answer, dict):
+                raise Unavailable(f"agent {agent_id} sent an unreadable answer",
+                                  details={"agent": agent_id})
             if answer.get("end"):
                 done = True
                 return
-            if "data" in answer:
-                yield bytes(answer["data"])
             if "error" in answer:
-                return
+                raise Unavailable(f"agent {agent_id} failed mid-read: {answer['error']!r:.200}",
+                                  details={"agent": agent_id})
+            if "data" in answer:
+                if not isinstance(answer["data"], bytes):
+                    raise Unavailable(f"agent {agent_id} sent log data that is not bytes",
+                                      details={"agent": agent_id})
+                yield answer["data"]
             wait = None if follow else QUIET_LIMIT_S
-            data = await asyncio.wait_for(queue.get(), wait)
+            try:
+                data = await asyncio.wait_for(queue.get(), wait)
+            except TimeoutError:
+                raise Unavailable(f"agent {agent_id} went quiet mid-read",
+                                  details={"agent": agent_id}) from None
             try:
                 answer = wire.unpack(data) if data else {"end": True}
             except ValueError:
-                return
+                answer = None
     finally:
         if not done:
             with contextlib.suppress(Exception):

@@ -4,6 +4,7 @@ commands and the API, started in order and stopped in reverse."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -16,6 +17,7 @@ from core_hub.config import HubConfig
 from core_hub.dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
 from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
+from core_hub.hubstate import StateMirror
 from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
@@ -44,6 +46,7 @@ from federation.streams import (
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 3.0
+NATS_RETRY_S = 0.5
 
 
 class Hub:
@@ -73,7 +76,7 @@ class Hub:
             ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
-        self.store = store = HubStore(cfg.data_dir / "hub.db")
+        self.store = store = HubStore(cfg.data_dir / "hub.db", loop_writer=True)
         hub_seed, hub_public = load_or_create_key(cfg.data_dir / "hub.key")
         self._least_privilege(store, hub_public)
         if cfg.embedded_nats:
@@ -84,21 +87,27 @@ class Hub:
             self.natsd.config_extra = f'include "{AUTH_FILE_NAME}"'
             await self.natsd.start()
             self.nats_url = self.natsd.url
-        last_error = ""
+        last_error, tries = "", 0
 
         async def _nats_error(exc: Exception) -> None:
-            nonlocal last_error  # one line per kind of trouble, not one per reconnect try
-            if repr(exc) != last_error:
+            # Each failed try counts; a new kind of trouble is logged at once, the same one at
+            # tries 1, 2, 4, 8, ... then every 120th (about a minute): retries show, not spam.
+            nonlocal last_error, tries
+            tries += 1
+            if repr(exc) != last_error or tries & (tries - 1) == 0 or tries % 120 == 0:
                 last_error = repr(exc)
-                log.warning("nats: %r", exc)
+                log.warning("nats %s: %r (try %d; retrying every %.1fs)",
+                            redact_url(self.nats_url), exc, tries, NATS_RETRY_S,
+                            extra={"tries": tries})
 
         async def _reconnected() -> None:
-            nonlocal last_error
-            last_error = ""
+            nonlocal last_error, tries
+            last_error, tries = "", 0
             log.info("nats: reconnected")
 
-        self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=0.5,
-                                     max_reconnect_attempts=-1, connect_timeout=5,
+        self.nc = await nats.connect(self.nats_url, name="outpost-hub",
+                                     reconnect_time_wait=NATS_RETRY_S, max_reconnect_attempts=-1,
+                                     connect_timeout=5,
                                      error_cb=_nats_error, reconnected_cb=_reconnected,
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))
@@ -113,6 +122,12 @@ class Hub:
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
         await registry.restore()
+        state = StateMirror(js, store, replicas=cfg.stream_replicas)
+        await state.open()
+        await state.flush()  # changes a crash left unwritten go out before any restore
+        await state.restore()
+        await state.start()
+        self.parts.append(state)
         await self._agents_to_nats(js)
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
         enroller.on_enrolled = self._after_agent_change
@@ -123,6 +138,8 @@ class Hub:
             await part.start()
             self.parts.append(part)
         commander = Commander(js, store, signer)
+        await commander.start()  # sends what an earlier run queued, then what is queued now
+        self.parts.append(commander)
         scheduler = CoreScheduler(store, commander)
         await scheduler.start()
         self.parts.append(scheduler)
@@ -230,14 +247,24 @@ class Hub:
         log.info("hub stopped")
 
     async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, which stop the hub at any time: while it waits for
+        NATS at start too (the start is cancelled, then what it had started is stopped)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(self.start(), name="hub-start")
+        stopping = asyncio.create_task(stop.wait(), name="hub-signal")
         try:
-            await self.start()
-            await stop.wait()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("signalled while starting; stopping")
+                starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting  # raises what a failed start raised
+            await stopping
         finally:
+            stopping.cancel()
             await self.stop()
 
 

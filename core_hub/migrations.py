@@ -2,9 +2,11 @@
 
 Each entry runs once, in order, inside one transaction; ``PRAGMA user_version`` records how far
 a database has come (``federation.sqlitedb`` runs them, as for the edge store: importing
-sqlite-utils for six tables is not worth its start-up cost). Everything here except ``agents``'
-keys and ``join_tokens`` is a view rebuilt from the ``OUTPOST_EVENTS`` stream; ``meta.stream_seq``
-says how far into that stream the view has come.
+sqlite-utils for six tables is not worth its start-up cost). The fleet is a view rebuilt from
+the ``OUTPOST_EVENTS`` stream (``meta.stream_seq`` says how far it has come); what starts at the
+hub is mirrored to KV buckets and restored from them: agents' keys (``core_hub.registry``),
+services, tokens and launches (``core_hub.hubstate``). ``command_outbox`` is the hub's queue of
+commands JetStream has not stored yet.
 """
 
 from __future__ import annotations
@@ -124,5 +126,92 @@ MIGRATIONS: tuple[str, ...] = (
         restarts INTEGER,
         PRIMARY KEY (task_id, agent_id, seq)
     ) WITHOUT ROWID;
+    """,
+    # 8 (hub state in JetStream): what only the hub knows (services and the instances they
+    # replaced, API tokens, join tokens, launches) is mirrored to KV buckets. Each change marks
+    # its key in kv_dirty in the same transaction (a trigger, so every writer does it, the CLI
+    # too); core_hub.hubstate writes marked keys to KV and clears a mark only if its gen is
+    # still the one it wrote.
+    """
+    CREATE TABLE kv_dirty (
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        gen INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (bucket, key)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER services_kv_insert AFTER INSERT ON services BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(NEW.name)))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER services_kv_update AFTER UPDATE ON services BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(NEW.name)))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER services_kv_delete AFTER DELETE ON services BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(OLD.name)))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER api_tokens_kv_insert AFTER INSERT ON api_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('api_tokens', NEW.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER api_tokens_kv_update AFTER UPDATE ON api_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('api_tokens', NEW.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER api_tokens_kv_delete AFTER DELETE ON api_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('api_tokens', OLD.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER join_tokens_kv_insert AFTER INSERT ON join_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('join_tokens', NEW.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER join_tokens_kv_update AFTER UPDATE ON join_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('join_tokens', NEW.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER join_tokens_kv_delete AFTER DELETE ON join_tokens BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('join_tokens', OLD.digest)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER launches_kv_insert AFTER INSERT ON launches BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('launches', NEW.task_id)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER launches_kv_update AFTER UPDATE ON launches BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('launches', NEW.task_id)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER launches_kv_delete AFTER DELETE ON launches BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('launches', OLD.task_id)
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER replaced_kv_insert AFTER INSERT ON meta
+    WHEN NEW.key LIKE 'replaced:%' BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(substr(NEW.key, 10))))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER replaced_kv_update AFTER UPDATE ON meta
+    WHEN NEW.key LIKE 'replaced:%' BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(substr(NEW.key, 10))))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    CREATE TRIGGER replaced_kv_delete AFTER DELETE ON meta
+    WHEN OLD.key LIKE 'replaced:%' BEGIN
+        INSERT INTO kv_dirty(bucket, key) VALUES ('services', lower(hex(substr(OLD.key, 10))))
+        ON CONFLICT(bucket, key) DO UPDATE SET gen = gen + 1;
+    END;
+    """,
+    # 9 (API never blocks on NATS): commands signed and queued here, in order, until
+    # JetStream has stored them; the API answers 202 once a command is queued.
+    """
+    CREATE TABLE command_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        command_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        data BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 )

@@ -11,7 +11,8 @@ and whether it is revoked.
 On start the bucket and the view are also reconciled for agents both know: revocation is
 sticky either way (a revocation made with ``outpost-hub agents revoke`` while the hub was down
 reaches the bucket here), and the side that knows more key rotations wins (a key is only ever
-retired, never brought back). Join tokens stay local: losing them only means making new ones.
+retired, never brought back). The hub's other state (services, tokens, launches) is mirrored
+by ``core_hub.hubstate``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import logging
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import wire
+from federation import subjects, wire
 
 log = logging.getLogger(__name__)
 
-BUCKET = "OUTPOST_AGENTS"
+BUCKET = subjects.AGENTS_BUCKET
 
 
 class Registry:

@@ -46,6 +46,7 @@ _TERMINAL = tuple(sorted(TERMINAL_STATES))
 _MAX_DEPTH = 254
 # The writer checkpoints the WAL itself only past this many pages (16 MB); see HubStore.
 _WAL_SAFETY_PAGES = 4096
+_LOOP_BUSY_MS = 50
 
 
 def _dumps(value: Any) -> str:
@@ -108,13 +109,19 @@ class AgentKey:
 class HubStore(Database):
     """The fleet view on disk at ``path``; ``close()`` when done."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, loop_writer: bool = False) -> None:
         super().__init__(path, MIGRATIONS, "hub store")
         # The WAL is copied back into the database by a _Checkpointer thread, not by the writer
         # after its commits: ingest then never stalls on that copy and its fsyncs (~0.4 s per
         # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
         # the WAL stays bounded even if the thread falls behind.
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
+        if loop_writer:
+            # The hub writes from its event loop: a lock another process holds (a CLI
+            # command's write, or one frozen mid-write) may stall the loop this long at most,
+            # not the 5 s those processes wait for the hub. The write fails instead (503 at
+            # the API, a retry on the loop's next pass): heartbeats and reads go on.
+            self._db.execute(f"PRAGMA busy_timeout={_LOOP_BUSY_MS}")
         self._checkpointer = _Checkpointer(self.path)
 
     def close(self) -> None:
@@ -579,6 +586,114 @@ class HubStore(Database):
     def revoke_token(self, digest: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE join_tokens SET revoked = 1 WHERE digest = ?", (digest,))
+
+    # ------------------------------------------------------------ hub state mirrored to KV
+    # (core_hub.hubstate): rows only the hub has, as records keyed like kv_dirty marks them.
+
+    def dirty_state(self, limit: int = 256) -> list[tuple[str, str, int]]:
+        """Marked (bucket, key, gen) changes not yet written to their KV bucket."""
+        return [(r[0], r[1], r[2]) for r in self._db.execute(
+            "SELECT bucket, key, gen FROM kv_dirty LIMIT ?", (limit,))]
+
+    def clear_dirty(self, bucket: str, key: str, gen: int) -> None:
+        """Forget a mark once KV holds the record read at ``gen`` (a newer change keeps it)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ? AND gen = ?",
+                       (bucket, key, gen))
+
+    def state_record(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The record KV keeps for ``key`` of ``bucket``, or None if the row is gone."""
+        db = self._db
+        if bucket == "services":
+            svc = self.service(bytes.fromhex(key).decode())
+            if svc is None:
+                return None
+            replaced = self.get_meta(f"replaced:{svc['name']}")
+            return {"service": svc, "replaced": json.loads(replaced or "[]")}
+        if bucket == "api_tokens":
+            row = db.execute("SELECT digest, role, name, created_at, revoked FROM api_tokens"
+                             " WHERE digest = ?", (key,)).fetchone()
+            return None if row is None else {k: row[k] for k in row.keys()}  # noqa: SIM118
+        if bucket == "join_tokens":
+            token = self.get_token(key)
+            return None if token is None else token
+        row = db.execute("SELECT * FROM launches WHERE task_id = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        launch = {k: row[k] for k in row.keys()}  # noqa: SIM118
+        task = db.execute("SELECT body FROM tasks WHERE id = ?", (key,)).fetchone()
+        return {"launch": launch, "task": None if task is None else json.loads(task[0])}
+
+    def restore_state(self, bucket: str, key: str, record: dict[str, Any]) -> bool:
+        """Put a KV record into a view that lacks it (a view the record is newer than is not
+        touched); True if it was restored. The restore itself marks nothing."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM kv_dirty WHERE bucket = ? AND key = ?",
+                          (bucket, key)).fetchone() is not None:
+                return False  # the view changed it since: the view's change goes out
+            if bucket == "services":
+                svc = dict(record["service"])
+                name, created, updated = svc.pop("name"), svc.pop("created_at"), \
+                    svc.pop("updated_at")
+                done = db.execute("INSERT OR IGNORE INTO services(name, spec, created_at,"
+                                  " updated_at) VALUES (?, ?, ?, ?)",
+                                  (name, _dumps({**svc, "name": name}), created,
+                                   updated)).rowcount
+                if done and record["replaced"]:
+                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+                               (f"replaced:{name}", _dumps(record["replaced"])))
+            elif bucket == "api_tokens":
+                done = db.execute("INSERT OR IGNORE INTO api_tokens(digest, role, name,"
+                                  " created_at, revoked) VALUES (:digest, :role, :name,"
+                                  " :created_at, :revoked)", record).rowcount
+            elif bucket == "join_tokens":
+                done = db.execute("INSERT OR IGNORE INTO join_tokens(digest, created_at,"
+                                  " expires_at, uses_left, revoked) VALUES (:digest,"
+                                  " :created_at, :expires_at, :uses_left, :revoked)",
+                                  record).rowcount
+            else:
+                # A launch recorded as sent may have been in the lost view's command queue
+                # only: it is sent again (same command id: JetStream or the edge drops a copy).
+                launch = dict(record["launch"])
+                if launch["status"] == "sent":
+                    launch["status"] = "placing"
+                done = db.execute("INSERT OR IGNORE INTO launches(task_id, spec, agent_id,"
+                                  " command_id, status, excluded, reason, created_at,"
+                                  " updated_at) VALUES (:task_id, :spec, :agent_id,"
+                                  " :command_id, :status, :excluded, :reason, :created_at,"
+                                  " :updated_at)", launch).rowcount
+                task = record.get("task")
+                # An accepted launch's task is the edge's to report (ingest rebuilds it); the
+                # others exist only here: pending, on its way, or killed before placement.
+                if done and task is not None and launch["status"] != "accepted":
+                    db.execute("INSERT OR IGNORE INTO tasks(id, agent_id, name, state,"
+                               " generation, body, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (task["id"], task.get("agent_id") or "", task["name"],
+                                task["state"], task.get("generation", 1), _dumps(task),
+                                launch["updated_at"]))
+            db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ?", (bucket, key))
+        return bool(done)
+
+    # ------------------------------------------------------------ commands on their way
+
+    def queue_command(self, command_id: str, agent_id: str, data: bytes, now: float) -> None:
+        """Keep a signed command until JetStream has it (core_hub.commands sends it)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO command_outbox(command_id, agent_id, data, created_at)"
+                       " VALUES (?, ?, ?, ?)", (command_id, agent_id, data, now))
+
+    def queued_commands(self, limit: int = 256) -> list[tuple[int, str, str, bytes]]:
+        """The oldest queued commands: (row id, command id, agent id, signed envelope)."""
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in self._db.execute(
+            "SELECT id, command_id, agent_id, data FROM command_outbox ORDER BY id LIMIT ?",
+            (limit,))]
+
+    def command_queue_depth(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM command_outbox").fetchone()[0])
+
+    def drop_command(self, row_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM command_outbox WHERE id = ?", (row_id,))
 
 
 class _Checkpointer:

@@ -43,6 +43,8 @@ LIMITER = web.AppKey("limiter", Limiter)
 CALLER = web.RequestKey("caller", str)
 # Handlers that stream without end (SSE, log follow); cancelled at shutdown so it is prompt.
 STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
+# A streamed response whose headers are out: an error after that may only end it.
+STARTED = web.RequestKey("started", web.StreamResponse)
 MAX_BODY = 256 * 1024
 SSE_KEEPALIVE = 15.0
 DISCONNECT_POLL = 1.0  # how often a quiet stream checks that its client is still there
@@ -186,7 +188,7 @@ async def _send_logs(request: web.Request, stream: str, tail: int,
     )
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                        "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+    await _start(request, resp)
     try:
         with _streaming(request):
             try:
@@ -243,6 +245,24 @@ async def _while_connected(request: web.Request, source: AsyncIterator[T],
         if pending is not None:
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
+
+
+async def _start(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send a stream's headers, and note that from now on an error can only end it."""
+    await resp.prepare(request)
+    request[STARTED] = resp
+
+
+def _cut(request: web.Request, exc: BaseException) -> web.StreamResponse:
+    """End a started response after an error (Starlette's ServerErrorMiddleware does so): close
+    the connection once what was written has gone, without the body's end marker, so the
+    client sees a cut stream instead of a clean end (or a second response in the body)."""
+    log.warning("stream %s %s cut by an error after it started: %s", request.method,
+                request.path, exc if isinstance(exc, OutpostError) else repr(exc),
+                exc_info=not isinstance(exc, OutpostError), extra={"path": request.path})
+    if request.transport is not None:
+        request.transport.close()
+    return request[STARTED]
 
 
 class _streaming:
@@ -342,7 +362,7 @@ async def _send_events(request: web.Request, after: int | None) -> web.StreamRes
     feed = await _backend(request).open_events(after)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
+    await _start(request, resp)
     await resp.write(b"retry: 2000\n\n")
     with _streaming(request):
         try:
@@ -459,6 +479,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except OutpostError as exc:
+        if STARTED in request:
+            return _cut(request, exc)
         return _error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -474,8 +496,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return resp
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
         stats["errors"] = stats.get("errors", 0) + 1
+        if STARTED in request:
+            return _cut(request, exc)
         log.exception("unhandled error", extra={"path": request.path})
         return _json(error_body("internal", "internal error; see the node's log"), status=500)
 

@@ -1,0 +1,74 @@
+"""Errors from outside Outpost (NATS, SQLite) mapped into the error tree at one seam.
+
+httpx maps httpcore's exceptions to its own in one context manager
+(``map_httpcore_exceptions``); this is ours. A backend wraps its API methods with
+``map_outside_errors`` (or the ``mapped`` class decorator), so a NATS that does not answer or a
+view another process has locked is a 503 the client can retry, never a 500. What is left as a
+500 is a bug in Outpost itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import nats.errors
+
+from federation.errors import OutpostError, Unavailable
+
+C = TypeVar("C", bound=type)
+
+
+def outside_error(exc: BaseException) -> OutpostError | None:
+    """The error-tree form of an outside failure, or None if ``exc`` is not one."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return Unavailable("the view is locked by another process; retry",
+                           details={"cause": "sqlite_busy"})
+    if isinstance(exc, sqlite3.Error):
+        return Unavailable(f"the view cannot be used now: {exc}",
+                           details={"cause": "sqlite"})
+    if isinstance(exc, nats.errors.Error | TimeoutError | ConnectionError):
+        return Unavailable(f"NATS did not answer ({type(exc).__name__}); retry",
+                           details={"cause": "nats"})
+    return None
+
+
+@contextmanager
+def map_outside_errors() -> Iterator[None]:
+    """Re-raise NATS and SQLite errors inside the block as ``Unavailable`` (503)."""
+    try:
+        yield
+    except OutpostError:
+        raise
+    except Exception as exc:
+        mapped_exc = outside_error(exc)
+        if mapped_exc is None:
+            raise
+        raise mapped_exc from exc
+
+
+def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
+            with map_outside_errors():
+                return await fn(*args, **kwargs)
+        return call_async
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with map_outside_errors():
+            return fn(*args, **kwargs)
+    return call
+
+
+def mapped(cls: C) -> C:
+    """Class decorator: every public method of ``cls`` maps outside errors (see above)."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value):
+            setattr(cls, name, _wrap(value))
+    return cls
