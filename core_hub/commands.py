@@ -1,7 +1,8 @@
 """Core-to-edge commands: signed by the hub, kept in JetStream until the edge takes them.
 
-Each command goes to ``outpost.v1.cmd.<agent>`` on stream ``OUTPOST_COMMANDS``, where the
-agent's durable consumer holds it for as long as the edge is away. The envelope names the target
+Each command is the agent's next number on stream ``OUTPOST_COMMANDS``
+(``outpost.v1.cmd.<agent>.<n>``, ``federation/commandlog.py``), kept there for as long as the edge
+is away; the edge reads its own numbers. The envelope names the target
 agent (so it cannot be replayed to another) and carries an id (the edge applies each id once)
 and an expiry (an edge that comes back too late reports it expired and does nothing).
 """
@@ -13,7 +14,8 @@ import uuid
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import subjects, wire
+from federation import wire
+from federation.commandlog import CommandLog
 from federation.errors import NotFound
 
 DEFAULT_TTL_S = 24 * 3600.0
@@ -27,6 +29,7 @@ class Commander:
         self.store = store
         self.signer = signer
         self.sent = 0
+        self.log = CommandLog(js)
 
     async def send(self, agent_id: str, kind: str, body: dict[str, Any],
                    ttl_s: float = DEFAULT_TTL_S, command_id: str | None = None) -> str:
@@ -39,7 +42,6 @@ class Commander:
         self.store.set_meta("command_seq", str(seq))
         payload = {**body, "id": command_id, "expires_at": time.time() + ttl_s}
         data = wire.sign_envelope(kind, agent_id, seq, payload, self.signer)
-        await self.js.publish(subjects.commands(agent_id), data,
-                              headers={"Nats-Msg-Id": command_id})
+        await self.log.append(agent_id, data, command_id)
         self.sent += 1
         return command_id
