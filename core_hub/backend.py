@@ -228,4 +228,6 @@ class CoreBackend:
                    [({}, float(self.commander.sent))]),
             Metric("outpost_placements_total", "counter", "Launches placed on an agent's offer",
                    [({}, float(self.scheduler.placed))]),
+            Metric("outpost_liveness_errors_total", "counter", "Liveness passes that failed",
+                   [({}, float(self.liveness.errors))]),
         ]

@@ -125,4 +125,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, agent_id, seq)
     ) WITHOUT ROWID;
     """,
+    # scale (issue 12): liveness moves only the agents crossing a threshold, found by status
+    # and last_seen through this index instead of reading every agent each second.
+    """
+    CREATE INDEX agents_by_status_seen ON agents(status, last_seen);
+    """,
 )
