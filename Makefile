@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench fuzz install lint clean
+.PHONY: demo test bench bench-scale fuzz install lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# A simulated fleet (real agent sync code) against a real hub: BENCH_AGENTS=2000 make bench-scale
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.fleet
 
 fuzz: $(STAMP)
 	OUTPOST_FUZZ=300 OUTPOST_FUZZ_TIMEOUT=3600 $(BIN)/python -m pytest -q tests/test_fuzz_api.py -p no:cacheprovider

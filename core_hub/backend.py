@@ -141,15 +141,15 @@ class CoreBackend:
 
     async def list_agents(self, limit: int, cursor: str | None) -> Page:
         after = (decode_cursor(cursor) or {}).get("id", "")
-        agents = [a for a in self.store.list_agents() if a["id"] > str(after)]
+        agents = self.store.page_agents(str(after), limit + 1)  # one more: is there a next?
         page = agents[:limit]
         nxt = encode_cursor({"id": page[-1]["id"]}) if len(agents) > limit else None
         return Page([self._agent(a) for a in page], nxt)
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
-        for agent in self.store.list_agents():
-            if agent_id in (agent["id"], agent["name"]):
-                return self._agent(agent)
+        agent = self.store.find_agent(agent_id)
+        if agent is not None:
+            return self._agent(agent)
         raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
 
     async def drain_agent(self, agent_id: str, migrate: bool) -> dict[str, Any]:
@@ -233,4 +233,6 @@ class CoreBackend:
                    [({}, float(self.store.command_queue_depth()))]),
             Metric("outpost_placements_total", "counter", "Launches placed on an agent's offer",
                    [({}, float(self.scheduler.placed))]),
+            Metric("outpost_liveness_errors_total", "counter", "Liveness passes that failed",
+                   [({}, float(self.liveness.errors))]),
         ]

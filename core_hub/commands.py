@@ -1,7 +1,8 @@
 """Core-to-edge commands: signed by the hub, kept in JetStream until the edge takes them.
 
-Each command goes to ``outpost.v1.cmd.<agent>`` on stream ``OUTPOST_COMMANDS``, where the
-agent's durable consumer holds it for as long as the edge is away. The envelope names the target
+Each command is the agent's next number on stream ``OUTPOST_COMMANDS``
+(``outpost.v1.cmd.<agent>.<n>``, ``federation/commandlog.py``), kept there for as long as the edge
+is away; the edge reads its own numbers. The envelope names the target
 agent (so it cannot be replayed to another) and carries an id (the edge applies each id once)
 and an expiry (an edge that comes back too late reports it expired and does nothing).
 
@@ -23,7 +24,8 @@ import uuid
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import subjects, wire
+from federation import wire
+from federation.commandlog import CommandLog
 from federation.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Commander:
         self.signer = signer
         self.sent = 0
         self.failures = 0
+        self.log = CommandLog(js)
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
 
@@ -79,8 +82,7 @@ class Commander:
         done = 0
         while rows := self.store.queued_commands():
             for row_id, command_id, agent_id, data in rows:
-                await self.js.publish(subjects.commands(agent_id), data,
-                                      headers={"Nats-Msg-Id": command_id})
+                await self.log.append(agent_id, data, command_id)
                 self.store.drop_command(row_id)
                 self.sent += 1
                 done += 1

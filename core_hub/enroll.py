@@ -171,6 +171,9 @@ class Enroller:
         # Called after each successful enrollment or key rotation, before the reply (the hub
         # saves the agent to its JetStream registry there).
         self.on_enrolled: Callable[[str], Awaitable[None]] | None = None
+        # Called after a new agent was taken back because ``on_enrolled`` failed (the hub
+        # removes it from the registry and NATS users again).
+        self.on_forgotten: Callable[[str], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         if self._sub is None:
@@ -186,38 +189,56 @@ class Enroller:
             await sub.unsubscribe()
 
     async def _on_request(self, msg: Msg) -> None:
-        reply = self.handle(msg.data)
+        reply, fresh_token = self._handle(msg.data)
         if reply["ok"] and self.on_enrolled is not None:
             try:  # durable beyond this hub's file before the agent is told it may send
                 await self.on_enrolled(reply["agent_id"])
             except Exception:
                 log.exception("could not record the enrollment durably")
+                if fresh_token is not None:  # new here: leave no agent the edge never got
+                    await self._forget(reply["agent_id"], fresh_token)
                 reply = {"ok": False, "code": "unavailable",
                          "error": "the hub could not record the enrollment; retry"}
         if msg.reply:
             await msg.respond(wire.pack(reply))
 
+    async def _forget(self, agent_id: str, token_digest: str) -> None:
+        """Undo a new enrollment whose NATS-side set-up failed: the agent row goes and the
+        token gets its use back, so the edge's retry starts afresh."""
+        self._store.forget_agent(agent_id, refund_token=token_digest)
+        log.warning("enrollment of %s taken back", agent_id, extra={"agent_id": agent_id})
+        if self.on_forgotten is not None:
+            try:
+                await self.on_forgotten(agent_id)
+            except Exception:
+                log.exception("could not remove %s from the registry", agent_id)
+
     def handle(self, data: bytes) -> dict[str, Any]:
         """The reply map for one request: enroll the agent or say why not."""
+        return self._handle(data)[0]
+
+    def _handle(self, data: bytes) -> tuple[dict[str, Any], str | None]:
+        """The reply, and the digest of the join token a new agent used (None otherwise)."""
         try:
-            agent_id = self._enroll(data)
+            agent_id, fresh_token = self._enroll(data)
         except OutpostError as err:
             log.warning("enrollment refused: %s", err.message,
                         extra={"code": err.code, "details": err.details})
-            return {"ok": False, "code": err.code, "error": err.message}
+            return {"ok": False, "code": err.code, "error": err.message}, None
         except Exception:  # a bug here must still answer, not leave the edge to time out
             log.exception("enrollment failed")
-            return {"ok": False, "code": "internal", "error": "internal error at the hub"}
-        return {"ok": True, "agent_id": agent_id, "hub_public_key": self._hub_public_key}
+            return {"ok": False, "code": "internal", "error": "internal error at the hub"}, None
+        return ({"ok": True, "agent_id": agent_id, "hub_public_key": self._hub_public_key},
+                fresh_token)
 
-    def _enroll(self, data: bytes) -> str:
+    def _enroll(self, data: bytes) -> tuple[str, str | None]:
         if len(data) <= MAX_REQUEST_BYTES:
             try:
                 decoded = wire.unpack(data)
             except ValueError:
                 decoded = None  # _parse says why
             if is_rotation(decoded):
-                return self._rotations.rotate(decoded)
+                return self._rotations.rotate(decoded), None
         request = _parse(data)
         public = request["public_key"]
         agent_id = id_from_public_key(public)
@@ -231,9 +252,11 @@ class Enroller:
         if known is not None and known.revoked:
             raise Forbidden(f"agent {agent_id} is revoked; enroll a new key",
                             details={"agent_id": agent_id})
+        fresh_token = None
         with self._store.transaction():
             if known is None:
                 self._tokens.consume_token(request["token"])
+                fresh_token = token_digest(request["token"])
             self._store.enroll_agent(
                 agent_id, public, name=request["name"], site=request["site"],
                 labels=request["labels"], resources=request["resources"],
@@ -241,7 +264,7 @@ class Enroller:
         log.info("agent %s %s", agent_id, "re-enrolled" if known else "enrolled",
                  extra={"agent_id": agent_id, "site": request["site"],
                         "agent_name": request["name"]})
-        return agent_id
+        return agent_id, fresh_token
 
 
 def _parse(data: bytes) -> dict[str, Any]:

@@ -26,22 +26,18 @@ from core_hub.natsauth import (
     pid_file_reload,
     record_managed,
     signal_reload,
-    trusted_agents,
 )
 from core_hub.registry import Registry
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
+from federation import subjects
 from federation.app import build_app
 from federation.auth import TokenAuth
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
 from federation.natscreds import hub_credentials
-from federation.streams import (
-    delete_command_consumer,
-    ensure_command_consumer,
-    ensure_streams,
-)
+from federation.streams import ensure_streams
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +127,7 @@ class Hub:
         await self._agents_to_nats(js)
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
         enroller.on_enrolled = self._after_agent_change
+        enroller.on_forgotten = self._after_agent_forgotten
         ingest = Ingest(js, store)
         liveness = Liveness(self.nc, store, LivenessSettings(
             cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s))
@@ -177,10 +174,15 @@ class Hub:
         await self.registry.save(agent_id)
         assert self.store is not None and self.nc is not None
         key = self.store.agent_key(agent_id)
-        if key is not None and not key.revoked:  # its commands wait for it from now on
-            await ensure_command_consumer(self.nc.jetstream(timeout=5), agent_id)
-        elif key is not None:  # revoked: nobody fetches its commands again
-            await delete_command_consumer(self.nc.jetstream(timeout=5), agent_id)
+        if key is not None and key.revoked:  # revoked: nothing is left to read its commands
+            await self.nc.jetstream(timeout=5).purge_stream(
+                subjects.COMMANDS_STREAM, subject=subjects.commands_of(agent_id))
+        await self.refresh_nats_auth()
+
+    async def _after_agent_forgotten(self, agent_id: str) -> None:
+        """An enrollment taken back (its set-up failed): out of the registry and NATS users."""
+        assert self.registry is not None and self.registry.kv is not None
+        await self.registry.kv.delete(agent_id)
         await self.refresh_nats_auth()
 
     async def refresh_nats_auth(self) -> bool:
@@ -218,15 +220,10 @@ class Hub:
         return hub_credentials(hub_seed).connect_options() if self.nats_auth else {}
 
     async def _agents_to_nats(self, js: Any) -> None:
-        """At start, with least privilege: every trusted agent has its command consumer (the
-        agents may not create one) and a user (the view may have been restored just now)."""
+        """At start, with least privilege: every trusted agent has a user (the view may have
+        been restored just now). Commands need nothing per agent (federation/commandlog.py)."""
         if self.nats_auth is None:
             return
-        assert self.store is not None
-        agents = [agent_id for agent_id, _ in trusted_agents(self.store)]
-        for start in range(0, len(agents), 64):
-            await asyncio.gather(*(ensure_command_consumer(js, agent_id)
-                                   for agent_id in agents[start:start + 64]))
         await self.nats_auth.refresh()
         await self.nats_auth.start()
         self.parts.append(self.nats_auth)

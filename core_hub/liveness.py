@@ -1,11 +1,23 @@
 """Which agents are alive: heartbeats in, ``online`` -> ``disconnected`` -> ``unreachable``.
 
 Heartbeats ride core NATS (not stored): losing some is fine, only their absence means anything.
-Arrival times are kept in memory and written to the view once a second in one transaction, so a
-large fleet's heartbeats do not become a write per beat. An agent silent for
+Beats are collected in memory and written once a second in one transaction, for the agents
+that beat since the last pass only (their ``last_seen``, and their outbox depth when it
+changed), so a large fleet's heartbeats do not become a write per beat.
+
+Statuses then move by SQL that touches only the agents crossing a threshold (an index on
+``(status, last_seen)``): a pass costs what changed, not the size of the fleet. ``last_seen``
+is the newest sign of life from any source, a heartbeat or an event applied by ingest, so a
+healed link's fresh events count at once and a stale in-memory beat can never pull an agent
+back to unreachable (the flap of issue 11). An agent never seen since it enrolled counts from
+its enrollment, so it has the same grace as one that just went quiet. An agent silent for
 ``disconnected_after_s`` is ``disconnected``; after ``unreachable_after_s`` it is
-``unreachable``. At most ``max_unreachable_per_s`` agents are declared unreachable per second,
-so a blip on the core's own network does not condemn the whole fleet at once.
+``unreachable``. At most ``max_unreachable_per_s`` agents are declared unreachable per pass, so
+a blip on the core's own network does not condemn the whole fleet at once. ``draining`` and
+``revoked`` are left alone.
+
+A pass that fails (a locked or full database, a bug) is logged with its traceback, counted in
+``errors`` (the ``outpost_liveness_errors_total`` metric) and the loop goes on.
 """
 
 from __future__ import annotations
@@ -22,10 +34,13 @@ from federation import subjects, wire
 
 log = logging.getLogger(__name__)
 
+# Statuses liveness moves; draining and revoked belong to others.
+_LIVE = ("online", "disconnected", "unreachable")
+
 
 @dataclass(frozen=True, slots=True)
 class LivenessSettings:
-    """Thresholds in seconds since an agent's last heartbeat."""
+    """Thresholds in seconds since an agent's last sign of life."""
 
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
@@ -33,13 +48,18 @@ class LivenessSettings:
 
 
 class Liveness:
-    """Tracks heartbeats and moves agent statuses in the hub's view."""
+    """Tracks heartbeats and moves agent statuses in the hub's view.
+
+    ``beats`` holds the beats received since the last pass (agent id -> beat with its
+    ``received`` time); ``errors`` counts failed passes."""
 
     def __init__(self, nc: Any, store: HubStore, settings: LivenessSettings) -> None:
         self.nc = nc
         self.store = store
         self.settings = settings
         self.beats: dict[str, dict[str, Any]] = {}
+        self.errors = 0
+        self._outbox: dict[str, tuple[Any, Any]] = {}  # last outbox figures written per agent
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
 
@@ -68,41 +88,50 @@ class Liveness:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.sweep(time.time())
+            try:
+                self.sweep(time.time())
+            except Exception:  # one bad pass must not end liveness for good
+                self.errors += 1
+                log.exception("liveness pass failed; next pass in 1 s")
 
     def sweep(self, now: float) -> None:
-        """Write heartbeat times and the statuses they imply (draining and revoked are left
-        alone)."""
-        budget = self.settings.max_unreachable_per_s
-        with self.store.transaction():
-            for agent in self.store.list_agents():
-                if agent["revoked"]:  # final: its heartbeats (if any) change nothing
-                    continue
-                beat = self.beats.get(agent["id"])
-                last = beat["received"] if beat else agent.get("last_seen")
-                status = agent.get("status")
-                if status == "draining":
-                    wanted = status
-                elif last is None or now - last >= self.settings.unreachable_after_s:
-                    wanted = "unreachable"
-                elif now - last >= self.settings.disconnected_after_s:
-                    wanted = "disconnected"
-                else:
-                    wanted = "online"
-                if wanted == "unreachable" and status != "unreachable":
-                    if budget <= 0:  # over this second's cap: only disconnected for now
-                        wanted = "disconnected"
-                    else:
-                        budget -= 1
-                        log.warning("agent %s unreachable", agent["id"],
-                                    extra={"agent": agent["id"]})
-                fields: dict[str, Any] = {}
-                if wanted != status:
-                    fields["status"] = wanted
-                if beat is not None:
-                    fields["outbox"] = {"depth": beat.get("outbox"),
-                                        "oldest_age_s": beat.get("outbox_age")}
-                if fields:
-                    self.store.update_agent_record(agent["id"], fields)
-                if beat is not None:
-                    self.store.set_last_seen(agent["id"], beat["received"])
+        """Write the beats received since the last pass, then move the statuses they (and
+        ingest's ``last_seen``) imply."""
+        beats, self.beats = self.beats, {}
+        try:
+            with self.store.transaction() as db:
+                self._write_beats(db, beats)
+                self._move(db, now)
+        except BaseException:
+            for agent, beat in beats.items():  # not written: the next pass tries again
+                self.beats.setdefault(agent, beat)
+            raise
+
+    def _write_beats(self, db: Any, beats: dict[str, dict[str, Any]]) -> None:
+        db.executemany("UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), ?)"
+                       " WHERE id = ? AND revoked = 0",
+                       [(beat["received"], agent) for agent, beat in beats.items()])
+        for agent, beat in beats.items():
+            outbox = (beat.get("outbox"), beat.get("outbox_age"))
+            if self._outbox.get(agent) != outbox:
+                self._outbox[agent] = outbox
+                self.store.update_agent_record(agent, {"outbox": {
+                    "depth": outbox[0], "oldest_age_s": outbox[1]}})
+
+    def _move(self, db: Any, now: float) -> None:
+        cfg = self.settings
+        fresh = now - cfg.disconnected_after_s
+        db.execute("UPDATE agents SET status = 'online' WHERE status IN"
+                   " ('disconnected', 'unreachable') AND revoked = 0 AND last_seen >= ?",
+                   (fresh,))
+        db.execute("UPDATE agents SET status = 'disconnected' WHERE status = 'online'"
+                   " AND revoked = 0 AND (last_seen < ? OR (last_seen IS NULL AND"
+                   " enrolled_at < ?))", (fresh, fresh))
+        gone = now - cfg.unreachable_after_s
+        rows = db.execute(
+            "SELECT id FROM agents WHERE status IN ('online', 'disconnected') AND revoked = 0"
+            " AND (last_seen < ? OR (last_seen IS NULL AND enrolled_at < ?))"
+            " ORDER BY last_seen LIMIT ?", (gone, gone, cfg.max_unreachable_per_s)).fetchall()
+        for (agent,) in rows:
+            log.warning("agent %s unreachable", agent, extra={"agent": agent})
+        db.executemany("UPDATE agents SET status = 'unreachable' WHERE id = ?", rows)

@@ -214,4 +214,9 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 10 (fleet scale): liveness moves only the agents crossing a threshold, found by status
+    # and last_seen through this index instead of reading every agent each second.
+    """
+    CREATE INDEX agents_by_status_seen ON agents(status, last_seen);
+    """,
 )

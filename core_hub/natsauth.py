@@ -10,11 +10,13 @@ before a message reaches the hub or a consumer. The users it lists:
 - each enrolled, non-revoked agent: an nkey user from its current identity key, allowed to
   publish its own events and heartbeats (``outpost.v1.events.<id>``, ``outpost.v1.hb.<id>``),
   its answers to live reads (``outpost.v1.rpcreply.<id>.>``), key rotation requests
-  (``outpost.v1.enroll``, signed by the old and the new key: ``keyrotation.py``), and the
-  JetStream calls that fetch from and ack its own durable command consumer (the hub creates
-  that consumer, so the agent needs no right to create one); to subscribe to its live-read
-  requests (``outpost.v1.rpc.<id>.>``) and its own inboxes (``_INBOX.<id>.>``). Nothing else:
-  not another agent's subjects, not the stream or consumer management API.
+  (``outpost.v1.enroll``, signed by the old and the new key: ``keyrotation.py``), and direct
+  gets of its own command subjects only (``$JS.API.DIRECT.GET.OUTPOST_COMMANDS.outpost.v1.cmd.
+  <id>.*``: the subject names the message; the body form, which names it in JSON, is not
+  allowed); to subscribe to its live-read requests (``outpost.v1.rpc.<id>.>``), its own
+  command subjects (a wake-up when one arrives) and its own inboxes (``_INBOX.<id>.>``).
+  Nothing else: not another agent's subjects, no consumer, not the stream or consumer
+  management API.
 
 ``NatsAuth.refresh()`` renders the file again and reloads the server. The hub calls it at start
 and from ``Hub._after_agent_change`` (enrolled, revoked, key rotated) through
@@ -81,7 +83,6 @@ class NatsAuthError(OutpostError):
 
 def agent_permissions(agent_id: str) -> dict[str, Any]:
     """The server permissions of one enrolled agent (see the module docstring for why)."""
-    durable = subjects.command_consumer(agent_id)
     stream = subjects.COMMANDS_STREAM
     return {
         "publish": {"allow": [
@@ -89,12 +90,11 @@ def agent_permissions(agent_id: str) -> dict[str, Any]:
             subjects.heartbeat(agent_id),
             subjects.ENROLL,  # key rotation requests (signed by both keys) go there too
             f"{subjects.PREFIX}.rpcreply.{agent_id}.>",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-            f"$JS.ACK.{stream}.{durable}.>",
+            f"$JS.API.DIRECT.GET.{stream}.{subjects.commands_of(agent_id)}",
         ]},
         "subscribe": {"allow": [
             f"{subjects.PREFIX}.rpc.{agent_id}.>",
+            subjects.commands_of(agent_id),
             f"{agent_inbox_prefix(agent_id)}.>",
         ]},
     }

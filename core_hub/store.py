@@ -198,6 +198,16 @@ class HubStore(Database):
                 (agent_id, public_key, name, site, _dumps(labels), _dumps(resources), version,
                  now))
 
+    def forget_agent(self, agent_id: str, *, refund_token: str | None = None) -> None:
+        """Remove an agent enrolled just now whose enrollment could not be finished (nothing
+        refers to it yet), and give its join token the use back."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM offers WHERE agent_id = ?", (agent_id,))
+            db.execute("DELETE FROM agents WHERE id = ?", (agent_id,))
+            if refund_token is not None:
+                db.execute("UPDATE join_tokens SET uses_left = uses_left + 1"
+                           " WHERE digest = ? AND uses_left IS NOT NULL", (refund_token,))
+
     def revoke_agent(self, agent_id: str, now: float | None = None) -> bool:
         """Distrust an agent from now on: its events are rejected, it cannot re-enroll, it gets
         no placements, and its status is ``revoked`` for good. Returns False if it already was
@@ -448,6 +458,19 @@ class HubStore(Database):
             rows = self._db.execute("SELECT * FROM agents WHERE site = ? ORDER BY id",
                                     (site,)).fetchall()
         return [_agent(row) for row in rows]
+
+    def page_agents(self, after: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` agents with an id after ``after``, in id order (decodes only those)."""
+        rows = self._db.execute("SELECT * FROM agents WHERE id > ? ORDER BY id LIMIT ?",
+                                (after, limit)).fetchall()
+        return [_agent(row) for row in rows]
+
+    def find_agent(self, ref: str) -> dict[str, Any] | None:
+        """The agent whose id, or else whose name, is ``ref`` (the first by id if several)."""
+        row = self._db.execute("SELECT * FROM agents WHERE id = ?", (ref,)).fetchone() or \
+            self._db.execute("SELECT * FROM agents WHERE name = ? ORDER BY id LIMIT 1",
+                             (ref,)).fetchone()
+        return None if row is None else _agent(row)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         row = self._db.execute("SELECT body FROM tasks WHERE id = ?", (task_id,)).fetchone()

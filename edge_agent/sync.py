@@ -22,10 +22,10 @@ from typing import Any
 
 from edge_agent.store import Store
 from federation import subjects, wire
+from federation.commandlog import CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
 from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials
-from federation.streams import command_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -335,24 +335,28 @@ class Sync:
             self.store.set_meta("outbox_acked", str(floor))
 
     async def _command_loop(self) -> None:
-        # The hub creates this consumer at enrollment; pull_subscribe only looks it up (and
-        # creates it if a hub without least privilege has not).
-        durable = subjects.command_consumer(self.agent_id)
-        sub = await self.js.pull_subscribe(
-            subjects.commands(self.agent_id), durable=durable, stream=subjects.COMMANDS_STREAM,
-            config=command_consumer_config(self.agent_id))
+        # Commands are this agent's numbered log (federation/commandlog.py): no consumer; the
+        # last number applied is kept in the store, so an edge away for hours resumes there.
+        async def apply(number: int, data: bytes) -> None:
+            await self._apply_command(data)
+            self.store.set_meta("command_number", str(number))
+
+        reader = CommandReader(self.nc, self.js, self.agent_id,
+                               int(self.store.get_meta("command_number") or 0), apply,
+                               self._command_applied)
+        await reader.run()
+
+    def _command_applied(self, data: bytes) -> bool:
+        """Whether this envelope's command id is recorded as applied (forged ones: treated as
+        applied, there is nothing to do with them)."""
+        hub_key = self.hub_key
         try:
-            while True:
-                try:
-                    msgs = await sub.fetch(32, timeout=2)
-                except TimeoutError:  # nats' own, or asyncio's: nats-py raises both when idle
-                    continue
-                for msg in msgs:
-                    await self._apply_command(msg.data)
-                    await msg.ack()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            env = wire.open_envelope(data, lambda a: hub_key if a == self.agent_id else None,
+                                     expected_agent=self.agent_id, kinds=wire.COMMAND_KINDS)
+        except wire.EnvelopeRejected:
+            return True
+        body = env.body if isinstance(env.body, dict) else {}
+        return self.store.command_seen(str(body.get("id", "")))
 
     async def _apply_command(self, data: bytes) -> None:
         hub_key = self.hub_key

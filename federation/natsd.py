@@ -5,6 +5,14 @@ a real server they can stop, freeze and kill: SIGTERM (``stop``), SIGKILL (``kil
 SIGCONT (``pause`` / ``resume``, a hung link with open sockets) and a restart on the same port
 and store dir, so JetStream data must survive and clients must find the server where it was.
 
+``stop`` is SIGTERM, then SIGKILL after ``stop_timeout_s``. Why a server can take long to
+exit on SIGTERM: nats-server stops every JetStream consumer one after another, and each
+file-backed consumer's ``Stop`` waits for its state flusher in 10 ms sleeps
+(``consumerFileStore.waitOnFlusher``, nats-server 2.15), so N durable consumers cost about
+N x 10 ms: 10.3 s at 1,000, 52 s at 5,000 (``bench/command_options.py``). That is why
+Outpost keeps no consumer per agent (``federation/commandlog.py``); the hub's few consumers
+stop at once, and the 10 s bound is never reached in normal operation.
+
 The first start lets the server choose a free client port (``port: -1``) and reads it back from
 the server's ports file, so two servers started at once never race for a port; later starts
 reuse that port. The server's output goes to ``<store_dir>/nats-server.log``; a start that

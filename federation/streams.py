@@ -5,9 +5,12 @@ idempotent, so a second hub replica or a restart never fails on "stream exists",
 limit (a longer retention, say) is applied to the existing stream without losing its messages.
 
 Both streams use limits retention: the hub rebuilds its whole view from ``OUTPOST_EVENTS``
-(DESIGN.md, "Scale"), and an agent's durable consumer on ``OUTPOST_COMMANDS`` finds its
-commands even after hours away. The duplicate window is what makes ``Nats-Msg-Id =
-<agent>:<seq>`` dedupe re-sent outbox rows; it must cover the publisher's retry horizon.
+(DESIGN.md, "Scale"), and an agent finds its commands on ``OUTPOST_COMMANDS`` even after hours
+away: it reads them by direct get (``allow_direct``), with no consumer per agent
+(``federation/commandlog.py`` says why). ``max_consumers`` is set explicitly: the commands
+stream needs none (a few are left for tools), so nothing piles up server state per agent.
+The duplicate window is what makes ``Nats-Msg-Id = <agent>:<seq>`` dedupe re-sent outbox
+rows; it must cover the publisher's retry horizon.
 """
 
 from __future__ import annotations
@@ -16,9 +19,6 @@ import logging
 from typing import Any
 
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DAY_S = 86400.0
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
+# No per-agent consumers on the commands stream any more; a few for tools and tests.
+COMMANDS_MAX_CONSUMERS = 16
 
 
 def stream_configs(*, replicas: int = 1,
@@ -54,8 +56,9 @@ def stream_configs(*, replicas: int = 1,
                      description="Outpost agent events, per-agent seq order",
                      max_age=events_max_age_s, max_bytes=events_max_bytes, **common),
         StreamConfig(name=subjects.COMMANDS_STREAM, subjects=[subjects.COMMANDS_ALL],
-                     description="Outpost hub commands, one durable consumer per agent",
-                     max_age=commands_max_age_s, max_bytes=commands_max_bytes, **common),
+                     description="Outpost hub commands, numbered per agent, read by direct get",
+                     max_age=commands_max_age_s, max_bytes=commands_max_bytes,
+                     allow_direct=True, max_consumers=COMMANDS_MAX_CONSUMERS, **common),
     ]
 
 
@@ -89,30 +92,3 @@ async def ensure_streams(js: JetStreamManager, *, replicas: int = 1,
         assert config.name is not None
         infos[config.name] = info
     return infos
-
-
-def command_consumer_config(agent_id: str) -> ConsumerConfig:
-    """One agent's durable pull consumer on ``OUTPOST_COMMANDS``: its commands only, in order,
-    each acked explicitly after the agent recorded it."""
-    durable = subjects.command_consumer(agent_id)
-    return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
-                          deliver_policy=DeliverPolicy.ALL, ack_wait=30,
-                          filter_subject=subjects.commands(agent_id))
-
-
-async def ensure_command_consumer(js: JetStreamManager, agent_id: str) -> None:
-    """Create one agent's command consumer (idempotent). The hub does it at enrollment and at
-    start, so an agent under least privilege needs no right to create consumers."""
-    await js.add_consumer(subjects.COMMANDS_STREAM, config=command_consumer_config(agent_id))
-
-
-async def delete_command_consumer(js: JetStreamManager, agent_id: str) -> bool:
-    """Delete a revoked agent's command consumer, so nothing can fetch its commands any more
-    (a site leaf keeps its permissions until it reconnects); False if there was none."""
-    from nats.js.errors import NotFoundError
-
-    try:
-        return bool(await js.delete_consumer(subjects.COMMANDS_STREAM,
-                                             subjects.command_consumer(agent_id)))
-    except NotFoundError:
-        return False

@@ -5,7 +5,8 @@ and an agent id that could break out of its subject token (a ``.``, ``*`` or ``>
 before it reaches NATS. The names follow DESIGN.md, "Wire contract":
 
     outpost.v1.events.<agent_id>        stream OUTPOST_EVENTS (edge -> core, stored)
-    outpost.v1.cmd.<agent_id>           stream OUTPOST_COMMANDS (core -> edge, durable per agent)
+    outpost.v1.cmd.<agent_id>.<n>       stream OUTPOST_COMMANDS (core -> edge, command number n
+                                        of that agent; read by direct get, federation/commandlog.py)
     outpost.v1.hb.<agent_id>            core NATS heartbeats, not stored
     outpost.v1.rpc.<agent_id>.<verb>    request/reply for live reads while the edge is online
     outpost.v1.rpcreply.<agent_id>.<ref> the answer to one live read (the only subject besides
@@ -36,7 +37,7 @@ HUB_KV_BUCKETS = (AGENTS_BUCKET, SERVICES_BUCKET, API_TOKENS_BUCKET, JOIN_TOKENS
                   LAUNCHES_BUCKET)
 
 EVENTS_ALL = f"{PREFIX}.events.*"
-COMMANDS_ALL = f"{PREFIX}.cmd.*"
+COMMANDS_ALL = f"{PREFIX}.cmd.*.*"
 HEARTBEATS_ALL = f"{PREFIX}.hb.*"
 
 # identity.py makes ids like "a" + 25 base32 characters; any lowercase alnum token of sane length
@@ -64,9 +65,24 @@ def events(agent_id: str) -> str:
     return f"{PREFIX}.events.{validate_agent_id(agent_id)}"
 
 
-def commands(agent_id: str) -> str:
-    """Subject the hub publishes commands for one agent to."""
-    return f"{PREFIX}.cmd.{validate_agent_id(agent_id)}"
+def command(agent_id: str, number: int) -> str:
+    """Subject of an agent's command number ``number`` (1, 2, ...; one message each)."""
+    if type(number) is not int or number < 1:
+        raise Invalid(f"command number {number!r} is not a positive int")
+    return f"{PREFIX}.cmd.{validate_agent_id(agent_id)}.{number}"
+
+
+def commands_of(agent_id: str) -> str:
+    """Every command subject of one agent (its live subscription; its newest by direct get)."""
+    return f"{PREFIX}.cmd.{validate_agent_id(agent_id)}.*"
+
+
+def command_number(subject: str) -> int:
+    """The number of a command subject; raise Invalid if it is not one."""
+    parts = subject.split(".")
+    if len(parts) == 5 and parts[2] == "cmd" and parts[4].isdigit():
+        return int(parts[4])
+    raise Invalid(f"subject {subject!r} is not a command subject", details={"subject": subject})
 
 
 def heartbeat(agent_id: str) -> str:
@@ -89,11 +105,6 @@ def rpc_reply(agent_id: str, ref: str) -> str:
     return f"{PREFIX}.rpcreply.{validate_agent_id(agent_id)}.{ref}"
 
 
-def command_consumer(agent_id: str) -> str:
-    """Durable consumer name of one agent on the commands stream."""
-    return f"cmd-{validate_agent_id(agent_id)}"
-
-
 def msg_id(agent_id: str, seq: int) -> str:
     """``Nats-Msg-Id`` of an agent's event message: JetStream drops a re-sent duplicate."""
     return f"{validate_agent_id(agent_id)}:{seq}"
@@ -106,8 +117,8 @@ def agent_of(subject: str) -> str:
     on its own subject.
     """
     parts = subject.split(".")
-    shaped = (len(parts) == 4 and parts[2] in {"events", "cmd", "hb"}) or (
-        len(parts) == 5 and parts[2] == "rpc")
+    shaped = (len(parts) == 4 and parts[2] in {"events", "hb"}) or (
+        len(parts) == 5 and parts[2] in {"rpc", "cmd"})
     if shaped and ".".join(parts[:2]) == PREFIX and is_agent_id(parts[3]):
         return parts[3]
     raise Invalid(f"subject {subject!r} does not name an agent", details={"subject": subject})

@@ -297,6 +297,22 @@ def command_results(hub_dir: Path) -> list[tuple[str, str]]:
         db.close()
 
 
+async def publish_command(url: str, agent_id: str, data: bytes) -> int:
+    """Append ``data`` as the agent's next command, as the hub's CommandLog does (a test
+    playing the hub, or an attacker with the hub's rights); returns its number."""
+    import uuid
+
+    import nats
+
+    from federation.commandlog import CommandLog
+
+    nc = await nats.connect(url)
+    try:
+        return await CommandLog(nc.jetstream()).append(agent_id, data, uuid.uuid4().hex)
+    finally:
+        await nc.close()
+
+
 async def publish_raw(url: str, subject: str, data: bytes) -> None:
     """Publish ``data`` to JetStream as-is (a test playing the hub, or an attacker)."""
     import nats

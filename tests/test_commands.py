@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core_hub.enroll import load_hub_signer
-from federation import subjects, wire
+from federation import wire
 from federation.natsd import NatsServer
 from federation.schemas import validate_task_spec
 from tests.helpers import (
@@ -17,7 +17,7 @@ from tests.helpers import (
     command_results,
     converged,
     joined,
-    publish_raw,
+    publish_command,
     wait_until,
 )
 
@@ -30,7 +30,7 @@ def send(hub: HubProcess, nats: NatsServer, agent_id: str, kind: str, body: dict
     data = wire.sign_envelope(kind, agent_id, next(_seq), {
         **body, "id": command_id, "expires_at": time.time() + 600},
         signer or load_hub_signer(hub.data_dir))
-    asyncio.run(publish_raw(nats.url, subjects.commands(agent_id), data))
+    asyncio.run(publish_command(nats.url, agent_id, data))
     return command_id
 
 
@@ -99,7 +99,7 @@ def test_forged_and_misdirected_commands_are_not_applied(
     data = wire.sign_envelope("kill", other, 99, {"id": "misdirected", "task_id": task["id"],
                                                   "expires_at": time.time() + 60},
                               load_hub_signer(hub_proc.data_dir))
-    asyncio.run(publish_raw(nats_proc.url, subjects.commands(agent_id), data))
+    asyncio.run(publish_command(nats_proc.url, agent_id, data))
     wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["commands_rejected"] >= 2,
                timeout=10, what="both rejected at the edge")
     assert agent.task(task["id"])["state"] == "running"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from core_hub.enroll import load_hub_signer
-from federation import subjects, wire
+from federation import wire
 from federation.natsd import NatsServer
 from tests.helpers import (
     AgentProcess,
@@ -22,7 +22,7 @@ from tests.helpers import (
     converged,
     joined,
     pid_alive,
-    publish_raw,
+    publish_command,
     wait_until,
 )
 
@@ -129,7 +129,7 @@ def test_an_expired_command_is_reported_not_applied(start_agent: Callable[..., A
     signer = load_hub_signer(hub_proc.data_dir)
     data = wire.sign_envelope("kill", agent_id, 10_000, {
         "id": "expiredcmd1", "task_id": task["id"], "expires_at": time.time() + 0.5}, signer)
-    asyncio.run(publish_raw(nats_proc.url, subjects.commands(agent_id), data))
+    asyncio.run(publish_command(nats_proc.url, agent_id, data))
     time.sleep(1.0)  # it expires while the edge is away
     agent.start()
     wait_until(lambda: command_results(hub_proc.data_dir), timeout=15,

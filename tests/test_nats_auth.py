@@ -21,7 +21,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import StreamConfig
+from nats.js.api import ConsumerConfig, StreamConfig
 
 from core_hub.natsauth import AUTH_FILE_NAME, refresh_offline
 from core_hub.store import HubStore
@@ -33,7 +33,6 @@ from federation.natscreds import (
     hub_credentials,
     user_nkey,
 )
-from federation.streams import command_consumer_config
 from tests.helpers import AgentProcess, HubProcess, converged, joined, wait_until
 
 
@@ -62,6 +61,12 @@ def agent_nkeys(hub: HubProcess, agent_id: str) -> list[str]:
         conns = json.loads(resp.read())["connections"] or []
     return [c.get("authorized_user", "") for c in conns
             if c.get("name") == f"outpost-agent-{agent_id}"]
+
+
+def consumer_of(agent_id: str) -> ConsumerConfig:
+    """A durable consumer on another agent's commands, as an attacker would ask for one."""
+    return ConsumerConfig(durable_name=f"cmd-{agent_id}",
+                          filter_subject=subjects.commands_of(agent_id))
 
 
 def creds_of(agent: AgentProcess, agent_id: str) -> NatsCredentials:
@@ -128,38 +133,46 @@ async def test_an_agent_cannot_act_as_another_or_manage_streams(
         for subject in (subjects.events(b_id), subjects.heartbeat(b_id)):
             await nc.publish(subject, b"forged")
             await me.violation("publish", subject)
-        # Another agent's commands: neither the subject nor its consumer.
-        await nc.subscribe(subjects.commands(b_id))
-        await me.violation("subscription", subjects.commands(b_id))
+        # Another agent's commands: neither their subjects nor a direct get of them (by
+        # subject, by a wildcard, or by the JSON body form that names any subject).
+        await nc.subscribe(subjects.commands_of(b_id))
+        await me.violation("subscription", subjects.commands_of(b_id))
         await nc.subscribe(f"outpost.v1.rpc.{b_id}.>")
         await me.violation("subscription", f"outpost.v1.rpc.{b_id}.>")
         await nc.subscribe(f"_INBOX.{b_id}.>")
         await me.violation("subscription", f"_INBOX.{b_id}.>")
         await nc.subscribe(">")
         await me.violation("subscription", ">")
-        b_next = f"$JS.API.CONSUMER.MSG.NEXT.OUTPOST_COMMANDS.{subjects.command_consumer(b_id)}"
-        with pytest.raises(nats.errors.TimeoutError):
-            await nc.request(b_next, b'{"batch": 1}', timeout=1)
-        await me.violation("publish", b_next)
-        with pytest.raises(nats.errors.TimeoutError):
-            await js.pull_subscribe(subjects.commands(b_id), durable=subjects.command_consumer(
-                b_id), stream=subjects.COMMANDS_STREAM)
+        direct = "$JS.API.DIRECT.GET.OUTPOST_COMMANDS"
+        for subject, body in ((f"{direct}.{subjects.command(b_id, 1)}", b""),
+                              (f"{direct}.{subjects.commands_of(b_id)}", b""),
+                              (f"{direct}.outpost.v1.cmd.*.*", b""),
+                              (f"{direct}.outpost.v1.cmd.>", b""),
+                              (direct, json.dumps({"last_by_subj": subjects.commands_of(
+                                  b_id)}).encode())):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(subject, body, timeout=1)
+            await me.violation("publish", subject)
+        # Its own commands: readable (the hub sent b a launch? no: a has none yet, so 404).
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.get_last_msg(subjects.COMMANDS_STREAM, subjects.commands_of(a_id),
+                                  direct=True)
         # No stream or consumer management at all.
         attempts = [
             js.add_stream(StreamConfig(name="EVIL", subjects=["evil.>"])),
             js.delete_stream(subjects.EVENTS_STREAM),
             js.delete_stream(subjects.COMMANDS_STREAM),
             js.purge_stream(subjects.COMMANDS_STREAM),
-            js.add_consumer(subjects.COMMANDS_STREAM, command_consumer_config(b_id)),
-            js.delete_consumer(subjects.COMMANDS_STREAM, subjects.command_consumer(a_id)),
-            js.delete_consumer(subjects.COMMANDS_STREAM, subjects.command_consumer(b_id)),
+            js.add_consumer(subjects.COMMANDS_STREAM, consumer_of(b_id)),
+            js.add_consumer(subjects.COMMANDS_STREAM, consumer_of(a_id)),
+            js.delete_consumer(subjects.EVENTS_STREAM, "outpost-hub-ingest"),
         ]
         for attempt in attempts:
             with pytest.raises(nats.errors.TimeoutError):
                 await attempt
         for api in ("STREAM.CREATE.EVIL", "STREAM.DELETE.OUTPOST_EVENTS",
                     "STREAM.PURGE.OUTPOST_COMMANDS",
-                    f"CONSUMER.DELETE.OUTPOST_COMMANDS.{subjects.command_consumer(b_id)}"):
+                    "CONSUMER.DELETE.OUTPOST_EVENTS.outpost-hub-ingest"):
             await me.violation("publish", f"$JS.API.{api}")
     # All still there, as the hub sees it.
     hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
@@ -167,9 +180,7 @@ async def test_an_agent_cannot_act_as_another_or_manage_streams(
         jsm = hub.nc.jetstream(timeout=5)
         names = {s.config.name for s in await jsm.streams_info()}
         assert {subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM} <= names and "EVIL" not in names
-        for agent_id in (a_id, b_id):
-            await jsm.consumer_info(subjects.COMMANDS_STREAM,
-                                    subjects.command_consumer(agent_id))
+        assert await jsm.consumers_info(subjects.COMMANDS_STREAM) == []
     # A forged event never reached the hub's view of b; b is still online and unharmed.
     agents = {x["id"]: x for x in secure_hub.api("GET", "/v1/agents").body["items"]}
     assert agents[b_id]["status"] == "online"
@@ -192,7 +203,7 @@ async def test_the_enroll_user_can_only_enroll_and_anonymous_is_refused(
                         f"outpost.v1.rpcreply.{a_id}.x"):
             await nc.publish(subject, b"x")
             await me.violation("publish", subject)
-        for subject in (subjects.ENROLL, subjects.commands(a_id), "outpost.v1.>",
+        for subject in (subjects.ENROLL, subjects.commands_of(a_id), "outpost.v1.>",
                         f"_INBOX.{a_id}.>"):
             await nc.subscribe(subject)
             await me.violation("subscription", subject)
@@ -232,16 +243,19 @@ async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
     server's users, so the agent's link drops and its key is refused at once."""
     a, a_id = enrolled(start_agent, secure_hub, "a")
     b, b_id = enrolled(start_agent, secure_hub, "b")
+    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
+    assert secure_hub.api("POST", f"/v1/agents/{b_id}/drain").status in (200, 202)
+    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+        await hub.nc.jetstream(timeout=5).get_last_msg(  # b's drain command is stored
+            subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/revoke").status == 200
     wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
     assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
     assert len(agent_nkeys(secure_hub, a_id)) == 1
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
     async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
         jsm = hub.nc.jetstream(timeout=5)
-        with pytest.raises(nats.js.errors.NotFoundError):  # nothing left to fetch b's commands
-            await jsm.consumer_info(subjects.COMMANDS_STREAM, subjects.command_consumer(b_id))
-        await jsm.consumer_info(subjects.COMMANDS_STREAM, subjects.command_consumer(a_id))
+        with pytest.raises(nats.js.errors.NotFoundError):  # nothing left of b's commands
+            await jsm.get_last_msg(subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
 
 
 def test_enroll_events_commands_and_logs_work_with_least_privilege(
@@ -435,8 +449,11 @@ def test_a_site_leaf_carries_only_its_agents(
                 for attempt in (js.publish(subjects.events(other), b"forged"),
                                 js.delete_stream(subjects.EVENTS_STREAM),
                                 js.add_consumer(subjects.COMMANDS_STREAM,
-                                                command_consumer_config(other))):
+                                                consumer_of(other)),
+                                me.nc.request(f"$JS.hub.API.DIRECT.GET.OUTPOST_COMMANDS."
+                                              f"{subjects.commands_of(other)}", b"")):
                     with pytest.raises((nats.errors.TimeoutError,
+                                        nats.errors.NoRespondersError,
                                         nats.js.errors.NoStreamResponseError,
                                         nats.js.errors.ServiceUnavailableError)):
                         await attempt
