@@ -138,7 +138,7 @@ class CoreBackend:
         return {k: agent.get(k) for k in PUBLIC_AGENT_FIELDS}
 
     async def list_agents(self, limit: int, cursor: str | None) -> Page:
-        after = (decode_cursor(cursor) or {}).get("id", "")
+        after = (decode_cursor(cursor, id=str) or {}).get("id", "")
         agents = [a for a in self.store.list_agents() if a["id"] > str(after)]
         page = agents[:limit]
         nxt = encode_cursor({"id": page[-1]["id"]}) if len(agents) > limit else None
