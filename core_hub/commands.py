@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import subjects, wire
+from federation import messages, subjects, wire
 from federation.errors import NotFound
 
 DEFAULT_TTL_S = 24 * 3600.0
@@ -37,8 +37,12 @@ class Commander:
         command_id = command_id or uuid.uuid4().hex
         seq = int(self.store.get_meta("command_seq") or 0) + 1
         self.store.set_meta("command_seq", str(seq))
-        payload = {**body, "id": command_id, "expires_at": time.time() + ttl_s}
-        data = wire.sign_envelope(kind, agent_id, seq, payload, self.signer)
+        # Built through the type the edge decodes it with: an ill-typed command is refused
+        # here (MessageInvalid), not sent to an edge that could only reject it.
+        command = messages.command_from_wire(kind, {**body, "id": command_id,
+                                                    "expires_at": time.time() + ttl_s})
+        data = wire.sign_envelope(kind, agent_id, seq, messages.command_to_wire(command),
+                                  self.signer)
         await self.js.publish(subjects.commands(agent_id), data,
                               headers={"Nats-Msg-Id": command_id})
         self.sent += 1

@@ -6,6 +6,7 @@ document a client reads is exactly the rule the server enforces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -343,6 +344,11 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
     fn = _compiled.get(name)
     if fn is None:
         fn = _compiled[name] = fastjsonschema.compile(schema, use_default=True)
+    if (where := _non_finite(data)) is not None:
+        # Every comparison with NaN is false, so NaN passes each bound: refused before them.
+        # (The API's JSON parser refuses NaN already; msgpack bodies can still carry one.)
+        raise Invalid(f"{where}: must be a finite number", details={"field": where,
+                                                                     "rule": "finite"})
     try:
         return _integers(schema, fn(data))
     except fastjsonschema.JsonSchemaValueException as exc:
@@ -357,6 +363,30 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
         if not message.startswith(field):
             message = f"{field}: {message}"
         raise Invalid(message, details={"field": field, "rule": exc.rule}) from None
+
+
+MAX_NESTING = 32  # the deepest valid body is under ten levels
+
+
+def _non_finite(data: Any, path: str = "", depth: int = 0) -> str | None:
+    """The path of the first NaN or infinity in ``data``, or None; ``Invalid`` past
+    ``MAX_NESTING`` levels (no schema here nests that deep, and recursion has a limit)."""
+    if depth > MAX_NESTING:
+        raise Invalid(f"{path}: nested deeper than {MAX_NESTING} levels",
+                      details={"field": path, "rule": "depth"})
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (path or "(body)")
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _integers(schema: dict[str, Any], data: Any) -> Any:

@@ -91,12 +91,19 @@ async def ensure_streams(js: JetStreamManager, *, replicas: int = 1,
     return infos
 
 
+# Deliveries of one command before the server gives up on it. The edge acknowledges every
+# command it has recorded, applied or not (a failed result says why), so only a command that
+# crashes the agent or its store before it is recorded comes back; five tries, not for ever.
+COMMAND_MAX_DELIVER = 5
+
+
 def command_consumer_config(agent_id: str) -> ConsumerConfig:
     """One agent's durable pull consumer on ``OUTPOST_COMMANDS``: its commands only, in order,
-    each acked explicitly after the agent recorded it."""
+    each acked explicitly after the agent recorded it, at most ``COMMAND_MAX_DELIVER`` times."""
     durable = subjects.command_consumer(agent_id)
     return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
                           deliver_policy=DeliverPolicy.ALL, ack_wait=30,
+                          max_deliver=COMMAND_MAX_DELIVER,
                           filter_subject=subjects.commands(agent_id))
 
 

@@ -30,6 +30,8 @@ BAD_BODIES = {
     "deep_50000": b"[" * 50_000 + b"]" * 50_000,
     "deep_in_env": b'{"name":"x","command":["true"],"env":{"A":' + b"[" * 2000
                    + b"]" * 2000 + b"}}",
+    "deep_1000_in_labels": b'{"name":"x","command":["true"],"labels":{"a":' + b"[" * 1000
+                           + b"]" * 1000 + b"}}",
 }
 
 
