@@ -140,7 +140,7 @@ class CoreBackend:
         return {k: agent.get(k) for k in PUBLIC_AGENT_FIELDS}
 
     async def list_agents(self, limit: int, cursor: str | None) -> Page:
-        after = (decode_cursor(cursor) or {}).get("id", "")
+        after = (decode_cursor(cursor, id=str) or {}).get("id", "")
         agents = self.store.page_agents(str(after), limit + 1)  # one more: is there a next?
         page = agents[:limit]
         nxt = encode_cursor({"id": page[-1]["id"]}) if len(agents) > limit else None

@@ -24,7 +24,7 @@ import uuid
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import wire
+from federation import messages, wire
 from federation.commandlog import CommandLog
 from federation.errors import NotFound
 
@@ -60,8 +60,12 @@ class Commander:
         with self.store.transaction():
             seq = int(self.store.get_meta("command_seq") or 0) + 1
             self.store.set_meta("command_seq", str(seq))
-            payload = {**body, "id": command_id, "expires_at": now + ttl_s}
-            data = wire.sign_envelope(kind, agent_id, seq, payload, self.signer)
+            # Built through the type the edge decodes it with: an ill-typed command is refused
+            # here (MessageInvalid), not queued for an edge that could only reject it.
+            command = messages.command_from_wire(kind, {**body, "id": command_id,
+                                                        "expires_at": now + ttl_s})
+            data = wire.sign_envelope(kind, agent_id, seq, messages.command_to_wire(command),
+                                      self.signer)
             self.store.queue_command(command_id, agent_id, data, now)
         self._wake.set()
         return command_id

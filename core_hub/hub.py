@@ -32,7 +32,7 @@ from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
 from federation import subjects
-from federation.app import build_app
+from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
@@ -152,7 +152,7 @@ class Hub:
                         extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS,
                         limits=cfg.api_limits)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=1.0)
+                                    shutdown_timeout=1.0, **RUNNER_OPTIONS)
         await self.runner.setup()
         host, port = cfg.host_port
         site = web.TCPSite(self.runner, host, port, reuse_address=True, ssl_context=ssl_context)

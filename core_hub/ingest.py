@@ -63,7 +63,7 @@ from core_hub.store import (
     TaskRow,
     task_row,
 )
-from federation import subjects
+from federation import messages, subjects
 from federation.errors import Invalid
 from federation.schemas import AGENT_STATUSES, TASK_STATES
 from federation.wire import Envelope, EnvelopeRejected, Event
@@ -71,7 +71,7 @@ from federation.wire import Envelope, EnvelopeRejected, Event
 log = logging.getLogger(__name__)
 
 DURABLE = "outpost-hub-ingest"
-RESULT_STATUSES = frozenset({"applied", "declined", "expired", "rejected", "duplicate"})
+RESULT_STATUSES = messages.RESULT_STATUSES
 LOST_REASON = "not on the agent at reconcile"
 HISTORY_PRUNE_S = 60.0
 # After this many deliveries of one waiting envelope, say so: its predecessor may be gone.
@@ -521,14 +521,21 @@ def _agent_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _offer_ok(body: Any) -> bool:
-    return (isinstance(body, dict) and _is_number(body.get("expires_at"))
-            and all(_is_number(body.get(k, 0)) for k in ("cpus", "mem_mb", "disk_mb")))
+    # Strict (federation.messages): unknown or ill-typed fields, NaN or a negative amount
+    # refuse the whole offer; the placer then only ever sees finite, typed numbers.
+    try:
+        messages.Offer.from_wire(body)
+    except messages.MessageInvalid:
+        return False
+    return True
 
 
 def _result_ok(body: Any) -> bool:
-    return (isinstance(body, dict) and isinstance(body.get("command_id"), str)
-            and 0 < len(body["command_id"]) <= 128 and isinstance(body.get("status"), str)
-            and body["status"] in RESULT_STATUSES)
+    try:
+        messages.Result.from_wire(body)
+    except messages.MessageInvalid:
+        return False
+    return True
 
 
 def _snapshot_ok(body: Any) -> bool:

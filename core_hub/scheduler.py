@@ -22,6 +22,7 @@ from core_hub.commands import Commander
 from core_hub.placement import NoPlacement, Offer, Placer
 from core_hub.store import HubStore
 from federation import __version__
+from federation.messages import MessageInvalid
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,26 @@ class CoreScheduler:
             for launch in self.store.launches("pending"):
                 # Nothing new to place it on since it last did not fit: skip the work.
                 if self._tried_at.get(launch["task_id"]) != self._offers_version:
-                    await self._place(launch, now)
+                    try:
+                        await self._place(launch, now)
+                    except Exception as exc:  # a record no pass can place: not every pass
+                        self._set_aside(launch, exc)
+
+    def _set_aside(self, launch: dict[str, Any], exc: Exception) -> None:
+        """Stop trying a launch that fails every pass (say a spec stored by an older version
+        with a null or NaN amount): it is marked ``set_aside`` and its task ``failed``, with
+        the reason the API shows, instead of failing the placement of every other task."""
+        reason = f"set aside: the hub cannot place it ({type(exc).__name__}: {exc})"[:500]
+        log.error("task %s %s", launch["task_id"], reason, exc_info=True,
+                  extra={"task": launch["task_id"]})
+        self.placer.release(launch["task_id"])
+        now = time.time()
+        with self.store.transaction():
+            self._save(launch, "set_aside", launch.get("agent_id"), reason=reason)
+            with contextlib.suppress(Exception):  # the task record may be as broken
+                task = self.store.get_task(launch["task_id"])
+                self.store.put_core_task({**task, "state": "failed", "reason": reason,
+                                          "finished_at": now, "updated_at": now}, now)
 
     def _refresh_offers(self, now: float) -> None:
         agents = self.store.list_agents()
@@ -179,6 +199,9 @@ class CoreScheduler:
             await self.commander.send(launch["agent_id"], "launch", {
                 "task_id": launch["task_id"], "spec": launch["spec"],
                 "offer_id": launch.get("offer_id")}, command_id=launch["command_id"])
+        except MessageInvalid as exc:  # not a launch any edge could take: no resend
+            self._set_aside(launch, exc)
+            return
         except Exception as exc:  # NATS away: stays 'placing', resent on the next pass
             log.warning("launch of %s not sent yet: %r", launch["task_id"], exc)
             return

@@ -125,11 +125,25 @@ class Services:
             try:
                 now = time.time()
                 for svc in self.store.services():
-                    await self.reconcile(svc, now)
+                    if svc.get("problem"):  # set aside until a PUT replaces it
+                        continue
+                    try:
+                        await self.reconcile(svc, now)
+                    except Exception as exc:  # one bad service must not stop the others
+                        self._set_aside(svc, exc)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one bad pass must not stop the others
+            except Exception:  # one bad pass must not stop the next
                 log.exception("service reconcile failed")
+
+    def _set_aside(self, svc: dict[str, Any], exc: Exception) -> None:
+        """A service whose pass fails (say one stored by an older version with a float or
+        null ``instances``) is not retried every second: its ``problem`` says why, the API
+        shows it, and a PUT (which stores the service anew) clears it."""
+        problem = f"set aside: the hub cannot reconcile it ({type(exc).__name__}: {exc})"
+        log.error("service %s %s", svc["name"], problem, exc_info=True,
+                  extra={"service": svc["name"]})
+        self.store.put_service(svc["name"], {**svc, "problem": problem[:500]}, time.time())
 
     def _instances(self, name: str) -> list[dict[str, Any]]:
         return [t for t in self.store.list_tasks(name=name, active=True)

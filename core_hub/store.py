@@ -509,7 +509,7 @@ class HubStore(Database):
         caller decodes only the few it must rewrite (by agent and state).
         """
         where, args = [], []
-        pos = decode_cursor(query.cursor)
+        pos = decode_cursor(query.cursor, id=str)
         if pos is not None:
             if not isinstance(pos.get("id"), str):
                 raise BadRequest("cursor: not a cursor this server issued",

@@ -18,7 +18,7 @@ from edge_agent.scheduler import Capacity
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
 from edge_agent.supervisor import Supervisor
-from federation.app import build_app
+from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
 
@@ -83,7 +83,7 @@ class Agent:
                         extra_routes=[web.get("/", status_page)], public_paths=("/",),
                         limits=cfg.api_limits)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=1.0)
+                                    shutdown_timeout=1.0, **RUNNER_OPTIONS)
         await self.runner.setup()
         host, port = cfg.host_port
         site = web.TCPSite(self.runner, host, port, reuse_address=True, ssl_context=ssl_context)

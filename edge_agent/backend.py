@@ -16,6 +16,7 @@ from edge_agent.supervisor import Supervisor
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound
+from federation.pagination import decode_cursor
 from federation.schemas import TASK_STATES, TERMINAL_STATES
 
 FOLLOW_POLL = 0.2
@@ -150,7 +151,10 @@ class EdgeBackend:
         }
 
     async def list_agents(self, limit: int, cursor: str | None) -> Page:
-        return Page([self.agent_record()], None)
+        # The core's cursor form (one API): after an id, this edge is listed only if it sorts
+        # later; a cursor the core would not take is a 400 here too.
+        after = (decode_cursor(cursor, id=str) or {}).get("id", "")
+        return Page([self.agent_record()] if self.agent_id > after else [], None)
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
         if agent_id not in (self.agent_id, self.name):

@@ -148,7 +148,7 @@ class Store(Database):
 
     def list_tasks(self, query: TaskQuery) -> Page:
         where, args = [], []
-        pos = decode_cursor(query.cursor)
+        pos = decode_cursor(query.cursor, n=int)
         if pos is not None:
             if not isinstance(pos.get("n"), int):
                 raise BadRequest("cursor: not a cursor this server issued",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.store import Store
-from federation import subjects, wire
+from federation import messages, subjects, wire
 from federation.commandlog import CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
@@ -56,7 +56,7 @@ class KeyRotated(Exception):  # noqa: N818 (a signal to reconnect, not a failure
 
 # Applies one verified command synchronously (inside the store transaction that records it):
 # returns (status, detail, extra fields for the result event).
-CommandHandler = Callable[[wire.Envelope], tuple[str, str | None, dict[str, Any]]]
+CommandHandler = Callable[[messages.Command], tuple[str, str | None, dict[str, Any]]]
 
 
 class Sync:
@@ -368,26 +368,47 @@ class Sync:
             log.warning("command rejected (%s): %s", exc.reason, exc.message,
                         extra={"agent": self.agent_id})
             return
-        body = env.body if isinstance(env.body, dict) else {}
-        command_id = str(body.get("id", ""))
-        if not command_id or self.store.command_seen(command_id):
+        try:
+            command = messages.command_from_wire(env.kind, env.body)
+        except messages.MessageInvalid as exc:
+            # Signed by the hub but not a command this agent can read: answered (when it has
+            # an id to answer) and acknowledged, never a reason to drop the link.
+            self.stats["commands_rejected"] += 1
+            log.warning("command refused: %s", exc.message, extra={"agent": self.agent_id})
+            if exc.command_id is not None and not self.store.command_seen(exc.command_id):
+                self._record(exc.command_id, env.kind, None, "rejected",
+                             f"not a valid command: {exc.message}", {})
             return
-        task_id = body.get("task_id")
-        base = {"command_id": command_id, "kind": env.kind, "task_id": task_id}
-        expires = body.get("expires_at")
-        with self.store.transaction():
-            if isinstance(expires, int | float) and expires < time.time():
-                status, detail, extra = "expired", "expired before the agent received it", {}
-            else:
-                try:
-                    status, detail, extra = self.on_command(env)
-                except OutpostError as exc:
-                    status, detail, extra = "rejected", exc.message, {}
-            self.store.record_command(command_id, env.kind, status, detail,
-                                      {**base, "status": status, "detail": detail, **extra})
+        if self.store.command_seen(command.id):
+            return
+        task_id = getattr(command, "task_id", None)
+        try:
+            with self.store.transaction():
+                if command.expires_at < time.time():
+                    status, detail = "expired", "expired before the agent received it"
+                    extra: dict[str, Any] = {}
+                else:
+                    try:
+                        status, detail, extra = self.on_command(command)
+                    except OutpostError as exc:
+                        status, detail, extra = "rejected", exc.message, {}
+                self._record(command.id, env.kind, task_id, status, detail, extra)
+        except Exception as exc:  # noqa: BLE001 (whatever it was, its effect was rolled back)
+            # A command the agent could not apply: a failed result, acknowledged. Left
+            # unacknowledged it would come back every ack_wait and fail the same way.
+            log.exception("command %s %s could not be applied", env.kind, command.id,
+                          extra={"agent": self.agent_id, "command": command.id})
+            status, detail = "rejected", f"could not apply: {type(exc).__name__}: {exc}"[:1000]
+            self._record(command.id, env.kind, task_id, status, detail, {})
         self.stats["commands_applied"] += 1
         log.info("command %s %s: %s", env.kind, status, detail or "",
-                 extra={"agent": self.agent_id, "command": command_id})
+                 extra={"agent": self.agent_id, "command": command.id})
+
+    def _record(self, command_id: str, kind: str, task_id: str | None, status: str,
+                detail: str | None, extra: dict[str, Any]) -> None:
+        result = messages.Result(command_id=command_id, kind=kind, status=status,
+                                 task_id=task_id, detail=detail, **extra)
+        self.store.record_command(command_id, kind, status, detail, result.to_wire())
 
     def _offer_if_changed(self) -> None:
         """Queue an ``offer`` event when what the agent can take has changed."""

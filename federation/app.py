@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from federation import schemas
+from federation import schemas, strictjson
 from federation.auth import TokenAuth, digest, role_allows
 from federation.backend import Backend, TaskQuery
 from federation.errors import (
@@ -27,6 +26,7 @@ from federation.errors import (
     Forbidden,
     OutpostError,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     error_body,
 )
@@ -46,6 +46,15 @@ STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 # A streamed response whose headers are out: an error after that may only end it.
 STARTED = web.RequestKey("started", web.StreamResponse)
 MAX_BODY = 256 * 1024
+# A client must send a whole request head within IDLE_S of connecting (or of the previous
+# answer), and a body within BODY_READ_S: a slow or silent client may not hold a connection
+# (and its file descriptor) open for ever. Streams (SSE, log follow) are not limited: they are
+# answers, and they check their reader is still there.
+IDLE_S = 10.0
+BODY_READ_S = 10.0
+# aiohttp's own keep-alive timer (default about an hour) also runs from the moment a
+# connection opens until its first full request head: one setting bounds both.
+RUNNER_OPTIONS: dict[str, Any] = {"keepalive_timeout": IDLE_S}
 SSE_KEEPALIVE = 15.0
 DISCONNECT_POLL = 1.0  # how often a quiet stream checks that its client is still there
 
@@ -100,13 +109,15 @@ def _bool_param(request: web.Request, name: str) -> bool:
 async def _read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"body: at most {MAX_BODY} bytes", details={"limit": MAX_BODY})
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_READ_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"body: not received within {BODY_READ_S:g} s",
+                             details={"limit_s": BODY_READ_S}) from None
     if not raw:
         raise BadRequest("body: a JSON object is required")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body: not valid JSON ({exc})") from None
+    return strictjson.loads(raw)
 
 
 def _backend(request: web.Request) -> Backend:
@@ -481,7 +492,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except OutpostError as exc:
         if STARTED in request:
             return _cut(request, exc)
-        return _error_response(exc)
+        resp = _error_response(exc)
+        if isinstance(exc, RequestTimeout):
+            resp.force_close()  # the rest of a body that came too slowly is not waited for
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -511,12 +525,15 @@ def _auth_middleware(roles: dict[tuple[str, str], str | None]) -> Any:
         key = (request.method, resource.canonical if resource else "")
         needed = roles.get(key, "viewer") if resource else None
         if needed is not None:
+            # The header only: a token in the address ends up in access logs, proxy logs and
+            # browser history (SECURITY.md). The dashboard reads its event stream with fetch.
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token:
-                token = request.query.get("token", "") if request.method == "GET" else ""
+                token = ""
             if not token:
-                raise Unauthorized("a bearer token is required (Authorization: Bearer ...)")
+                raise Unauthorized("a bearer token is required (Authorization: Bearer ...); "
+                                   "a token in the query string is not accepted")
             token = token.strip()
             guesses = request.app[LIMITER].failed_logins
             address = request.remote or "?"

@@ -6,6 +6,7 @@
     ├── Forbidden (403)          a token whose role may not do this
     ├── NotFound (404)           unknown route, task, agent
     ├── Conflict (409)           state or generation conflict, duplicate
+    ├── RequestTimeout (408)     the request body came too slowly
     ├── PayloadTooLarge (413)    request body over the limit
     ├── Invalid (422)            well-formed but a field is wrong, or cannot fit the agent
     ├── TooManyRequests (429)    a per-token limit (request rate, open streams); Retry-After
@@ -60,6 +61,11 @@ class NotFound(OutpostError):
 class Conflict(OutpostError):
     status = 409
     code = "conflict"
+
+
+class RequestTimeout(OutpostError):
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(OutpostError):

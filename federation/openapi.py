@@ -8,7 +8,8 @@ from typing import Any
 from federation import __version__, schemas
 
 _STATUS_TEXT = {400: "Bad request", 401: "No or unknown token", 403: "Role may not do this",
-                404: "Not found", 409: "Conflict", 413: "Body too large",
+                404: "Not found", 408: "Body sent too slowly", 409: "Conflict",
+                413: "Body too large",
                 422: "A field is invalid",
                 429: "Over a per-token limit (request rate or open streams)",
                 503: "Unavailable now"}
@@ -45,6 +46,8 @@ def _operation(route: Any) -> dict[str, Any]:
     if route.role is not None:  # only a token is limited: /v1/health never answers 429
         errors[1:1] = [401, 403]
         errors.insert(-1, 429)
+    if route.request is not None:
+        errors.append(408)
     for code in errors:
         op["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -6,6 +6,7 @@ document a client reads is exactly the rule the server enforces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,9 @@ from federation.errors import Invalid
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62})$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_./-]{0,62})$"
 ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+# Text that reaches a process (argv, environment): execve ends a C string at NUL, so Python
+# refuses to spawn with one ("embedded null byte"); the API refuses it first.
+NO_NUL_PATTERN = r"^[^\x00]*$"
 TASK_STATES = ["pending", "staging", "starting", "running", "finished", "failed", "killed",
                "lost", "unknown"]
 TERMINAL_STATES = frozenset({"finished", "failed", "killed", "lost"})
@@ -56,7 +60,7 @@ ARGV: dict[str, Any] = {
     "type": "array",
     "minItems": 1,
     "maxItems": 256,
-    "items": {"type": "string", "minLength": 1, "maxLength": 4096},
+    "items": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": NO_NUL_PATTERN},
 }
 
 HEALTH: dict[str, Any] = {
@@ -109,7 +113,8 @@ TASK_SPEC: dict[str, Any] = {
             "type": "object",
             "maxProperties": 256,
             "propertyNames": {"pattern": ENV_KEY_PATTERN},
-            "additionalProperties": {"type": "string", "maxLength": 32768},
+            "additionalProperties": {"type": "string", "maxLength": 32768,
+                                     "pattern": NO_NUL_PATTERN},
             "default": {},
         },
         "resources": RESOURCES,
@@ -339,8 +344,13 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
     fn = _compiled.get(name)
     if fn is None:
         fn = _compiled[name] = fastjsonschema.compile(schema, use_default=True)
+    if (where := _non_finite(data)) is not None:
+        # Every comparison with NaN is false, so NaN passes each bound: refused before them.
+        # (The API's JSON parser refuses NaN already; msgpack bodies can still carry one.)
+        raise Invalid(f"{where}: must be a finite number", details={"field": where,
+                                                                     "rule": "finite"})
     try:
-        return fn(data)
+        return _integers(schema, fn(data))
     except fastjsonschema.JsonSchemaValueException as exc:
         path = [str(p) for p in exc.path[1:]]
         message = exc.message.replace("data.", "", 1).replace("data ", "body ", 1)
@@ -353,6 +363,52 @@ def validate(name: str, schema: dict[str, Any], data: Any) -> Any:
         if not message.startswith(field):
             message = f"{field}: {message}"
         raise Invalid(message, details={"field": field, "rule": exc.rule}) from None
+
+
+MAX_NESTING = 32  # the deepest valid body is under ten levels
+
+
+def _non_finite(data: Any, path: str = "", depth: int = 0) -> str | None:
+    """The path of the first NaN or infinity in ``data``, or None; ``Invalid`` past
+    ``MAX_NESTING`` levels (no schema here nests that deep, and recursion has a limit)."""
+    if depth > MAX_NESTING:
+        raise Invalid(f"{path}: nested deeper than {MAX_NESTING} levels",
+                      details={"field": path, "rule": "depth"})
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (path or "(body)")
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _integers(schema: dict[str, Any], data: Any) -> Any:
+    """``data`` with integral floats made ints where ``schema`` wants an integer.
+
+    JSON Schema counts ``2.0`` as an integer, but Python code downstream (``range``, SQLite
+    columns, msgpack to the edge) would get a float: normalised here, once, so that "integer"
+    in the document means ``int`` inside."""
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if isinstance(data, float) and "integer" in kinds and "number" not in kinds:
+        return int(data)
+    if isinstance(data, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in data.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                data[key] = _integers(sub, value)
+    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
+        data[:] = [_integers(schema["items"], item) for item in data]
+    return data
 
 
 def validate_task_spec(data: Any) -> dict[str, Any]:

@@ -29,7 +29,9 @@ def fuzz(url: str, token: str, examples: int) -> subprocess.CompletedProcess[str
     for path in EXCLUDE:
         args += ["--exclude-path", path]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    # Within the test's own timeout (make fuzz raises it), leaving room for set-up.
+    limit = max(int(os.environ.get("OUTPOST_FUZZ_TIMEOUT", "400")) - 60, 300)
+    return subprocess.run(args, capture_output=True, text=True, timeout=limit, env=env)
 
 
 @pytest.mark.timeout(int(os.environ.get("OUTPOST_FUZZ_TIMEOUT", "400")))
@@ -44,4 +46,7 @@ def test_schemathesis_finds_nothing(role: str, request: pytest.FixtureRequest,
         node = request.getfixturevalue("hub_proc")
         joined(start_agent, node, nats, "--cpus", "2", "--mem-mb", "512")
     result = fuzz(node.url, node.token, examples=int(os.environ.get("OUTPOST_FUZZ", "12")))
+    if os.environ.get("OUTPOST_FUZZ_REPORT"):  # make fuzz: keep the summary to read
+        Path(os.environ["OUTPOST_FUZZ_REPORT"]).with_suffix(f".{role}.txt").write_text(
+            result.stdout)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

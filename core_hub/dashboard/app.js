@@ -1,8 +1,9 @@
 // Outpost fleet dashboard: plain JavaScript over the public API, no build step, no CDN.
 //
-// Everything comes from the API with the visitor's token (Authorization: Bearer, or ?token= for
-// the EventSource, which cannot send headers). What changes fast arrives on /v1/events (SSE) and
-// triggers an early refresh of what it touches; agent liveness (heartbeats, not events) is polled.
+// Everything comes from the API with the visitor's token (Authorization: Bearer; the event
+// stream is read with fetch so that it sends the header too). What changes fast arrives on
+// /v1/events (SSE) and triggers an early refresh of what it touches; agent liveness
+// (heartbeats, not events) is polled.
 // Sized for 1,000 agents and 10,000 tasks: the task table holds one page (limit + next_cursor),
 // a site shows at most AGENTS_PER_SITE cards until asked for all, and the per-site counts come
 // from a background scan whose pace follows how long the scan takes.
@@ -1157,35 +1158,77 @@ function setFeedState(text, cls) {
 
 function openFeed() {
   closeFeed();
-  // EventSource cannot send headers: the token rides in the query string. After a drop it
-  // reconnects by itself and sends Last-Event-ID; `after` covers a reopen by us.
-  const after = S.lastEventId !== null ? `&after=${enc(S.lastEventId)}` : "";
-  const es = new EventSource(`/v1/events?token=${enc(S.token)}${after}`);
-  S.es = es;
-  es.onopen = () => {
-    setFeedState("live", "on");
-    if (S.feedDropped) {
-      S.feedDropped = false;
-      refreshAll(); // what changed while the stream was down and liveness is not in the feed
-    }
-  };
-  es.onerror = () => {
-    if (S.es !== es) return;
+  // fetch, not EventSource: EventSource cannot send an Authorization header, and a token in
+  // the address would land in server and proxy logs (the API takes bearer headers only). So
+  // the stream is read here, and a drop is retried here, with Last-Event-ID like EventSource.
+  const ctl = new AbortController();
+  S.es = ctl;
+  readFeed(ctl).then(() => {
+    if (S.es !== ctl) return;
     S.feedDropped = true;
-    if (es.readyState === EventSource.CLOSED) {
-      setFeedState("events stopped; retrying", "off");
-      setTimeout(() => { if (S.es === es && S.started) openFeed(); }, 5000);
-    } else {
-      setFeedState("reconnecting…", "off");
+    setFeedState("reconnecting…", "off");
+    setTimeout(() => { if (S.es === ctl && S.started) openFeed(); }, 2000);
+  });
+}
+
+async function readFeed(ctl) {
+  const headers = { Authorization: `Bearer ${S.token}`, Accept: "text/event-stream" };
+  if (S.lastEventId !== null) headers["Last-Event-ID"] = String(S.lastEventId);
+  let resp;
+  try {
+    resp = await fetch("/v1/events", { headers, signal: ctl.signal, cache: "no-store" });
+  } catch {
+    return;
+  }
+  if (!resp.ok || !resp.body) {
+    if (resp.status === 401) logout("Signed out: the token is no longer valid");
+    return;
+  }
+  setFeedState("live", "on");
+  if (S.feedDropped) {
+    S.feedDropped = false;
+    refreshAll(); // what changed while the stream was down and liveness is not in the feed
+  }
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || S.es !== ctl) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        feedBlock(block);
+      }
     }
-  };
-  for (const kind of EVENT_KINDS) es.addEventListener(kind, ev => onEvent(kind, ev));
-  es.onmessage = ev => onEvent("message", ev);
+  } catch {
+    // aborted by closeFeed, or the connection dropped: the caller retries if still wanted
+  }
+}
+
+/** One server-sent event block (the text/event-stream format): id, event and data lines. */
+function feedBlock(block) {
+  let id = "", kind = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue; // a keepalive comment
+    const at = line.indexOf(":");
+    const field = at < 0 ? line : line.slice(0, at);
+    const value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+    if (field === "id") id = value;
+    else if (field === "event") kind = value;
+    else if (field === "data") data.push(value);
+  }
+  if (!data.length || (kind !== "message" && !EVENT_KINDS.includes(kind))) return;
+  onEvent(kind, { data: data.join("\n"), lastEventId: id });
 }
 
 function closeFeed() {
-  if (S.es) S.es.close();
+  const ctl = S.es;
   S.es = null;
+  if (ctl) ctl.abort();
 }
 
 function onEvent(kind, ev) {
