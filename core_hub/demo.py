@@ -93,7 +93,7 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="outpost-hub demo")
+    p = argparse.ArgumentParser(prog="outpost-hub demo", allow_abbrev=False)
     p.add_argument("--dir", type=Path, default=Path(".demo"))
     p.add_argument("--listen", default="127.0.0.1:7000", help="the hub's API")
     p.add_argument("--nats-port", type=int, default=4222)

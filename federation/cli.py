@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
+from federation.config import ArgParser
+
 EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 3, 130, 141
 # The server sends an SSE keepalive every 15 s; three missed ones mean the link is dead.
 EVENTS_READ_TIMEOUT = 45.0
@@ -467,8 +469,9 @@ def _resume_hint(last: int | None) -> str:
 # ---------------------------------------------------------------- arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (exit 2), like every other error of this command."""
+class _Parser(ArgParser):
+    """Usage errors as one line (exit 2), like every other error of this command; no
+    abbreviated options (``--cpu`` is not ``--cpus``)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
