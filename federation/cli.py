@@ -22,6 +22,7 @@ import http.client
 import json
 import os
 import shlex
+import signal
 import ssl
 import sys
 import time
@@ -618,6 +619,9 @@ def _tls_context(cacert: str | None) -> ssl.SSLContext | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A shell starts a background job with SIGINT ignored and Python then keeps it ignored:
+    # `kill -INT` would not stop `logs -f` or `events`. Ctrl-C means stop, however we started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options, command = _split_argv(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(options)
