@@ -99,12 +99,12 @@ class CoreBackend:
         return Page(items, cursor)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        return self._present(self.store.get_task(task_id), self._unreachable())
+        return self._present(self.store.find_task(task_id), self._unreachable())
 
     async def task_history(self, task_id: str) -> dict[str, Any]:
         """What the task's agent reported, as ingest recorded it (the edge is the authority
         on runtime state; a task not placed yet has none)."""
-        self.store.get_task(task_id)  # 404 for an unknown task
+        task_id = self.store.find_task(task_id)["id"]  # 404 for an unknown task
         return {"task_id": task_id,
                 "items": history.collapse(self.store.task_history(task_id))}
 
@@ -113,7 +113,8 @@ class CoreBackend:
         return await self.scheduler.submit(spec)
 
     async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
-        task = self.store.get_task(task_id)
+        task = self.store.find_task(task_id)
+        task_id = task["id"]
         if task["state"] in TERMINAL_STATES:
             return False, task
         if self.scheduler.cancel(task_id) or not task.get("agent_id"):
@@ -124,7 +125,8 @@ class CoreBackend:
     async def open_logs(self, task_id: str, *, stream: str, tail: int,
                         follow: bool) -> AsyncIterator[bytes]:
         """Forwarded to the owning edge (503 while it is offline)."""
-        task = self.store.get_task(task_id)
+        task = self.store.find_task(task_id)
+        task_id = task["id"]
         if not task.get("agent_id"):
             raise Unavailable(f"task {task_id} is not on an agent yet ({task['state']})",
                               details={"task": task_id})
