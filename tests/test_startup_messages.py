@@ -6,13 +6,17 @@ such as ``log_level`` is checked the same way at the edge and the hub."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, AgentProcess, HubProcess, wait_until
+from tests.nats_fixtures import NatsServer
 
 AGENT = [sys.executable, "-m", "edge_agent"]
 HUB = [sys.executable, "-m", "core_hub", "run"]
@@ -76,3 +80,33 @@ def test_a_join_token_needs_a_nats_url(tmp_path: Path) -> None:
 def test_abbreviated_flags_are_refused(cmd: list[str], flag: str, tmp_path: Path) -> None:
     result = start(cmd, "--data-dir", str(tmp_path), flag, "1")
     assert result.returncode == 2 and f"unrecognized arguments: {flag}" in result.stderr
+
+
+def test_unreachable_nats_is_logged_while_the_agent_retries(
+        start_agent: Callable[..., AgentProcess]) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{sock.getsockname()[1]}"
+    agent = start_agent("--nats", url, "--join-token", "unused-token-xx")
+    wait_until(lambda: "cannot reach NATS" in agent.log(), timeout=10,
+               what="a log line about the unreachable NATS")
+    line = next(s for s in agent.log().splitlines() if "cannot reach NATS" in s)
+    assert url in line and "retrying" in line, line
+    link = agent.api("GET", "/v1/info").body["link"]
+    assert "cannot reach NATS" in link["last_error"]["reason"], link
+
+
+def test_a_refused_join_token_is_one_error_then_a_backoff_shown_in_info(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    agent = start_agent("--nats", nats_proc.url, "--join-token", "not-a-real-join-token")
+
+    def refused() -> dict[str, Any] | None:
+        err: dict[str, Any] | None = agent.api("GET", "/v1/info").body["link"].get("last_error")
+        return err if err and "refused" in err["reason"] else None
+
+    err = wait_until(refused, timeout=15, what="the refusal in /v1/info")
+    assert err["retry_at"] - err["at"] >= 30, "backs off, not a retry every 3 s"
+    log = agent.log()
+    assert log.count("enrollment refused") == 1 and "link to core down" not in log, log
+    assert "outpost-hub token create" in log
