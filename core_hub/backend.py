@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from core_hub.commands import Commander
-from core_hub.feed import fleet_events
+from core_hub.feed import fleet_events, recent_after
 from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
 from core_hub.scheduler import CoreScheduler
@@ -60,7 +60,8 @@ class CoreBackend:
     async def info(self) -> dict[str, Any]:
         return {"role": "core", "version": __version__, "agent_id": None, "name": "hub",
                 "site": "core", "isolation": "none", "started_at": self.started,
-                "stream_seq": self.store.stream_seq}
+                "stream_seq": self.store.stream_seq,
+                "recent_events_after": recent_after(self.store.stream_seq)}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "role": "core"}
