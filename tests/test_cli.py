@@ -248,6 +248,7 @@ def test_usage_errors_exit_2() -> None:
         [*url, "tasks", "run", "x", "--env", "NOEQUALS", "--", "true"],
         [*url, "tasks", "run", "x", "--max-restarts", "3", "--", "true"],
         [*url, "tasks", "ls", "--", "true"],
+        [*url, "tasks", "run", "x", "--cpu", "1", "--", "true"],  # no abbreviation of --cpus
         [*url, "tasks", "explode"],
         [*url, "tasks"],
         [],
