@@ -23,12 +23,12 @@ from typing import Any
 
 from core_hub import agents_cli
 from core_hub.config import HubConfig
-from federation.config import API_FLAGS, add_api_flags, build_settings, load_toml
+from federation.config import API_FLAGS, ArgParser, add_api_flags, build_settings, load_toml
 from federation.errors import ConfigError, OutpostError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="outpost-hub", description="Run the Outpost core hub.")
+    p = ArgParser(prog="outpost-hub", description="Run the Outpost core hub.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the hub")
     run.add_argument("--config", type=Path, help="TOML file ([hub] table or top level)")

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from core_hub.commands import Commander
-from core_hub.feed import fleet_events
+from core_hub.feed import fleet_events, recent_after
 from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
 from core_hub.scheduler import CoreScheduler
@@ -62,7 +62,8 @@ class CoreBackend:
     async def info(self) -> dict[str, Any]:
         return {"role": "core", "version": __version__, "agent_id": None, "name": "hub",
                 "site": "core", "isolation": "none", "started_at": self.started,
-                "stream_seq": self.store.stream_seq}
+                "stream_seq": self.store.stream_seq,
+                "recent_events_after": recent_after(self.store.stream_seq)}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "role": "core"}
@@ -101,12 +102,12 @@ class CoreBackend:
         return Page(items, cursor)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        return self._present(self.store.get_task(task_id), self._unreachable())
+        return self._present(self.store.find_task(task_id), self._unreachable())
 
     async def task_history(self, task_id: str) -> dict[str, Any]:
         """What the task's agent reported, as ingest recorded it (the edge is the authority
         on runtime state; a task not placed yet has none)."""
-        self.store.get_task(task_id)  # 404 for an unknown task
+        task_id = self.store.find_task(task_id)["id"]  # 404 for an unknown task
         return {"task_id": task_id,
                 "items": history.collapse(self.store.task_history(task_id))}
 
@@ -115,7 +116,8 @@ class CoreBackend:
         return await self.scheduler.submit(spec)
 
     async def kill_task(self, task_id: str) -> tuple[bool, dict[str, Any]]:
-        task = self.store.get_task(task_id)
+        task = self.store.find_task(task_id)
+        task_id = task["id"]
         if task["state"] in TERMINAL_STATES:
             return False, task
         if self.scheduler.cancel(task_id) or not task.get("agent_id"):
@@ -126,7 +128,8 @@ class CoreBackend:
     async def open_logs(self, task_id: str, *, stream: str, tail: int,
                         follow: bool) -> AsyncIterator[bytes]:
         """Forwarded to the owning edge (503 while it is offline)."""
-        task = self.store.get_task(task_id)
+        task = self.store.find_task(task_id)
+        task_id = task["id"]
         if not task.get("agent_id"):
             raise Unavailable(f"task {task_id} is not on an agent yet ({task['state']})",
                               details={"task": task_id})

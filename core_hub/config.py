@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.config import check_readable, check_tls_files, parse_listen
+from federation.config import NodeConfig, check_tls_files
 from federation.errors import ConfigError
-from federation.limits import ApiLimits
 
 
 @dataclass(frozen=True, slots=True)
-class HubConfig:
-    """``data_dir`` holds the view, keys and (embedded) NATS data; ``listen`` is the API's
+class HubConfig(NodeConfig):
+    """The hub's settings; those every node takes (``data_dir``, ``listen``, ``admin_token``,
+    logging, ``nats_url``, API limits, TLS, ``nats_ca``) are in ``NodeConfig``.
+
+    ``data_dir`` holds the view, keys and (embedded) NATS data; ``listen`` is the API's
     HOST:PORT; ``nats_url`` an external NATS, or ``embedded_nats`` to run one on ``nats_port``
     (0: any free port); liveness thresholds are seconds since an agent's last heartbeat.
-    ``rate_limit_per_s``/``rate_limit_burst``/``max_streams_per_token``: per-token API limits
-    (``federation.limits``); ``tls_cert``/``tls_key``: serve the API over HTTPS (PEM files);
     ``nats_tls_cert``/``nats_tls_key``: the embedded nats-server requires TLS with these;
     ``nats_ca``: CA file the hub trusts for its own NATS connection (a private CA)."""
 
-    data_dir: Path
     listen: str = "127.0.0.1:7000"
-    nats_url: str | None = None
     embedded_nats: bool = False
     nats_port: int = 4222
     # NATS least privilege (core_hub/natsauth.py): always on with embedded_nats; for an external
@@ -31,7 +28,6 @@ class HubConfig:
     # on the same host, the server's pid file (the hub then reloads it after each change).
     nats_auth_file: Path | None = None
     nats_pid_file: Path | None = None
-    admin_token: str | None = None
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
@@ -41,22 +37,15 @@ class HubConfig:
     commands_max_age_s: float = 7 * 86400.0
     commands_max_bytes: int = 256 << 20
     duplicate_window_s: float = 120.0
-    log_format: str = "text"
-    log_level: str = "info"
-    rate_limit_per_s: float = 1000.0
-    rate_limit_burst: int = 2000
-    max_streams_per_token: int = 32
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
-    nats_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if self.nats_url is None and not self.embedded_nats:
-            self._bad("nats_url", None, "a NATS URL, or --embedded-nats")
-        if self.nats_url is not None and not re.match(r"^(nats|tls)://[^\s/]+$", self.nats_url):
-            self._bad("nats_url", self.nats_url, "nats://HOST:PORT")
+            raise ConfigError("nats_url: not set; give --nats URL (an external NATS server) "
+                              "or --embedded-nats (the hub runs one)",
+                              details={"setting": "nats_url"})
+        NodeConfig.__post_init__(self)
         if not 0 <= self.nats_port <= 65535:
             self._bad("nats_port", self.nats_port, "0 to 65535")
         if self.nats_auth_file is not None and self.embedded_nats:
@@ -77,28 +66,7 @@ class HubConfig:
                       "above 0 and not longer than either stream's max age")
         if self.events_max_bytes < 1 << 20 or self.commands_max_bytes < 1 << 20:
             self._bad("events_max_bytes", self.events_max_bytes, "at least 1 MiB (both streams)")
-        if self.log_format not in ("text", "json"):
-            self._bad("log_format", self.log_format, "text | json")
-        if self.admin_token is not None and len(self.admin_token) < 16:
-            self._bad("admin_token", "(hidden)", "at least 16 characters")
-        self.host_port  # noqa: B018 (validates listen)
-        self.api_limits  # noqa: B018 (validates the limits)
-        check_tls_files(self.tls_cert, self.tls_key)
         check_tls_files(self.nats_tls_cert, self.nats_tls_key, "nats_tls")
         if self.nats_tls_cert is not None and not self.embedded_nats:
             self._bad("nats_tls_cert", str(self.nats_tls_cert),
                       "only with embedded_nats (an external NATS has its own tls block)")
-        check_readable(self.nats_ca, "nats_ca")
-
-    @property
-    def api_limits(self) -> ApiLimits:
-        return ApiLimits(self.rate_limit_per_s, self.rate_limit_burst, self.max_streams_per_token)
-
-    @staticmethod
-    def _bad(setting: str, value: object, expected: str) -> None:
-        raise ConfigError(f"{setting}: {value!r} is not valid; expected {expected}",
-                          details={"setting": setting})
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        return parse_listen(self.listen)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,44 +62,105 @@ def _wait_for_offers(url: str, token: str, count: int, timeout_s: float = 30.0) 
         time.sleep(0.2)
 
 
+@dataclass
+class Child:
+    """One demo process: how to start it again, and its restarts so far."""
+
+    name: str
+    args: list[str]
+    ready_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+def _why(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 class Demo:
-    """Owns the child processes; ``stop()`` ends them in reverse order."""
+    """Owns the child processes: restarts one that dies (saying which and why), and ends them
+    in reverse order on ``stop()``."""
+
+    MAX_RESTARTS = 5  # within RESTART_WINDOW_S; then it stays down and the demo says so
+    RESTART_WINDOW_S = 60.0
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: list[Child] = []
 
     def spawn(self, name: str, args: list[str], ready_file: Path) -> None:
-        ready_file.unlink(missing_ok=True)
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
-        child = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        log.close()
+        child = Child(name, args, ready_file)
         self.children.append(child)
+        self._start(child)
+
+    def _start(self, child: Child) -> None:
+        child.ready_file.unlink(missing_ok=True)
+        log = open(self.root / f"{child.name}.log", "ab")  # noqa: SIM115
+        child.proc = subprocess.Popen([sys.executable, *child.args], stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
         deadline = time.monotonic() + 30
-        while not ready_file.exists():
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {self.root / name}.log")
+        while not child.ready_file.exists():
+            if child.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} did not start; see "
+                                   f"{self.root / child.name}.log")
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in reversed(self.children):
+    def watch(self) -> None:
+        """One look at every child: one that died is reported and started again."""
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code, child.proc = child.proc.returncode, None
+            now = time.monotonic()
+            child.restarts = [t for t in child.restarts if now - t < self.RESTART_WINDOW_S]
+            log = self.root / f"{child.name}.log"
+            if len(child.restarts) >= self.MAX_RESTARTS:
+                print(f"outpost demo: {child.name} {_why(code)} again; it died "
+                      f"{self.MAX_RESTARTS} times in a minute, so it stays down (see {log}). "
+                      f"Start it by hand: {shlex.join([sys.executable, *child.args])}",
+                      flush=True)
+                continue
+            child.restarts.append(now)
+            print(f"outpost demo: {child.name} {_why(code)}; the rest keeps running. "
+                  f"Restarting it (an agent re-adopts its tasks); its log: {log}", flush=True)
             try:
-                child.wait(30)
+                self._start(child)
+            except RuntimeError as exc:
+                print(f"outpost demo: {exc}", flush=True)
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.kill()
+                    child.proc.wait()
+                child.proc = None
+                continue
+            print(f"outpost demo: {child.name} is back", flush=True)
+
+    def stop(self) -> None:
+        procs = [c.proc for c in reversed(self.children) if c.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                proc.kill()
+                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="outpost-hub demo")
+    p = argparse.ArgumentParser(prog="outpost-hub demo", allow_abbrev=False)
     p.add_argument("--dir", type=Path, default=Path(".demo"))
     p.add_argument("--listen", default="127.0.0.1:7000", help="the hub's API")
     p.add_argument("--nats-port", type=int, default=4222)
     p.add_argument("--web-port", type=int, default=7080, help="port of the sample web task")
+    p.add_argument("--edge-port", type=int, default=7071,
+                   help="API port of the first edge (the next one: +1); the same every run")
     args = p.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(args.dir)
@@ -123,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         edges = []
         for i, (name, site, label) in enumerate(SITES):
             data = demo.root / name
-            demo.spawn(name, ["-m", "edge_agent", "--data-dir", str(data), "--listen",
-                              "127.0.0.1:0", "--name", name, "--site", site, "--label", label,
+            listen = f"127.0.0.1:{args.edge_port + i}"  # fixed: the same URL every run
+            demo.spawn(name, ["-m", "edge_agent", "--data-dir", str(data), "--listen", listen,
+                              "--name", name, "--site", site, "--label", label,
                               "--stop-tasks-on-exit", "--nats", nats_url, "--join-token", join],
                        data / "agent.url")
             url, token = (data / "agent.url").read_text(), (data / "admin.token").read_text()
@@ -166,11 +230,13 @@ Try (in another shell):
   .venv/bin/outpost tasks kill <id>    # a kill command, delivered even to an edge that is away
 
 Each edge serves the same API (its token is in .demo/<edge>/admin.token).
-Ctrl-C stops the hub, the agents and their tasks.
+A child that dies (try kill -9 on an agent) is reported and started again; an agent
+re-adopts the tasks it left running. Ctrl-C stops the hub, the agents and their tasks.
 ready""", flush=True)
-        while not stop and all(c.poll() is None for c in demo.children):
+        while not stop:
+            demo.watch()
             time.sleep(0.2)
-        return 0 if stop else 1
+        return 0
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         print(f"outpost demo: {exc}", file=sys.stderr)
         return 1

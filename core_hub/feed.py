@@ -19,6 +19,13 @@ from federation import subjects, wire
 from federation.backend import StreamEvent
 
 SLOTS = 4096
+RECENT_MESSAGES = 8  # how far back "recent" reaches: a few batch envelopes, not the history
+
+
+def recent_after(stream_seq: int, messages: int = RECENT_MESSAGES) -> int:
+    """The SSE id to resume after for the last ``messages`` envelopes up to ``stream_seq``
+    (what a page opening now shows as "just happened")."""
+    return max(0, (stream_seq - messages + 1) * SLOTS - 1)
 
 
 async def fleet_events(js: Any, key_of: Callable[[str], AgentKey | None],

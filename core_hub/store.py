@@ -479,6 +479,20 @@ class HubStore(Database):
         task: dict[str, Any] = json.loads(row[0])
         return task
 
+    def find_task(self, ref: str) -> dict[str, Any]:
+        """A task by id, or by an unambiguous id prefix of 6+ characters (as at the edge)."""
+        row = self._db.execute("SELECT body FROM tasks WHERE id = ?", (ref,)).fetchone()
+        if row is None and 6 <= len(ref) < 32 and ref.isalnum():
+            rows = self._db.execute("SELECT body FROM tasks WHERE id >= ? AND id < ? LIMIT 2",
+                                    (ref, ref + "\U0010ffff")).fetchall()
+            if len(rows) > 1:
+                raise BadRequest(f"task id prefix {ref!r} is ambiguous", details={"task": ref})
+            row = rows[0] if rows else None
+        if row is None:
+            raise NotFound(f"task {ref!r} not found", details={"task": ref})
+        task: dict[str, Any] = json.loads(row[0])
+        return task
+
     def list_tasks(self, *, agent_id: str | None = None, state: str | None = None,
                    name: str | None = None, active: bool = False) -> list[dict[str, Any]]:
         where: list[str] = []

@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
-from federation.config import API_FLAGS, add_api_flags, build_settings, load_toml, parse_pairs
+from federation.config import (
+    API_FLAGS,
+    ArgParser,
+    add_api_flags,
+    build_settings,
+    load_toml,
+    parse_pairs,
+)
 from federation.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="outpost-agent", description="Run an Outpost edge agent.")
+    p = ArgParser(prog="outpost-agent", description="Run an Outpost edge agent.")
     p.add_argument("--config", type=Path, help="TOML file ([agent] table or top level)")
     p.add_argument("--data-dir", help="where the store, task dirs and keys live")
     p.add_argument("--listen", help="HOST:PORT for the API (port 0: any free port)")

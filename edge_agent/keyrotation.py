@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
     import sqlite3
 
     p = argparse.ArgumentParser(
-        prog="outpost-agent rotate-key",
+        prog="outpost-agent rotate-key", allow_abbrev=False,
         description="Give this agent a new signing key; it keeps its id, tasks and history.")
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--wait", type=float, default=30.0,

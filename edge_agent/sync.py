@@ -50,6 +50,15 @@ class SyncSettings:
     nats_ca: Path | None = None
 
 
+ENROLL_RETRY_S = (60.0, 600.0)  # a refused join token: retry after 1 min, doubling to 10
+UNREACHABLE_LOG_S = 10.0  # at most one "cannot reach NATS" line per this many seconds
+
+
+class EnrollmentRefused(OutpostError):
+    """The core said no to the join token (used up, expired, unknown): retrying at once
+    cannot help, so the link logs it once and backs off."""
+
+
 class KeyRotated(Exception):  # noqa: N818 (a signal to reconnect, not a failure)
     """Raised out of the serve loops once the hub has taken the agent's new key."""
 
@@ -82,6 +91,7 @@ class Sync:
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
+        self.last_error: dict[str, Any] | None = None  # shown in /v1/info link
         self.nc: Any = None
         self.js: Any = None
         self.hub_key: bytes | None = None
@@ -140,7 +150,7 @@ class Sync:
                     # The enroll user may do nothing else: come back as this agent.
                     await self._close()
                     await self._connect(enrolling=False)
-                delay = 0.5
+                delay, self.last_error = 0.5, None
                 await self._serve()
             except asyncio.CancelledError:
                 raise
@@ -149,7 +159,13 @@ class Sync:
                          extra={"agent": self.agent_id})
                 await self._close()
                 continue
+            except EnrollmentRefused as exc:
+                delay = self._refused(exc, delay)
+                await self._close()
+                await asyncio.sleep(delay)
+                continue
             except Exception as exc:  # any failure of the link: drop it and come back later
+                self._note_error(f"link to core down: {exc!r}", delay)
                 log.warning("link to core down: %r", exc, extra={"agent": self.agent_id},
                             exc_info=log.isEnabledFor(logging.DEBUG))
                 if self.rotation is not None and self.rotation.pending():
@@ -160,8 +176,26 @@ class Sync:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 15.0)
 
+    def _note_error(self, reason: str, retry_in: float) -> None:
+        """What went wrong last, for ``/v1/info`` (``link.last_error``)."""
+        now = time.time()
+        self.last_error = {"reason": reason, "at": now, "retry_at": now + retry_in}
+
+    def _refused(self, exc: EnrollmentRefused, delay: float) -> float:
+        """One clear error per distinct refusal, then a long backoff; returns the wait."""
+        wait = min(max(delay * 2, ENROLL_RETRY_S[0]), ENROLL_RETRY_S[1])
+        if self.last_error is None or self.last_error["reason"] != exc.message:
+            log.error("%s; get a new one (outpost-hub token create) and restart the agent "
+                      "with --join-token; retrying in %.0f s", exc.message, wait,
+                      extra={"agent": self.agent_id})
+        self._note_error(exc.message, wait)
+        return wait
+
     async def _connect(self, *, enrolling: bool) -> None:
         import nats
+
+        url = redact_url(self.settings.nats_url)
+        tries = {"n": 0, "logged": 0.0}
 
         async def _disconnected() -> None:
             self.connected = False
@@ -173,6 +207,17 @@ class Sync:
 
         async def _error(exc: Exception) -> None:
             log.debug("nats: %s", exc)
+            if self.connected:
+                return
+            # nats.py retries the first connect (and reconnects) by itself: say so, at a rate.
+            tries["n"] += 1
+            now = time.monotonic()
+            reason = f"cannot reach NATS at {url}: {exc or type(exc).__name__}"
+            self._note_error(reason, 1.0)
+            if now - tries["logged"] >= UNREACHABLE_LOG_S:
+                tries["logged"] = now
+                log.warning("%s (attempt %d; retrying every second)", reason, tries["n"],
+                            extra={"agent": self.agent_id})
 
         self.nc = await nats.connect(
             servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
@@ -217,7 +262,7 @@ class Sync:
         reply = await self.nc.request(subjects.ENROLL, request, timeout=5)
         answer = wire.unpack(reply.data)
         if not answer.get("ok"):
-            raise OutpostError(f"enrollment refused: {answer.get('error')}")
+            raise EnrollmentRefused(f"enrollment refused by the core: {answer.get('error')}")
         if answer["agent_id"] != self.agent_id:
             raise OutpostError("enrollment answered for another agent id")
         self.hub_key = bytes(answer["hub_public_key"])
@@ -435,4 +480,5 @@ class Sync:
         depth, age = self.store.outbox_depth()
         return {"enabled": True, "connected": self.connected, "enrolled": self.hub_key is not None,
                 "nats_url": self.settings.nats_url, "outbox_depth": depth,
-                "outbox_oldest_age_s": age, "acked_seq": self.store.publish_floor, **self.stats}
+                "outbox_oldest_age_s": age, "acked_seq": self.store.publish_floor,
+                "last_error": self.last_error, **self.stats}

@@ -36,12 +36,20 @@ def outpost(*args: str, agent: AgentProcess | None = None, env: dict[str, str] |
     return result
 
 
+def _as_background_job() -> None:
+    """What a shell does to a job started with ``&``: SIGINT ignored, inherited over exec."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
-def running(*args: str, agent: AgentProcess) -> Iterator[subprocess.Popen[str]]:
-    """The CLI as a background process (for streams); killed, reaped and closed at the end."""
+def running(*args: str, agent: AgentProcess,
+            background: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """The CLI as a background process (for streams); killed, reaped and closed at the end.
+    ``background``: started as a shell's background job would be (SIGINT ignored)."""
     proc = subprocess.Popen([*CLI, "--url", agent.url, "--token", agent.token, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=_env())
+                            cwd=ROOT, env=_env(),
+                            preexec_fn=_as_background_job if background else None)
     with proc:
         try:
             yield proc
@@ -167,7 +175,9 @@ def test_logs_follow_streams_until_the_task_ends(agent: AgentProcess) -> None:
 def test_ctrl_c_on_logs_follow_then_kill(agent: AgentProcess) -> None:
     task_id = run_task(agent, "sleeper", "--kill-timeout", "2", "--",
                        "sh", "-c", "echo ready; exec sleep 60")
-    with running("tasks", "logs", "-f", task_id, agent=agent) as follow:
+    # Started as `make test &` would start it: SIGINT ignored by inheritance. The command
+    # stops on SIGINT all the same (it installs its own handler).
+    with running("tasks", "logs", "-f", task_id, agent=agent, background=True) as follow:
         assert follow.stdout is not None and follow.stdout.readline() == "ready\n"
         follow.send_signal(signal.SIGINT)
         _, err = follow.communicate(timeout=10)
@@ -238,6 +248,7 @@ def test_usage_errors_exit_2() -> None:
         [*url, "tasks", "run", "x", "--env", "NOEQUALS", "--", "true"],
         [*url, "tasks", "run", "x", "--max-restarts", "3", "--", "true"],
         [*url, "tasks", "ls", "--", "true"],
+        [*url, "tasks", "run", "x", "--cpu", "1", "--", "true"],  # no abbreviation of --cpus
         [*url, "tasks", "explode"],
         [*url, "tasks"],
         [],
@@ -265,7 +276,7 @@ def _read_events_until(proc: subprocess.Popen[str], done: Any) -> list[str]:
 def test_events_after_0_prints_task_events_and_ctrl_c_exits_130(agent: AgentProcess) -> None:
     task_id = run_task(agent, "evented", "--", "true")
     agent.wait_state(task_id, "finished")
-    with running("events", "--after", "0", agent=agent) as proc:
+    with running("events", "--after", "0", agent=agent, background=True) as proc:
         lines = _read_events_until(proc, lambda seen: any("finished" in s for s in seen))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)

@@ -270,6 +270,17 @@ def test_fleet_shows_every_agent_and_follows_liveness(fleet: Fleet, open_tab: Ca
     spark = page.locator('section.site[data-site="oslo"] .site-spark')
     expect(spark.locator("polyline")).to_have_count(2)
     expect(spark).to_contain_text(re.compile(r"cpu \d+% · mem \d+%"))
+    # Big enough to read, drawn across its width from the first samples on, and on a scale
+    # that makes 12% CPU more than a line at the bottom (0.5 of 4 cpus; the label says which).
+    box = spark.locator("svg").bounding_box()
+    assert box is not None and box["height"] >= 40 and box["width"] >= 200, box
+    span = page.evaluate("""() => {
+        const svg = document.querySelector('section.site[data-site="oslo"] .spark');
+        const b = svg.querySelector('polyline.spark-cpu').getBBox();
+        return {width: b.width / svg.viewBox.baseVal.width, top: b.y / svg.viewBox.baseVal.height};
+    }""")
+    assert span["width"] > 0.9 and span["top"] < 0.8, span
+    expect(spark).to_contain_text("0–25%")
     expect(page.locator("#counts tr[data-site=oslo]")).to_contain_text("1")
 
     # The task's log streams from the edge in a second page.
@@ -290,6 +301,11 @@ def test_fleet_shows_every_agent_and_follows_liveness(fleet: Fleet, open_tab: Ca
     expect(page.locator('section.site[data-site="oslo"] .site-spark')).to_contain_text(
         "no reachable agent")
     expect(card(fleet_tab, fleet, "berlin").locator(".status")).to_have_text("online")
+    # An agent away is not "in sync": its card says what it last reported, and when.
+    outbox = card(fleet_tab, fleet, "oslo").locator(".outbox")
+    expect(outbox).to_contain_text(re.compile(r"last heard \d+s ago: outbox"))
+    expect(outbox).not_to_contain_text("in sync")
+    expect(card(fleet_tab, fleet, "berlin").locator(".outbox")).to_contain_text("in sync")
     # ... and the task view says why there is no log, in the API's words.
     expect(task_tab.page.locator("#tv-state")).to_have_text("unknown", timeout=5000)
     answer = fleet.hub.api("GET", f"/v1/tasks/{task['id']}/logs?tail=1")
@@ -406,6 +422,25 @@ def test_operator_submits_a_task_and_reads_its_log(fleet: Fleet, open_tab: Calla
     expect(newest).to_contain_text("exit 3")
     expect(page.locator("#tv-history li .state").filter(has_text="running")).to_have_count(1)
     assert fleet_shot.exists() and task_shot.exists()
+
+
+def test_recent_events_on_load_and_newest_tasks_first(fleet: Fleet,
+                                                     open_tab: Callable[..., Tab]) -> None:
+    older = fleet.submit({"name": "older-job", "command": ["true"],
+                          "constraints": {"site": "berlin"}})
+    fleet.wait_task(older["id"], "finished")
+    newer = fleet.submit({"name": "newer-job", "command": ["true"],
+                          "constraints": {"site": "berlin"}})
+    fleet.wait_task(newer["id"], "finished")
+    # Nothing happens after the page opens: what it shows came from the resumable feed.
+    tab = sign_in(open_tab, fleet)
+    feed = tab.page.locator("#feed")
+    expect(feed.locator("li[data-kind=task]").filter(has_text="newer-job").first).to_be_visible()
+    expect(feed).not_to_contain_text("Waiting for events")
+    rows = tab.page.locator("#task-table tbody tr[data-task-id]")
+    expect(rows.first).to_have_attribute("data-task-id", newer["id"])
+    ids = [r.get_attribute("data-task-id") for r in rows.all()]
+    assert ids.index(newer["id"]) < ids.index(older["id"]), ids
 
 
 def test_event_feed_resumes_after_the_hub_restarts(fleet: Fleet, open_tab: Callable[..., Tab]

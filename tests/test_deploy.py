@@ -371,6 +371,8 @@ def _build_wheel(tmp_path: Path) -> Path:
                           "--wheel-dir", str(tmp_path / "wheels"), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+    # pyproject's metadata is current: no setuptools deprecation box on every install
+    assert "project.license" not in out.stderr, out.stderr
     (wheel,) = (tmp_path / "wheels").glob("outpost-*.whl")
     return wheel
 

@@ -432,7 +432,11 @@ function updateCard(c, a) {
   const ob = a.outbox || {};
   const depth = ob.depth ?? 0;
   const oldest = ob.oldest_age_s;
-  setText(c.outbox, depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty · in sync");
+  const queued = depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty";
+  // Only a live link is "in sync"; for an agent away, say what it last reported, and when.
+  const live = st === "online" || st === "draining";
+  setText(c.outbox, live ? (depth > 0 ? queued : "outbox empty · in sync")
+    : `last heard ${ago(a.last_seen)}: ${queued} then`);
   c.outbox.className = `outbox${backlog(a) ? " backlog" : ""}${backlog(a) && oldest > 60 ? " stale" : ""}`;
   c.outbox.title = "events waiting at the edge to reach the core";
   const labelSig = JSON.stringify(a.labels || {});
@@ -530,21 +534,42 @@ function sampleCapacity() {
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
-/** A small SVG plot of a site's CPU and memory use over the samples taken so far. */
-function sparkline(series) {
-  const w = 120, hgt = 22;
+/** The top of a capacity plot: the smallest of these shares that holds every sample, so a
+ * site at 3% use still shows a line, and the label says which scale it is. */
+const SPARK_SCALES = [0.1, 0.25, 0.5, 1];
+
+function sparkScale(series) {
+  const top = Math.max(0, ...series.flatMap(p => [p.cpu ?? 0, p.mem ?? 0]));
+  return SPARK_SCALES.find(s => top <= s) ?? 1;
+}
+
+/** An SVG plot of a site's CPU (line over a filled area) and memory use over the samples
+ * taken since the page opened, stretched over the whole width, on the scale ``scale``. */
+function sparkline(series, scale) {
+  const w = 220, hgt = 48;
   const svg = document.createElementNS(SVG_NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${w} ${hgt}`);
   svg.setAttribute("width", String(w));
   svg.setAttribute("height", String(hgt));
   svg.setAttribute("class", "spark");
-  const step = w / Math.max(1, CAPACITY_SAMPLES - 1);
-  const x0 = w - step * (series.length - 1);
+  const grid = document.createElementNS(SVG_NS, "line");
+  grid.setAttribute("class", "spark-grid");
+  for (const [k, v] of Object.entries({ x1: 0, x2: w, y1: hgt / 2, y2: hgt / 2 })) grid.setAttribute(k, String(v));
+  svg.append(grid);
+  const step = series.length > 1 ? w / (series.length - 1) : w;
+  const y = v => (hgt - 2 - clamp(v / scale, 0, 1) * (hgt - 4)).toFixed(1);
   for (const key of ["mem", "cpu"]) {
     // One polyline per run of known samples (a site with no reachable agent leaves a gap).
     let run = [];
     const flush = () => {
       if (run.length > 1) {
+        if (key === "cpu") {
+          const area = document.createElementNS(SVG_NS, "polygon");
+          area.setAttribute("class", "spark-area");
+          const first = run[0].split(",")[0], last = run[run.length - 1].split(",")[0];
+          area.setAttribute("points", `${first},${hgt} ${run.join(" ")} ${last},${hgt}`);
+          svg.append(area);
+        }
         const line = document.createElementNS(SVG_NS, "polyline");
         line.setAttribute("class", `spark-${key}`);
         line.setAttribute("points", run.join(" "));
@@ -554,7 +579,7 @@ function sparkline(series) {
     };
     series.forEach((p, i) => {
       if (p[key] === null) flush();
-      else run.push(`${(x0 + i * step).toFixed(1)},${(hgt - 1 - p[key] * (hgt - 2)).toFixed(1)}`);
+      else run.push(`${(i * step).toFixed(1)},${y(p[key])}`);
     });
     flush();
   }
@@ -569,9 +594,13 @@ function renderSpark(s, site) {
   if (s.spark.dataset.sig === sig) return;
   s.spark.dataset.sig = sig;
   const pct = x => `${Math.round(x * 100)}%`;
+  const scale = sparkScale(series);
   const now = last.cpu === null ? "no reachable agent" : `cpu ${pct(last.cpu)} · mem ${pct(last.mem)}`;
-  s.spark.title = `In use at ${site} since this page opened (cpu blue, memory grey): ${now}`;
-  s.spark.replaceChildren(sparkline(series), h("span", { class: "spark-now" }, now));
+  const since = clock(new Date(series[0].t * 1000));
+  s.spark.title = `In use at ${site} since ${since} (cpu blue, memory grey; the top of the ` +
+    `plot is ${pct(scale)}): ${now}`;
+  s.spark.replaceChildren(sparkline(series, scale),
+    h("span", { class: "spark-now" }, now, h("br"), h("span", { class: "spark-scale" }, `0–${pct(scale)} since ${since}`)));
 }
 
 function siteSection(site) {
@@ -824,7 +853,9 @@ async function loadTaskPage() {
     throw e;
   }
   if (gen !== S.pages.gen || idx !== S.pages.idx) return; // the filter or page changed meanwhile
-  S.pages.items = page.items;
+  // Newest first: what someone just did is at the top.
+  S.pages.items = [...page.items].sort((x, y) => (y.created_at || 0) - (x.created_at || 0) ||
+    (y.updated_at || 0) - (x.updated_at || 0));
   S.pages.next = page.next_cursor;
   renderTaskTable();
 }
@@ -1173,7 +1204,10 @@ function openFeed() {
 
 async function readFeed(ctl) {
   const headers = { Authorization: `Bearer ${S.token}`, Accept: "text/event-stream" };
-  if (S.lastEventId !== null) headers["Last-Event-ID"] = String(S.lastEventId);
+  // On the first open, from a little before now (the hub says where): the panel shows what
+  // just happened instead of waiting for the next event.
+  const from = S.lastEventId ?? S.info?.recent_events_after ?? null;
+  if (from !== null) headers["Last-Event-ID"] = String(from);
   let resp;
   try {
     resp = await fetch("/v1/events", { headers, signal: ctl.signal, cache: "no-store" });
@@ -1239,7 +1273,7 @@ function onEvent(kind, ev) {
     return;
   }
   if (ev.lastEventId) S.lastEventId = ev.lastEventId;
-  const item = { kind, data, at: new Date(), id: ev.lastEventId };
+  const item = { kind, data, at: eventTime(data), id: ev.lastEventId };
   S.feed.unshift(item);
   if (S.feed.length > FEED_MAX) S.feed.length = FEED_MAX;
   if (kind !== "offer" || $("#feed-offers").checked) {
@@ -1259,6 +1293,13 @@ function onEvent(kind, ev) {
   } else {
     pollers.agents.soon(500);
   }
+}
+
+/** When it happened, as far as the event says (a replayed one is not "now"). */
+function eventTime(d) {
+  const ts = ["ts", "updated_at", "finished_at", "started_at", "created_at"]
+    .map(k => d && d[k]).find(v => typeof v === "number" && v > 0);
+  return ts ? new Date(ts * 1000) : new Date();
 }
 
 function feedText(kind, d) {
