@@ -44,8 +44,10 @@ class CoreBackend:
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
                  js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any,
                  services: Services,
-                 on_agent_change: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_agent_change: Callable[[str], Awaitable[None]] | None = None,
+                 replies_dropped: Callable[[], int] = lambda: 0) -> None:
         self.nc = nc
+        self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects
         # The hub's hook after an agent's trust changes (registry, NATS credentials).
         self.on_agent_change = on_agent_change
         self.services = services
@@ -145,7 +147,9 @@ class CoreBackend:
         return Page([self._agent(a) for a in page], nxt)
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
-        for agent in self.store.list_agents():
+        agents = self.store.list_agents()
+        # By id, else by name: unique among agents not revoked (a revoked one may share it).
+        for agent in sorted(agents, key=lambda a: (a["id"] != agent_id, a["revoked"])):
             if agent_id in (agent["id"], agent["name"]):
                 return self._agent(agent)
         raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
@@ -222,6 +226,26 @@ class CoreBackend:
                    [({}, float(stats.get("duplicates", 0)))]),
             Metric("outpost_ingest_rejected_total", "counter", "Envelopes rejected, by reason",
                    [({"reason": r}, float(n)) for r, n in stats.get("rejected", {}).items()]),
+            Metric("outpost_ingest_gaps_total", "counter",
+                   "Envelope deliveries held back to wait for an earlier one",
+                   [({}, float(stats.get("gaps", 0)))]),
+            Metric("outpost_ingest_bad_events_total", "counter",
+                   "Malformed events in valid envelopes, skipped",
+                   [({}, float(stats.get("bad_events", 0)))]),
+            Metric("outpost_ingest_foreign_tasks_total", "counter",
+                   "Task events naming another agent's task, refused",
+                   [({}, float(stats.get("foreign_tasks", 0)))]),
+            Metric("outpost_ingest_refused_claims_total", "counter",
+                   "Agent records and offers claiming more than the agent's enrollment, by field",
+                   [({"field": f}, float(n)) for f, n in stats.get("refused_claims", {}).items()]),
+            Metric("outpost_sync_gaps", "gauge",
+                   "Agents whose acked events stay ahead of what the hub applied",
+                   [({}, float(len(self.liveness.gaps)))]),
+            Metric("outpost_sync_gaps_total", "counter", "Sync gaps found since start",
+                   [({}, float(self.liveness.gaps_total))]),
+            Metric("outpost_replies_dropped_total", "counter",
+                   "Requests dropped: reply subject outside the requester's inbox",
+                   [({}, float(self.replies_dropped()))]),
             Metric("outpost_stream_seq", "gauge", "OUTPOST_EVENTS sequence the view has reached",
                    [({}, float(self.store.stream_seq))]),
             Metric("outpost_commands_sent_total", "counter", "Commands sent to agents",

@@ -20,6 +20,7 @@ from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
+    SETUP_KEY_FILE,
     NatsAuth,
     pid_file_reload,
     record_managed,
@@ -34,10 +35,16 @@ from federation.app import build_app
 from federation.auth import TokenAuth
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
-from federation.natscreds import hub_credentials
+from federation.natscreds import (
+    HUB_INBOX_PREFIX,
+    NatsCredentials,
+    hub_credentials,
+    user_seed,
+)
 from federation.streams import (
     delete_command_consumer,
     ensure_command_consumer,
+    ensure_hub_buckets,
     ensure_streams,
 )
 
@@ -97,18 +104,13 @@ class Hub:
             last_error = ""
             log.info("nats: reconnected")
 
+        await self._set_up()
         self.nc = await nats.connect(self.nats_url, name="outpost-hub", reconnect_time_wait=0.5,
                                      max_reconnect_attempts=-1, connect_timeout=5,
                                      error_cb=_nats_error, reconnected_cb=_reconnected,
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))
         js = self.nc.jetstream(timeout=5)
-        await ensure_streams(js, replicas=cfg.stream_replicas,
-                             events_max_age_s=cfg.events_max_age_s,
-                             events_max_bytes=cfg.events_max_bytes,
-                             commands_max_age_s=cfg.commands_max_age_s,
-                             commands_max_bytes=cfg.commands_max_bytes,
-                             duplicate_window_s=cfg.duplicate_window_s)
         signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
@@ -118,7 +120,8 @@ class Hub:
         enroller.on_enrolled = self._after_agent_change
         ingest = Ingest(js, store)
         liveness = Liveness(self.nc, store, LivenessSettings(
-            cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s))
+            cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s,
+            cfg.sync_gap_after_s))
         for part in (enroller, ingest, liveness):
             await part.start()
             self.parts.append(part)
@@ -131,6 +134,7 @@ class Hub:
         self.parts.append(services)
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
+                              replies_dropped=lambda: enroller.dropped,
                               services=services, on_agent_change=self._after_agent_change)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
@@ -151,6 +155,34 @@ class Hub:
             (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
         log.info("hub serving %s; NATS %s", self.url, redact_url(self.nats_url),
                  extra={"url": self.url, "nats": redact_url(self.nats_url)})
+
+    async def _set_up(self) -> None:
+        """Create or update the streams and buckets on a connection of its own, closed after:
+        with least privilege it is the set-up user's (``natsauth.hub_permissions(setup=True)``),
+        the only one that may create or change a stream; the hub's own user cannot."""
+        import nats
+
+        cfg = self.config
+        creds: dict[str, Any] = {}
+        if self.nats_auth is not None:
+            seed, _public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
+            creds = NatsCredentials(seed=user_seed(seed),
+                                    inbox_prefix=HUB_INBOX_PREFIX).connect_options()
+        nc = await nats.connect(self.nats_url, name="outpost-hub-setup", connect_timeout=5,
+                                allow_reconnect=False, **_nats_tls(cfg, self.nats_url), **creds)
+        try:
+            js = nc.jetstream(timeout=5)
+            await ensure_streams(js, replicas=cfg.stream_replicas,
+                                 events_max_age_s=cfg.events_max_age_s,
+                                 events_max_bytes=cfg.events_max_bytes,
+                                 commands_max_age_s=cfg.commands_max_age_s,
+                                 commands_max_bytes=cfg.commands_max_bytes,
+                                 duplicate_window_s=cfg.duplicate_window_s,
+                                 events_max_msgs_per_subject=cfg.events_max_msgs_per_subject,
+                                 events_max_msg_bytes=cfg.events_max_msg_bytes)
+            await ensure_hub_buckets(js, replicas=cfg.stream_replicas)
+        finally:
+            await nc.close()
 
     async def _after_agent_change(self, agent_id: str) -> None:
         """The one call site for an agent whose trust changed (enrolled, key rotated, revoked):
@@ -187,7 +219,9 @@ class Hub:
             return
         reload = self._reload_embedded if cfg.embedded_nats else (
             pid_file_reload(cfg.nats_pid_file) if cfg.nats_pid_file else None)
-        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir)
+        _seed, setup_public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
+        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir,
+                                  setup_public_key=setup_public)
         record_managed(cfg.data_dir, path, cfg.data_dir / "nats" / "nats-server.pid"
                        if cfg.embedded_nats else cfg.nats_pid_file)
         if self.nats_auth.write() and cfg.nats_pid_file is not None:

@@ -6,6 +6,14 @@ large fleet's heartbeats do not become a write per beat. An agent silent for
 ``disconnected_after_s`` is ``disconnected``; after ``unreachable_after_s`` it is
 ``unreachable``. At most ``max_unreachable_per_s`` agents are declared unreachable per second,
 so a blip on the core's own network does not condemn the whole fleet at once.
+
+Heartbeats also carry ``acked``, the last seq the agent's outbox had acknowledged by JetStream.
+If that runs ahead of the seq the hub applied, and what the hub applied stays where it is for
+``gap_after_s``, events the edge believes delivered are not coming (dropped by the stream: a
+poisoned dedupe, a limit that discarded them before ingest): the agent's ``outbox.gap`` says so
+(``{"acked_seq", "applied_seq", "since"}``, shown on the dashboard), a warning is logged and
+``outpost_sync_gaps`` / ``outpost_sync_gaps_total`` count it. Ingest lag is no gap: the applied
+seq moves.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ class LivenessSettings:
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
+    gap_after_s: float = 30.0
 
 
 class Liveness:
@@ -42,6 +51,10 @@ class Liveness:
         self.beats: dict[str, dict[str, Any]] = {}
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
+        # agent -> (applied seq while behind its acked seq, since when it has not moved)
+        self._behind: dict[str, tuple[int, float]] = {}
+        self.gaps: set[str] = set()  # agents with a gap that does not fill
+        self.gaps_total = 0
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(subjects.HEARTBEATS_ALL, cb=self._on_beat)
@@ -101,8 +114,35 @@ class Liveness:
                     fields["status"] = wanted
                 if beat is not None:
                     fields["outbox"] = {"depth": beat.get("outbox"),
-                                        "oldest_age_s": beat.get("outbox_age")}
+                                        "oldest_age_s": beat.get("outbox_age"),
+                                        "gap": self._gap(agent, beat, now)}
                 if fields:
                     self.store.update_agent_record(agent["id"], fields)
                 if beat is not None:
                     self.store.set_last_seen(agent["id"], beat["received"])
+
+    def _gap(self, agent: dict[str, Any], beat: dict[str, Any], now: float
+             ) -> dict[str, Any] | None:
+        """The agent's gap (acked by JetStream, not applied, not moving), or None."""
+        agent_id, applied, acked = agent["id"], int(agent.get("applied_seq") or 0), beat.get("acked")
+        if type(acked) is not int or acked <= applied:
+            self._behind.pop(agent_id, None)
+            if agent_id in self.gaps:
+                self.gaps.discard(agent_id)
+                log.info("agent %s: sync gap closed at seq %d", agent_id, applied,
+                         extra={"agent": agent_id, "applied_seq": applied})
+            return None
+        seen, since = self._behind.get(agent_id, (None, now))
+        if seen != applied:
+            since = now
+        self._behind[agent_id] = (applied, since)
+        if now - since < self.settings.gap_after_s:
+            return None
+        if agent_id not in self.gaps:
+            self.gaps.add(agent_id)
+            self.gaps_total += 1
+            log.warning("agent %s: JetStream acked its events up to seq %d but the hub has "
+                        "applied only up to %d for %.0fs: events were lost on the way",
+                        agent_id, acked, applied, now - since,
+                        extra={"agent": agent_id, "acked_seq": acked, "applied_seq": applied})
+        return {"acked_seq": acked, "applied_seq": applied, "since": since}

@@ -125,4 +125,8 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, agent_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 8 (trust, issue 10): a join token may name the site of the agents it enrolls.
+    """
+    ALTER TABLE join_tokens ADD COLUMN site TEXT;
+    """,
 )
