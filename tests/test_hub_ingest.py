@@ -155,7 +155,7 @@ async def test_batches_apply_in_order_once(hub: Hub) -> None:
     agent = hub.store.get_agent(a.id)
     assert (agent["id"], agent["applied_seq"], agent["version"], agent["isolation"],
             agent["labels"], agent["resources"], agent["used"], agent["last_seen"]) == (
-                a.id, 28, "0.2.0", "cgroup-v1", {"gpu": "no"}, {"cpus": 4, "mem_mb": 2048},
+                a.id, 28, "0.2.0", "cgroup-v1", {"gpu": "no"}, {},  # resources: as enrolled
                 {"cpus": 1}, T0 + 28)
     assert [o["id"] for o in hub.store.list_offers(now=T0)] == ["o1"]
     assert hub.store.list_offers(now=T0 + 61) == []
