@@ -298,3 +298,68 @@ def test_a_stolen_edge_cannot_take_over_another_site(
     assert answer["ok"] is False and "site 'berlin' only" in answer["error"], answer
     answer = enroll_as(secure_hub, newcomer, token, name="edge-3", site="berlin")
     assert answer["ok"] is True, answer
+
+
+# ------------------------------------------------------------ 2. quotas and gaps
+
+
+def hub_toml(path: Path, **settings: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[hub]\n" + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    return path
+
+
+async def test_one_edge_cannot_flush_the_others_events_out(
+        start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """A size-limited events stream (1 MiB) with a per-agent quota (20 messages): A floods
+    its own subject with 3 MiB; B's events stay in the stream, A holds at most its quota."""
+    config = hub_toml(tmp_path / "hub.toml", events_max_bytes=1 << 20,
+                      events_max_msgs_per_subject=20)
+    hub = HubProcess(tmp_path / "hub", "", ["--config", str(config)], embedded=True).start()
+    try:
+        a, a_id = enrolled(start_agent, hub, "a")
+        b, b_id = enrolled(start_agent, hub, "b")
+        converged(b, hub)
+        before = await stream_counts(hub, subjects.events(b_id))
+        assert before[subjects.events(b_id)] > 0
+        async with client(hub.nats_url, creds_of(a, a_id)) as me:
+            js = me.nc.jetstream(timeout=10)
+            junk = bytes(2048)
+            for start in range(0, 1500, 100):
+                await asyncio.gather(*(js.publish(subjects.events(a_id), junk)
+                                       for _ in range(100)))
+        after = await stream_counts(hub, subjects.events(a_id), subjects.events(b_id))
+        assert after[subjects.events(b_id)] >= before[subjects.events(b_id)], (before, after)
+        assert after[subjects.events(a_id)] <= 20
+    finally:
+        hub.stop()
+
+
+def test_a_gap_that_does_not_fill_is_reported(
+        start_agent: Callable[..., AgentProcess], nats_proc: Any, tmp_path: Path) -> None:
+    """Events JetStream acked but the hub never applied (here: turned over by the per-agent
+    quota while the hub was down): the hub says so in /metrics, the log and the agent's
+    record the dashboard shows, instead of calling the agent in sync."""
+    config = hub_toml(tmp_path / "hub.toml", events_max_msgs_per_subject=10,
+                      sync_gap_after_s=1.0)
+    hub = HubProcess(tmp_path / "hub", nats_proc.url,
+                     ["--config", str(config), "--disconnected-after", "2.5",
+                      "--unreachable-after", "4"]).start()
+    try:
+        b = joined(start_agent, hub, nats_proc, name="b")
+        b_id = b.api("GET", "/v1/info").body["agent_id"]
+        converged(b, hub)
+        assert metric(hub, "outpost_sync_gaps") == 0
+        hub.stop()
+        for i in range(12):  # each acked before the next: more messages than the quota
+            task = b.submit(f"t{i}", ["true"])
+            b.wait_state(task["id"], "finished")
+            wait_until(lambda: b.api("GET", "/v1/info").body["link"]["outbox_depth"] == 0, 10)
+        hub.start()
+        wait_until(lambda: metric(hub, "outpost_sync_gaps") == 1, 20, what="the gap reported")
+        assert metric(hub, "outpost_sync_gaps_total") == 1
+        gap = hub.api("GET", f"/v1/agents/{b_id}").body["outbox"]["gap"]
+        assert gap["acked_seq"] > gap["applied_seq"], gap
+        assert "events were lost on the way" in hub.log()
+    finally:
+        hub.stop()
