@@ -6,6 +6,7 @@
     outpost-hub token ls|revoke --data-dir DIR [REF]
     outpost-hub agents ls --data-dir DIR
     outpost-hub agents revoke --data-dir DIR ID [--token T] [--ca FILE]
+    outpost-hub agents move --data-dir DIR ID [--site S] [--name N] [--cpus C] [--mem-mb M]
     outpost-hub site bundle --data-dir DIR --site NAME --out DIR [--hub-nats URL] [--ttl S]
                     [--python python3] [--wheel outpost-*.whl]
     outpost-hub nats-auth --data-dir DIR [--out FILE [--pid-file FILE]]

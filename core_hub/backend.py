@@ -187,6 +187,31 @@ class CoreBackend:
                     details={"agent": agent_id}) from None
         return self._agent(self.store.get_agent(agent_id))
 
+    async def change_enrollment(self, agent_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        """An admin moves an agent to another site, renames it or changes its resources (by
+        its id): what the agent itself may not claim (``enroll.py``). Recorded in the registry
+        bucket too; its next offers are judged against the new enrollment."""
+        agent = self.store.get_agent(agent_id)
+        if agent["revoked"]:
+            raise Conflict(f"agent {agent_id} is revoked", details={"agent": agent_id})
+        name = change.get("name")
+        holder = self.store.agent_named(name) if name is not None else None
+        if holder is not None and holder != agent_id:
+            raise Conflict(f"agent name {name!r} is taken by agent {holder}",
+                           details={"name": name, "agent": holder})
+        resources = change.get("resources")
+        self.store.set_enrollment(agent_id, name=name, site=change.get("site"),
+                                  resources=None if resources is None
+                                  else {**agent["resources"], **resources})
+        if change.get("site") not in (None, agent["site"]):
+            with self.store.transaction():  # its offer names the old site until the next one
+                self.store.delete_offer(agent_id)
+        log.warning("agent %s enrollment changed by an admin: %s", agent_id, change,
+                    extra={"agent_id": agent_id})
+        if self.on_agent_change is not None:
+            await self.on_agent_change(agent_id)
+        return self._agent(self.store.get_agent(agent_id))
+
     async def list_offers(self) -> Page:
         return Page(self.store.list_offers(now=time.time()), None)
 

@@ -34,9 +34,11 @@ what it could not store, and ``apply_errors`` shows it.
 What an agent says about itself is checked against what it enrolled as (``enroll.py``): its
 name, site and resources are fixed there and change only by an admin at the core. An ``agent``
 event claiming another name or site, or more resources, has those fields refused (the rest,
-status, version, labels, what it uses, is applied); an ``offer`` claiming another site, or
-more free or used resources than enrolled (per amount the enrollment names), is refused whole.
-Each is counted in ``refused_claims`` by field and logged, so a stolen edge cannot pose as
+status, version, labels, what it uses, is applied); an ``offer`` claiming more free or used
+resources than enrolled (per amount the enrollment names) is refused whole, and one claiming
+another site stands for the enrolled site (after an admin moved the agent, its own config may
+still name the old one). Each is counted in ``refused_claims`` by field and logged (once per
+agent and claim), so a stolen edge cannot pose as
 another site's agent and draw that site's tasks, or claim capacity it does not have.
 
 Batch events arrive as JSON text (``Envelope.raw_events``). Each is decoded once, with orjson,
@@ -166,6 +168,7 @@ class Ingest:
         self._max_ack_pending = max_ack_pending
         self._max_chunk_bytes = max_chunk_bytes
         self.stats = IngestStats()
+        self._claims_logged: set[tuple[str, str, str]] = set()  # refused claims, logged once
         self._sub: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
@@ -508,9 +511,8 @@ class Ingest:
         amounts no larger than enrolled); the stored offer names the enrolled site."""
         enrolled = self._store.get_agent(agent)
         site = body.get("site", enrolled["site"])
-        if site != enrolled["site"]:
+        if site != enrolled["site"]:  # counted; the offer stands for the enrolled site
             self._refuse(delta, agent, event, "offer_site", site, enrolled["site"])
-            return False
         free = {k: body[k] for k in ("cpus", "mem_mb", "disk_mb") if k in body}
         used = body.get("used")
         for what, amounts in (("offer_resources", free), ("offer_used", used)):
@@ -523,6 +525,11 @@ class Ingest:
     def _refuse(self, delta: IngestStats, agent: str, event: Event, what: str, claimed: Any,
                 enrolled: Any) -> None:
         delta.refused_claims[what] = delta.refused_claims.get(what, 0) + 1
+        said = (agent, what, str(claimed)[:200])
+        if said in self._claims_logged:  # an edge repeats its offer every few seconds
+            return
+        if len(self._claims_logged) < 10_000:
+            self._claims_logged.add(said)
         log.warning("agent %s: refused %s %s in event %d (enrolled: %s): only an admin at the "
                     "core changes an agent's enrollment", agent, what, str(claimed)[:200],
                     event.seq, str(enrolled)[:200],

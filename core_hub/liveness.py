@@ -124,7 +124,8 @@ class Liveness:
     def _gap(self, agent: dict[str, Any], beat: dict[str, Any], now: float
              ) -> dict[str, Any] | None:
         """The agent's gap (acked by JetStream, not applied, not moving), or None."""
-        agent_id, applied, acked = agent["id"], int(agent.get("applied_seq") or 0), beat.get("acked")
+        agent_id, acked = agent["id"], beat.get("acked")
+        applied = int(agent.get("applied_seq") or 0)
         if type(acked) is not int or acked <= applied:
             self._behind.pop(agent_id, None)
             if agent_id in self.gaps:

@@ -437,6 +437,9 @@ class HubStore(Database):
             " expires_at = excluded.expires_at",
             (agent_id, _dumps(offer), float(offer["expires_at"])))
 
+    def delete_offer(self, agent_id: str) -> None:
+        self._db.execute("DELETE FROM offers WHERE agent_id = ?", (agent_id,))
+
     def insert_result(self, agent_id: str, result: dict[str, Any], ts: float) -> None:
         """Record a command's outcome; the first report of a command id is the one kept."""
         self._db.execute(

@@ -80,8 +80,10 @@ def reply_in_inbox(reply: str | None, agent_id: str | None) -> bool:
     (None: no agent, or one not known yet): the enroll user's inbox space, or that agent's."""
     if not reply:
         return False
-    for prefix in (ENROLL_INBOX_PREFIX,
-                   *((agent_inbox_prefix(agent_id),) if subjects.is_agent_id(agent_id) else ())):
+    prefixes = [ENROLL_INBOX_PREFIX]
+    if agent_id is not None and subjects.is_agent_id(agent_id):
+        prefixes.append(agent_inbox_prefix(agent_id))
+    for prefix in prefixes:
         if reply.startswith(prefix + ".") and _INBOX_TAIL.fullmatch(reply[len(prefix):]):
             return True
     return False

@@ -272,7 +272,7 @@ def test_a_stolen_edge_cannot_take_over_another_site(
     assert (mine["name"], mine["site"], mine["resources"]["cpus"]) == ("edge-berlin", "berlin", 2)
     offers = secure_hub.api("GET", "/v1/offers").body["items"]
     assert not [o for o in offers if o["agent_id"] == a_id and o["cpus"] > 2], offers
-    assert all(o["site"] == "berlin" for o in offers if o["agent_id"] == a_id)
+    assert all(o["site"] == "berlin" for o in offers if o["agent_id"] == a_id), offers
     for field in ("name", "site", "resources", "offer_site", "offer_resources"):
         assert metric(secure_hub, "outpost_ingest_refused_claims_total",
                       f'{{field="{field}"}}') >= 1, field
@@ -325,9 +325,9 @@ async def test_one_edge_cannot_flush_the_others_events_out(
         async with client(hub.nats_url, creds_of(a, a_id)) as me:
             js = me.nc.jetstream(timeout=10)
             junk = bytes(2048)
-            for start in range(0, 1500, 100):
+            for _ in range(15):
                 await asyncio.gather(*(js.publish(subjects.events(a_id), junk)
-                                       for _ in range(100)))
+                                       for _i in range(100)))
         after = await stream_counts(hub, subjects.events(a_id), subjects.events(b_id))
         assert after[subjects.events(b_id)] >= before[subjects.events(b_id)], (before, after)
         assert after[subjects.events(a_id)] <= 20
@@ -363,3 +363,37 @@ def test_a_gap_that_does_not_fill_is_reported(
         assert "events were lost on the way" in hub.log()
     finally:
         hub.stop()
+
+
+def test_only_an_admin_changes_an_agents_site(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    """``outpost-hub agents move`` (POST /v1/agents/{id}/enrollment, admin): the agent's site
+    changes at the core, its offers are then judged by the new site; names stay unique; an
+    operator token may not; the edge answers 409."""
+    nats_at = type("N", (), {"url": secure_hub.nats_url})
+    a = joined(start_agent, secure_hub, nats_at, "--site", "berlin", name="edge-a")
+    a_id = a.api("GET", "/v1/info").body["agent_id"]
+    joined(start_agent, secure_hub, nats_at, "--site", "oslo", name="edge-oslo")
+    moved = subprocess.run(
+        [sys.executable, "-m", "core_hub", "agents", "move", "--data-dir",
+         str(secure_hub.data_dir), a_id, "--site", "munich", "--cpus", "8"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert moved.returncode == 0 and "at site munich" in moved.stdout, moved.stderr
+    agent = secure_hub.api("GET", f"/v1/agents/{a_id}").body
+    assert (agent["site"], agent["resources"]["cpus"]) == ("munich", 8)
+    taken = secure_hub.api("POST", f"/v1/agents/{a_id}/enrollment", {"name": "edge-oslo"})
+    assert taken.status == 409, taken.body
+    assert secure_hub.api("POST", f"/v1/agents/{a_id}/enrollment", {"site": "x y"}).status == 422
+    operator = subprocess.run(
+        [sys.executable, "-m", "core_hub", "apitoken", "create", "--data-dir",
+         str(secure_hub.data_dir), "--role", "operator"],
+        capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().split()[-1]
+    assert secure_hub.api("POST", f"/v1/agents/{a_id}/enrollment", {"site": "oslo"},
+                          token=operator).status == 403
+    assert a.api("POST", f"/v1/agents/{a_id}/enrollment", {"site": "oslo"}).status == 409
+    # The edge still says berlin (its own config) in its offers: they stand for munich now.
+    a.api("POST", "/v1/tasks", {"name": "nudge", "command": ["true"]})  # a fresh offer
+    wait_until(lambda: metric(secure_hub, "outpost_ingest_refused_claims_total",
+                              '{field="offer_site"}') >= 1, 30, what="a's offer site refused")
+    offers = secure_hub.api("GET", "/v1/offers").body["items"]
+    assert [o["site"] for o in offers if o["agent_id"] == a_id] == ["munich"], offers

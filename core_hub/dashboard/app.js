@@ -431,9 +431,15 @@ function updateCard(c, a) {
   const ob = a.outbox || {};
   const depth = ob.depth ?? 0;
   const oldest = ob.oldest_age_s;
-  setText(c.outbox, depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty · in sync");
-  c.outbox.className = `outbox${backlog(a) ? " backlog" : ""}${backlog(a) && oldest > 60 ? " stale" : ""}`;
-  c.outbox.title = "events waiting at the edge to reach the core";
+  if (ob.gap) {  // acked by JetStream at the edge, never applied at the core (core_hub/liveness.py)
+    setText(c.outbox, `sync gap · acked ${ob.gap.acked_seq}, core has ${ob.gap.applied_seq}`);
+    c.outbox.className = "outbox gap";
+    c.outbox.title = `events the edge was told were stored never reached the core (since ${when(ob.gap.since)})`;
+  } else {
+    setText(c.outbox, depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty · in sync");
+    c.outbox.className = `outbox${backlog(a) ? " backlog" : ""}${backlog(a) && oldest > 60 ? " stale" : ""}`;
+    c.outbox.title = "events waiting at the edge to reach the core";
+  }
   const labelSig = JSON.stringify(a.labels || {});
   if (c.labels.dataset.sig !== labelSig) {
     c.labels.dataset.sig = labelSig;
