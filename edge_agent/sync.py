@@ -3,9 +3,10 @@
 Everything here is optional and may be down for hours: the agent works the same without it.
 The outbox is the store's event log; this module only reads it, ships it to JetStream in signed
 batches (``Nats-Msg-Id`` for dedupe, one only this agent can make: ``wire.batch_msg_id``; many
-in flight), and moves the ack watermark after the server's ack. The hub orders and dedupes by each event's per-agent seq, so whatever fails
-in between (a lost ack, a crash, a resend with other batch bounds) nothing is lost or applied
-twice.
+in flight), and moves the ack watermark after the server's ack. The hub orders and dedupes by
+each event's per-agent seq, so whatever fails in between (a lost ack, a crash, a resend with
+other batch bounds) nothing is lost or applied twice. Heartbeats carry the ack watermark, so
+the hub notices events acked here that never reached it (``core_hub/liveness.py``).
 """
 
 from __future__ import annotations
