@@ -361,6 +361,20 @@ def test_a_gap_that_does_not_fill_is_reported(
         gap = hub.api("GET", f"/v1/agents/{b_id}").body["outbox"]["gap"]
         assert gap["acked_seq"] > gap["applied_seq"], gap
         assert "events were lost on the way" in hub.log()
+        # The dashboard's card for b says so (real chromium, as tests/test_dashboard.py).
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                         args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                page.goto(f"{hub.url}/#token={hub.token}")
+                outbox = page.locator(f'article.agent[data-agent-id="{b_id}"] .outbox')
+                expect(outbox).to_have_text(re.compile(r"^sync gap · acked \d+, core has \d+$"),
+                                            timeout=15_000)
+            finally:
+                browser.close()
     finally:
         hub.stop()
 
