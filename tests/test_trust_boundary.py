@@ -252,9 +252,17 @@ def test_a_stolen_edge_cannot_take_over_another_site(
     b = joined(start_agent, secure_hub, nats_at, "--site", "oslo", "--cpus", "2",
                name="edge-oslo")
     b_id = b.api("GET", "/v1/info").body["agent_id"]
-    converged(a, secure_hub)
+    b_task = b.submit("b-task", ["true"])
+    b.wait_state(b_task["id"], "finished")
+    converged(b, secure_hub)  # a runs no tasks: the core's list is b's
+    wait_until(lambda: a.api("GET", "/v1/info").body["link"]["outbox_depth"] == 0, 10)
     a.stop()  # the attacker has the box (and its key); its seqs are the attacker's now
-    first = applied_seq(secure_hub, a_id) + 1
+    # Next after the last seq a's own store used (what the hub applied may lag behind it).
+    db = sqlite3.connect(f"file:{a.data_dir / 'agent.db'}?mode=ro", uri=True)
+    try:
+        first = int(db.execute("SELECT MAX(seq) FROM events").fetchone()[0]) + 1
+    finally:
+        db.close()
     big = {"cpus": 1024, "mem_mb": 1 << 20, "disk_mb": 1 << 20}
     last = publish_as(a, a_id, secure_hub.nats_url, first,
                       ("agent", {"id": a_id, "name": "edge-oslo", "site": "oslo",
@@ -265,7 +273,9 @@ def test_a_stolen_edge_cannot_take_over_another_site(
                                  "expires_at": time.time() + 600}),
                       ("offer", {"id": f"{a_id}:y", "agent_id": a_id, "site": "berlin",
                                  "labels": {}, **big, "used": {},
-                                 "expires_at": time.time() + 600}))
+                                 "expires_at": time.time() + 600}),
+                      ("task", {"id": b_task["id"], "name": "b-task", "state": "failed"}),
+                      ("result", {"status": "nonsense"}))
     wait_until(lambda: applied_seq(secure_hub, a_id) >= last, 10, what="the forged events")
     assert secure_hub.api("GET", "/v1/agents/edge-oslo").body["id"] == b_id
     mine = secure_hub.api("GET", f"/v1/agents/{a_id}").body
@@ -277,6 +287,11 @@ def test_a_stolen_edge_cannot_take_over_another_site(
         assert metric(secure_hub, "outpost_ingest_refused_claims_total",
                       f'{{field="{field}"}}') >= 1, field
     assert "refused site oslo" in secure_hub.log()
+    # Ingest's other refusals are in /metrics too (issue 10, section 5).
+    assert metric(secure_hub, "outpost_ingest_foreign_tasks_total") >= 1
+    assert metric(secure_hub, "outpost_ingest_bad_events_total") >= 1
+    assert "outpost_ingest_gaps_total " in secure_hub.api("GET", "/metrics").raw.decode()
+    assert secure_hub.api("GET", f"/v1/tasks/{b_task['id']}").body["state"] == "finished"
     # Re-enrolling the same key as another site (no token needed for a known key): refused.
     signer = wire.Signer((a.data_dir / "agent.key").read_bytes())
     answer = enroll_as(secure_hub, signer, "any", name="edge-oslo", site="oslo")
