@@ -2,10 +2,11 @@
 
     outpost-hub run --data-dir DIR [--listen HOST:PORT] (--nats URL | --embedded-nats
                     [--nats-port N]) [--config hub.toml]
-    outpost-hub token create --data-dir DIR [--ttl SECONDS] [--uses N]
+    outpost-hub token create --data-dir DIR [--ttl SECONDS] [--uses N] [--site SITE]
     outpost-hub token ls|revoke --data-dir DIR [REF]
     outpost-hub agents ls --data-dir DIR
     outpost-hub agents revoke --data-dir DIR ID [--token T] [--ca FILE]
+    outpost-hub agents move --data-dir DIR ID [--site S] [--name N] [--cpus C] [--mem-mb M]
     outpost-hub site bundle --data-dir DIR --site NAME --out DIR [--hub-nats URL] [--ttl S]
                     [--python python3] [--wheel outpost-*.whl]
     outpost-hub nats-auth --data-dir DIR [--out FILE [--pid-file FILE]]
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     create.add_argument("--data-dir", required=True)
     create.add_argument("--ttl", type=float, default=3600.0, help="seconds it stays valid")
     create.add_argument("--uses", type=int, default=1, help="how many agents may use it (0: any)")
+    create.add_argument("--site", help="enroll agents of this site only (their site is fixed "
+                        "at enrollment)")
     ls = tsub.add_parser("ls", help="list join tokens")
     ls.add_argument("--data-dir", required=True)
     revoke = tsub.add_parser("revoke", help="revoke a join token (token or digest prefix)")
@@ -145,7 +148,7 @@ def tokens_command(args: argparse.Namespace) -> int:
         if args.action == "create":
             if args.ttl <= 0 or args.uses < 0:
                 raise ConfigError("--ttl must be above 0 and --uses 0 or more")
-            print(tokens.create_token(args.ttl, args.uses or None))
+            print(tokens.create_token(args.ttl, args.uses or None, site=args.site))
         elif args.action == "ls":
             for t in tokens.list_tokens():
                 left = "any" if t["uses_left"] is None else t["uses_left"]

@@ -1,4 +1,5 @@
-"""``outpost-hub agents ls|revoke``: the enrolled agents, and how an operator distrusts one.
+"""``outpost-hub agents ls|revoke|move``: the enrolled agents, how an operator distrusts one,
+and how an admin changes the site, name or resources one enrolled with (``move``).
 
 ``revoke`` goes through the running hub's API (the URL in ``<data_dir>/hub.url``, the admin
 token in ``<data_dir>/admin.token`` or ``--token``), so the hub applies it at once: ingest
@@ -43,6 +44,17 @@ def add_parser(sub: Any) -> None:
     revoke.add_argument("agent_id", metavar="ID", help="the agent's id (see `agents ls`)")
     revoke.add_argument("--token", help="an admin API token (default: DATA_DIR/admin.token)")
     revoke.add_argument("--ca", type=Path, help="CA file for a hub serving HTTPS")
+    move = asub.add_parser(
+        "move", help="change an agent's enrolled site, name or resources (an agent cannot "
+        "claim others itself); through the running hub")
+    move.add_argument("--data-dir", required=True)
+    move.add_argument("agent_id", metavar="ID", help="the agent's id (see `agents ls`)")
+    move.add_argument("--site")
+    move.add_argument("--name")
+    for amount in ("cpus", "mem-mb", "disk-mb"):
+        move.add_argument(f"--{amount}", type=float)
+    move.add_argument("--token", help="an admin API token (default: DATA_DIR/admin.token)")
+    move.add_argument("--ca", type=Path, help="CA file for a hub serving HTTPS")
 
 
 def agents_command(args: argparse.Namespace) -> int:
@@ -51,6 +63,8 @@ def agents_command(args: argparse.Namespace) -> int:
     if args.action == "ls":
         return _ls(Path(args.data_dir))
     try:
+        if args.action == "move":
+            return _move(Path(args.data_dir), args)
         return _revoke(Path(args.data_dir), args.agent_id, token=args.token, ca=args.ca)
     except ConfigError:
         raise
@@ -106,6 +120,29 @@ def _revoke(data: Path, agent_id: str, *, token: str | None, ca: Path | None) ->
     return 0
 
 
+def _move(data: Path, args: argparse.Namespace) -> int:
+    change: dict[str, Any] = {k: v for k, v in (("site", args.site), ("name", args.name))
+                              if v is not None}
+    resources = {key: value for key, value in (("cpus", args.cpus), ("mem_mb", args.mem_mb),
+                                               ("disk_mb", args.disk_mb)) if value is not None}
+    if resources:
+        change["resources"] = resources
+    if not change:
+        raise OutpostError("nothing to change: give --site, --name or a resource amount")
+    url_file = data / "hub.url"
+    answer = None
+    if url_file.exists():
+        path = f"/v1/agents/{urllib.parse.quote(args.agent_id, safe='')}/enrollment"
+        answer = _post(url_file.read_text().strip(), path, change,
+                       args.token or _admin_token(data), args.ca)
+    if answer is None:
+        raise OutpostError(f"no hub is running at {data}: an enrollment changes through the "
+                           "running hub (it records it in the registry bucket too)")
+    print(f"agent {answer['id']} is now {answer['name']} at site {answer['site']} "
+          f"with {answer['resources']}")
+    return 0
+
+
 def _withdraw_nats_user(data: Path) -> None:
     """With the hub down, a NATS server it manages (least privilege) may still run: rewrite its
     authorization file and reload it, so the revoked agent's connection is refused now."""
@@ -127,11 +164,20 @@ def _admin_token(data: Path) -> str:
 
 
 def _post_revoke(url: str, agent_id: str, token: str, ca: Path | None) -> dict[str, Any] | None:
-    """The revoked agent as the hub answers it; None when no hub listens at ``url``. Raise
-    OutpostError with the hub's own message for any error answer."""
-    path = f"/v1/agents/{urllib.parse.quote(agent_id, safe='')}/revoke"
-    request = urllib.request.Request(url + path, data=b"", method="POST",
-                                     headers={"Authorization": f"Bearer {token}"})
+    """The revoked agent as the hub answers it; None when no hub listens at ``url``."""
+    return _post(url, f"/v1/agents/{urllib.parse.quote(agent_id, safe='')}/revoke", None,
+                 token, ca)
+
+
+def _post(url: str, path: str, body: Any, token: str, ca: Path | None
+          ) -> dict[str, Any] | None:
+    """POST ``body`` (JSON, or nothing) to the hub's ``path``: its answer; None when no hub
+    listens at ``url``. Raise OutpostError with the hub's own message for any error answer."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url + path, method="POST", headers=headers,
+                                     data=b"" if body is None else json.dumps(body).encode())
     context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as resp:

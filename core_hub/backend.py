@@ -46,8 +46,10 @@ class CoreBackend:
     def __init__(self, *, store: HubStore, commander: Commander, liveness: Liveness,
                  js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any,
                  services: Services,
-                 on_agent_change: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_agent_change: Callable[[str], Awaitable[None]] | None = None,
+                 replies_dropped: Callable[[], int] = lambda: 0) -> None:
         self.nc = nc
+        self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects
         # The hub's hook after an agent's trust changes (registry, NATS credentials).
         self.on_agent_change = on_agent_change
         self.services = services
@@ -188,6 +190,31 @@ class CoreBackend:
                     details={"agent": agent_id}) from None
         return self._agent(self.store.get_agent(agent_id))
 
+    async def change_enrollment(self, agent_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        """An admin moves an agent to another site, renames it or changes its resources (by
+        its id): what the agent itself may not claim (``enroll.py``). Recorded in the registry
+        bucket too; its next offers are judged against the new enrollment."""
+        agent = self.store.get_agent(agent_id)
+        if agent["revoked"]:
+            raise Conflict(f"agent {agent_id} is revoked", details={"agent": agent_id})
+        name = change.get("name")
+        holder = self.store.agent_named(name) if name is not None else None
+        if holder is not None and holder != agent_id:
+            raise Conflict(f"agent name {name!r} is taken by agent {holder}",
+                           details={"name": name, "agent": holder})
+        resources = change.get("resources")
+        self.store.set_enrollment(agent_id, name=name, site=change.get("site"),
+                                  resources=None if resources is None
+                                  else {**agent["resources"], **resources})
+        if change.get("site") not in (None, agent["site"]):
+            with self.store.transaction():  # its offer names the old site until the next one
+                self.store.delete_offer(agent_id)
+        log.warning("agent %s enrollment changed by an admin: %s", agent_id, change,
+                    extra={"agent_id": agent_id})
+        if self.on_agent_change is not None:
+            await self.on_agent_change(agent_id)
+        return self._agent(self.store.get_agent(agent_id))
+
     async def list_offers(self) -> Page:
         return Page(self.store.list_offers(now=time.time()), None)
 
@@ -227,6 +254,26 @@ class CoreBackend:
                    [({}, float(stats.get("duplicates", 0)))]),
             Metric("outpost_ingest_rejected_total", "counter", "Envelopes rejected, by reason",
                    [({"reason": r}, float(n)) for r, n in stats.get("rejected", {}).items()]),
+            Metric("outpost_ingest_gaps_total", "counter",
+                   "Envelope deliveries held back to wait for an earlier one",
+                   [({}, float(stats.get("gaps", 0)))]),
+            Metric("outpost_ingest_bad_events_total", "counter",
+                   "Malformed events in valid envelopes, skipped",
+                   [({}, float(stats.get("bad_events", 0)))]),
+            Metric("outpost_ingest_foreign_tasks_total", "counter",
+                   "Task events naming another agent's task, refused",
+                   [({}, float(stats.get("foreign_tasks", 0)))]),
+            Metric("outpost_ingest_refused_claims_total", "counter",
+                   "Agent records and offers claiming more than the agent's enrollment, by field",
+                   [({"field": f}, float(n)) for f, n in stats.get("refused_claims", {}).items()]),
+            Metric("outpost_sync_gaps", "gauge",
+                   "Agents whose acked events stay ahead of what the hub applied",
+                   [({}, float(len(self.liveness.gaps)))]),
+            Metric("outpost_sync_gaps_total", "counter", "Sync gaps found since start",
+                   [({}, float(self.liveness.gaps_total))]),
+            Metric("outpost_replies_dropped_total", "counter",
+                   "Requests dropped: reply subject outside the requester's inbox",
+                   [({}, float(self.replies_dropped()))]),
             Metric("outpost_stream_seq", "gauge", "OUTPOST_EVENTS sequence the view has reached",
                    [({}, float(self.store.stream_seq))]),
             Metric("outpost_commands_sent_total", "counter", "Commands sent to agents",

@@ -501,7 +501,7 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
                             made=made)
     store = HubStore(db)
     try:
-        token = JoinTokens(store).create_token(ttl_s, 1)
+        token = JoinTokens(store).create_token(ttl_s, 1, site=site)  # it enrolls this site
     finally:
         store.close()
     # The agent's key is made here, so its id, and with it what the site's leaf may carry, is

@@ -31,12 +31,18 @@ class HubConfig(NodeConfig):
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
+    # An agent whose JetStream-acked seq stays ahead of the applied one this long has a gap.
+    sync_gap_after_s: float = 30.0
     stream_replicas: int = 1
     events_max_age_s: float = 7 * 86400.0
     events_max_bytes: int = 1 << 30
     commands_max_age_s: float = 7 * 86400.0
     commands_max_bytes: int = 256 << 20
     duplicate_window_s: float = 120.0
+    # Per-agent quota on OUTPOST_EVENTS (federation/streams.py): messages per agent subject and
+    # the largest message; one agent holds at most their product.
+    events_max_msgs_per_subject: int = 20_000
+    events_max_msg_bytes: int = 1 << 20
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
 
@@ -58,6 +64,8 @@ class HubConfig(NodeConfig):
                       "more than disconnected_after_s, both above 0")
         if self.max_unreachable_per_s < 1:
             self._bad("max_unreachable_per_s", self.max_unreachable_per_s, "at least 1")
+        if not self.sync_gap_after_s > 0:
+            self._bad("sync_gap_after_s", self.sync_gap_after_s, "above 0")
         if self.stream_replicas not in (1, 3, 5):
             self._bad("stream_replicas", self.stream_replicas, "1, 3 or 5")
         if not 0 < self.duplicate_window_s <= min(self.events_max_age_s,
@@ -66,6 +74,12 @@ class HubConfig(NodeConfig):
                       "above 0 and not longer than either stream's max age")
         if self.events_max_bytes < 1 << 20 or self.commands_max_bytes < 1 << 20:
             self._bad("events_max_bytes", self.events_max_bytes, "at least 1 MiB (both streams)")
+        if self.events_max_msgs_per_subject < 10:
+            self._bad("events_max_msgs_per_subject", self.events_max_msgs_per_subject,
+                      "at least 10")
+        if not 512 << 10 <= self.events_max_msg_bytes <= 8 << 20:
+            self._bad("events_max_msg_bytes", self.events_max_msg_bytes,
+                      "512 KiB to 8 MiB (an edge's batches reach 400 kB)")
         check_tls_files(self.nats_tls_cert, self.nats_tls_key, "nats_tls")
         if self.nats_tls_cert is not None and not self.embedded_nats:
             self._bad("nats_tls_cert", str(self.nats_tls_cert),

@@ -14,8 +14,15 @@ the same key. The reply is msgpack ``{"ok": true, "agent_id", "hub_public_key"}`
 verifies commands with the hub key) or ``{"ok": false, "code", "error"}``.
 
 Re-enrolling a key that is already enrolled (and not revoked) succeeds, returns the same id,
-refreshes the agent's name, site, labels, resources and version, and neither needs nor uses up a
-token: the key itself is the credential by then. So an edge whose reply was lost can simply ask
+refreshes the agent's labels and version, and neither needs nor uses up a token: the key itself
+is the credential by then. Its name, site and resources are fixed at the first enrollment: a
+stolen key must not be able to move its agent into another site (and receive that site's
+tasks, with their environment) or claim more capacity than it was enrolled with, so a
+re-enrollment claiming another name or site, or more resources, is refused; an admin at the
+core changes them (``outpost-hub agents move``, ``POST /v1/agents/{id}/enrollment``). A join
+token may name a site (``outpost-hub token create --site``; a site bundle's token always does):
+it then enrolls agents of that site only. Names are unique among the agents that are not
+revoked. So an edge whose reply was lost can simply ask
 again, even after its single-use token is spent. A revoked key cannot come back, with any token:
 revocation means the key is distrusted, and the edge must enroll a new key.
 
@@ -23,6 +30,12 @@ The agent id is ``identity.id_from_public_key``; the hub's own key is ``<data_di
 A key belongs to one agent, ever: a key that is (or was, before a rotation) another agent's
 cannot enroll. Key rotation requests (``op: rotate``, see ``keyrotation.py``) arrive on the same
 subject, so an agent needs no other permission to rotate, and get the same replies.
+
+Replies go only into the requester's own inbox space (``natscreds.reply_in_inbox``): the enroll
+user's ``_INBOX_ENROLL.>``, or ``_INBOX.<agent_id>.>`` of the agent the request names. Any other
+reply subject (a JetStream API call, another agent's subjects, a KV key) would have the hub
+publish there with its own rights, so such a request is dropped unanswered and unapplied,
+counted in ``Enroller.dropped`` (``outpost_replies_dropped_total``) and logged.
 """
 
 from __future__ import annotations
@@ -43,8 +56,16 @@ from nats.aio.subscription import Subscription
 from core_hub.keyrotation import KeyRotations, is_rotation
 from core_hub.store import HubStore
 from federation import subjects, wire
-from federation.errors import Forbidden, Invalid, NotFound, OutpostError, Unauthorized
+from federation.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    OutpostError,
+    Unauthorized,
+)
 from federation.identity import id_from_public_key, load_or_create_key
+from federation.natscreds import reply_in_inbox
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -79,11 +100,15 @@ class JoinTokens:
         self._store = store
         self._clock = clock
 
-    def create_token(self, ttl_s: float, uses: int | None = 1) -> str:
-        """A new token valid for ``ttl_s`` seconds and ``uses`` enrollments (None: unlimited).
+    def create_token(self, ttl_s: float, uses: int | None = 1, *, site: str | None = None) -> str:
+        """A new token valid for ``ttl_s`` seconds and ``uses`` enrollments (None: unlimited),
+        for agents of ``site`` only if given.
 
         The plain token is returned once and never stored.
         """
+        if site is not None and not _NAME.match(site):
+            raise Invalid("a join token's site must be lowercase letters, digits, - _ .",
+                          details={"site": site})
         if not ttl_s > 0:
             raise Invalid("a join token's ttl must be positive", details={"ttl_s": ttl_s})
         if uses is not None and (type(uses) is not int or uses < 1):
@@ -92,9 +117,9 @@ class JoinTokens:
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)
         now = self._clock()
         self._store.insert_token(token_digest(token), created_at=now, expires_at=now + ttl_s,
-                                 uses_left=uses)
+                                 uses_left=uses, site=site)
         log.info("join token created", extra={"token_digest": token_digest(token)[:12],
-                                              "ttl_s": ttl_s, "uses": uses})
+                                              "ttl_s": ttl_s, "uses": uses, "site": site})
         return token
 
     def check_token(self, token: str) -> str:
@@ -112,10 +137,16 @@ class JoinTokens:
             raise Unauthorized("join token has been used up", details=short)
         return digest
 
-    def consume_token(self, token: str) -> None:
-        """Check the token and count one use (inside the caller's transaction, if any)."""
+    def consume_token(self, token: str, site: str | None = None) -> None:
+        """Check the token (and that it may enroll an agent of ``site``) and count one use
+        (inside the caller's transaction, if any)."""
         with self._store.transaction():
-            self._store.use_token(self.check_token(token))
+            digest = self.check_token(token)
+            row = self._store.get_token(digest)
+            if site is not None and row is not None and row["site"] not in (None, site):
+                raise Forbidden(f"this join token enrolls agents of site {row['site']!r} only",
+                                details={"site": site, "token_site": row["site"]})
+            self._store.use_token(digest)
 
     def list_tokens(self) -> list[dict[str, Any]]:
         """Every token's digest, times, uses left, and ``state`` (valid, expired, used-up,
@@ -168,6 +199,7 @@ class Enroller:
         self._clock = clock
         self._rotations = KeyRotations(store, clock=clock)
         self._sub: Subscription | None = None
+        self.dropped = 0  # requests whose reply subject was outside the requester's inbox
         # Called after each successful enrollment or key rotation, before the reply (the hub
         # saves the agent to its JetStream registry there).
         self.on_enrolled: Callable[[str], Awaitable[None]] | None = None
@@ -189,6 +221,13 @@ class Enroller:
             await sub.unsubscribe()
 
     async def _on_request(self, msg: Msg) -> None:
+        requester = _requester(msg.data)
+        if not reply_in_inbox(msg.reply, requester):
+            self.dropped += 1
+            log.warning("dropped a request on %s: its reply subject %r is outside the "
+                        "requester's inbox", subjects.ENROLL, (msg.reply or "")[:200],
+                        extra={"reply": (msg.reply or "")[:200], "agent_id": requester})
+            return
         reply, fresh_token = self._handle(msg.data)
         if reply["ok"] and self.on_enrolled is not None:
             try:  # durable beyond this hub's file before the agent is told it may send
@@ -199,8 +238,7 @@ class Enroller:
                     await self._forget(reply["agent_id"], fresh_token)
                 reply = {"ok": False, "code": "unavailable",
                          "error": "the hub could not record the enrollment; retry"}
-        if msg.reply:
-            await msg.respond(wire.pack(reply))
+        await msg.respond(wire.pack(reply))
 
     async def _forget(self, agent_id: str, token_digest: str) -> None:
         """Undo a new enrollment whose NATS-side set-up failed: the agent row goes and the
@@ -255,8 +293,14 @@ class Enroller:
         fresh_token = None
         with self._store.transaction():
             if known is None:
-                self._tokens.consume_token(request["token"])
+                self._tokens.consume_token(request["token"], request["site"])
                 fresh_token = token_digest(request["token"])
+                holder = self._store.agent_named(request["name"])
+                if holder is not None:
+                    raise Conflict(f"agent name {request['name']!r} is taken by agent {holder}",
+                                   details={"name": request["name"], "agent_id": holder})
+            else:
+                _same_enrollment(self._store.get_agent(agent_id), request)
             self._store.enroll_agent(
                 agent_id, public, name=request["name"], site=request["site"],
                 labels=request["labels"], resources=request["resources"],
@@ -265,6 +309,38 @@ class Enroller:
                  extra={"agent_id": agent_id, "site": request["site"],
                         "agent_name": request["name"]})
         return agent_id, fresh_token
+
+
+def _requester(data: bytes) -> str | None:
+    """The agent a request on the enrollment subject speaks for, as it claims (the key of an
+    enrollment, the id of a rotation), or None if it names none: what its reply may be."""
+    if len(data) > MAX_REQUEST_BYTES:
+        return None
+    try:
+        request = wire.unpack(data)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    if is_rotation(request):
+        agent_id = request.get("agent_id")
+        return agent_id if subjects.is_agent_id(agent_id) else None
+    public = request.get("public_key")
+    return id_from_public_key(public) if isinstance(public, bytes) and len(public) == 32 else None
+
+
+def _same_enrollment(agent: dict[str, Any], request: dict[str, Any]) -> None:
+    """A re-enrollment keeps the name, site and resources the agent enrolled with; raise
+    Forbidden if it claims others (an admin changes them at the core)."""
+    changed = [field for field in ("name", "site") if request[field] != agent[field]]
+    enrolled = agent["resources"]
+    if any(value > enrolled.get(key, 0) for key, value in request["resources"].items()):
+        changed.append("resources")
+    if changed:
+        raise Forbidden(
+            f"agent {agent['id']} is enrolled as {agent['name']!r} at site {agent['site']!r} "
+            f"with {enrolled}; {', '.join(changed)} change only by an admin at the core "
+            "(outpost-hub agents move)", details={"agent_id": agent["id"], "fields": changed})
 
 
 def _parse(data: bytes) -> dict[str, Any]:

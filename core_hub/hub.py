@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 from typing import Any
 
 from aiohttp import web
+from nats import errors as nats_errors
+from nats.js import errors as js_errors
 
 from core_hub.backend import CoreBackend
 from core_hub.commands import Commander
@@ -22,6 +25,7 @@ from core_hub.ingest import Ingest
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
+    SETUP_KEY_FILE,
     NatsAuth,
     pid_file_reload,
     record_managed,
@@ -36,8 +40,13 @@ from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
-from federation.natscreds import hub_credentials
-from federation.streams import ensure_streams
+from federation.natscreds import (
+    HUB_INBOX_PREFIX,
+    NatsCredentials,
+    hub_credentials,
+    user_seed,
+)
+from federation.streams import ensure_hub_buckets, ensure_streams
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +110,7 @@ class Hub:
             last_error, tries = "", 0
             log.info("nats: reconnected")
 
+        await self._set_up(_nats_error)
         self.nc = await nats.connect(self.nats_url, name="outpost-hub",
                                      reconnect_time_wait=NATS_RETRY_S, max_reconnect_attempts=-1,
                                      connect_timeout=5,
@@ -108,12 +118,6 @@ class Hub:
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))
         js = self.nc.jetstream(timeout=5)
-        await ensure_streams(js, replicas=cfg.stream_replicas,
-                             events_max_age_s=cfg.events_max_age_s,
-                             events_max_bytes=cfg.events_max_bytes,
-                             commands_max_age_s=cfg.commands_max_age_s,
-                             commands_max_bytes=cfg.commands_max_bytes,
-                             duplicate_window_s=cfg.duplicate_window_s)
         signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
@@ -130,7 +134,8 @@ class Hub:
         enroller.on_forgotten = self._after_agent_forgotten
         ingest = Ingest(js, store)
         liveness = Liveness(self.nc, store, LivenessSettings(
-            cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s))
+            cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s,
+            cfg.sync_gap_after_s))
         for part in (enroller, ingest, liveness):
             await part.start()
             self.parts.append(part)
@@ -145,6 +150,7 @@ class Hub:
         self.parts.append(services)
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
+                              replies_dropped=lambda: enroller.dropped,
                               services=services, on_agent_change=self._after_agent_change)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
@@ -166,6 +172,56 @@ class Hub:
         log.info("hub serving %s; NATS %s", self.url, redact_url(self.nats_url),
                  extra={"url": self.url, "nats": redact_url(self.nats_url)})
 
+    async def _set_up(self, error_cb: Any) -> None:
+        """Create or update the streams and buckets on a connection of its own, closed after:
+        with least privilege it is the set-up user's (``natsauth.hub_permissions(setup=True)``),
+        the only one that may create or change a stream; the hub's own user cannot."""
+        cfg = self.config
+        nc = await self._setup_connection(error_cb)
+        try:
+            js = nc.jetstream(timeout=5)
+            for attempt in itertools.count(1):
+                try:
+                    await ensure_streams(
+                        js, replicas=cfg.stream_replicas,
+                        events_max_age_s=cfg.events_max_age_s,
+                        events_max_bytes=cfg.events_max_bytes,
+                        commands_max_age_s=cfg.commands_max_age_s,
+                        commands_max_bytes=cfg.commands_max_bytes,
+                        duplicate_window_s=cfg.duplicate_window_s,
+                        events_max_msgs_per_subject=cfg.events_max_msgs_per_subject,
+                        events_max_msg_bytes=cfg.events_max_msg_bytes)
+                    await ensure_hub_buckets(js, replicas=cfg.stream_replicas)
+                    break
+                except (nats_errors.TimeoutError, js_errors.ServiceUnavailableError,
+                        js_errors.APIError) as exc:
+                    # A NATS cluster still forming has no JetStream leader or too few peers
+                    # (err 10005 "no suitable peers"): wait for it, saying so, for a while.
+                    if not _forming(exc) or attempt >= SETUP_TRIES:
+                        raise
+                    log.warning("stream set-up: %r (try %d of %d; the cluster may still be "
+                                "forming)", exc, attempt, SETUP_TRIES, extra={"tries": attempt})
+                    await asyncio.sleep(NATS_RETRY_S * 2)
+        finally:
+            await nc.close()
+
+    async def _setup_connection(self, error_cb: Any = None) -> Any:
+        """A connection as the set-up user (the hub's own without least privilege); with an
+        ``error_cb``, one that keeps trying until the server answers (the hub's start)."""
+        import nats
+
+        cfg = self.config
+        creds: dict[str, Any] = {}
+        if self.nats_auth is not None:
+            seed, _public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
+            creds = NatsCredentials(seed=user_seed(seed),
+                                    inbox_prefix=HUB_INBOX_PREFIX).connect_options()
+        retry: dict[str, Any] = (
+            {"max_reconnect_attempts": -1, "reconnect_time_wait": NATS_RETRY_S,
+             "error_cb": error_cb} if error_cb is not None else {"allow_reconnect": False})
+        return await nats.connect(self.nats_url, name="outpost-hub-setup", connect_timeout=5,
+                                  **retry, **_nats_tls(cfg, self.nats_url), **creds)
+
     async def _after_agent_change(self, agent_id: str) -> None:
         """The one call site for an agent whose trust changed (enrolled, key rotated, revoked):
         record it in the registry bucket, so a rebuilt view keeps it, then refresh what else
@@ -174,10 +230,25 @@ class Hub:
         await self.registry.save(agent_id)
         assert self.store is not None and self.nc is not None
         key = self.store.agent_key(agent_id)
-        if key is not None and key.revoked:  # revoked: nothing is left to read its commands
-            await self.nc.jetstream(timeout=5).purge_stream(
-                subjects.COMMANDS_STREAM, subject=subjects.commands_of(agent_id))
+        if key is not None and key.revoked:  # nothing may be left for a stolen box to read
+            await self._purge_commands_of(agent_id)
         await self.refresh_nats_auth()
+
+    async def _purge_commands_of(self, agent_id: str) -> None:
+        """Purge a revoked agent's command subjects (through a site leaf it may keep its NATS
+        rights until the leaf reconnects). The hub's run-time user has no purge right, so this
+        goes through the set-up user, whose only purge right is this one stream's."""
+        try:
+            nc = await self._setup_connection()
+        except Exception as exc:
+            log.warning("could not purge the commands of revoked agent %s: %r", agent_id, exc,
+                        extra={"agent_id": agent_id})
+            return
+        try:
+            await nc.jetstream(timeout=5).purge_stream(
+                subjects.COMMANDS_STREAM, subject=subjects.commands_of(agent_id))
+        finally:
+            await nc.close()
 
     async def _after_agent_forgotten(self, agent_id: str) -> None:
         """An enrollment taken back (its set-up failed): out of the registry and NATS users."""
@@ -206,7 +277,9 @@ class Hub:
             return
         reload = self._reload_embedded if cfg.embedded_nats else (
             pid_file_reload(cfg.nats_pid_file) if cfg.nats_pid_file else None)
-        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir)
+        _seed, setup_public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
+        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir,
+                                  setup_public_key=setup_public)
         record_managed(cfg.data_dir, path, cfg.data_dir / "nats" / "nats-server.pid"
                        if cfg.embedded_nats else cfg.nats_pid_file)
         if self.nats_auth.write() and cfg.nats_pid_file is not None:
@@ -272,6 +345,17 @@ def _nats_tls(cfg: HubConfig, url: str) -> dict[str, Any]:
     from federation.tls import client_context
 
     return {"tls": client_context(cfg.nats_ca, "nats_ca")}
+
+
+SETUP_TRIES = 30  # stream set-up tries while a cluster forms (about a minute)
+
+
+def _forming(exc: Exception) -> bool:
+    """True for the errors of a JetStream that is not ready yet (no leader, too few peers)."""
+    if isinstance(exc, nats_errors.TimeoutError | js_errors.ServiceUnavailableError):
+        return True
+    return isinstance(exc, js_errors.APIError) and (
+        exc.err_code in (10005, 10008) or exc.code == 503)
 
 
 async def _bounded(coro: Any, what: str, seconds: float = STOP_GRACE_S) -> None:

@@ -50,15 +50,10 @@ class StateMirror:
         self._loop: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        from nats.js.api import KeyValueConfig
-        from nats.js.errors import BucketNotFoundError
-
+        """Bind the buckets (``streams.ensure_hub_buckets`` made them during the hub's set-up:
+        the hub's run-time NATS user may not create one)."""
         for kind, bucket in BUCKETS.items():
-            try:
-                self.kv[kind] = await self.js.key_value(bucket)
-            except BucketNotFoundError:
-                self.kv[kind] = await self.js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, replicas=self.replicas))
+            self.kv[kind] = await self.js.key_value(bucket)
 
     async def flush(self) -> int:
         """Write every change marked now (not those marked while this runs: the loop's next

@@ -31,6 +31,16 @@ event cannot wedge an agent's stream. An envelope whose apply raises anyway (a f
 SQLite or JSON cannot hold) is rolled back alone and retried with backoff: the view never skips
 what it could not store, and ``apply_errors`` shows it.
 
+What an agent says about itself is checked against what it enrolled as (``enroll.py``): its
+name, site and resources are fixed there and change only by an admin at the core. An ``agent``
+event claiming another name or site, or more resources, has those fields refused (the rest,
+status, version, labels, what it uses, is applied); an ``offer`` claiming more free or used
+resources than enrolled (per amount the enrollment names) is refused whole, and one claiming
+another site stands for the enrolled site (after an admin moved the agent, its own config may
+still name the old one). Each is counted in ``refused_claims`` by field and logged (once per
+agent and claim), so a stolen edge cannot pose as
+another site's agent and draw that site's tasks, or claim capacity it does not have.
+
 Batch events arrive as JSON text (``Envelope.raw_events``). Each is decoded once, with orjson,
 for its checks; a task's text that names its sender is then stored as it came, not encoded
 again (``store.task_row``). On the 2-core build box that leaves ~18 us of hub CPU per task
@@ -95,7 +105,8 @@ class IngestStats:
     ``subject``; a revoked agent's events land in ``revoked``); ``bad_events`` (malformed
     bodies skipped); ``foreign_tasks`` (task rows naming another agent's task id, refused;
     counted once per envelope and task, and not subtracted from ``applied_events``);
-    ``apply_errors`` (envelopes whose apply raised)."""
+    ``apply_errors`` (envelopes whose apply raised); ``refused_claims`` (agent records and
+    offers claiming another name or site or more resources than enrolled, by field)."""
 
     applied_events: int = 0
     applied_envelopes: int = 0
@@ -105,6 +116,7 @@ class IngestStats:
     bad_events: int = 0
     foreign_tasks: int = 0
     apply_errors: int = 0
+    refused_claims: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: IngestStats) -> None:
         self.applied_events += other.applied_events
@@ -116,6 +128,8 @@ class IngestStats:
         self.apply_errors += other.apply_errors
         for reason, count in other.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
+        for claim, count in other.refused_claims.items():
+            self.refused_claims[claim] = self.refused_claims.get(claim, 0) + count
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +168,7 @@ class Ingest:
         self._max_ack_pending = max_ack_pending
         self._max_chunk_bytes = max_chunk_bytes
         self.stats = IngestStats()
+        self._claims_logged: set[tuple[str, str, str]] = set()  # refused claims, logged once
         self._sub: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
@@ -440,8 +455,10 @@ class Ingest:
                 tasks = {}
                 pop = tasks.pop
             if event.kind == "agent" and isinstance(body, dict):
-                store.update_agent_record(agent, _agent_fields(body))
+                store.update_agent_record(agent, self._agent_claims(agent, body, event, delta))
             elif event.kind == "offer" and _offer_ok(body):
+                if not self._offer_fits(agent, body, event, delta):
+                    continue  # refused and counted; the seq still counts as applied
                 store.upsert_offer(agent, body)
                 used = body.get("used")
                 if isinstance(used, dict) and all(_is_number(v) and v >= 0 for v in used.values()):
@@ -472,6 +489,51 @@ class Ingest:
             delta.foreign_tasks += foreign
             log.warning("agent %s: refused %d task events naming another agent's tasks",
                         agent, foreign, extra={"agent_id": agent})
+
+    def _agent_claims(self, agent: str, body: dict[str, Any], event: Event,
+                      delta: IngestStats) -> dict[str, Any]:
+        """The fields of an ``agent`` event to apply: never its name, site or resources, which
+        stay as enrolled; a claim of others is refused (counted, logged)."""
+        fields = _agent_fields(body)
+        enrolled = self._store.get_agent(agent)
+        for name in ("name", "site"):
+            claimed = fields.pop(name, None)
+            if claimed is not None and claimed != enrolled[name]:
+                self._refuse(delta, agent, event, name, claimed, enrolled[name])
+        claimed = fields.pop("resources", None)
+        if claimed is not None and _exceeds(claimed, enrolled["resources"]):
+            self._refuse(delta, agent, event, "resources", claimed, enrolled["resources"])
+        return fields
+
+    def _offer_fits(self, agent: str, body: dict[str, Any], event: Event,
+                    delta: IngestStats) -> bool:
+        """True if the offer stays within the agent's enrollment (its site; free and used
+        amounts no larger than enrolled); the stored offer names the enrolled site."""
+        enrolled = self._store.get_agent(agent)
+        site = body.get("site", enrolled["site"])
+        if site != enrolled["site"]:  # counted; the offer stands for the enrolled site
+            self._refuse(delta, agent, event, "offer_site", site, enrolled["site"])
+        free = {k: body[k] for k in ("cpus", "mem_mb", "disk_mb") if k in body}
+        used = body.get("used")
+        for what, amounts in (("offer_resources", free), ("offer_used", used)):
+            if isinstance(amounts, dict) and _exceeds(amounts, enrolled["resources"]):
+                self._refuse(delta, agent, event, what, amounts, enrolled["resources"])
+                return False
+        body["site"] = enrolled["site"]
+        return True
+
+    def _refuse(self, delta: IngestStats, agent: str, event: Event, what: str, claimed: Any,
+                enrolled: Any) -> None:
+        delta.refused_claims[what] = delta.refused_claims.get(what, 0) + 1
+        said = (agent, what, str(claimed)[:200])
+        if said in self._claims_logged:  # an edge repeats its offer every few seconds
+            return
+        if len(self._claims_logged) < 10_000:
+            self._claims_logged.add(said)
+        log.warning("agent %s: refused %s %s in event %d (enrolled: %s): only an admin at the "
+                    "core changes an agent's enrollment", agent, what, str(claimed)[:200],
+                    event.seq, str(enrolled)[:200],
+                    extra={"agent_id": agent, "seq": event.seq, "claim": what})
 
     def _bad(self, delta: IngestStats, agent: str, event: Event) -> None:
         delta.bad_events += 1
@@ -518,6 +580,20 @@ def _agent_fields(body: dict[str, Any]) -> dict[str, Any]:
         del fields["status"]
     fields.update({k: body[k] for k in AGENT_JSON_FIELDS if isinstance(body.get(k), dict)})
     return fields
+
+
+def _exceeds(claimed: Any, enrolled: dict[str, Any]) -> bool:
+    """True if ``claimed`` (amounts by resource) is more than ``enrolled`` in any amount the
+    enrollment names, or is not a map of numbers."""
+    if not isinstance(claimed, dict):
+        return True
+    for key, value in claimed.items():
+        if not _is_number(value):
+            return True
+        limit = enrolled.get(key)
+        if _is_number(limit) and value > limit + 1e-9:
+            return True
+    return False
 
 
 def _offer_ok(body: Any) -> bool:

@@ -18,6 +18,14 @@ a blip on the core's own network does not condemn the whole fleet at once. ``dra
 
 A pass that fails (a locked or full database, a bug) is logged with its traceback, counted in
 ``errors`` (the ``outpost_liveness_errors_total`` metric) and the loop goes on.
+
+Heartbeats also carry ``acked``, the last seq the agent's outbox had acknowledged by JetStream.
+If that runs ahead of the seq the hub applied, and what the hub applied stays where it is for
+``gap_after_s``, events the edge believes delivered are not coming (dropped by the stream: a
+poisoned dedupe, a limit that discarded them before ingest): the agent's ``outbox.gap`` says so
+(``{"acked_seq", "applied_seq", "since"}``, shown on the dashboard), a warning is logged and
+``outpost_sync_gaps`` / ``outpost_sync_gaps_total`` count it. Ingest lag is no gap: the applied
+seq moves.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class LivenessSettings:
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
+    gap_after_s: float = 30.0
 
 
 class Liveness:
@@ -62,6 +71,10 @@ class Liveness:
         self._outbox: dict[str, tuple[Any, Any]] = {}  # last outbox figures written per agent
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
+        # agent -> (applied seq while behind its acked seq, since when it has not moved)
+        self._behind: dict[str, tuple[int, float]] = {}
+        self.gaps: set[str] = set()  # agents with a gap that does not fill
+        self.gaps_total = 0
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(subjects.HEARTBEATS_ALL, cb=self._on_beat)
@@ -111,12 +124,27 @@ class Liveness:
         db.executemany("UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), ?)"
                        " WHERE id = ? AND revoked = 0",
                        [(beat["received"], agent) for agent, beat in beats.items()])
+        applied = self._applied_seqs(db, list(beats))
         for agent, beat in beats.items():
-            outbox = (beat.get("outbox"), beat.get("outbox_age"))
+            if agent not in applied:  # unknown or revoked: its beats change nothing
+                continue
+            gap = self._gap(agent, applied[agent], beat, beat["received"])
+            outbox = (beat.get("outbox"), beat.get("outbox_age"), gap)
             if self._outbox.get(agent) != outbox:
                 self._outbox[agent] = outbox
                 self.store.update_agent_record(agent, {"outbox": {
-                    "depth": outbox[0], "oldest_age_s": outbox[1]}})
+                    "depth": outbox[0], "oldest_age_s": outbox[1], "gap": gap}})
+
+    @staticmethod
+    def _applied_seqs(db: Any, agents: list[str]) -> dict[str, int]:
+        """The applied seq of each of ``agents`` that is known and not revoked."""
+        found: dict[str, int] = {}
+        for at in range(0, len(agents), 500):
+            part = agents[at:at + 500]
+            found.update(db.execute(
+                "SELECT id, COALESCE(applied_seq, 0) FROM agents WHERE revoked = 0 AND id IN"
+                f" ({','.join('?' * len(part))})", part).fetchall())
+        return found
 
     def _move(self, db: Any, now: float) -> None:
         cfg = self.settings
@@ -135,3 +163,29 @@ class Liveness:
         for (agent,) in rows:
             log.warning("agent %s unreachable", agent, extra={"agent": agent})
         db.executemany("UPDATE agents SET status = 'unreachable' WHERE id = ?", rows)
+
+    def _gap(self, agent_id: str, applied: int, beat: dict[str, Any], now: float
+             ) -> dict[str, Any] | None:
+        """The agent's gap (acked by JetStream, not applied, not moving), or None."""
+        acked = beat.get("acked")
+        if type(acked) is not int or acked <= applied:
+            self._behind.pop(agent_id, None)
+            if agent_id in self.gaps:
+                self.gaps.discard(agent_id)
+                log.info("agent %s: sync gap closed at seq %d", agent_id, applied,
+                         extra={"agent": agent_id, "applied_seq": applied})
+            return None
+        seen, since = self._behind.get(agent_id, (None, now))
+        if seen != applied:
+            since = now
+        self._behind[agent_id] = (applied, since)
+        if now - since < self.settings.gap_after_s:
+            return None
+        if agent_id not in self.gaps:
+            self.gaps.add(agent_id)
+            self.gaps_total += 1
+            log.warning("agent %s: JetStream acked its events up to seq %d but the hub has "
+                        "applied only up to %d for %.0fs: events were lost on the way",
+                        agent_id, acked, applied, now - since,
+                        extra={"agent": agent_id, "acked_seq": acked, "applied_seq": applied})
+        return {"acked_seq": acked, "applied_seq": applied, "since": since}

@@ -219,4 +219,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX agents_by_status_seen ON agents(status, last_seen);
     """,
+    # 11 (trust, issue 10): a join token may name the site of the agents it enrolls.
+    """
+    ALTER TABLE join_tokens ADD COLUMN site TEXT;
+    """,
 )

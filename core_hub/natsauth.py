@@ -4,7 +4,17 @@ Without it any client of the hub's NATS could publish events as any agent, read 
 commands, or delete the streams. With it the server itself refuses (a permissions violation),
 before a message reaches the hub or a consumer. The users it lists:
 
-- the hub: an nkey user from ``hub.key``, every permission;
+- the hub: an nkey user from ``hub.key`` with least privilege too (``hub_permissions``): it
+  publishes commands, live-read requests and replies into inboxes, and uses the JetStream API
+  of the streams and buckets named in ``federation/streams.py`` (``HUB_STREAMS``,
+  ``HUB_KV_BUCKETS``: the one list to extend) to read, consume, ack and write KV keys, but it
+  can create, change, purge or delete no stream, so a bug in a responder (or a reply subject
+  nobody checked) cannot wipe the fleet's events or commands;
+- the hub's set-up user, an nkey from ``hub-setup.key``: the same plus creating and updating
+  those streams and buckets, and purging ``OUTPOST_COMMANDS`` (a revoked agent's commands,
+  which a site leaf could otherwise still serve it); never purging events or buckets, never
+  deleting a stream. The hub uses it only while it starts (``Hub._set_up``) and when it
+  revokes an agent (``Hub._purge_commands_of``), each time on a connection it then closes;
 - ``outpost-enroll`` (public password, ``federation/natscreds.py``): may only send an
   enrollment request and read replies under ``_INBOX_ENROLL.>``;
 - each enrolled, non-revoked agent: an nkey user from its current identity key, allowed to
@@ -59,12 +69,15 @@ from core_hub.store import HubStore
 from federation import subjects
 from federation.errors import OutpostError
 from federation.natscreds import (
+    AGENT_INBOX_ROOT,
     ENROLL_INBOX_PREFIX,
     ENROLL_PASSWORD,
     ENROLL_USER,
+    HUB_INBOX_PREFIX,
     agent_inbox_prefix,
     user_nkey,
 )
+from federation.streams import HUB_KV_BUCKETS, HUB_STREAMS
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +86,49 @@ MANAGED_FILE = "nats-auth.json"  # in the hub's data dir: which file and server 
 SITES_DIR = "nats-sites"
 HUB_JS_DOMAIN = "hub"  # configs/nats/hub.conf; core_hub/bundle.py maps the leaves' API to it
 ROTATION_GRACE_S = 30.0
+SETUP_KEY_FILE = "hub-setup.key"  # in the hub's data dir: the set-up user's nkey seed
+# Never granted to any user: what would empty or remove a stream (or a bucket: a KV_ stream).
+NEVER = ["$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.MSG.DELETE.>"]
 
 
 class NatsAuthError(OutpostError):
     """The authorization file could not be written or the server not told to reload it."""
 
     code = "nats_auth"
+
+
+def hub_permissions(*, setup: bool = False) -> dict[str, Any]:
+    """The hub's server permissions, derived from ``HUB_STREAMS`` and ``HUB_KV_BUCKETS``;
+    ``setup`` adds creating and updating those streams and purging the commands stream (the
+    set-up user's)."""
+    api = "$JS.API"
+    publish = [
+        subjects.COMMANDS_ALL, f"{subjects.PREFIX}.rpc.*.*",
+        # replies, into the requester's inbox only (enroll.py checks which)
+        f"{ENROLL_INBOX_PREFIX}.>", f"{AGENT_INBOX_ROOT}.*.>",
+        f"{api}.INFO", f"{api}.STREAM.NAMES", f"{api}.STREAM.LIST",
+    ]
+    streams = [*HUB_STREAMS, *(f"KV_{bucket}" for bucket in HUB_KV_BUCKETS)]
+    for stream in streams:
+        publish += [
+            f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
+            f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>",
+            f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*", f"{api}.CONSUMER.INFO.{stream}.*",
+            f"{api}.CONSUMER.NAMES.{stream}", f"{api}.CONSUMER.LIST.{stream}",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"{api}.CONSUMER.DELETE.{stream}.*",
+            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
+        ]
+        if setup:
+            publish += [f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
+    publish += [f"$KV.{bucket}.>" for bucket in HUB_KV_BUCKETS]
+    deny = NEVER
+    if setup:  # deny wins over allow in NATS: the one purge is carved out of NEVER
+        publish.append(f"{api}.STREAM.PURGE.{subjects.COMMANDS_STREAM}")
+        deny = [f"{api}.STREAM.PURGE.{stream}" for stream in streams
+                if stream != subjects.COMMANDS_STREAM] + NEVER[1:]
+    return {"publish": {"allow": publish, "deny": deny},
+            "subscribe": {"allow": [f"{subjects.PREFIX}.>", f"{HUB_INBOX_PREFIX}.>"]}}
 
 
 def agent_permissions(agent_id: str) -> dict[str, Any]:
@@ -119,12 +169,16 @@ ENROLL_PERMISSIONS: dict[str, Any] = {
 
 
 def render(hub_public_key: bytes, agents: Iterable[tuple[str, bytes]],
-           sites: Iterable[tuple[str, list[str]]] = ()) -> str:
-    """The ``authorization { users = [...] }`` block for the hub, ``agents`` (id, raw public
-    key) and site leaves (leaf nkey, agent ids). JSON is valid NATS config syntax, so every
-    value is quoted safely."""
+           sites: Iterable[tuple[str, list[str]]] = (),
+           setup_public_key: bytes | None = None) -> str:
+    """The ``authorization { users = [...] }`` block for the hub (and its set-up user),
+    ``agents`` (id, raw public key) and site leaves (leaf nkey, agent ids). JSON is valid NATS
+    config syntax, so every value is quoted safely."""
     users: list[dict[str, Any]] = [
-        {"nkey": user_nkey(hub_public_key)},
+        {"nkey": user_nkey(hub_public_key), "permissions": hub_permissions(),
+         "allowed_connection_types": ["STANDARD"]},
+        *([{"nkey": user_nkey(setup_public_key), "permissions": hub_permissions(setup=True),
+            "allowed_connection_types": ["STANDARD"]}] if setup_public_key else []),
         {"user": ENROLL_USER, "password": ENROLL_PASSWORD, "permissions": ENROLL_PERMISSIONS,
          "allowed_connection_types": ["STANDARD"]},
     ]
@@ -220,9 +274,10 @@ class NatsAuth:
 
     def __init__(self, path: Path, store: HubStore, hub_public_key: bytes,
                  reload: Callable[[], Awaitable[None]] | None = None, *,
-                 sites_from: Path | None = None,
+                 sites_from: Path | None = None, setup_public_key: bytes | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
+        self.setup_public_key = setup_public_key  # the hub's set-up user, if it has one
         self.sites_from = sites_from  # the hub's data dir, whose nats-sites/ lists the leaves
         self.store = store
         self.hub_public_key = bytes(hub_public_key)
@@ -251,7 +306,7 @@ class NatsAuth:
         changed = write_auth_file(self.path, render(
             self.hub_public_key,
             [*agents, *((agent_id, key) for agent_id, (key, _) in self._retiring.items())],
-            sites))
+            sites, self.setup_public_key))
         if changed:
             log.info("NATS authorization written: %d agents", len(agents),
                      extra={"path": str(self.path), "agents": len(agents)})
@@ -314,10 +369,11 @@ def refresh_offline(data_dir: Path) -> bool:
     except ValueError as exc:
         raise NatsAuthError(f"{data_dir / MANAGED_FILE} is not JSON: {exc}") from exc
     _seed, public = load_or_create_key(data_dir / "hub.key")
+    _seed, setup_public = load_or_create_key(data_dir / SETUP_KEY_FILE)
     store = HubStore(data_dir / "hub.db")
     try:
-        changed = NatsAuth(Path(managed["auth_file"]), store, public,
-                           sites_from=data_dir).write()
+        changed = NatsAuth(Path(managed["auth_file"]), store, public, sites_from=data_dir,
+                           setup_public_key=setup_public).write()
     finally:
         store.close()
     pid_file = managed.get("pid_file")

@@ -13,6 +13,10 @@ sticky either way (a revocation made with ``outpost-hub agents revoke`` while th
 reaches the bucket here), and the side that knows more key rotations wins (a key is only ever
 retired, never brought back). The hub's other state (services, tokens, launches) is mirrored
 by ``core_hub.hubstate``.
+
+A record that does not decode or lacks a field (written by a bug, by hand, or by anyone who
+could publish to ``$KV.OUTPOST_AGENTS.>``) is skipped with a warning naming its key, and counted
+in ``Registry.skipped``: one bad record must not keep the hub from starting.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from typing import Any
 
 from core_hub.store import HubStore
 from federation import subjects, wire
+from federation.streams import AGENTS_BUCKET
 
 log = logging.getLogger(__name__)
 
-BUCKET = subjects.AGENTS_BUCKET
+BUCKET = AGENTS_BUCKET
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "public_key": bytes, "name": str, "site": str, "labels": dict, "resources": dict,
+    "version": str, "enrolled_at": (int, float)}
 
 
 class Registry:
@@ -36,16 +44,11 @@ class Registry:
         self.store = store
         self.replicas = replicas
         self.kv: Any = None
+        self.skipped = 0  # unreadable records left out of the last restore
 
     async def open(self) -> None:
-        from nats.js.api import KeyValueConfig
-        from nats.js.errors import BucketNotFoundError
-
-        try:
-            self.kv = await self.js.key_value(BUCKET)
-        except BucketNotFoundError:
-            self.kv = await self.js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, history=1, replicas=self.replicas))
+        """Bind the bucket (``streams.ensure_hub_buckets`` made it during the hub's set-up)."""
+        self.kv = await self.js.key_value(BUCKET)
 
     async def save(self, agent_id: str) -> None:
         agent = self.store.get_agent(agent_id)
@@ -65,7 +68,11 @@ class Registry:
         try:
             while (entry := await watcher.updates(timeout=10.0)) is not None:
                 if entry.value:
-                    records[entry.key] = wire.unpack(entry.value)
+                    record = _record(entry.key, entry.value)
+                    if record is None:
+                        self.skipped += 1
+                    else:
+                        records[entry.key] = record
         finally:
             await watcher.stop()
         restored = 0
@@ -94,3 +101,29 @@ class Registry:
             self.store.revoke_agent(agent_id, record.get("revoked_at"))
         return (len(agent["retired_keys"]) > len(retired)
                 or (agent["revoked"] and not record.get("revoked")))
+
+
+def _record(key: str, value: bytes) -> dict[str, Any] | None:
+    """The decoded record under ``key``, or None (logged) if it is not a usable one."""
+    problem = None
+    try:
+        record = wire.unpack(value)
+    except ValueError as err:
+        record, problem = None, f"not msgpack ({err})"
+    if problem is None and not isinstance(record, dict):
+        problem = "not a map"
+    elif problem is None and not subjects.is_agent_id(key):
+        problem = "the key is not an agent id"
+    elif problem is None:
+        assert isinstance(record, dict)
+        bad = [field for field, kind in _RECORD_TYPES.items()
+               if not isinstance(record.get(field), kind)]
+        if bad:
+            problem = f"missing or ill-typed fields {bad}"
+        elif len(record["public_key"]) != 32:
+            problem = "public_key is not 32 bytes"
+    if problem is not None:
+        log.warning("skipping the unreadable %s record %r: %s", BUCKET, key[:80], problem,
+                    extra={"key": key[:80], "bucket": BUCKET})
+        return None
+    return record

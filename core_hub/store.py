@@ -187,13 +187,13 @@ class HubStore(Database):
     def enroll_agent(self, agent_id: str, public_key: bytes, *, name: str, site: str,
                      labels: dict[str, str], resources: dict[str, Any], version: str,
                      now: float) -> None:
-        """Add an agent, or refresh the self-description of one enrolled with this key."""
+        """Add an agent, or refresh the labels and version of one enrolled with this key (its
+        name, site and resources stay as enrolled: ``set_enrollment`` changes them)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO agents(id, public_key, name, site, labels, resources, version,"
                 " enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " name = excluded.name, site = excluded.site, labels = excluded.labels,"
-                " resources = excluded.resources, version = excluded.version"
+                " labels = excluded.labels, version = excluded.version"
                 " WHERE agents.public_key = excluded.public_key",
                 (agent_id, public_key, name, site, _dumps(labels), _dumps(resources), version,
                  now))
@@ -207,6 +207,24 @@ class HubStore(Database):
             if refund_token is not None:
                 db.execute("UPDATE join_tokens SET uses_left = uses_left + 1"
                            " WHERE digest = ? AND uses_left IS NOT NULL", (refund_token,))
+
+    def agent_named(self, name: str) -> str | None:
+        """The id of the agent (not revoked) called ``name``, if any: names are unique."""
+        row = self._db.execute("SELECT id FROM agents WHERE name = ? AND revoked = 0"
+                               " ORDER BY enrolled_at LIMIT 1", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_enrollment(self, agent_id: str, *, name: str | None = None,
+                       site: str | None = None,
+                       resources: dict[str, Any] | None = None) -> None:
+        """An admin's change of what an agent is enrolled as (its name, site or resources)."""
+        fields = {k: v for k, v in (("name", name), ("site", site)) if v is not None}
+        if resources is not None:
+            fields["resources"] = _dumps(resources)
+        if fields:
+            with self.transaction() as db:
+                db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in fields)}"
+                           " WHERE id = ?", (*fields.values(), agent_id))
 
     def revoke_agent(self, agent_id: str, now: float | None = None) -> bool:
         """Distrust an agent from now on: its events are rejected, it cannot re-enroll, it gets
@@ -436,6 +454,9 @@ class HubStore(Database):
             " expires_at = excluded.expires_at",
             (agent_id, _dumps(offer), float(offer["expires_at"])))
 
+    def delete_offer(self, agent_id: str) -> None:
+        self._db.execute("DELETE FROM offers WHERE agent_id = ?", (agent_id,))
+
     def insert_result(self, agent_id: str, result: dict[str, Any], ts: float) -> None:
         """Record a command's outcome; the first report of a command id is the one kept."""
         self._db.execute(
@@ -466,10 +487,11 @@ class HubStore(Database):
         return [_agent(row) for row in rows]
 
     def find_agent(self, ref: str) -> dict[str, Any] | None:
-        """The agent whose id, or else whose name, is ``ref`` (the first by id if several)."""
+        """The agent whose id, or else whose name, is ``ref``: names are unique among agents
+        not revoked, so one of those wins over a revoked one of the same name."""
         row = self._db.execute("SELECT * FROM agents WHERE id = ?", (ref,)).fetchone() or \
-            self._db.execute("SELECT * FROM agents WHERE name = ? ORDER BY id LIMIT 1",
-                             (ref,)).fetchone()
+            self._db.execute("SELECT * FROM agents WHERE name = ? ORDER BY revoked, enrolled_at"
+                             " LIMIT 1", (ref,)).fetchone()
         return None if row is None else _agent(row)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
@@ -594,10 +616,11 @@ class HubStore(Database):
     # ------------------------------------------------------------ join tokens
 
     def insert_token(self, digest: str, *, created_at: float, expires_at: float,
-                     uses_left: int | None) -> None:
+                     uses_left: int | None, site: str | None = None) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO join_tokens(digest, created_at, expires_at, uses_left)"
-                       " VALUES (?, ?, ?, ?)", (digest, created_at, expires_at, uses_left))
+            db.execute("INSERT INTO join_tokens(digest, created_at, expires_at, uses_left, site)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       (digest, created_at, expires_at, uses_left, site))
 
     def get_token(self, digest: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT * FROM join_tokens WHERE digest = ?",
@@ -685,9 +708,9 @@ class HubStore(Database):
                                   " :created_at, :revoked)", record).rowcount
             elif bucket == "join_tokens":
                 done = db.execute("INSERT OR IGNORE INTO join_tokens(digest, created_at,"
-                                  " expires_at, uses_left, revoked) VALUES (:digest,"
-                                  " :created_at, :expires_at, :uses_left, :revoked)",
-                                  record).rowcount
+                                  " expires_at, uses_left, revoked, site) VALUES (:digest,"
+                                  " :created_at, :expires_at, :uses_left, :revoked, :site)",
+                                  {"site": None, **record}).rowcount
             else:
                 # A launch recorded as sent may have been in the lost view's command queue
                 # only: it is sent again (same command id: JetStream or the edge drops a copy).
@@ -797,4 +820,4 @@ def _agent(row: sqlite3.Row) -> dict[str, Any]:
 def _token(row: sqlite3.Row) -> dict[str, Any]:
     return {"digest": row["digest"], "created_at": row["created_at"],
             "expires_at": row["expires_at"], "uses_left": row["uses_left"],
-            "revoked": bool(row["revoked"])}
+            "revoked": bool(row["revoked"]), "site": row["site"]}

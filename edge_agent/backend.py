@@ -173,6 +173,11 @@ class EdgeBackend:
                        "`outpost-hub agents revoke ID` or POST this to the hub",
                        details={"role": "edge", "agent": agent_id})
 
+    async def change_enrollment(self, agent_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        raise Conflict("an agent's enrollment is changed at the core: "
+                       "`outpost-hub agents move ID` or POST this to the hub",
+                       details={"role": "edge", "agent": agent_id})
+
     def current_offer(self) -> dict[str, Any] | None:
         """What this agent offers now (None while draining): its free resources and labels."""
         if self.draining:

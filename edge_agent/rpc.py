@@ -54,7 +54,9 @@ class RpcServer:
                 task.cancel()
 
     async def _on_logs(self, msg: Any) -> None:
-        if not msg.reply:
+        # Answers go to this agent's own rpcreply subjects only (a reply subject is input too;
+        # least privilege would refuse anything else, but do not rely on it).
+        if not (msg.reply or "").startswith(f"{subjects.PREFIX}.rpcreply.{self.backend.agent_id}."):
             return
         try:
             req = wire.unpack(msg.data)

@@ -2,10 +2,11 @@
 
 Everything here is optional and may be down for hours: the agent works the same without it.
 The outbox is the store's event log; this module only reads it, ships it to JetStream in signed
-batches (``Nats-Msg-Id`` for dedupe, many in flight), and moves the ack watermark after the
-server's ack. The hub orders and dedupes by each event's per-agent seq, so whatever fails
-in between (a lost ack, a crash, a resend with other batch bounds) nothing is lost or applied
-twice.
+batches (``Nats-Msg-Id`` for dedupe, one only this agent can make: ``wire.batch_msg_id``; many
+in flight), and moves the ack watermark after the server's ack. The hub orders and dedupes by
+each event's per-agent seq, so whatever fails in between (a lost ack, a crash, a resend with
+other batch bounds) nothing is lost or applied twice. Heartbeats carry the ack watermark, so
+the hub notices events acked here that never reached it (``core_hub/liveness.py``).
 """
 
 from __future__ import annotations
@@ -314,8 +315,11 @@ class Sync:
                     await asyncio.wait_for(self.store.wait_for_change(), 1.0)
                 continue
             batches = self._batches(floor, rows)
-            sends = [self.js.publish(subjects.events(self.agent_id), data,
-                                     headers={"Nats-Msg-Id": f"{self.agent_id}:{first}:{last}"})
+            # An id only this agent can make (wire.batch_msg_id): another edge cannot make the
+            # stream drop this agent's batches as duplicates of its own messages.
+            sends = [self.js.publish(subjects.events(self.agent_id), data, headers={
+                         "Nats-Msg-Id": wire.batch_msg_id(self.signer, self.agent_id, first,
+                                                          last)})
                      for first, last, _, data in batches]
             results = await asyncio.gather(*sends, return_exceptions=True)
             for (first, last, count, _), result in zip(batches, results, strict=True):
@@ -471,7 +475,8 @@ class Sync:
             if self.connected:
                 depth, age = self.store.outbox_depth()
                 beat = {"agent": self.agent_id, "ts": time.time(),
-                        "seq": self.store.last_event_seq(), "outbox": depth, "outbox_age": age}
+                        "seq": self.store.last_event_seq(), "outbox": depth, "outbox_age": age,
+                        "acked": self.store.publish_floor or 0}  # the hub checks for gaps
                 with contextlib.suppress(Exception):
                     await self.nc.publish(subjects.heartbeat(self.agent_id), wire.pack(beat))
             await asyncio.sleep(self.settings.heartbeat_s)

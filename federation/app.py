@@ -345,6 +345,12 @@ async def revoke_agent(request: web.Request) -> web.Response:
     return _json(await _backend(request).revoke_agent(request.match_info["id"]))
 
 
+async def change_enrollment(request: web.Request) -> web.Response:
+    change = schemas.validate("enrollment_change", schemas.ENROLLMENT_CHANGE,
+                              await _read_json(request))
+    return _json(await _backend(request).change_enrollment(request.match_info["id"], change))
+
+
 async def list_offers(request: web.Request) -> web.Response:
     return _json((await _backend(request).list_offers()).to_json())
 
@@ -463,6 +469,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/agents/{id}/revoke", revoke_agent, "admin",
           "Distrust an agent for good: its events are rejected, it gets no placements "
           "(core only; an edge answers 409)", response=schemas.AGENT),
+    Route("POST", "/v1/agents/{id}/enrollment", change_enrollment, "admin",
+          "Change an agent's enrolled site, name or resources, which agents cannot change "
+          "themselves (core only; an edge answers 409)", request=schemas.ENROLLMENT_CHANGE,
+          response=schemas.AGENT),
     Route("GET", "/v1/offers", list_offers, "viewer", "Free resources offered by agents",
           response=schemas.page_of(schemas.OFFER)),
     Route("GET", "/v1/events", events, "viewer",

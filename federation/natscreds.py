@@ -12,11 +12,18 @@ Each client's request inboxes live under a prefix of its own (``_INBOX.<agent_id
 server can let an agent read its replies (JetStream acks, fetched commands) and nobody else's.
 Against a server without authorization all of this is ignored by the server, so the same
 client code works there.
+
+A reply subject is input too: NATS lets a client publish a request with any reply subject,
+whatever its own permissions, and a responder that answers it publishes with *its* rights. So
+the hub answers only into an inbox space (``reply_in_inbox``): the enroll user's
+``_INBOX_ENROLL.>`` (which only enrolling clients may read) or ``_INBOX.<agent_id>.>`` of the
+agent the request speaks for. The hub's own inboxes are ``_INBOX_HUB.>``, apart from both.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +32,11 @@ from federation import subjects
 ENROLL_USER = "outpost-enroll"
 ENROLL_PASSWORD = "outpost-enroll"  # public: the enroll user can do nothing but enroll
 ENROLL_INBOX_PREFIX = "_INBOX_ENROLL"
+AGENT_INBOX_ROOT = "_INBOX"  # + ".<agent_id>"
+HUB_INBOX_PREFIX = "_INBOX_HUB"
+# What follows an inbox prefix in a reply: nats-py's "<nuid>.<token>" or a plain "<nuid>";
+# plain tokens only (no wildcards, nothing that could climb into another subject space).
+_INBOX_TAIL = re.compile(r"(\.[A-Za-z0-9_-]{1,64}){1,3}")
 _NKEY_USER = 20 << 3  # nkeys' version byte of a user key: base32 "U..."
 _NKEY_SEED = 18 << 3  # ... and of a seed: "S..."
 
@@ -60,7 +72,21 @@ def user_seed(seed: bytes) -> str:
 
 def agent_inbox_prefix(agent_id: str) -> str:
     """The inbox prefix of one agent's connection; its permissions allow ``<prefix>.>``."""
-    return f"_INBOX.{subjects.validate_agent_id(agent_id)}"
+    return f"{AGENT_INBOX_ROOT}.{subjects.validate_agent_id(agent_id)}"
+
+
+def reply_in_inbox(reply: str | None, agent_id: str | None) -> bool:
+    """True if a responder may answer on ``reply`` for a request that speaks for ``agent_id``
+    (None: no agent, or one not known yet): the enroll user's inbox space, or that agent's."""
+    if not reply:
+        return False
+    prefixes = [ENROLL_INBOX_PREFIX]
+    if agent_id is not None and subjects.is_agent_id(agent_id):
+        prefixes.append(agent_inbox_prefix(agent_id))
+    for prefix in prefixes:
+        if reply.startswith(prefix + ".") and _INBOX_TAIL.fullmatch(reply[len(prefix):]):
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +119,9 @@ def agent_credentials(seed: bytes, agent_id: str) -> NatsCredentials:
 
 
 def hub_credentials(seed: bytes) -> NatsCredentials:
-    """The hub: its signing key as an nkey (the server gives it every permission)."""
-    return NatsCredentials(seed=user_seed(seed))
+    """The hub: its signing key as an nkey, its replies under ``_INBOX_HUB`` (its permissions:
+    ``core_hub/natsauth.hub_permissions``)."""
+    return NatsCredentials(seed=user_seed(seed), inbox_prefix=HUB_INBOX_PREFIX)
 
 
 ENROLL_CREDENTIALS = NatsCredentials(user=ENROLL_USER, password=ENROLL_PASSWORD,

@@ -199,6 +199,19 @@ AGENT: dict[str, Any] = {
     },
 }
 
+# An admin's change of what an agent is enrolled as (POST /v1/agents/{id}/enrollment): its
+# site, name or resources are fixed at enrollment otherwise (core_hub/enroll.py).
+ENROLLMENT_CHANGE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "site": {"type": "string", "pattern": NAME_PATTERN},
+        "resources": {**USAGE, "additionalProperties": False, "minProperties": 1},
+    },
+}
+
 OFFER: dict[str, Any] = {
     "type": "object",
     "required": ["agent_id", "cpus", "mem_mb"],

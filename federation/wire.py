@@ -146,6 +146,24 @@ class Signer:
         return self._key.sign(data).signature
 
 
+def batch_msg_id(signer: Signer, agent: str, first: int, last: int) -> str:
+    """The ``Nats-Msg-Id`` of an agent's batch ``first..last``: ``<agent>:<first>:<last>:<tag>``.
+
+    JetStream dedupes by this id across the whole stream, not per subject, so an id another
+    publisher can compute lets it poison the dedupe: agent A publishing on its own subject with
+    B's next id made the stream drop B's batch as a duplicate while B took the ack as stored.
+    The ``tag`` is 12 bytes of the agent's Ed25519 signature over the bounds: deterministic (a
+    resent batch after a lost ack gets the same id, so the stream still drops the copy), yet
+    nobody without the agent's key can make it, and nobody but the hub can read it off the
+    stream (agents may not read the events stream). Per-subject expectations
+    (``Nats-Expected-Last-Subject-Sequence``) would also defend, but serialise the pipelined
+    publishes; a check of each duplicate ack against the stream would need the agents to read
+    it. If an id does collide anyway, nothing is applied twice: the hub applies each agent's
+    events once by seq."""
+    tag = signer.sign(f"outpost-msg-id:{agent}:{first}:{last}".encode())[:12].hex()
+    return f"{agent}:{first}:{last}:{tag}"
+
+
 def verify(public: bytes, sig: bytes, data: bytes) -> bool:
     """True if ``sig`` is a valid Ed25519 signature of ``data`` by raw key ``public``."""
     from nacl.exceptions import BadSignatureError

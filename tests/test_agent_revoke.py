@@ -47,7 +47,7 @@ def enroll_again(nats_url: str, key_file: Path, token: str) -> dict[str, Any]:
     import nats
 
     async def ask() -> dict[str, Any]:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, inbox_prefix="_INBOX_ENROLL")  # as an edge asks
         try:
             signer = wire.Signer(key_file.read_bytes())
             reply = await nc.request(subjects.ENROLL, wire.enroll_request(

@@ -20,6 +20,7 @@ from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.errors import Invalid, NotFound, Unauthorized
 from federation.identity import id_from_public_key
+from federation.natscreds import ENROLL_INBOX_PREFIX
 from federation.natsd import NatsServer
 from federation.wire import Signer
 from tests.nats_fixtures import connect
@@ -46,7 +47,8 @@ async def hub(url: str, data: Path, clock: Clock) -> AsyncIterator[
     tokens = JoinTokens(store, clock=clock)
     hub_key = load_hub_signer(data)
     try:
-        async with connect(url) as nc, connect(url) as edge:
+        # The edge asks from the enroll user's inbox space: the hub answers nowhere else.
+        async with connect(url) as nc, connect(url, inbox_prefix=ENROLL_INBOX_PREFIX) as edge:
             enroller = Enroller(nc, store, tokens, hub_key.public, clock=clock)
             await enroller.start()
             try:

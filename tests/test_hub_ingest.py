@@ -148,13 +148,14 @@ async def test_batches_apply_in_order_once(hub: Hub) -> None:
         await caught_up(ingest, hub, last)
         assert ingest.stats.as_dict() == {
             "applied_events": 28, "applied_envelopes": 3, "duplicates": 0, "gaps": 0,
-            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0}
+            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0,
+            "refused_claims": {}}
     assert hub.states() == {t: "finished" if i < 5 else "running" for i, t in enumerate(ids)}
     assert {t["agent_id"] for t in hub.store.list_tasks()} == {a.id}
     agent = hub.store.get_agent(a.id)
     assert (agent["id"], agent["applied_seq"], agent["version"], agent["isolation"],
             agent["labels"], agent["resources"], agent["used"], agent["last_seen"]) == (
-                a.id, 28, "0.2.0", "cgroup-v1", {"gpu": "no"}, {"cpus": 4, "mem_mb": 2048},
+                a.id, 28, "0.2.0", "cgroup-v1", {"gpu": "no"}, {},  # resources: as enrolled
                 {"cpus": 1}, T0 + 28)
     assert [o["id"] for o in hub.store.list_offers(now=T0)] == ["o1"]
     assert hub.store.list_offers(now=T0 + 61) == []
@@ -403,7 +404,8 @@ async def test_a_restarted_ingest_resumes_without_reapplying(hub: Hub) -> None:
         await caught_up(ingest, hub, last)
         assert ingest.stats.as_dict() == {
             "applied_events": 2, "applied_envelopes": 1, "duplicates": 0, "gaps": 0,
-            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0}
+            "rejected": {}, "bad_events": 0, "foreign_tasks": 0, "apply_errors": 0,
+            "refused_claims": {}}
     assert hub.states() == {"t1": "finished", "t2": "running"}
 
 

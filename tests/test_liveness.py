@@ -18,6 +18,7 @@ from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.identity import id_from_public_key
+from federation.natscreds import ENROLL_CREDENTIALS
 from federation.natsd import NatsServer
 from tests.helpers import AgentProcess, HubProcess, wait_until
 from tests.tcp_proxy import TcpProxy
@@ -89,7 +90,7 @@ def test_a_fresh_agent_is_not_unreachable_before_its_first_heartbeat(
         agent_id = id_from_public_key(public)
 
         async def enroll_then_beat() -> None:
-            nc = await nats.connect(nats_proc.url)
+            nc = await nats.connect(nats_proc.url, **ENROLL_CREDENTIALS.connect_options())
             try:
                 request = wire.enroll_request(wire.Signer(bytes(seed)), hub.join_token(),
                                               name="late", site="s")

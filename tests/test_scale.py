@@ -26,6 +26,7 @@ from federation import subjects, wire
 from federation.commandlog import CommandReader
 from federation.identity import id_from_public_key
 from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials, hub_credentials
+from federation.natsd import NatsServer
 from tests.helpers import HubProcess, wait_until
 
 PRE_ENROLLED = 1000
@@ -143,14 +144,14 @@ def test_more_than_1000_agents_enroll_and_each_gets_its_commands(
     assert "ignored SIGTERM" not in hub.log()
 
 
-def test_an_enrollment_whose_nats_setup_fails_leaves_nothing_behind(tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path / "hub", "", embedded=True).start()
+def test_an_enrollment_whose_nats_setup_fails_leaves_nothing_behind(
+        tmp_path: Path, nats_proc: NatsServer) -> None:
+    # A NATS without least privilege, so the test may delete the registry's bucket (under
+    # least privilege nobody at run time can: test_trust_boundary).
+    hub = HubProcess(tmp_path / "hub", nats_proc.url).start()
     try:
-        hub_seed = (hub.data_dir / "hub.key").read_bytes()
-
         async def registry_bucket(delete: bool) -> None:
-            nc = await nats.connect(hub.nats_url,
-                                    **hub_credentials(hub_seed).connect_options())
+            nc = await nats.connect(hub.nats_url)
             try:
                 js = nc.jetstream(timeout=5)
                 if delete:

@@ -432,13 +432,19 @@ function updateCard(c, a) {
   const ob = a.outbox || {};
   const depth = ob.depth ?? 0;
   const oldest = ob.oldest_age_s;
-  const queued = depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty";
-  // Only a live link is "in sync"; for an agent away, say what it last reported, and when.
-  const live = st === "online" || st === "draining";
-  setText(c.outbox, live ? (depth > 0 ? queued : "outbox empty · in sync")
-    : `last heard ${ago(a.last_seen)}: ${queued} then`);
-  c.outbox.className = `outbox${backlog(a) ? " backlog" : ""}${backlog(a) && oldest > 60 ? " stale" : ""}`;
-  c.outbox.title = "events waiting at the edge to reach the core";
+  if (ob.gap) {  // acked by JetStream at the edge, never applied at the core (core_hub/liveness.py)
+    setText(c.outbox, `sync gap · acked ${ob.gap.acked_seq}, core has ${ob.gap.applied_seq}`);
+    c.outbox.className = "outbox gap";
+    c.outbox.title = `events the edge was told were stored never reached the core (since ${when(ob.gap.since)})`;
+  } else {
+    const queued = depth > 0 ? `outbox ${depth} queued · oldest ${age(oldest)}` : "outbox empty";
+    // Only a live link is "in sync"; for an agent away, say what it last reported, and when.
+    const live = st === "online" || st === "draining";
+    setText(c.outbox, live ? (depth > 0 ? queued : "outbox empty · in sync")
+      : `last heard ${ago(a.last_seen)}: ${queued} then`);
+    c.outbox.className = `outbox${backlog(a) ? " backlog" : ""}${backlog(a) && oldest > 60 ? " stale" : ""}`;
+    c.outbox.title = "events waiting at the edge to reach the core";
+  }
   const labelSig = JSON.stringify(a.labels || {});
   if (c.labels.dataset.sig !== labelSig) {
     c.labels.dataset.sig = labelSig;
