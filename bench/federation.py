@@ -184,10 +184,10 @@ class HubProc:
                  "--nats", self.nats_url, "--listen", "127.0.0.1:0"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
-    def join_token(self) -> str:
+    def join_token(self, uses: int = 10) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "core_hub", "token", "create", "--data-dir",
-             str(self.data_dir), "--ttl", "3600", "--uses", "10"],
+             str(self.data_dir), "--ttl", "3600", "--uses", str(uses)],
             check=True, capture_output=True, cwd=ROOT, text=True)
         return out.stdout.strip()
 
