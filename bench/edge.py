@@ -48,7 +48,6 @@ from bench.common import (
     raw_spawn_latencies,
     raw_spawn_rate,
     rss_mb,
-    uss_mb,
     wrapper_pids,
 )
 
@@ -325,7 +324,6 @@ async def bench_idle_tasks(api: Api, agent: AgentProc) -> list[Row]:
     # One task first, so the per-task figure leaves out what any first POST loads.
     warm = await api.submit(_spec("warm", ["true"], SMALL))
     await api.wait_state(warm["id"], ("finished", "failed"))
-    before = uss_mb(agent.pid)
     ids: list[str] = []
 
     async def submit(i: int) -> None:
@@ -357,7 +355,6 @@ async def bench_idle_tasks(api: Api, agent: AgentProc) -> list[Row]:
         cpu, raw_cpu = (p.cpu_percent(None) for p in procs)
         wrappers = wrapper_pids(agent.data_dir)
         agent_pss, wrappers_pss = pss_mb(agent.pid), pss_mb(*wrappers)
-        agent_uss = uss_mb(agent.pid)
         raw_pss = pss_mb(helper.pid)
     finally:
         if helper.stdin is not None:
@@ -382,9 +379,6 @@ async def bench_idle_tasks(api: Api, agent: AgentProc) -> list[Row]:
         EdgeRow(f"  of which the {len(wrappers)} wrapper.sh processes", wrappers_pss, "MB",
                 None, f"{wrappers_pss * 1024 / max(1, len(wrappers)):.0f} KB PSS each",
                 digits=1),
-        EdgeRow("  agent's own growth per idle task (USS)",
-                (agent_uss - before) * 1024 / IDLE_TASKS, "KB", None,
-                f"agent USS {before:.1f} -> {agent_uss:.1f} MB after one task ran", digits=0),
         EdgeRow(f"CPU supervising {IDLE_TASKS} idle tasks, % of one core", cpu, "%",
                 raw_cpu, f"{floor}, same {CPU_WINDOW:.0f} s", "< 2%", cpu < 2.0),
         EdgeRow("  checks", f"API running {len(running)}/{IDLE_TASKS}, "
