@@ -48,6 +48,33 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / MB
 
 
+def pss_mb(*pids: int) -> float:
+    """Proportional set size of these processes together (``/proc/<pid>/smaps_rollup``): each
+    shared page split among the processes mapping it, so a sum over processes counts every
+    page once (RSS would count a shared library once per process)."""
+    return sum(psutil.Process(pid).memory_full_info().pss for pid in pids) / MB
+
+
+def uss_mb(pid: int) -> float:
+    """Memory only this process maps (unaffected by what else runs, unlike PSS)."""
+    return psutil.Process(pid).memory_full_info().uss / MB
+
+
+def wrapper_pids(data_dir: Path) -> list[int]:
+    """The live task wrappers (``edge_agent/wrapper.sh``) of the agent at ``data_dir``: the
+    agent's helper processes, one per running task (the task's own command is not counted)."""
+    out = []
+    for pid_file in (data_dir / "tasks").glob("*/run.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, FileNotFoundError, ProcessLookupError):
+            continue
+        if WRAPPER.encode() in cmdline and str(pid_file.parent).encode() in cmdline:
+            out.append(pid)
+    return out
+
+
 async def raw_spawn_latencies(n: int, argv: Sequence[str] = ("true",)) -> list[float]:
     """Seconds ``asyncio.create_subprocess_exec`` takes to return (fork + exec done), n times."""
     out: list[float] = []
@@ -169,14 +196,8 @@ class AgentProc:
 
     def kill_leftover_tasks(self) -> None:
         """Kill task process groups this agent left, checking each pid is still our wrapper."""
-        for pid_file in (self.data_dir / "tasks").glob("*/run.pid"):
-            try:
-                pid = int(pid_file.read_text())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (ValueError, FileNotFoundError, ProcessLookupError):
-                continue
-            if WRAPPER.encode() in cmdline and str(pid_file.parent).encode() in cmdline:
-                kill_group(pid)
+        for pid in wrapper_pids(self.data_dir):
+            kill_group(pid)
 
 
 def _read(path: Path) -> str:

@@ -1,24 +1,25 @@
-"""Federation benchmark: how fast an edge's outbox reaches the hub, next to raw JetStream.
+"""Federation benchmark: how fast an edge's outbox reaches the hub, next to raw JetStream
+moving the very same messages.
 
 Everything is a real process: an embedded ``nats-server`` (JetStream), ``python -m core_hub
-run`` and ``python -m edge_agent`` joined to it. Three figures, each beside the raw limit
-measured on the same box in the same run:
+run`` and ``python -m edge_agent`` joined to it.
 
-1. Raw JetStream publish-with-ack from nats-py into a stream configured like
-   ``OUTPOST_EVENTS`` (``ensure_streams``), ~400-byte messages, each with a ``Nats-Msg-Id`` as
-   the agent sends them: pipelined two ways (``js.publish_async`` and a ``gather`` of
-   ``js.publish``, ``PIPELINE`` in flight; the faster is the raw limit) and one at a time.
-2. Outbox drain edge -> hub: the agent is stopped, ``DRAIN_N`` ``task`` events (copies of a real
+1. Outbox drain edge -> hub: the agent is stopped, ``DRAIN_N`` ``task`` events (copies of a real
    task's body, distinct ids, state ``finished``) go straight into its SQLite event log (its
    outbox), the agent starts again, and the clock runs from its spawn until the hub's
-   ``agents.applied_seq`` equals the edge's last event seq. An event here is one outbox row;
-   the agent batches many per JetStream message, so per event it may beat the raw per-message
-   rate, and that is the goal.
-3. Hub ingest on its own: from the same run, the rate at which the hub's ``applied_seq`` rose,
+   ``agents.applied_seq`` equals the edge's last event seq.
+2. Hub ingest on its own: from the same run, the rate at which the hub's ``applied_seq`` rose,
    between the first and the last poll (every ``POLL_S``) that saw it move.
+3. The raw limits, like with like: the JetStream messages the drain really put on the stream
+   (the agent batches ~600 events into each ~400 KB message) are read back, and on a fresh
+   ``nats-server`` with no hub, ``bench.rawjs`` publishes those same bytes (same subjects,
+   ``Nats-Msg-Id`` headers, sizes) and consumes them: fetch+ack, and fetch + Ed25519 check +
+   decode of every event. Rates are events/s, the raw ones converted with the same messages'
+   own events per message. The drain is set against raw publish (the agent's half), ingest
+   against raw fetch+ack and fetch+verify+decode (the hub's half).
 
-The raw figure runs on its own ``nats-server`` before the hub starts, so nothing competes with
-it for the two cores and the hub never sees its messages.
+The raw floors run after the drain, when the hub and the agent have stopped, so nothing
+competes with them for the two cores.
 """
 
 from __future__ import annotations
@@ -51,87 +52,19 @@ from bench.common import (
     progress,
     wait_for,
 )
+from bench.rawjs import PIPELINE, Floors, Message, count_events, floors
 from federation import subjects
 from federation.natsd import NatsServer
 from federation.streams import ensure_streams
 
-RAW_PIPELINED_N = 30_000
 RAW_REPEATS = 2  # the best of these: the box's limit, not its noise
-RAW_SEQUENTIAL_N = 8_000
-PIPELINE = 512
-MSG_BYTES = 400
 DRAIN_N = 100_000
 DRAIN_GOAL_S = 5.0
 DRAIN_TIMEOUT_S = 60.0
 HUB_GOAL = 50_000  # DESIGN.md, wire contract: "batching is how the hub passes 50k events/s"
 POLL_S = 0.05
-RAW_AGENT = "abenchraw0000000000000000"  # subject-safe; not an enrolled agent
 
 FedRow = functools.partial(Row, area="federation")
-
-
-# ---------------------------------------------------------------- 1. raw JetStream
-
-
-@dataclass(frozen=True, slots=True)
-class RawRates:
-    """JetStream publish-with-ack msgs/s from nats-py (pipelined: best of ``RAW_REPEATS``
-    runs): ``publish_async`` with up to
-    ``PIPELINE`` acks outstanding (nats-py's own pipelined API), ``gather`` of ``PIPELINE``
-    ``js.publish`` calls at a time (what the agent does), and one awaited ``js.publish`` at a
-    time."""
-
-    publish_async: float
-    gathered: float
-    sequential: float
-
-    @property
-    def best(self) -> float:
-        return max(self.publish_async, self.gathered)
-
-
-async def raw_publish_rates(url: str) -> RawRates:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream(timeout=30, publish_async_max_pending=PIPELINE)
-        await ensure_streams(js)
-        subject = subjects.events(RAW_AGENT)
-        payload = os.urandom(MSG_BYTES)
-        n = 0
-
-        def headers() -> dict[str, str]:
-            nonlocal n
-            n += 1
-            return {"Nats-Msg-Id": f"{RAW_AGENT}:{n}"}
-
-        async def gathered(count: int) -> float:
-            t0 = time.perf_counter()
-            for done in range(0, count, PIPELINE):
-                await asyncio.gather(*(js.publish(subject, payload, headers=headers())
-                                       for _ in range(min(PIPELINE, count - done))))
-            return count / (time.perf_counter() - t0)
-
-        async def publish_async(count: int) -> float:
-            t0 = time.perf_counter()
-            acks = []
-            for _ in range(count):  # the semaphore keeps PIPELINE acks outstanding
-                acks.append(await js.publish_async(subject, payload, headers=headers()))
-            await asyncio.gather(*acks)
-            return count / (time.perf_counter() - t0)
-
-        async def sequential(count: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(count):
-                await js.publish(subject, payload, headers=headers())
-            return count / (time.perf_counter() - t0)
-
-        await gathered(2 * PIPELINE)  # warm-up: connection, inboxes, the stream's first block
-        await publish_async(2 * PIPELINE)
-        fast = [await publish_async(RAW_PIPELINED_N) for _ in range(RAW_REPEATS)]
-        gather = [await gathered(RAW_PIPELINED_N) for _ in range(RAW_REPEATS)]
-        return RawRates(max(fast), max(gather), await sequential(RAW_SEQUENTIAL_N))
-    finally:
-        await nc.close()
 
 
 # ---------------------------------------------------------------- the hub process
@@ -184,10 +117,10 @@ class HubProc:
                  "--nats", self.nats_url, "--listen", "127.0.0.1:0"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
-    def join_token(self) -> str:
+    def join_token(self, uses: int = 10) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "core_hub", "token", "create", "--data-dir",
-             str(self.data_dir), "--ttl", "3600", "--uses", "10"],
+             str(self.data_dir), "--ttl", "3600", "--uses", str(uses)],
             check=True, capture_output=True, cwd=ROOT, text=True)
         return out.stdout.strip()
 
@@ -254,6 +187,9 @@ class Drain:
     cpu: dict[str, float] = field(default_factory=dict)
     hub_tasks: int = 0
     rejected: str = ""
+    sent: list[Message] = field(default_factory=list)  # the drain's JetStream messages
+    agent_id: str = ""
+    agent_key: bytes = b""
 
 
 def _fill_outbox(db_path: Path, body: dict[str, Any], n: int) -> int:
@@ -375,6 +311,15 @@ async def run_drain(base: Path, nats_url: str, natsd_pid: int) -> Drain:
         if run.done is None:
             run.applied, run.last_seq = applied(), edge_last()
         run.messages = stream_seen - stream_base
+        run.agent_id = agent_id
+        run.agent_key = bytes(_scalar(hub_db, "SELECT public_key FROM agents WHERE id = ?",
+                                      agent_id))
+        for seq in range(stream_base + 1, stream_seen + 1):
+            got_msg = await jsm.get_msg(subjects.EVENTS_STREAM, seq)
+            data = bytes(got_msg.data or b"")
+            run.sent.append(Message(got_msg.subject or "", data,
+                                    (got_msg.headers or {}).get("Nats-Msg-Id", f"m{seq}"),
+                                    count_events(data)))
         run.hub_tasks = int(_scalar(hub_db, "SELECT count(*) FROM tasks"))
         async with Api(hub.url, hub.token) as hub_api:
             async with hub_api.session.get(hub.url + "/metrics") as resp:
@@ -393,17 +338,21 @@ async def run_drain(base: Path, nats_url: str, natsd_pid: int) -> Drain:
         hub.stop()
 
 
-def drain_rows(run: Drain, raw_pipelined: float) -> list[Row]:
+def drain_rows(run: Drain, raw: Floors | None) -> list[Row]:
     n = run.n
-    raw_what = "best raw JetStream publish above, msgs/s"
     if run.done is None:
         return [FedRow(f"outbox drain ({n // 1000}k backlog): NOT caught up",
                        f"hub applied {run.applied}, edge last {run.last_seq} after "
                        f"{DRAIN_TIMEOUT_S:.0f} s", goal=f"< {DRAIN_GOAL_S:.0f} s", met=False)]
     rate = n / run.done
+    shape = ""
+    if raw is not None:
+        shape = (f"same {raw.messages} msgs, {raw.per_message:.0f} events/msg, "
+                 f"{sum(len(m.data) for m in run.sent) // max(1, raw.messages) // 1000} KB/msg")
     rows = [
         FedRow(f"outbox drain edge->hub ({n // 1000}k events, from agent spawn)", rate,
-               "events/s", raw_pipelined, raw_what, ">= 1.0x raw", rate >= raw_pipelined,
+               "events/s", raw and raw.events_per_s(raw.publish),
+               f"raw publish_async, {shape}, no hub" if raw else "raw floors FAILED",
                digits=0),
         FedRow(f"  {n // 1000}k backlog caught up in", run.done, "s", None,
                "agent spawn -> hub applied_seq == edge last seq", f"< {DRAIN_GOAL_S:.0f} s",
@@ -428,9 +377,20 @@ def drain_rows(run: Drain, raw_pipelined: float) -> list[Row]:
         raw_what=f"{run.done:.2f} s wall on {os.cpu_count()} cores"))
     if run.hub_first is not None and run.done > run.hub_first:
         ingest = (run.applied - run.hub_first_applied) / (run.done - run.hub_first)
-        rows.append(FedRow("hub ingest (applied_seq rise, first -> last poll)", ingest,
-                           "events/s", raw_pipelined, raw_what, f">= {HUB_GOAL // 1000}k/s",
+        rows.append(FedRow("hub ingest of the drain (applied_seq rise)", ingest, "events/s",
+                           raw and raw.events_per_s(raw.fetch_ack),
+                           f"raw fetch+ack, {shape}" if raw else "", f">= {HUB_GOAL // 1000}k/s",
                            ingest >= HUB_GOAL, digits=0))
+        if raw is not None:
+            rows.append(FedRow("  same, against raw fetch+verify+decode", ingest, "events/s",
+                               raw.events_per_s(raw.fetch_verify_decode),
+                               "raw fetch + Ed25519 open_envelope + orjson of each event + ack",
+                               digits=0))
+    if raw is not None:
+        rows.append(FedRow("  raw publish / fetch+ack of those msgs, msgs/s",
+                           f"{raw.publish:.0f} / {raw.fetch_ack:.0f} msgs/s",
+                           raw_what=f"best of {RAW_REPEATS}, nats-py, fresh nats-server, "
+                                    "OUTPOST_EVENTS config"))
     return rows
 
 
@@ -446,35 +406,28 @@ async def _guarded(name: str, job: Awaitable[list[Row]]) -> list[Row]:
         return [FedRow(f"{name}: FAILED", f"{type(exc).__name__}: {exc}"[:100])]
 
 
-async def bench_raw(base: Path) -> RawRates:
-    progress(f"raw JetStream publish ({RAW_REPEATS} x {RAW_PIPELINED_N} pipelined two ways, "
-             f"{RAW_SEQUENTIAL_N} one at a time)")
+async def bench_raw(base: Path, run: Drain) -> Floors:
+    """The drain's own messages, published and consumed again on a fresh nats-server."""
+    progress(f"raw JetStream: the drain's {len(run.sent)} messages again, no hub "
+             f"(best of {RAW_REPEATS})")
     natsd = NatsServer(base / "nats-raw")
     await natsd.start()
     try:
-        return await raw_publish_rates(natsd.url)
+        nc = await nats.connect(natsd.url)
+        try:
+            js = nc.jetstream(timeout=30, publish_async_max_pending=PIPELINE)
+            await ensure_streams(js)
+            return await floors(js, run.sent, {run.agent_id: run.agent_key},
+                                publishes=RAW_REPEATS, consumes=RAW_REPEATS)
+        finally:
+            await nc.close()
     finally:
         await natsd.stop()
 
 
 async def run_async() -> list[Row]:
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="outpost-bench-fed-") as tmp:
         base = Path(tmp)
-        try:
-            raw = await bench_raw(base)
-        except Exception as exc:
-            progress(f"raw JetStream failed: {exc!r}")
-            return [FedRow("raw JetStream: FAILED", f"{type(exc).__name__}: {exc}"[:100])]
-        what = f"nats-py, {MSG_BYTES} B + Nats-Msg-Id, into OUTPOST_EVENTS, no hub running"
-        rows += [
-            FedRow(f"raw JetStream publish_async, {PIPELINE} acks pending", raw.publish_async,
-                   "msgs/s", None, what, digits=0),
-            FedRow(f"raw JetStream gather of {PIPELINE} js.publish", raw.gathered, "msgs/s",
-                   None, "as the agent's publish loop sends", digits=0),
-            FedRow("raw JetStream publish, one await each", raw.sequential, "msgs/s", None,
-                   "for context", digits=0),
-        ]
 
         async def drain() -> list[Row]:
             natsd = NatsServer(base / "nats")
@@ -484,17 +437,21 @@ async def run_async() -> list[Row]:
                 run = await run_drain(base, natsd.url, natsd.pid)
             finally:
                 await natsd.stop()
-            return [*drain_rows(run, raw.best), FedRow(
+            raw: Floors | None = None
+            try:
+                raw = await bench_raw(base, run)
+            except Exception as exc:  # the drain's figures still stand
+                progress(f"raw JetStream failed: {exc!r}")
+            return [*drain_rows(run, raw), FedRow(
                 "  checks", f"hub applied_seq {run.applied} == edge last seq {run.last_seq}: "
                 f"{run.applied == run.last_seq}; hub tasks {run.hub_tasks} == N+1 "
                 f"{run.n + 1}: {run.hub_tasks == run.n + 1}; rejected {run.rejected}")]
 
-        rows += await _guarded("outbox drain", drain())
-    return rows
+        return await _guarded("outbox drain", drain())
 
 
 def run() -> list[Row]:
-    """Every federation figure, each beside this machine's raw JetStream rate (under a minute)."""
+    """Every federation figure, each beside raw JetStream moving the same messages."""
     return asyncio.run(run_async())
 
 

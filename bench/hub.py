@@ -61,12 +61,17 @@ AGENT_CAPACITY = ["--cpus", "64", "--mem-mb", "65536", "--heartbeat", "0.5"]
 HubRow = functools.partial(Row, area="hub")
 
 # The raw floor for an aiohttp JSON endpoint: one handler, no middleware, no access log (the
-# hub runs without one too). It prints its port and exits when its stdin closes.
+# hub runs without one too). It prints its port and exits when its stdin closes. Given a file,
+# it serves those bytes (a page the same size as the hub's) instead of a tiny JSON.
 _TRIVIAL_SERVER = """
-import asyncio, os
+import asyncio, os, sys
 from aiohttp import web
 
+PAGE = open(sys.argv[1], "rb").read() if len(sys.argv) > 1 else None
+
 async def handler(request):
+    if PAGE is not None:
+        return web.Response(body=PAGE, content_type="application/json")
     return web.json_response({"items": [], "next_cursor": None})
 
 async def main():
@@ -301,10 +306,23 @@ def _busy_s() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
-async def measure_trivial() -> Load:
+def same_page(db_path: Path, out: Path) -> Path:
+    """A page like the hub's default ``GET /v1/tasks``: 100 task bodies from its view, as
+    JSON, written to ``out`` for the trivial server to serve as they are."""
+    db = sqlite3.connect(db_path)
+    try:
+        bodies = [json.loads(b) for (b,) in db.execute("SELECT body FROM tasks LIMIT 100")]
+    finally:
+        db.close()
+    out.write_bytes(json.dumps({"items": bodies, "next_cursor": "x" * 40},
+                               separators=(",", ":")).encode())
+    return out
+
+
+async def measure_trivial(page: Path) -> Load:
     progress(f"trivial aiohttp handler: {CLIENTS} clients, {MEASURE_S:.0f} s")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _TRIVIAL_SERVER, stdin=asyncio.subprocess.PIPE,
+        sys.executable, "-c", _TRIVIAL_SERVER, str(page), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -321,7 +339,8 @@ async def measure_trivial() -> Load:
 
 
 def list_rows(hub: Load, raw: Load, in_view: int) -> list[Row]:
-    raw_what = f"trivial aiohttp JSON handler, own process, same {CLIENTS} clients"
+    raw_what = (f"trivial aiohttp handler sending a {raw.page_bytes // 1000} KB page of 100 "
+                f"tasks from memory, own process, same {CLIENTS} clients")
     share = hub.rate / raw.rate if raw.rate else 0.0
     cores = os.cpu_count()
     return [
@@ -359,7 +378,8 @@ async def bench_list(hub: EmbeddedHub, body: dict[str, Any]) -> list[Row]:
     """Fill the stopped hub's view, measure the trivial handler, then the hub's list."""
     progress(f"writing {VIEW_TASKS} tasks into the stopped hub's view")
     in_view = fill_view(hub.data_dir / "hub.db", body, VIEW_TASKS)
-    raw = await measure_trivial()  # while the hub is down: the box to itself
+    page = same_page(hub.data_dir / "hub.db", hub.data_dir.parent / "page.json")
+    raw = await measure_trivial(page)  # while the hub is down: the box to itself
     await hub.start()
     progress(f"GET /v1/tasks at the hub: {CLIENTS} clients, {MEASURE_S:.0f} s")
     load = await measure(hub.url + "/v1/tasks", hub.token, hub.pid)
