@@ -147,9 +147,10 @@ def test_a_pending_rotation_survives_a_crash(start_agent: Callable[..., AgentPro
     edge.wait_state(later["id"], "finished")
 
     hub.start()
-    wait_until(lambda: not next_key.exists(), timeout=30, what="the rotation to complete")
-    status = json.loads((edge.data_dir / "key-rotation.json").read_text())
-    assert status["state"] == "done"
+    # The key is swapped first (one rename), then the status file says so: wait for both.
+    wait_until(lambda: not next_key.exists() and json.loads(
+        (edge.data_dir / "key-rotation.json").read_text())["state"] == "done",
+        timeout=30, what="the rotation to complete")
     assert hub_keys(hub, agent_id)[0] == wire.Signer(
         (edge.data_dir / "agent.key").read_bytes()).public
     converged(edge, hub)
