@@ -480,6 +480,18 @@ class HubStore(Database):
                                     (site,)).fetchall()
         return [_agent(row) for row in rows]
 
+    def agents_by_id(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The agents among ``ids`` (unknown ids left out): a pass over a service's instances
+        reads their agents, not the fleet."""
+        wanted = sorted(set(ids))
+        found: dict[str, dict[str, Any]] = {}
+        for at in range(0, len(wanted), 500):
+            part = wanted[at:at + 500]
+            for row in self._db.execute(
+                    f"SELECT * FROM agents WHERE id IN ({','.join('?' * len(part))})", part):
+                found[row["id"]] = _agent(row)
+        return found
+
     def page_agents(self, after: str, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` agents with an id after ``after``, in id order (decodes only those)."""
         rows = self._db.execute("SELECT * FROM agents WHERE id > ? ORDER BY id LIMIT ?",
@@ -586,6 +598,22 @@ class HubStore(Database):
     def count_tasks_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(
             "SELECT state, count(*) FROM tasks GROUP BY state")}
+
+    def offer_ids(self) -> list[tuple[str, Any]]:
+        """(agent id, offer id) of every stored offer, the body left undecoded (SQLite reads
+        the id out of the JSON): what the scheduler compares each pass."""
+        return [(row[0], row[1]) for row in self._db.execute(
+            "SELECT agent_id, json_extract(body, '$.id') FROM offers")]
+
+    def offer_of(self, agent_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM offers WHERE agent_id = ?",
+                               (agent_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def agent_statuses(self) -> list[tuple[str, str, bool]]:
+        """(id, status, revoked) of every agent: the narrow read of a scheduler pass."""
+        return [(row[0], row[1], bool(row[2])) for row in self._db.execute(
+            "SELECT id, status, revoked FROM agents")]
 
     def list_offers(self, *, now: float | None = None) -> list[dict[str, Any]]:
         """Latest offer per agent; with ``now``, only those not yet expired."""
