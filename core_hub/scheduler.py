@@ -27,6 +27,9 @@ from federation.messages import MessageInvalid
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+# Settled launch records of ended tasks are deleted after this long (checked every minute).
+LAUNCH_KEEP_S = 3600.0
+LAUNCH_PRUNE_EVERY_S = 60.0
 FAILED_RESULTS = frozenset({"declined", "rejected", "expired"})
 DONE_RESULTS = frozenset({"applied", "duplicate"})
 
@@ -75,9 +78,8 @@ class CoreScheduler:
         agent can have it yet, and records it ``killed`` here; otherwise the caller must send
         the agent a kill (it follows the launch in the agent's command stream)."""
         self.placer.release(task_id)
-        for launch in self.store.launches("pending", "placing", "sent", "accepted"):
-            if launch["task_id"] != task_id:
-                continue
+        for launch in self.store.launches("pending", "placing", "sent", "accepted",
+                                          task_id=task_id):
             unplaced = launch["agent_id"] is None
             with self.store.transaction():
                 self._save(launch, "cancelled", launch["agent_id"], reason="killed")
@@ -92,9 +94,14 @@ class CoreScheduler:
     # ------------------------------------------------------------ the loop
 
     async def _tick_loop(self) -> None:
+        pruned_at = 0.0
         while True:
             try:
                 await self.tick()
+                if time.monotonic() - pruned_at >= LAUNCH_PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    if gone := self.store.prune_launches(time.time() - LAUNCH_KEEP_S):
+                        log.info("pruned %d settled launch records", gone)
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad pass must not stop placement for good

@@ -421,13 +421,31 @@ class HubStore(Database):
             (task_id, _dumps(spec), agent_id, command_id, status, _dumps(excluded), reason,
              now, now))
 
-    def launches(self, *statuses: str) -> list[dict[str, Any]]:
+    def prune_launches(self, before: float, limit: int = 1000) -> int:
+        """Delete launch records that are settled (accepted, cancelled or set aside) and last
+        changed before ``before``, whose task has ended or is gone: nothing reads them again
+        (a kill of an ended task sends nothing), and kept they grow the view and its KV
+        mirror with every task the core ever placed. Returns how many went."""
+        marks = ",".join("?" * len(_TERMINAL))
+        with self.transaction() as db:
+            return int(db.execute(
+                "DELETE FROM launches WHERE task_id IN (SELECT l.task_id FROM launches l"
+                " LEFT JOIN tasks t ON t.id = l.task_id"
+                " WHERE l.status IN ('accepted', 'cancelled', 'set_aside') AND l.updated_at < ?"
+                f" AND (t.id IS NULL OR t.state IN ({marks})) LIMIT ?)",
+                (before, *_TERMINAL, limit)).rowcount)
+
+    def launches(self, *statuses: str, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Launch records in ``statuses`` (oldest first), with their results; with
+        ``task_id``, that task's only."""
         marks = ",".join("?" * len(statuses))
+        only = "" if task_id is None else " AND l.task_id = ?"
         rows = self._db.execute(
             "SELECT l.*, r.status AS result, r.body AS result_body, r.ts AS result_ts"
             " FROM launches l"
             " LEFT JOIN results r ON r.command_id = l.command_id"
-            f" WHERE l.status IN ({marks}) ORDER BY l.created_at", statuses).fetchall()
+            f" WHERE l.status IN ({marks}){only} ORDER BY l.created_at",
+            (*statuses, *(() if task_id is None else (task_id,)))).fetchall()
         out = []
         for row in rows:
             item = {k: row[k] for k in row.keys()}  # noqa: SIM118 (Row is not a Mapping)
