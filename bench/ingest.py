@@ -41,6 +41,7 @@ from bench.federation import HubProc
 from bench.rawjs import Floors, Message, floors
 from federation import subjects, wire
 from federation.identity import id_from_public_key
+from federation.natscreds import ENROLL_CREDENTIALS
 from federation.natsd import NatsServer
 from federation.streams import ensure_streams
 
@@ -124,7 +125,7 @@ class SimAgent:
             events.append(wire.Event(self.seq, kind, now, body))
         data = wire.sign_batch(self.agent_id, events, self.signer, first=first)
         return Message(subjects.events(self.agent_id), data,
-                       f"{self.agent_id}:{first}:{self.seq}", n)
+                       wire.batch_msg_id(self.signer, self.agent_id, first, self.seq), n)
 
 
 def fleet_traffic(agents: list[SimAgent], rounds: int, rng: random.Random) -> list[Message]:
@@ -142,7 +143,7 @@ def fleet_traffic(agents: list[SimAgent], rounds: int, rng: random.Random) -> li
 
 async def enroll_all(nats_url: str, token: str, agents: list[SimAgent]) -> None:
     """Every agent through the hub's enrollment subject, ``ENROLL_CONCURRENCY`` at a time."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **ENROLL_CREDENTIALS.connect_options())
     try:
         pending = iter(agents)
 

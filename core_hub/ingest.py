@@ -52,7 +52,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -68,6 +69,7 @@ from core_hub.keyrotation import open_agent_envelope
 from core_hub.store import (
     AGENT_JSON_FIELDS,
     AGENT_TEXT_FIELDS,
+    AgentKey,
     HistoryRow,
     HubStore,
     TaskRow,
@@ -172,6 +174,9 @@ class Ingest:
         self._sub: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
+        # Envelopes are verified here, a slice ahead of the apply (see _verified); made by
+        # start(), shut down by stop().
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-verify")
         # The floor bookkeeping: stream seqs delivered but still owed (nak'd), and the highest
         # stream seq seen. First deliveries come in stream order, so everything below the
         # highest was delivered at least once; only the owed ones are not done.
@@ -184,6 +189,7 @@ class Ingest:
         if self._task is not None:
             raise RuntimeError("ingest already started")
         await self._bind()
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-verify")
         self._task = asyncio.create_task(self._run(), name="hub-ingest")
 
     async def stop(self) -> None:
@@ -195,6 +201,7 @@ class Ingest:
             except asyncio.CancelledError:
                 pass
         await self._unbind()
+        self._verifier.shutdown(wait=True)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
         """Return once ``predicate()`` holds, checking after each chunk is processed."""
@@ -307,8 +314,8 @@ class Ingest:
         try:
             with self._store.transaction():
                 waiting: list[tuple[Msg, Envelope]] = []
-                for msg in msgs:
-                    env = self._open(msg, delta)
+                for msg, opened in self._verified(msgs):
+                    env = self._open(msg, opened, delta)
                     outcome = Outcome.ACK if env is None else self._apply(env, delta)
                     if outcome is Outcome.GAP:
                         assert env is not None
@@ -355,20 +362,38 @@ class Ingest:
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
-    def _open(self, msg: Msg, delta: IngestStats) -> Envelope | None:
+    def _verified(self, msgs: list[Msg]) -> Iterator[tuple[Msg, _Opened]]:
+        """Each message with what verifying it gave, in order. The Ed25519 checks run on the
+        verifier thread a slice ahead of the caller's apply (libsodium releases the GIL, so
+        they use the other core); a slice's keys are read here first, inside the caller's
+        transaction, so each check sees the keys the apply does (nothing else on this loop
+        runs until the commit, and other writers wait for it)."""
+        slices = [msgs[at:at + size] for at, size in _slices(len(msgs))]
+        futures = [self._verifier.submit(_open_all, part, self._keys_of(part))
+                   for part in slices]
+        for part, future in zip(slices, futures, strict=True):
+            yield from zip(part, future.result(), strict=True)
+
+    def _keys_of(self, msgs: list[Msg]) -> dict[str, AgentKey | None]:
+        keys: dict[str, AgentKey | None] = {}
+        for msg in msgs:
+            agent = _agent_of(msg.subject)
+            if agent is not None and agent not in keys:
+                keys[agent] = self._store.agent_key(agent)
+        return keys
+
+    def _open(self, msg: Msg, opened: _Opened, delta: IngestStats) -> Envelope | None:
         """The verified envelope, or None after counting and logging why it is rejected."""
-        try:
-            agent = subjects.agent_of(msg.subject)
-        except Invalid as err:
+        if isinstance(opened, Envelope):
+            return opened
+        agent, err, known = opened
+        if agent is None:
             self._reject(delta, "subject", err.message, None)
             return None
-        key = self._store.agent_key(agent)
-        try:
-            return open_agent_envelope(msg.data, key, agent)
-        except EnvelopeRejected as err:
-            reason = "revoked" if err.reason == "unknown_agent" and key is not None else err.reason
-            self._reject(delta, reason, err.message, agent)
-            return None
+        assert isinstance(err, EnvelopeRejected)
+        reason = "revoked" if err.reason == "unknown_agent" and known else err.reason
+        self._reject(delta, reason, err.message, agent)
+        return None
 
     def _reject(self, delta: IngestStats, reason: str, message: str, agent: str | None) -> None:
         delta.rejected[reason] = delta.rejected.get(reason, 0) + 1
@@ -539,6 +564,44 @@ class Ingest:
         delta.bad_events += 1
         log.warning("agent %s: skipped malformed %s event %d", agent, event.kind, event.seq,
                     extra={"agent_id": agent, "seq": event.seq, "kind": event.kind})
+
+
+# What verifying one message gave: its envelope, or (agent or None if the subject names
+# none, the error, whether the view knows the agent).
+_Opened = Envelope | tuple[str | None, Invalid | EnvelopeRejected, bool]
+_FIRST_SLICE, _SLICE = 8, 48  # a small first slice: the apply starts soon
+
+
+def _slices(total: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the verifier's slices of ``total`` messages."""
+    at, size = 0, _FIRST_SLICE
+    while at < total:
+        yield at, size
+        at, size = at + size, _SLICE
+
+
+def _agent_of(subject: str) -> str | None:
+    try:
+        return subjects.agent_of(subject)
+    except Invalid:
+        return None
+
+
+def _open_all(msgs: list[Msg], keys: dict[str, AgentKey | None]) -> list[_Opened]:
+    """Verify ``msgs`` against ``keys`` (runs on the verifier thread: no store access)."""
+    out: list[_Opened] = []
+    for msg in msgs:
+        try:
+            agent = subjects.agent_of(msg.subject)
+        except Invalid as err:
+            out.append((None, err, False))
+            continue
+        key = keys.get(agent)
+        try:
+            out.append(open_agent_envelope(msg.data, key, agent))
+        except EnvelopeRejected as err:
+            out.append((agent, err, key is not None))
+    return out
 
 
 def _chunks(msgs: list[Msg], max_bytes: int) -> list[list[Msg]]:

@@ -27,6 +27,9 @@ from federation.messages import MessageInvalid
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+# Settled launch records of ended tasks are deleted after this long (checked every minute).
+LAUNCH_KEEP_S = 3600.0
+LAUNCH_PRUNE_EVERY_S = 60.0
 FAILED_RESULTS = frozenset({"declined", "rejected", "expired"})
 DONE_RESULTS = frozenset({"applied", "duplicate"})
 
@@ -75,9 +78,8 @@ class CoreScheduler:
         agent can have it yet, and records it ``killed`` here; otherwise the caller must send
         the agent a kill (it follows the launch in the agent's command stream)."""
         self.placer.release(task_id)
-        for launch in self.store.launches("pending", "placing", "sent", "accepted"):
-            if launch["task_id"] != task_id:
-                continue
+        for launch in self.store.launches("pending", "placing", "sent", "accepted",
+                                          task_id=task_id):
             unplaced = launch["agent_id"] is None
             with self.store.transaction():
                 self._save(launch, "cancelled", launch["agent_id"], reason="killed")
@@ -92,9 +94,14 @@ class CoreScheduler:
     # ------------------------------------------------------------ the loop
 
     async def _tick_loop(self) -> None:
+        pruned_at = 0.0
         while True:
             try:
                 await self.tick()
+                if time.monotonic() - pruned_at >= LAUNCH_PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    if gone := self.store.prune_launches(time.time() - LAUNCH_KEEP_S):
+                        log.info("pruned %d settled launch records", gone)
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad pass must not stop placement for good
@@ -107,13 +114,15 @@ class CoreScheduler:
             self._refresh_offers(now)
             for launch in self.store.launches("placing"):  # written, maybe never published
                 await self._publish(launch)
-            offers = {o.get("agent_id"): o for o in self.store.list_offers()}
+            offers: dict[str, Any] | None = None  # read only if a launch was answered
             for launch in self.store.launches("sent"):
                 result = launch["result"]
                 if result in DONE_RESULTS:
                     self.placer.confirm(launch["task_id"])
                     # An offer the edge made after it applied the launch already counts the
                     # task: holding the reservation as well would count it twice.
+                    if offers is None:
+                        offers = {o.get("agent_id"): o for o in self.store.list_offers()}
                     offer = offers.get(launch["agent_id"]) or {}
                     if (offer.get("created_at") or 0) >= (launch["result_ts"] or float("inf")):
                         self.placer.release(launch["task_id"])
@@ -151,15 +160,25 @@ class CoreScheduler:
                                           "finished_at": now, "updated_at": now}, now)
 
     def _refresh_offers(self, now: float) -> None:
-        agents = self.store.list_agents()
-        statuses = {a["id"]: a["status"] for a in agents if not a["revoked"]}
-        self._revoked = {a["id"] for a in agents if a["revoked"]}
-        for body in self.store.list_offers():
-            agent = body.get("agent_id")
+        """Bring the placer's offers up to date. Every pass reads only each agent's status and
+        offer id (no JSON decoded); a body is read and decoded only for an offer that changed,
+        so a quiet fleet costs a pass two narrow scans, not a decode of every agent."""
+        statuses: dict[str, str] = {}
+        revoked: set[str] = set()
+        for agent_id, status, is_revoked in self.store.agent_statuses():
+            if is_revoked:
+                revoked.add(agent_id)
+            else:
+                statuses[agent_id] = status
+        self._revoked = revoked
+        for agent, offer_id in self.store.offer_ids():
             if agent not in statuses:
                 continue
-            key = (body.get("id"), statuses[agent])
+            key = (offer_id, statuses[agent])
             if self._offer_ids.get(agent, (None, ""))[0] != key:
+                body = self.store.offer_of(agent)
+                if body is None:  # gone since the scan
+                    continue
                 self._offer_ids[agent] = (key, statuses[agent])
                 self.placer.update_offer(Offer.from_body(body, status=statuses[agent]))
                 self._offers_version += 1

@@ -154,10 +154,11 @@ class Services:
             list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """(instances that count, instances lost with an unreachable agent, instances on an
         agent drained with ``migrate``: they run until their replacements do)."""
-        agents = {a["id"]: a for a in self.store.list_agents()}
+        instances = self._instances(svc["name"])
+        agents = self.store.agents_by_id({t.get("agent_id") or "" for t in instances})
         rule = svc["disconnect"]
         counted, lost, leaving = [], [], []
-        for task in self._instances(svc["name"]):
+        for task in instances:
             agent = agents.get(task.get("agent_id") or "")
             away = (agent is not None and agent["status"] == "unreachable"
                     and now - (agent.get("last_seen") or 0) > rule["lost_after"])

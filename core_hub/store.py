@@ -421,13 +421,31 @@ class HubStore(Database):
             (task_id, _dumps(spec), agent_id, command_id, status, _dumps(excluded), reason,
              now, now))
 
-    def launches(self, *statuses: str) -> list[dict[str, Any]]:
+    def prune_launches(self, before: float, limit: int = 1000) -> int:
+        """Delete launch records that are settled (accepted, cancelled or set aside) and last
+        changed before ``before``, whose task has ended or is gone: nothing reads them again
+        (a kill of an ended task sends nothing), and kept they grow the view and its KV
+        mirror with every task the core ever placed. Returns how many went."""
+        marks = ",".join("?" * len(_TERMINAL))
+        with self.transaction() as db:
+            return int(db.execute(
+                "DELETE FROM launches WHERE task_id IN (SELECT l.task_id FROM launches l"
+                " LEFT JOIN tasks t ON t.id = l.task_id"
+                " WHERE l.status IN ('accepted', 'cancelled', 'set_aside') AND l.updated_at < ?"
+                f" AND (t.id IS NULL OR t.state IN ({marks})) LIMIT ?)",
+                (before, *_TERMINAL, limit)).rowcount)
+
+    def launches(self, *statuses: str, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Launch records in ``statuses`` (oldest first), with their results; with
+        ``task_id``, that task's only."""
         marks = ",".join("?" * len(statuses))
+        only = "" if task_id is None else " AND l.task_id = ?"
         rows = self._db.execute(
             "SELECT l.*, r.status AS result, r.body AS result_body, r.ts AS result_ts"
             " FROM launches l"
             " LEFT JOIN results r ON r.command_id = l.command_id"
-            f" WHERE l.status IN ({marks}) ORDER BY l.created_at", statuses).fetchall()
+            f" WHERE l.status IN ({marks}){only} ORDER BY l.created_at",
+            (*statuses, *(() if task_id is None else (task_id,)))).fetchall()
         out = []
         for row in rows:
             item = {k: row[k] for k in row.keys()}  # noqa: SIM118 (Row is not a Mapping)
@@ -479,6 +497,18 @@ class HubStore(Database):
             rows = self._db.execute("SELECT * FROM agents WHERE site = ? ORDER BY id",
                                     (site,)).fetchall()
         return [_agent(row) for row in rows]
+
+    def agents_by_id(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The agents among ``ids`` (unknown ids left out): a pass over a service's instances
+        reads their agents, not the fleet."""
+        wanted = sorted(set(ids))
+        found: dict[str, dict[str, Any]] = {}
+        for at in range(0, len(wanted), 500):
+            part = wanted[at:at + 500]
+            for row in self._db.execute(
+                    f"SELECT * FROM agents WHERE id IN ({','.join('?' * len(part))})", part):
+                found[row["id"]] = _agent(row)
+        return found
 
     def page_agents(self, after: str, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` agents with an id after ``after``, in id order (decodes only those)."""
@@ -586,6 +616,22 @@ class HubStore(Database):
     def count_tasks_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(
             "SELECT state, count(*) FROM tasks GROUP BY state")}
+
+    def offer_ids(self) -> list[tuple[str, Any]]:
+        """(agent id, offer id) of every stored offer, the body left undecoded (SQLite reads
+        the id out of the JSON): what the scheduler compares each pass."""
+        return [(row[0], row[1]) for row in self._db.execute(
+            "SELECT agent_id, json_extract(body, '$.id') FROM offers")]
+
+    def offer_of(self, agent_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM offers WHERE agent_id = ?",
+                               (agent_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def agent_statuses(self) -> list[tuple[str, str, bool]]:
+        """(id, status, revoked) of every agent: the narrow read of a scheduler pass."""
+        return [(row[0], row[1], bool(row[2])) for row in self._db.execute(
+            "SELECT id, status, revoked FROM agents")]
 
     def list_offers(self, *, now: float | None = None) -> list[dict[str, Any]]:
         """Latest offer per agent; with ``now``, only those not yet expired."""
