@@ -223,4 +223,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE join_tokens ADD COLUMN site TEXT;
     """,
+    # 12 (busy hub): tasks by name, for placement's spread and a service's instances (both
+    # read them on every pass; without it each read scanned every task).
+    """
+    CREATE INDEX tasks_by_name ON tasks(name, state);
+    """,
 )
