@@ -228,4 +228,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_by_name ON tasks(name, state);
     """,
+    # 13 (recent tasks first): GET /v1/tasks?order=recent pages by (updated_at, id).
+    """
+    CREATE INDEX tasks_by_recent ON tasks(updated_at, id);
+    """,
 )

@@ -583,12 +583,15 @@ class HubStore(Database):
         Bodies stay text so a page can go out without being decoded and encoded again; the
         caller decodes only the few it must rewrite (by agent and state).
         """
-        where, args = [], []
-        pos = decode_cursor(query.cursor, id=str)
-        if pos is not None:
-            if not isinstance(pos.get("id"), str):
-                raise BadRequest("cursor: not a cursor this server issued",
-                                 details={"field": "cursor"})
+        where: list[str] = []
+        args: list[Any] = []
+        recent = query.order == "recent"
+        pos = (decode_cursor(query.cursor, u=float, id=str) if recent
+               else decode_cursor(query.cursor, id=str))
+        if pos is not None and recent:
+            where.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+            args.extend((pos["u"], pos["u"], pos["id"]))
+        elif pos is not None:
             where.append("id > ?")
             args.append(pos["id"])
         if query.states:
@@ -606,13 +609,17 @@ class HubStore(Database):
         if query.label:
             where.append("json_extract(body, '$.labels.\"' || ? || '\"') = ?")
             args.extend(query.label)
-        sql = "SELECT id, body, agent_id, state FROM tasks"
+        sql = "SELECT id, body, agent_id, state, updated_at FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, query.limit + 1)).fetchall()
+        order = " ORDER BY updated_at DESC, id DESC" if recent else " ORDER BY id"
+        rows = self._db.execute(sql + order + " LIMIT ?", (*args, query.limit + 1)).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        cursor = encode_cursor({"id": rows[-1][0]}) if more else None
+        cursor = None
+        if more:
+            last = rows[-1]
+            cursor = encode_cursor({"u": last[4], "id": last[0]} if recent else {"id": last[0]})
         return [(r[1], r[2], r[3]) for r in rows], cursor
 
     def unheard_agents(self) -> dict[str, str]:

@@ -55,5 +55,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_task ON events(task_id, seq);
     """,
+    # 3 (recent tasks first): GET /v1/tasks?order=recent pages by (updated_at, num).
+    """
+    CREATE INDEX tasks_by_recent ON tasks(updated_at, num);
+    """,
 )
-

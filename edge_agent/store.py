@@ -147,12 +147,15 @@ class Store(Database):
             "SELECT state, count(*) FROM tasks GROUP BY state")}
 
     def list_tasks(self, query: TaskQuery) -> Page:
-        where, args = [], []
-        pos = decode_cursor(query.cursor, n=int)
-        if pos is not None:
-            if not isinstance(pos.get("n"), int):
-                raise BadRequest("cursor: not a cursor this server issued",
-                                 details={"field": "cursor"})
+        where: list[str] = []
+        args: list[Any] = []
+        recent = query.order == "recent"
+        pos = (decode_cursor(query.cursor, u=float, n=int) if recent
+               else decode_cursor(query.cursor, n=int))
+        if pos is not None and recent:
+            where.append("(t.updated_at < ? OR (t.updated_at = ? AND t.num < ?))")
+            args.extend((pos["u"], pos["u"], pos["n"]))
+        elif pos is not None:
             where.append("t.num > ?")
             args.append(pos["n"])
         if query.states:
@@ -169,12 +172,17 @@ class Store(Database):
         if query.label:
             join = "JOIN task_labels l ON l.task_num = t.num AND l.key = ? AND l.value = ?"
             args = [*query.label, *args]
+        order = "t.updated_at DESC, t.num DESC" if recent else "t.num"
         sql = (f"SELECT t.* FROM tasks t {join} "
-               f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY t.num LIMIT ?")
+               f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order} LIMIT ?")
         rows = self._db.execute(sql, (*args, query.limit + 1)).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        cursor = encode_cursor({"n": rows[-1]["num"]}) if more else None
+        cursor = None
+        if more:
+            last = rows[-1]
+            cursor = encode_cursor({"u": last["updated_at"], "n": last["num"]} if recent
+                                   else {"n": last["num"]})
         return Page([self.to_api(r) for r in rows], cursor)
 
     # ------------------------------------------------------------ events

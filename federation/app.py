@@ -20,7 +20,7 @@ from aiohttp import web
 
 from federation import schemas, strictjson
 from federation.auth import TokenAuth, digest, role_allows
-from federation.backend import Backend, TaskQuery
+from federation.backend import TASK_ORDERS, Backend, TaskQuery
 from federation.errors import (
     BadRequest,
     Forbidden,
@@ -136,6 +136,13 @@ async def info(request: web.Request) -> web.Response:
     return _json({**await _backend(request).info(), "token_role": request.get(ROLE)})
 
 
+def _task_order(order: str) -> str:
+    if order not in TASK_ORDERS:
+        raise BadRequest(f"order: must be one of {', '.join(TASK_ORDERS)}",
+                         details={"field": "order", "allowed": list(TASK_ORDERS)})
+    return order
+
+
 async def list_tasks(request: web.Request) -> web.Response:
     q = request.query
     states = tuple(s for s in q.get("state", "").split(",") if s)
@@ -158,6 +165,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         site=q.get("site") or None,
         limit=_int_param(request, "limit", 100, 1, 1000),
         cursor=q.get("cursor") or None,
+        order=_task_order(q.get("order") or "id"),
     )
     page = await _backend(request).list_tasks(query)
     return _json(page.to_json())
@@ -436,7 +444,9 @@ ROUTES: tuple[Route, ...] = (
                   ("label", "query", {"type": "string",
                                       "pattern": schemas.LABEL_KEY_PATTERN[:-1] + "=.*$"}),
                   ("name", "query", {"type": "string"}), ("agent", "query", {"type": "string"}),
-                  ("site", "query", {"type": "string"}), *_P_CURSOR)),
+                  ("site", "query", {"type": "string"}),
+                  ("order", "query", {"type": "string", "enum": list(TASK_ORDERS),
+                                      "default": "id"}), *_P_CURSOR)),
     Route("POST", "/v1/tasks", create_task, "operator", "Submit a task",
           request=schemas.TASK_SPEC, response=schemas.TASK),
     Route("GET", "/v1/tasks/{id}", get_task, "viewer", "One task", response=schemas.TASK),

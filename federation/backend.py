@@ -16,7 +16,9 @@ class TaskQuery:
     """Filters and paging for ``GET /v1/tasks``.
 
     Fields: ``states`` (any of), ``label`` (key, value) pair, ``name`` (exact), ``limit``,
-    ``cursor`` (opaque, from the previous page).
+    ``cursor`` (opaque, from the previous page), ``order``: ``id`` (stable: a page never
+    repeats or skips a task) or ``recent`` (last changed first, what a person looks for; a
+    task that changes while one pages may show again on a later page, or be passed over).
     """
 
     states: tuple[str, ...] = ()
@@ -26,6 +28,10 @@ class TaskQuery:
     site: str | None = None
     limit: int = 100
     cursor: str | None = None
+    order: str = "id"
+
+
+TASK_ORDERS = ("id", "recent")
 
 
 @dataclass(frozen=True, slots=True)

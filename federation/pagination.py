@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any
 
 import orjson
@@ -27,7 +28,8 @@ def encode_cursor(position: dict[str, Any]) -> str:
 
 def decode_cursor(cursor: str | None, **fields: type) -> dict[str, Any] | None:
     """The position a cursor stands for (None without one), or ``BadRequest`` if it was not
-    made by us. ``fields`` name the keys it must have and their types (``int`` or ``str``)."""
+    made by us. ``fields`` name the keys it must have and their types (``int``, ``float``: a
+    finite non-negative number, or ``str``)."""
     if not cursor:
         return None
     try:
@@ -40,6 +42,9 @@ def decode_cursor(cursor: str | None, **fields: type) -> dict[str, Any] | None:
     for key, kind in fields.items():
         item = value[key]
         if kind is int and not (type(item) is int and 0 <= item <= MAX_INT):
+            raise _foreign()
+        if kind is float and not (type(item) in (int, float) and math.isfinite(item)
+                                  and 0 <= item <= MAX_INT):
             raise _foreign()
         if kind is str and not (isinstance(item, str) and len(item) <= MAX_STR
                                 and "\x00" not in item):

@@ -95,6 +95,37 @@ def test_task_history_is_the_same_at_both(node: Any) -> None:
     ERROR_CHECK(missing.body)
 
 
+def test_tasks_most_recently_changed_first(node: Any) -> None:
+    """``order=recent`` pages the whole list last changed first, at both (the dashboard's task
+    table); each page's cursor continues without repeats; a bad order or cursor is a 400."""
+    ids = []
+    for n in range(3):
+        created = node.api("POST", "/v1/tasks", {"name": f"recent-{n}", "command": ["true"],
+                                                 "labels": {"suite": "recent"}})
+        assert created.status == 201, created.body
+        ids.append(created.body["id"])
+        wait_until(lambda i=created.body["id"]: node.api("GET", f"/v1/tasks/{i}").body["state"]
+                   == "finished", timeout=15, what="finished")
+    seen, cursor = [], ""
+    while True:
+        page = node.api("GET", f"/v1/tasks?label=suite=recent&order=recent&limit=1{cursor}")
+        assert page.status == 200, page.body
+        seen += [t["id"] for t in page.body["items"]]
+        if not page.body["next_cursor"]:
+            break
+        cursor = f"&cursor={page.body['next_cursor']}"
+    assert seen == ids[::-1], (seen, ids)
+    by_id = node.api("GET", "/v1/tasks?label=suite=recent").body["items"]
+    assert sorted(t["id"] for t in by_id) == sorted(ids)
+    bad = node.api("GET", "/v1/tasks?order=oldest")
+    assert bad.status == 400 and bad.body["error"]["details"]["field"] == "order", bad.body
+    # An id-order cursor is not a recent-order one: refused, not misread.
+    first = node.api("GET", "/v1/tasks?label=suite=recent&limit=1").body["next_cursor"]
+    wrong = node.api("GET", f"/v1/tasks?order=recent&cursor={first}")
+    assert wrong.status == 400, wrong.body
+    ERROR_CHECK(wrong.body)
+
+
 def test_agents_and_offers_have_the_same_shapes(node: Any) -> None:
     agents = node.api("GET", "/v1/agents").body["items"]
     assert agents

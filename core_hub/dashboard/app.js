@@ -840,7 +840,9 @@ function resetPages() {
 async function loadTaskPage() {
   const gen = S.pages.gen;
   const idx = S.pages.idx;
-  const q = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  // Last changed first, across the whole fleet (the API orders, not this page): what
+  // someone just did, or what just failed, is at the top.
+  const q = new URLSearchParams({ limit: String(PAGE_SIZE), order: "recent" });
   const f = S.filter;
   if (f.site) q.set("site", f.site);
   if (f.agent) q.set("agent", f.agent);
@@ -859,9 +861,7 @@ async function loadTaskPage() {
     throw e;
   }
   if (gen !== S.pages.gen || idx !== S.pages.idx) return; // the filter or page changed meanwhile
-  // Newest first: what someone just did is at the top.
-  S.pages.items = [...page.items].sort((x, y) => (y.created_at || 0) - (x.created_at || 0) ||
-    (y.updated_at || 0) - (x.updated_at || 0));
+  S.pages.items = page.items;
   S.pages.next = page.next_cursor;
   renderTaskTable();
 }
