@@ -23,9 +23,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# A simulated fleet (real agent sync code) against a real hub: BENCH_AGENTS=2000 make bench-scale
+# A simulated fleet (real agent sync code) against a real hub: BENCH_AGENTS=2000 make bench-scale;
+# then the reconnect storm (BENCH_STORM_AGENTS, BENCH_STORM_EVENTS).
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.fleet
+	$(BIN)/python -m bench.storm
 
 fuzz: $(STAMP)
 	OUTPOST_FUZZ=300 OUTPOST_FUZZ_TIMEOUT=3600 $(BIN)/python -m pytest -q tests/test_fuzz_api.py -p no:cacheprovider
