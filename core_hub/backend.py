@@ -167,6 +167,12 @@ class CoreBackend:
             self.store.update_agent_record(agent["id"], {"status": "draining"})
             if migrate:  # services move their instances off this agent
                 self.store.set_meta(f"migrate:{agent['id']}", "1")
+        if migrate and self.on_agent_change is not None:
+            try:  # kept in the registry bucket too, so a rebuilt view still migrates
+                await self.on_agent_change(agent["id"])
+            except Exception as exc:  # the drain itself is queued: say so, do not undo it
+                log.warning("agent %s: migrate flag not yet in the registry bucket: %r",
+                            agent["id"], exc, extra={"agent_id": agent["id"]})
         return {**agent, "status": "draining", "command_id": command_id}
 
     async def revoke_agent(self, agent_id: str) -> dict[str, Any]:

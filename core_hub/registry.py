@@ -56,7 +56,9 @@ class Registry:
                   "site": agent["site"], "labels": agent["labels"],
                   "resources": agent["resources"], "version": agent["version"],
                   "enrolled_at": agent["enrolled_at"], "revoked": agent["revoked"],
-                  "revoked_at": agent["revoked_at"], "retired_keys": agent["retired_keys"]}
+                  "revoked_at": agent["revoked_at"], "retired_keys": agent["retired_keys"],
+                  # drained with migrate: services move their instances off it (backend.py)
+                  "migrate": bool(self.store.get_meta(f"migrate:{agent_id}"))}
         await self.kv.put(agent_id, wire.pack(record))
 
     async def restore(self) -> int:
@@ -99,8 +101,12 @@ class Registry:
                      extra={"agent_id": agent_id})
         if record.get("revoked") and not agent["revoked"]:
             self.store.revoke_agent(agent_id, record.get("revoked_at"))
+        migrate = bool(self.store.get_meta(f"migrate:{agent_id}"))
+        if record.get("migrate") is True and not migrate:
+            self.store.set_meta(f"migrate:{agent_id}", "1")
         return (len(agent["retired_keys"]) > len(retired)
-                or (agent["revoked"] and not record.get("revoked")))
+                or (agent["revoked"] and not record.get("revoked"))
+                or (migrate and record.get("migrate") is not True))
 
 
 def _record(key: str, value: bytes) -> dict[str, Any] | None:

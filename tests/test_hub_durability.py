@@ -187,3 +187,40 @@ def test_another_process_holding_the_view_does_not_freeze_the_hub(
         holder.stdout.close()
     wait_until(lambda: hub_proc.api("GET", f"/v1/tasks/{during['id']}").status == 200,
                timeout=20, what="what the edge reported during the lock, at the core")
+
+
+def test_a_deleted_view_keeps_a_drain_with_migrate(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """An agent drained with ``migrate`` while no other agent can take its service instance;
+    the view is deleted; when a second agent joins, the instance still moves there. It failed
+    before: the migrate flag lived only in the view, so the rebuilt hub counted the original
+    and stopped the pending replacement as surplus."""
+    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    a_id = a.api("GET", "/v1/info").body["agent_id"]
+    resp = hub_proc.api("POST", "/v1/services", {
+        "name": "shop", "instances": 1,
+        "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                 "resources": {"cpus": 0.1, "mem_mb": 16}}})
+    assert resp.status == 201, resp.body
+    original = wait_until(lambda: (t := hub_proc.api(
+        "GET", "/v1/tasks?name=shop&state=running").body["items"]) and t[0], timeout=20,
+        what="the service's instance running")
+    pid = a.task(original["id"])["pid"]
+    join = hub_proc.join_token()
+    drained = hub_proc.api("POST", f"/v1/agents/{a_id}/drain?migrate=true")
+    assert drained.status in (200, 202), drained.body
+    wait_until(lambda: hub_proc.api("GET", "/v1/tasks?name=shop&state=pending").body["items"],
+               timeout=20, what="a replacement waiting for room")
+
+    delete_view(hub_proc)
+    hub_proc.start()
+    b = start_agent("--nats", nats_proc.url, "--join-token", join, "--heartbeat", "0.5",
+                    "--site", "beta", name="b")
+    b_id = b.api("GET", "/v1/info").body["agent_id"]
+    moved = wait_until(lambda: (t := hub_proc.api(
+        "GET", "/v1/tasks?name=shop&state=running").body["items"]) and all(
+        x["agent_id"] == b_id for x in t) and t, timeout=40,
+        what="the instance moved to b, the original stopped")
+    assert len(moved) == 1 and moved[0]["id"] != original["id"]
+    wait_until(lambda: not pid_alive(pid), timeout=20, what="the original's process gone")
