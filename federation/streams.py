@@ -52,7 +52,9 @@ AGENTS_BUCKET = subjects.AGENTS_BUCKET  # core_hub/registry.py: enrolled agents'
 HUB_STREAMS: tuple[str, ...] = (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM)
 HUB_KV_BUCKETS: tuple[str, ...] = subjects.HUB_KV_BUCKETS  # registry and core_hub/hubstate.py
 # KeyValueConfig options per bucket beyond the defaults (history 1, no TTL).
-KV_OPTIONS: dict[str, dict[str, Any]] = {}
+# The lease's TTL is its bucket's max_age: JetStream's clock ends a lease nobody renews.
+LEASE_TTL_S = 6.0
+KV_OPTIONS: dict[str, dict[str, Any]] = {"OUTPOST_LEASE": {"ttl": LEASE_TTL_S}}
 # Per-agent quota on OUTPOST_EVENTS (see the module docstring): messages per agent subject and
 # the largest message (the edge's batches stay under 400 kB: edge_agent/sync.py).
 EVENTS_MAX_MSGS_PER_SUBJECT = 20_000
