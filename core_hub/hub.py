@@ -38,6 +38,7 @@ from core_hub.store import HubStore
 from federation import subjects
 from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
+from federation.datadirlock import DataDirLock
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
 from federation.natscreds import (
@@ -69,6 +70,7 @@ class Hub:
         self.admin_token = ""
         self.registry: Registry | None = None
         self.nats_auth: NatsAuth | None = None  # least privilege on the hub's NATS, if managed
+        self.lock: DataDirLock | None = None
 
     async def start(self) -> None:
         import nats
@@ -81,6 +83,7 @@ class Hub:
             ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
+        self.lock = DataDirLock(cfg.data_dir, "hub")  # before the view or NATS are touched
         self.store = store = HubStore(cfg.data_dir / "hub.db", loop_writer=True)
         hub_seed, hub_public = load_or_create_key(cfg.data_dir / "hub.key")
         self._least_privilege(store, hub_public)
@@ -314,6 +317,8 @@ class Hub:
             self.store.close()
         if self.natsd is not None:
             await self.natsd.stop()
+        if self.lock is not None:
+            self.lock.release()
         log.info("hub stopped")
 
     async def run_until_signalled(self) -> None:

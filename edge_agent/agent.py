@@ -20,6 +20,7 @@ from edge_agent.store import Store
 from edge_agent.supervisor import Supervisor
 from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
+from federation.datadirlock import DataDirLock
 from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Agent:
         self.admin_token = ""
         self.sync: Any = None
         self.backend: EdgeBackend | None = None
+        self.lock: DataDirLock | None = None
 
     def _identity(self, store: Store) -> str:
         agent_id = store.get_meta("agent_id")
@@ -59,6 +61,8 @@ class Agent:
             ssl_context = server_context(cfg.tls_cert, cfg.tls_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
+        # Before anything else reads the data dir: a second agent here must not adopt tasks.
+        self.lock = DataDirLock(cfg.data_dir, "agent")
         self.store = store = Store(cfg.data_dir / "agent.db")
         agent_id = self._identity(store)
         store.agent_id, store.site = agent_id, cfg.site
@@ -127,6 +131,8 @@ class Agent:
             await self.supervisor.stop()
         if self.store is not None:
             self.store.close()
+        if self.lock is not None:
+            self.lock.release()
         log.info("edge agent stopped")
 
     async def run_until_signalled(self) -> None:
