@@ -52,7 +52,10 @@ AGENTS_BUCKET = subjects.AGENTS_BUCKET  # core_hub/registry.py: enrolled agents'
 HUB_STREAMS: tuple[str, ...] = (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM)
 HUB_KV_BUCKETS: tuple[str, ...] = subjects.HUB_KV_BUCKETS  # registry and core_hub/hubstate.py
 # KeyValueConfig options per bucket beyond the defaults (history 1, no TTL).
-KV_OPTIONS: dict[str, dict[str, Any]] = {}
+KV_OPTIONS: dict[str, dict[str, Any]] = {
+    # Agents read manifests by direct get of one key (core_hub/natsauth.py allows only that).
+    subjects.MANIFESTS_BUCKET: {"direct": True},
+}
 # Per-agent quota on OUTPOST_EVENTS (see the module docstring): messages per agent subject and
 # the largest message (the edge's batches stay under 400 kB: edge_agent/sync.py).
 EVENTS_MAX_MSGS_PER_SUBJECT = 20_000
