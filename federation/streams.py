@@ -54,7 +54,11 @@ HUB_KV_BUCKETS: tuple[str, ...] = subjects.HUB_KV_BUCKETS  # registry and core_h
 # KeyValueConfig options per bucket beyond the defaults (history 1, no TTL).
 # The lease's TTL is its bucket's max_age: JetStream's clock ends a lease nobody renews.
 LEASE_TTL_S = 6.0
-KV_OPTIONS: dict[str, dict[str, Any]] = {"OUTPOST_LEASE": {"ttl": LEASE_TTL_S}}
+KV_OPTIONS: dict[str, dict[str, Any]] = {
+    subjects.LEASE_BUCKET: {"ttl": LEASE_TTL_S},
+    # Agents read manifests by direct get of one key (core_hub/natsauth.py allows only that).
+    subjects.MANIFESTS_BUCKET: {"direct": True},
+}
 # Per-agent quota on OUTPOST_EVENTS (see the module docstring): messages per agent subject and
 # the largest message (the edge's batches stay under 400 kB: edge_agent/sync.py).
 EVENTS_MAX_MSGS_PER_SUBJECT = 20_000
