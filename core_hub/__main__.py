@@ -210,15 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     from federation.log import configure
 
     configure(config.log_format, config.log_level)
+    hub = Hub(config)
     try:
-        asyncio.run(Hub(config).run_until_signalled())
+        asyncio.run(hub.run_until_signalled())
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return hub.exit_code
 
 
 if __name__ == "__main__":

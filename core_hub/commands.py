@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from core_hub.store import HubStore
@@ -38,8 +39,15 @@ class Commander:
     """Queues and sends commands to agents; ``seq`` is the hub's own counter, in its store.
     ``start()`` runs the sender; ``stop()`` ends it after one last try at the queue."""
 
-    def __init__(self, js: Any, store: HubStore, signer: wire.Signer) -> None:
+    def __init__(self, js: Any, store: HubStore, signer: wire.Signer,
+                 fence: Callable[[], Awaitable[int]] | None = None,
+                 before_send: Callable[[], Awaitable[object]] | None = None) -> None:
         self.js = js
+        self.fence = fence  # the placement lease's claim (core_hub/lease.py): raises if lost
+        # The hub state mirror's flush: what explains a command (its service, its launch
+        # record) is in JetStream KV before the command is, so a replica taking over, or a
+        # fresh view, knows of everything an edge may be running.
+        self.before_send = before_send
         self.store = store
         self.signer = signer
         self.sent = 0
@@ -85,6 +93,10 @@ class Commander:
         many went out. Raises on the first one NATS does not take (the rest wait)."""
         done = 0
         while rows := self.store.queued_commands():
+            if self.before_send is not None:
+                await self.before_send()
+            if self.fence is not None:  # a replica that lost the lease sends nothing more
+                await self.fence()
             for row_id, command_id, agent_id, data in rows:
                 await self.log.append(agent_id, data, command_id)
                 self.store.drop_command(row_id)

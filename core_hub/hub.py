@@ -22,6 +22,7 @@ from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
 from core_hub.hubstate import StateMirror
 from core_hub.ingest import Ingest
+from core_hub.lease import Lease, replica_name
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
@@ -71,6 +72,9 @@ class Hub:
         self.registry: Registry | None = None
         self.nats_auth: NatsAuth | None = None  # least privilege on the hub's NATS, if managed
         self.lock: DataDirLock | None = None
+        self.lease: Lease | None = None
+        self.exit_code = 0  # 3: this replica lost the lease to another and stepped down
+        self._stop = asyncio.Event()
 
     async def start(self) -> None:
         import nats
@@ -121,11 +125,15 @@ class Hub:
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))
         js = self.nc.jetstream(timeout=5)
+        await self._lead(js)
+        store = self.store  # a fresh view if this replica took the lease over from another
+        assert store is not None
         signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         await registry.open()
         await registry.restore()
-        state = StateMirror(js, store, replicas=cfg.stream_replicas)
+        state = StateMirror(js, store, replicas=cfg.stream_replicas,
+                            fence=self.lease.claim if self.lease else None)
         await state.open()
         await state.flush()  # changes a crash left unwritten go out before any restore
         await state.restore()
@@ -142,7 +150,8 @@ class Hub:
         for part in (enroller, ingest, liveness):
             await part.start()
             self.parts.append(part)
-        commander = Commander(js, store, signer)
+        commander = Commander(js, store, signer, fence=self.lease.claim if self.lease else None,
+                              before_send=state.flush)
         await commander.start()  # sends what an earlier run queued, then what is queued now
         self.parts.append(commander)
         scheduler = CoreScheduler(store, commander)
@@ -174,6 +183,46 @@ class Hub:
             (cfg.data_dir / f"{name}.tmp").replace(cfg.data_dir / name)
         log.info("hub serving %s; NATS %s", self.url, redact_url(self.nats_url),
                  extra={"url": self.url, "nats": redact_url(self.nats_url)})
+
+    async def _lead(self, js: Any) -> None:
+        """Wait until this replica holds the placement lease (core_hub/lease.py): replicas run
+        active/standby, and only the holder enrolls, places, runs services and sends commands.
+
+        A replica that takes over from another has a view that is out of date (the other
+        placed, enrolled and revoked meanwhile) and commands queued under its old term: both
+        are dropped and the view is rebuilt from JetStream, as for a deleted view. A hub with
+        embedded NATS is the only one on its NATS and always leads."""
+        assert self.store is not None
+        if self.config.embedded_nats:
+            return
+        self.lease = lease = Lease(js, replica_name(self.config.data_dir))
+        lease.on_lost = self._lost_lease
+        await lease.open()
+        waiting = False
+        while not await lease.try_acquire():
+            if not waiting:
+                holder = await lease.holder_now()
+                log.info("standby: the placement lease is held by %s; waiting for it",
+                         holder.holder if holder else "another replica",
+                         extra={"holder": holder.holder if holder else None})
+                waiting = True
+            await asyncio.sleep(lease.ttl_s / 4)
+        await lease.start()
+        if lease.previous not in (None, lease.holder):
+            dropped = self.store.command_queue_depth()
+            self.store.close()
+            for suffix in ("", "-wal", "-shm"):
+                (self.config.data_dir / f"hub.db{suffix}").unlink(missing_ok=True)
+            self.store = HubStore(self.config.data_dir / "hub.db", loop_writer=True)
+            log.warning("took the lease over from %s: rebuilding the view from JetStream; "
+                        "%d commands queued in an earlier term dropped", lease.previous,
+                        dropped, extra={"previous": lease.previous, "dropped": dropped})
+
+    def _lost_lease(self) -> None:
+        log.error("lost the placement lease to another replica: stopping; restarted, this "
+                  "hub waits as a standby")
+        self.exit_code = 3
+        self._stop.set()
 
     async def _set_up(self, error_cb: Any) -> None:
         """Create or update the streams and buckets on a connection of its own, closed after:
@@ -324,7 +373,7 @@ class Hub:
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, which stop the hub at any time: while it waits for
         NATS at start too (the start is cancelled, then what it had started is stopped)."""
-        stop = asyncio.Event()
+        stop = self._stop
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -40,14 +41,17 @@ class StateMirror:
     """Writes the view's marked changes to KV (a loop, and once more at stop); restores a
     fresh view from KV at start. ``open()`` before either."""
 
-    def __init__(self, js: Any, store: HubStore, replicas: int = 1) -> None:
+    def __init__(self, js: Any, store: HubStore, replicas: int = 1,
+                 fence: Callable[[], Awaitable[int]] | None = None) -> None:
         self.js = js
+        self.fence = fence  # the placement lease's claim: a replica that lost it writes nothing
         self.store = store
         self.replicas = replicas
         self.kv: dict[str, Any] = {}
         self.written = 0
         self.failures = 0
         self._loop: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     async def open(self) -> None:
         """Bind the buckets (``streams.ensure_hub_buckets`` made them during the hub's set-up:
@@ -58,8 +62,15 @@ class StateMirror:
     async def flush(self) -> int:
         """Write every change marked now (not those marked while this runs: the loop's next
         pass takes them); returns how many keys were written."""
+        async with self._flushing:  # the loop and the command sender both flush
+            return await self._flush()
+
+    async def _flush(self) -> int:
         written = 0
-        for kind, key, gen in self.store.dirty_state(limit=100_000):
+        dirty = self.store.dirty_state(limit=100_000)
+        if dirty and self.fence is not None:
+            await self.fence()
+        for kind, key, gen in dirty:
             record = self.store.state_record(kind, key)
             if record is None:
                 await self.kv[kind].delete(key)

@@ -52,10 +52,7 @@ AGENTS_BUCKET = subjects.AGENTS_BUCKET  # core_hub/registry.py: enrolled agents'
 HUB_STREAMS: tuple[str, ...] = (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM)
 HUB_KV_BUCKETS: tuple[str, ...] = subjects.HUB_KV_BUCKETS  # registry and core_hub/hubstate.py
 # KeyValueConfig options per bucket beyond the defaults (history 1, no TTL).
-# The lease's TTL is its bucket's max_age: JetStream's clock ends a lease nobody renews.
-LEASE_TTL_S = 6.0
 KV_OPTIONS: dict[str, dict[str, Any]] = {
-    subjects.LEASE_BUCKET: {"ttl": LEASE_TTL_S},
     # Agents read manifests by direct get of one key (core_hub/natsauth.py allows only that).
     subjects.MANIFESTS_BUCKET: {"direct": True},
 }

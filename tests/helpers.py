@@ -191,7 +191,9 @@ class HubProcess:
     token: str = ""
     embedded: bool = False
 
-    def start(self, timeout: float = 20.0) -> HubProcess:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> HubProcess:
+        """Start the process; with ``wait`` (the default) return once it serves. A standby
+        replica serves only once it holds the lease: ``wait=False``, then ``serving()``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url_file = self.data_dir / "hub.url"
         url_file.unlink(missing_ok=True)
@@ -205,6 +207,12 @@ class HubProcess:
              *nats_args, "--listen", "127.0.0.1:0", *self.args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         log.close()
+        return self.serving(timeout) if wait else self
+
+    def serving(self, timeout: float = 20.0) -> HubProcess:
+        """Wait until the hub serves its API (its url file is written)."""
+        assert self.proc is not None
+        url_file = self.data_dir / "hub.url"
         wait_until(lambda: url_file.exists() or self.proc.poll() is not None, timeout,
                    what="hub to start")
         if self.proc.poll() is not None:

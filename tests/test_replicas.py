@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from nats.js.api import KeyValueConfig
 from core_hub.lease import Lease, LeaseLost, LeaseRecord
 from federation import subjects
 from federation.natsd import NatsServer
+from tests.helpers import AgentProcess, HubProcess, joined, wait_until
 from tests.nats_fixtures import connect
 
 TTL = 1.5
@@ -53,9 +55,9 @@ async def until(cond: Callable[[], bool], seconds: float) -> bool:
     return cond()
 
 
-async def _bucket(js: object, ttl: float = TTL) -> None:
+async def _bucket(js: object) -> None:
     await js.create_key_value(KeyValueConfig(bucket=subjects.LEASE_BUCKET,  # type: ignore[attr-defined]
-                                             history=1, ttl=ttl))
+                                             history=1))
 
 
 async def test_one_holder_at_a_time_and_a_clean_stop_hands_over(nats_server: NatsServer) -> None:
@@ -76,6 +78,7 @@ async def test_one_holder_at_a_time_and_a_clean_stop_hands_over(nats_server: Nat
             assert await until(lambda: b.held, TTL), "a released lease was not taken over"
             holder = await b.holder_now()
             assert holder is not None and holder.holder == "b"
+            assert b.previous == "a"
             with pytest.raises(LeaseLost):
                 await a.claim()
         finally:
@@ -85,9 +88,11 @@ async def test_one_holder_at_a_time_and_a_clean_stop_hands_over(nats_server: Nat
 
 async def test_a_corrupt_lease_record_is_not_trusted() -> None:
     assert LeaseRecord.decode(b"{") is None
-    assert LeaseRecord.decode(b'{"holder": "x", "epoch": true}') is None
-    assert LeaseRecord.decode(b'{"holder": "", "epoch": 3}') is None
-    assert LeaseRecord.decode(b'{"holder": "x", "epoch": 3}') == LeaseRecord("x", 3)
+    assert LeaseRecord.decode(b'{"holder": "x", "epoch": true, "expires": 1}') is None
+    assert LeaseRecord.decode(b'{"holder": "", "epoch": 3, "expires": 1}') is None
+    assert LeaseRecord.decode(b'{"holder": "x", "epoch": 3, "expires": "soon"}') is None
+    assert LeaseRecord.decode(b'{"holder": "x", "epoch": 3, "expires": 2.5}') == LeaseRecord(
+        "x", 3, 2.5)
 
 
 async def test_a_frozen_holder_loses_the_lease_and_its_claims_are_refused(
@@ -119,7 +124,131 @@ async def test_a_frozen_holder_loses_the_lease_and_its_claims_are_refused(
             assert await until(lambda: len(answers()) >= 5, 10), out.read_text()
             assert all(line.startswith("refused") for line in answers()), answers()
             await ours.claim()  # ours still stands
+            assert ours.previous == "stale"
         finally:
             child.kill()
             child.wait()
             await ours.stop()
+
+
+async def test_a_restarted_replica_takes_its_own_lease_back_at_once(
+        nats_server: NatsServer) -> None:
+    """Its data dir lock proves the crashed process is gone: no wait for the TTL."""
+    async with connect(nats_server.url) as nc:
+        js = nc.jetstream()
+        await _bucket(js)
+        crashed = Lease(js, "hub-1", ttl_s=60.0)
+        await crashed.open()
+        assert await crashed.try_acquire()
+        # (crashed: no release, no renew). Another replica must wait for the 60 s TTL ...
+        other = Lease(js, "hub-2", ttl_s=60.0)
+        await other.open()
+        assert await other.try_acquire() is False
+        # ... but the same replica, restarted, takes it back now and knows nobody led between.
+        again = Lease(js, "hub-1", ttl_s=60.0)
+        await again.open()
+        assert await again.try_acquire()
+        assert again.previous == "hub-1"
+        with pytest.raises(LeaseLost):
+            await crashed.claim()  # the crashed process's token is stale
+
+
+# ---------------------------------------------------------------- two hub processes
+
+
+def _replica(tmp_path: Path, name: str, nats: NatsServer, leader: HubProcess | None = None,
+             ) -> HubProcess:
+    """A hub process on the shared NATS; a second replica gets the first one's hub key (the
+    one identity agents trust) and nothing else."""
+    data = tmp_path / name
+    data.mkdir()
+    if leader is not None:
+        shutil.copy2(leader.data_dir / "hub.key", data / "hub.key")
+    return HubProcess(data, nats.url, ["--disconnected-after", "2.5", "--unreachable-after",
+                                       "4"])
+
+
+def _edge_instances(agents: list[AgentProcess], name: str) -> list[str]:
+    """Task ids of ``name``'s live instances as the edges themselves report them (the truth
+    about what runs, whatever any hub believes)."""
+    ids: list[str] = []
+    for agent in agents:
+        items = agent.api("GET", f"/v1/tasks?name={name}").body["items"]
+        ids += [t["id"] for t in items if t["state"] in ("starting", "running")]
+    return ids
+
+
+def _standby(hub: HubProcess) -> bool:
+    return "standby: the placement lease is held by" in hub.log()
+
+
+def test_the_standby_takes_over_when_the_leader_is_killed_mid_placement(
+        tmp_path: Path, nats_proc: NatsServer,
+        start_agent: Callable[..., AgentProcess]) -> None:
+    a = _replica(tmp_path, "hub-a", nats_proc).start()
+    b = _replica(tmp_path, "hub-b", nats_proc, leader=a).start(wait=False)
+    try:
+        wait_until(lambda: _standby(b), 20, what="hub-b waiting as a standby")
+        edges = [joined(start_agent, a, nats_proc, "--site", site, name=site)
+                 for site in ("alpha", "beta")]
+        wait_until(lambda: len(a.api("GET", "/v1/offers").body["items"]) == 2,
+                   what="offers from both")
+        resp = a.api("POST", "/v1/services", {
+            "name": "web", "instances": 4,
+            "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                     "resources": {"cpus": 0.1, "mem_mb": 16}}})
+        assert resp.status == 201, resp.body
+        time.sleep(0.4)  # the service reaches KV (0.2 s flushes); placement is under way
+        a.stop(signal.SIGKILL)
+
+        b.serving(timeout=30)  # took the lease over (the leader's lease ran out)
+        assert "took the lease over from" in b.log(), b.log()[-2000:]
+        wait_until(lambda: len(_edge_instances(edges, "web")) >= 4, 40,
+                   what="the new leader keeps 4 instances of web")
+        time.sleep(3)  # a double placement, if any, would show now
+        ids = _edge_instances(edges, "web")
+        assert len(ids) == 4 and len(set(ids)) == 4, ids
+        running = b.api("GET", "/v1/tasks?name=web&state=running").body["items"]
+        wait_until(lambda: len(b.api("GET", "/v1/tasks?name=web&state=running")
+                               .body["items"]) == 4, 20, what="the new leader's view")
+        assert len(running) <= 4
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_frozen_leader_steps_down_and_sends_nothing_after_the_takeover(
+        tmp_path: Path, nats_proc: NatsServer,
+        start_agent: Callable[..., AgentProcess]) -> None:
+    a = _replica(tmp_path, "hub-a", nats_proc).start()
+    b = _replica(tmp_path, "hub-b", nats_proc, leader=a).start(wait=False)
+    try:
+        wait_until(lambda: _standby(b), 20, what="hub-b waiting as a standby")
+        edge = joined(start_agent, a, nats_proc, name="edge")
+        resp = a.api("POST", "/v1/services", {
+            "name": "web", "instances": 2,
+            "task": {"command": ["sleep", "300"], "kill_timeout": 1,
+                     "resources": {"cpus": 0.1, "mem_mb": 16}}})
+        assert resp.status == 201, resp.body
+        wait_until(lambda: len(_edge_instances([edge], "web")) == 2, 20, what="2 instances")
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)  # the stale leader
+        b.serving(timeout=30)
+        wait_until(lambda: b.api("GET", "/v1/services/web").status == 200, 10,
+                   what="the service in the new leader's view")
+        # Scale down at the new leader, then wake the old one: it must not act on its term.
+        body = b.api("GET", "/v1/services/web").body
+        assert body["instances"] == 2
+        a.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: a.proc is not None and a.proc.poll() is not None, 20,
+                   what="the woken leader to step down")
+        assert a.proc.returncode == 3, a.log()[-2000:]
+        assert "lost the placement lease" in a.log()
+        time.sleep(2)
+        ids = _edge_instances([edge], "web")
+        assert len(ids) == 2, ids
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGCONT)
+        a.stop()
+        b.stop()
