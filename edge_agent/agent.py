@@ -13,6 +13,7 @@ from aiohttp import web
 from edge_agent.backend import EdgeBackend
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
+from edge_agent.faults import Faults
 from edge_agent.isolation import choose
 from edge_agent.scheduler import Capacity
 from edge_agent.status_page import status_page
@@ -74,7 +75,7 @@ class Agent:
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks)
+            max_tasks=cfg.max_tasks, faults=Faults.from_env(self.env))
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,

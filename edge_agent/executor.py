@@ -96,12 +96,8 @@ class Executor:
         if "/" in argv[0] and not os.access(argv[0], os.X_OK):
             raise SpawnError(f"not an executable file: {argv[0]}")
         tdir = self.task_dir(task_id)
-        try:
-            os.makedirs(tdir / "sandbox")
-        except FileExistsError:  # a restart: clear what the previous run left
-            for stale in ("exit", "exit.tmp", "run.pid"):
-                with contextlib.suppress(FileNotFoundError):
-                    (tdir / stale).unlink()
+        self.clear_run(task_id)
+        os.makedirs(tdir / "sandbox", exist_ok=True)
         try:
             procs = self.isolation.prepare(task_id, spec["resources"])
         except OSError as exc:
@@ -150,16 +146,54 @@ class Executor:
             return None
         return self._watch(task_id, pid, start_ticks, pidfd, child=False)
 
-    def orphan_pid(self, task_id: str) -> tuple[int, int | None] | None:
-        """A wrapper started for ``task_id`` whose pid never reached the store (crash window)."""
-        try:
-            pid = int((self.task_dir(task_id) / "run.pid").read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
-        if WRAPPER.encode() in cmdline and str(self.task_dir(task_id)).encode() in cmdline:
-            return pid, process_start_ticks(pid)
-        return None
+    def live_wrappers(self) -> dict[str, int]:
+        """Our wrappers alive now, found in /proc (their argv holds this agent's task dirs):
+        task id -> pid. Each is a session leader (spawned with setsid), which tells it from
+        the short-lived forks of itself it makes to run the command."""
+        prefix = str(self.tasks_dir).encode() + b"/"
+        found: dict[str, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if (len(argv) > 2 and argv[1] == WRAPPER.encode() and argv[2].startswith(prefix)
+                    and stat[0] not in ("Z", "X") and int(stat[3]) == int(entry.name)):
+                found[argv[2][len(prefix):].decode(errors="replace")] = int(entry.name)
+        return found
+
+    def stop_unknown(self, live: dict[str, int], known: set[str]) -> int:
+        """SIGKILL the wrappers in ``live`` this executor does not watch (their task never
+        committed, or has ended); drop the dirs of tasks not in ``known``. Returns how many."""
+        stopped = 0
+        for task_id, pid in live.items():
+            if task_id in self.running:
+                continue
+            log.warning("stopping process %d of task %s: %s", pid, task_id,
+                        "its task was never recorded" if task_id not in known
+                        else "its task has ended", extra={"task": task_id})
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            self.isolation.kill_all(task_id)
+            self.isolation.release(task_id)
+            if task_id not in known and "/" not in task_id:
+                shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
+            stopped += 1
+        return stopped
+
+    def clear_run(self, task_id: str) -> None:
+        """Forget what the previous run of a restarted task left (its pid and exit files)."""
+        for stale in ("exit", "exit.tmp", "run.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.task_dir(task_id) / stale).unlink()
+
+    def ever_spawned(self, task_id: str) -> bool:
+        """Whether a wrapper ever ran for this run (it writes ``run.pid`` first thing)."""
+        tdir = self.task_dir(task_id)
+        return (tdir / "run.pid").exists() or (tdir / "exit").exists()
 
     def _watch(self, task_id: str, pid: int, start: int | None, pidfd: int,
                child: bool) -> Running:

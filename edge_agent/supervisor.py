@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.executor import Executor, SpawnError
+from edge_agent.executor import Executor, SpawnError, process_start_ticks
+from edge_agent.faults import NO_FAULTS, Faults
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
@@ -39,7 +40,9 @@ class Supervisor:
     """Owns every task on this agent from submission to its last exit."""
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
-                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000) -> None:
+                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000,
+                 faults: Faults = NO_FAULTS) -> None:
+        self.faults = faults
         self.store = store
         self.executor = executor
         self.capacity = capacity
@@ -94,13 +97,18 @@ class Supervisor:
         self._check_capacity(need)
         self._check_count()
         task_id = task_id or uuid.uuid4().hex
-        # One commit for the submission and, when it fits, its start: every state still gets
-        # its own event, but the disk is touched once.
-        with self.store.transaction():
-            self.store.insert_task(task_id, spec, origin=origin, state="pending",
-                                   reason="waiting to be scheduled")
-            self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
-            self.schedule()
+        # One commit for the submission and, when it fits, its admission (``staging``): every
+        # state still gets its own event, but the disk is touched once. The process is spawned
+        # only after that commit (``_start``), so no process ever runs for a task not on disk.
+        try:
+            with self.store.transaction():
+                self.store.insert_task(task_id, spec, origin=origin, state="pending",
+                                       reason="waiting to be scheduled")
+                self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
+                self.schedule()
+        except BaseException:
+            self.pending.pop(task_id, None)  # not on disk: not pending either
+            raise
         return self.store.to_api(self.store.row(task_id))
 
     def at_task_cap(self) -> bool:
@@ -206,9 +214,30 @@ class Supervisor:
             self._start(task_id)
 
     def _start(self, task_id: str) -> None:
+        """Admit: reserve and record ``staging`` (the intent); spawn once that is committed."""
         entry = self.pending.pop(task_id)
         self.reserved[task_id] = entry.resources
-        row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
+
+        def undo() -> None:
+            self.reserved.pop(task_id, None)
+            self.pending.setdefault(task_id, entry)
+
+        self.executor.clear_run(task_id)  # a restart: the last run's files must not be read
+        self.store.update_task(task_id, state="staging", reason=None, not_before=None)
+        self.store.after_commit(lambda: self._launch(task_id), undo=undo)
+
+    def _launch(self, task_id: str) -> None:
+        """Spawn a committed ``staging`` task (unless a kill or a stop came first)."""
+        row = self.store.row(task_id)
+        if row["state"] != "staging" or task_id in self.executor.running or self.stopping:
+            if row["state"] != "staging":
+                self.reserved.pop(task_id, None)
+            return
+        if row["want"] == "kill":
+            self.reserved.pop(task_id, None)
+            self.store.update_task(task_id, state="killed", reason="killed on request",
+                                   finished_at=time.time())
+            return
         spec = json.loads(row["spec"])
         try:
             run = self.executor.spawn(task_id, spec)
@@ -216,6 +245,7 @@ class Supervisor:
             self.reserved.pop(task_id, None)
             self._ended(task_id, None, str(exc), failed=True, spawn_failed=True)
             return
+        self.faults.after_spawn()
         health = spec.get("health")
         self.store.update_task(
             task_id, state="starting" if health else "running", pid=run.pid,
@@ -357,8 +387,11 @@ class Supervisor:
     # ------------------------------------------------------------ recovery
 
     def recover(self) -> None:
-        """After an agent (re)start: re-adopt live tasks, settle the ones that ended meanwhile."""
+        """After an agent (re)start: re-adopt live tasks, settle the ones that ended meanwhile,
+        start again what was admitted but never spawned, and stop any process of ours whose
+        task is not on disk (or has ended): never an orphan."""
         adopted = ended = 0
+        live = self.executor.live_wrappers()
         for row in self.store.active_rows():
             task_id, spec = row["id"], json.loads(row["spec"])
             if row["state"] == "pending":
@@ -370,18 +403,25 @@ class Supervisor:
                                                  row["reason"])
                 continue
             pid, start = row["pid"], row["pid_start"]
-            if pid is None or start is None:  # crashed before recording the pid or its start
-                orphan = self.executor.orphan_pid(task_id)
-                if orphan is not None:
-                    pid, start = orphan
+            if (pid is None or start is None) and task_id in live:  # crashed before recording
+                pid = live[task_id]
+                start = process_start_ticks(pid)
+            if (row["state"] == "staging" and pid is None and row["want"] != "kill"
+                    and not self.executor.ever_spawned(task_id)):
+                # Admitted and committed, but the agent stopped before the spawn: start it now.
+                self.store.update_task(task_id, state="pending", reason="starting again: the "
+                                       "agent stopped before this task was started")
+                self.pending[task_id] = _Pending(spec["resources"], 0.0, None)
+                continue
             run = None
             if pid is not None and (row["boot_id"] in (None, self.boot)):
                 run = self.executor.adopt(task_id, pid, start)
             if run is not None:
                 adopted += 1
                 self.reserved[task_id] = spec["resources"]
-                if row["pid"] != pid or row["pid_start"] != start:
-                    self.store.update_task(task_id, state="running", pid=pid, pid_start=start,
+                if row["pid"] != pid or row["pid_start"] != start or row["state"] == "staging":
+                    state = "starting" if spec.get("health") else "running"
+                    self.store.update_task(task_id, state=state, pid=pid, pid_start=start,
                                            boot_id=self.boot, started_at=time.time())
                 if row["want"] == "kill":
                     self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
@@ -398,8 +438,10 @@ class Supervisor:
                 why = ("host rebooted; the process is gone" if rebooted
                        else "process ended while the agent was down; exit status unknown")
                 self._ended(task_id, None, why, failed=True, lost=True)
-        if adopted or ended:
-            log.info("recovered tasks: %d re-adopted, %d ended while down", adopted, ended)
+        stopped = self.executor.stop_unknown(live, self.store.known_task_ids(list(live)))
+        if adopted or ended or stopped:
+            log.info("recovered tasks: %d re-adopted, %d ended while down, %d unknown "
+                     "processes stopped", adopted, ended, stopped)
 
     def snapshot(self) -> dict[str, Any]:
         """Every task not yet ended, for the core to reconcile its view after a reconnect."""

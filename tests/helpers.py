@@ -71,6 +71,7 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     token: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # OUTPOST_* set for this agent only
 
     def start(self, timeout: float = 15.0) -> AgentProcess:
         url_file = self.data_dir / "agent.url"
@@ -78,6 +79,7 @@ class AgentProcess:
             url_file.unlink()
         log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "--data-dir", str(self.data_dir),
              "--listen", "127.0.0.1:0", *self.args],

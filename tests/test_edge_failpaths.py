@@ -4,13 +4,17 @@ cgroups left behind, a full disk, a link that stalls while connected)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from federation.natsd import NatsServer
-from tests.helpers import ROOT, AgentProcess, HubProcess, pid_alive
+from tests.helpers import ROOT, AgentProcess, HubProcess, kill_group, pid_alive, wait_until
 
 
 def _clean_env() -> dict[str, str]:
@@ -44,3 +48,93 @@ def test_a_second_hub_on_the_same_data_dir_exits_naming_the_holder(
     assert f"in use by another hub (pid {hub_proc.proc.pid})" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr
     assert hub_proc.api("GET", "/v1/health").status == 200
+
+
+def _wrappers(data_dir: Path) -> dict[int, str]:
+    """Live task wrappers (session leaders running wrapper.sh) of ``data_dir``: pid -> task dir."""
+    found: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if (len(argv) > 2 and argv[1].endswith(b"wrapper.sh") and stat[0] not in "ZX"
+                and int(stat[3]) == int(proc.name)
+                and argv[2].startswith(str(data_dir / "tasks").encode())):
+            found[int(proc.name)] = Path(argv[2].decode()).name
+    return found
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _post_ignoring_errors(agent: AgentProcess, name: str) -> None:
+    """The POST whose agent is SIGKILLed mid-request: no answer comes, that is the point."""
+    with contextlib.suppress(OSError):
+        agent.api("POST", "/v1/tasks", {"name": name, "command": ["sleep", "300"]}, timeout=30)
+
+
+def test_an_agent_killed_between_spawn_and_commit_leaves_no_orphan(tmp_path: Path) -> None:
+    """10 of 10: SIGKILL right after a spawn (the agent SIGSTOPs itself there); after the
+    restart every live wrapper of the data dir is a task the agent knows and supervises."""
+    data = tmp_path / "edge"
+    data.mkdir()
+    agent = AgentProcess(data, ["--name", "edge"], env={"OUTPOST_FAULT_STOP_AFTER_SPAWN": "1"})
+    try:
+        agent.start()
+        for round_ in range(10):
+            post = threading.Thread(target=_post_ignoring_errors,
+                                    args=(agent, f"t{round_}"), daemon=True)
+            post.start()
+            wait_until(lambda: _stopped(agent.proc.pid), 10, what="the agent stopped at spawn")
+            wait_until(lambda n=round_: len(_wrappers(data)) == n + 1, 10,
+                       what="the new wrapper running")
+            agent.kill()
+            post.join(30)
+            agent.start()
+            live = _wrappers(data)
+            known = {t["id"]: t for t in agent.api("GET", "/v1/tasks?limit=100").body["items"]}
+            for pid, task_id in live.items():
+                assert task_id in known, f"round {round_}: orphan wrapper {pid} of {task_id}"
+                assert known[task_id]["pid"] == pid and known[task_id]["state"] == "running"
+        assert len(_wrappers(data)) == 10
+        # Supervised for real: a kill through the API ends one.
+        some = next(iter(known))
+        assert agent.api("DELETE", f"/v1/tasks/{some}").status == 202
+        agent.wait_state(some, "killed")
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.send_signal(signal.SIGCONT)
+            agent.kill()
+        for pid in _wrappers(data):
+            kill_group(pid)
+
+
+def test_a_process_whose_task_never_committed_is_stopped_at_start(
+        start_agent: Callable[..., AgentProcess]) -> None:
+    """What an older agent left (spawn before commit): a live wrapper in a task dir the store
+    does not know. The next start stops it and removes the dir; known tasks are re-adopted."""
+    agent = start_agent()
+    kept = agent.submit("kept", ["sleep", "300"])
+    kept_pid = agent.wait_state(kept["id"], "running")["pid"]
+    agent.kill()
+    ghost = agent.data_dir / "tasks" / ("f" * 32)
+    (ghost / "sandbox").mkdir(parents=True)
+    wrapper = str(ROOT / "edge_agent" / "wrapper.sh")
+    proc = subprocess.Popen(["sh", wrapper, str(ghost), "1024", "0", "--", "sleep", "300"],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.pid in _wrappers(agent.data_dir), 5, what="the ghost wrapper")
+        agent.start()
+        wait_until(lambda: proc.poll() is not None, 5, what="the ghost stopped")
+        assert not ghost.exists()
+        assert pid_alive(kept_pid) and agent.task(kept["id"])["pid"] == kept_pid
+        assert "its task was never recorded" in agent.log()
+    finally:
+        kill_group(proc.pid)
+        proc.wait()
