@@ -23,6 +23,7 @@ from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
+from federation.loopguard import LoopGuard
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Agent:
         self.sync: Any = None
         self.backend: EdgeBackend | None = None
         self.lock: DataDirLock | None = None
+        self.loops = LoopGuard()
 
     def _identity(self, store: Store) -> str:
         agent_id = store.get_meta("agent_id")
@@ -72,10 +74,12 @@ class Agent:
         base_env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         executor = Executor(cfg.data_dir / "tasks", isolation, base_env, on_exit=lambda *_: None,
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
+        faults = Faults.from_env(self.env)
+        self.loops = loops = LoopGuard(faults.loop_errors)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks, faults=Faults.from_env(self.env))
+            max_tasks=cfg.max_tasks, faults=faults, loops=loops)
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
@@ -121,6 +125,7 @@ class Agent:
         backend.link_status = self.sync.status
         self.sync.rpc_backend = backend
         self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
+        self.sync.loops = self.loops
         await self.sync.start()
 
     async def stop(self) -> None:

@@ -20,6 +20,8 @@ from federation.pagination import decode_cursor
 from federation.schemas import TASK_STATES, TERMINAL_STATES
 
 FOLLOW_POLL = 0.2
+# Loops shown in outpost_loop_errors_total even before their first error.
+EDGE_LOOPS = ("supervisor-tick", "sync-outbox-bound", "sync-heartbeat")
 OFFER_TTL = 30.0
 
 
@@ -254,6 +256,7 @@ class EdgeBackend:
             Metric("outpost_events_last_seq", "gauge", "Sequence number of the newest event",
                    [({}, float(self.store.last_event_seq()))]),
             *self._outbox_metrics(),
+            self.supervisor.loops.metric(EDGE_LOOPS),
         ]
 
     def _outbox_metrics(self) -> list[Metric]:

@@ -22,6 +22,7 @@ from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
 from federation.errors import Conflict, Invalid
+from federation.loopguard import LoopGuard
 from federation.schemas import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ class Supervisor:
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
                  stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000,
-                 faults: Faults = NO_FAULTS) -> None:
+                 faults: Faults = NO_FAULTS, loops: LoopGuard | None = None) -> None:
         self.faults = faults
+        self.loops = loops or LoopGuard()
         self.store = store
         self.executor = executor
         self.capacity = capacity
@@ -257,17 +259,18 @@ class Supervisor:
     async def _tick_loop(self) -> None:
         last_rotate = last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(TICK)
-            now = time.time()
-            if any(p.not_before and p.not_before <= now for p in self.pending.values()):
-                self.schedule()
-            mono = time.monotonic()
-            if mono - last_rotate > 5:
-                last_rotate = mono
-                self.executor.rotate_logs()
-            if mono - last_prune > 30:
-                last_prune = mono
-                self.store.prune_events(self.events_keep)
+            await self.loops.pause("supervisor-tick", TICK)
+            with self.loops.guard("supervisor-tick"):
+                now = time.time()
+                if any(p.not_before and p.not_before <= now for p in self.pending.values()):
+                    self.schedule()
+                mono = time.monotonic()
+                if mono - last_rotate > 5:
+                    last_rotate = mono
+                    self.executor.rotate_logs()
+                if mono - last_prune > 30:
+                    last_prune = mono
+                    self.store.prune_events(self.events_keep)
 
     # ------------------------------------------------------------ exits
 

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from federation.natsd import NatsServer
-from tests.helpers import ROOT, AgentProcess, HubProcess, kill_group, pid_alive, wait_until
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    converged,
+    joined,
+    kill_group,
+    pid_alive,
+    wait_until,
+)
 
 
 def _clean_env() -> dict[str, str]:
@@ -138,3 +147,32 @@ def test_a_process_whose_task_never_committed_is_stopped_at_start(
     finally:
         kill_group(proc.pid)
         proc.wait()
+
+
+def _loop_errors(agent: AgentProcess) -> dict[str, float]:
+    text = agent.api("GET", "/metrics").raw.decode()
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("outpost_loop_errors_total{")}
+
+
+def test_loops_go_on_after_a_failed_pass(start_agent: Callable[..., AgentProcess],
+                                         hub_proc: HubProcess, nats_proc: NatsServer) -> None:
+    """The first two passes of the supervisor tick, the outbox bound loop and the heartbeat
+    loop raise: each is logged with its traceback, counted, and the loop keeps doing its job
+    (logs rotate, heartbeats keep the agent online, its events reach the hub)."""
+    faults = "supervisor-tick:2,sync-outbox-bound:2,sync-heartbeat:2"
+    agent = joined(start_agent, hub_proc, nats_proc, env={
+        "OUTPOST_FAULT_LOOP_ERRORS": faults, "OUTPOST_LOG_MAX_BYTES": "1024"})
+    wait_until(lambda: _loop_errors(agent) == {"supervisor-tick": 2, "sync-outbox-bound": 2,
+                                               "sync-heartbeat": 2},
+               10, what="two counted errors per loop")
+    assert "loop supervisor-tick: a pass failed" in agent.log()
+    assert "InjectedFault: fault injected into loop sync-heartbeat" in agent.log()
+    chatty = agent.submit("chatty", ["sh", "-c", "while :; do echo 0123456789abcdef; "
+                                                 "sleep 0.01; done"])
+    rotated = agent.data_dir / "tasks" / chatty["id"] / "stdout.log.1"
+    wait_until(rotated.exists, 15, what="the tick still rotating logs")
+    converged(agent, hub_proc)  # the events were published and applied at the hub
+    info = agent.api("GET", "/v1/info").body
+    hub_agents = hub_proc.api("GET", "/v1/agents").body["items"]
+    assert [a["status"] for a in hub_agents if a["id"] == info["agent_id"]] == ["online"]
