@@ -135,6 +135,7 @@ class Agent:
             await self.runner.cleanup()
         if self.supervisor is not None:
             await self.supervisor.stop()
+            self.supervisor.executor.isolation.close()
         if self.store is not None:
             self.store.close()
         if self.lock is not None:

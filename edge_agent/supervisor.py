@@ -271,6 +271,8 @@ class Supervisor:
                 if mono - last_prune > 30:
                     last_prune = mono
                     self.store.prune_events(self.events_keep)
+                    # Task cgroups whose stray processes outlived the task's exit.
+                    self.executor.isolation.sweep(set(self.executor.running))
 
     # ------------------------------------------------------------ exits
 
@@ -442,6 +444,9 @@ class Supervisor:
                        else "process ended while the agent was down; exit status unknown")
                 self._ended(task_id, None, why, failed=True, lost=True)
         stopped = self.executor.stop_unknown(live, self.store.known_task_ids(list(live)))
+        swept = self.executor.isolation.sweep(set(self.executor.running))
+        if swept:
+            log.info("removed %d cgroups no process used", swept)
         if adopted or ended or stopped:
             log.info("recovered tasks: %d re-adopted, %d ended while down, %d unknown "
                      "processes stopped", adopted, ended, stopped)

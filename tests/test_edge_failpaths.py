@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from federation.natsd import NatsServer
 from tests.helpers import (
     ROOT,
@@ -176,3 +178,47 @@ def test_loops_go_on_after_a_failed_pass(start_agent: Callable[..., AgentProcess
     info = agent.api("GET", "/v1/info").body
     hub_agents = hub_proc.api("GET", "/v1/agents").body["items"]
     assert [a["status"] for a in hub_agents if a["id"] == info["agent_id"]] == ["online"]
+
+
+def _cgroup_roots(pid: int, agent_id: str) -> list[Path]:
+    """The agent's own ``outpost-<id>`` dirs, one per hierarchy it uses (v1: memory, cpu)."""
+    roots = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for ctrl in ("memory", "cpu"):
+            if ctrl in ctrls.split(","):
+                roots.append(Path("/sys/fs/cgroup", ctrl, path.lstrip("/"),
+                                  f"outpost-{agent_id[:12]}"))
+    return roots
+
+
+def test_cgroups_are_removed_when_nothing_uses_them(
+        start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent()
+    info = agent.api("GET", "/v1/info").body
+    if info["isolation"] != "cgroup-v1":
+        pytest.skip(f"needs writable cgroup v1 hierarchies (this agent has {info['isolation']})")
+    roots = _cgroup_roots(agent.proc.pid, info["agent_id"])
+    # What an earlier crash left beside this agent's dirs: an empty agent dir and, in this
+    # agent's own dir, the cgroup of a task that is gone.
+    leftovers = [root.parent / "outpost-0leftover0" for root in roots]
+    for left in leftovers:
+        left.mkdir(exist_ok=True)
+    done = agent.submit("done", ["true"])
+    agent.wait_state(done["id"], "finished")
+    killed = agent.submit("killed", ["sleep", "300"], kill_timeout=1)
+    agent.wait_state(killed["id"], "running")
+    assert all((root / killed["id"]).is_dir() for root in roots)
+    kept = agent.submit("kept", ["sleep", "300"])
+    agent.wait_state(kept["id"], "running")
+    agent.kill()  # the crash: 'killed' then dies with no agent to remove its cgroup
+    kill_group(int((agent.data_dir / "tasks" / killed["id"] / "run.pid").read_text()))
+    wait_until(lambda: not any((r / killed["id"] / "cgroup.procs").read_text().strip()
+                               for r in roots), 5, what="the task's processes gone")
+    agent.start()
+    assert not any(left.exists() for left in leftovers), "empty outpost-* dirs removed"
+    assert not any((root / killed["id"]).exists() for root in roots)
+    assert not any((root / done["id"]).exists() for root in roots)
+    assert all((root / kept["id"]).is_dir() for root in roots), "a live task keeps its own"
+    agent.stop()  # --stop-tasks-on-exit: the tasks end, then the agent's own dirs go
+    assert not any(root.exists() for root in roots), [p for p in roots if p.exists()]
