@@ -15,6 +15,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
 from edge_agent.faults import Faults
 from edge_agent.isolation import choose
+from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
@@ -74,12 +75,14 @@ class Agent:
         base_env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         executor = Executor(cfg.data_dir / "tasks", isolation, base_env, on_exit=lambda *_: None,
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
+        reserve = Reserve(cfg.data_dir / "reserve")
+        reserve.ensure()
         faults = Faults.from_env(self.env)
         self.loops = loops = LoopGuard(faults.loop_errors)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks, faults=faults, loops=loops)
+            max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve)
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,

@@ -16,6 +16,7 @@ from edge_agent.supervisor import Supervisor
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound
+from federation.outside import mapped
 from federation.pagination import decode_cursor
 from federation.schemas import TASK_STATES, TERMINAL_STATES
 
@@ -49,6 +50,7 @@ def tail_bytes(path: Path, lines: int, block: int = 8192) -> tuple[bytes, int]:
         return b"", 0
 
 
+@mapped  # SQLite failures (a full disk: 507) mapped into the error tree at one seam
 class EdgeBackend:
     """One agent answering the fleet API about itself."""
 

@@ -222,3 +222,74 @@ def test_cgroups_are_removed_when_nothing_uses_them(
     assert all((root / kept["id"]).is_dir() for root in roots), "a live task keeps its own"
     agent.stop()  # --stop-tasks-on-exit: the tasks end, then the agent's own dirs go
     assert not any(root.exists() for root in roots), [p for p in roots if p.exists()]
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_a_full_disk_answers_507_kills_and_keeps_exit_statuses(tmp_path: Path) -> None:
+    """An 8 MB tmpfs data dir filled by a task: writes that cannot be stored are 507 JSON and
+    start nothing, a kill works, exits that happen while full keep their code and are recorded
+    once space returns (never 'lost'), log rotation goes on, the reserve comes back."""
+    data = tmp_path / "edge"
+    data.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mount.stderr.strip()}")
+    gate = tmp_path / "gate"
+    agent = AgentProcess(data, ["--stop-tasks-on-exit", "--name", "edge"],
+                         env={"OUTPOST_LOG_MAX_BYTES": "262144"})
+    try:
+        agent.start()
+        assert (data / "reserve").stat().st_size == 2 * 1024 * 1024
+        waiters = [agent.submit(f"w{i}", ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05;"
+                                                      " done; exit 3"]) for i in range(3)]
+        # Its own output fills the disk; each time rotation truncates it, it fills it again.
+        filler = agent.submit("filler", ["sh", "-c", "while :; do cat /dev/zero; sleep 0.2; done"],
+                              kill_timeout=1)
+        filler_pid = agent.wait_state(filler["id"], "running")["pid"]
+        wait_until(lambda: _free_bytes(data) < 64 * 1024, 10, what="the disk full")
+
+        answers: list[int] = []
+
+        def refused() -> bool:
+            resp = agent.api("POST", "/v1/tasks", {"name": "late", "command": ["sleep", "300"]})
+            answers.append(resp.status)
+            if resp.status == 507:
+                assert resp.body["error"]["code"] == "insufficient_storage", resp.body
+            return resp.status == 507
+
+        wait_until(refused, 10, what="a 507 for a task that cannot be stored")
+        assert set(answers) <= {201, 507}, answers  # stored (and then failed to spawn) or 507
+        known = {t["id"] for t in agent.api("GET", "/v1/tasks?limit=100").body["items"]}
+        assert set(_wrappers(data).values()) <= known, "no process for a task never stored"
+
+        gate.touch()  # the three waiters exit with 3 while the disk is full
+        wait_until(lambda: all(not pid_alive(agent.task(w["id"])["pid"] or 0) for w in waiters)
+                   or all(agent.task(w["id"])["state"] == "failed" for w in waiters), 10,
+                   what="the waiters gone")
+        wait_until(lambda: agent.log().count("truncated without keeping a copy") >= 2, 20,
+                   what="log rotation going on through ENOSPC")
+        assert _free_bytes(data) < 64 * 1024 or agent.task(filler["id"])["state"] == "running"
+        kill = agent.api("DELETE", f"/v1/tasks/{filler['id']}")
+        assert kill.status in (200, 202), kill.body
+        wait_until(lambda: not pid_alive(filler_pid), 10, what="the filler killed while full")
+
+        (data / "tasks" / filler["id"] / "stdout.log").unlink()  # the operator makes room
+        for w in waiters:
+            done = agent.wait_state(w["id"], "failed", "lost")
+            assert done["state"] == "failed" and done["exit_code"] == 3, done
+        assert agent.wait_state(filler["id"], "killed")["state"] == "killed"
+        wait_until(lambda: (data / "reserve").exists(), 15, what="the reserve made again")
+        late = agent.api("POST", "/v1/tasks", {"name": "later", "command": ["true"]})
+        assert late.status == 201, late.body
+        assert agent.wait_state(late.body["id"], "finished")["exit_code"] == 0
+        assert "Traceback" not in agent.log()
+    finally:
+        agent.stop()
+        for pid in _wrappers(data):
+            kill_group(pid)
+        subprocess.run(["umount", "-l", str(data)], check=False)
