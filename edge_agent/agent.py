@@ -13,7 +13,9 @@ from aiohttp import web
 from edge_agent.backend import EdgeBackend
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
+from edge_agent.faults import Faults
 from edge_agent.isolation import choose
+from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
@@ -22,6 +24,7 @@ from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
+from federation.loopguard import LoopGuard
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class Agent:
         self.sync: Any = None
         self.backend: EdgeBackend | None = None
         self.lock: DataDirLock | None = None
+        self.loops = LoopGuard()
 
     def _identity(self, store: Store) -> str:
         agent_id = store.get_meta("agent_id")
@@ -71,10 +75,14 @@ class Agent:
         base_env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         executor = Executor(cfg.data_dir / "tasks", isolation, base_env, on_exit=lambda *_: None,
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
+        reserve = Reserve(cfg.data_dir / "reserve")
+        reserve.ensure()
+        faults = Faults.from_env(self.env)
+        self.loops = loops = LoopGuard(faults.loop_errors)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks)
+            max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve)
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
@@ -120,6 +128,7 @@ class Agent:
         backend.link_status = self.sync.status
         self.sync.rpc_backend = backend
         self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
+        self.sync.loops = self.loops
         await self.sync.start()
 
     async def stop(self) -> None:
@@ -129,6 +138,7 @@ class Agent:
             await self.runner.cleanup()
         if self.supervisor is not None:
             await self.supervisor.stop()
+            self.supervisor.executor.isolation.close()
         if self.store is not None:
             self.store.close()
         if self.lock is not None:

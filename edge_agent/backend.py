@@ -16,10 +16,13 @@ from edge_agent.supervisor import Supervisor
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound
+from federation.outside import mapped
 from federation.pagination import decode_cursor
 from federation.schemas import TASK_STATES, TERMINAL_STATES
 
 FOLLOW_POLL = 0.2
+# Loops shown in outpost_loop_errors_total even before their first error.
+EDGE_LOOPS = ("supervisor-tick", "sync-outbox-bound", "sync-heartbeat")
 OFFER_TTL = 30.0
 
 
@@ -47,6 +50,7 @@ def tail_bytes(path: Path, lines: int, block: int = 8192) -> tuple[bytes, int]:
         return b"", 0
 
 
+@mapped  # SQLite failures (a full disk: 507) mapped into the error tree at one seam
 class EdgeBackend:
     """One agent answering the fleet API about itself."""
 
@@ -254,6 +258,7 @@ class EdgeBackend:
             Metric("outpost_events_last_seq", "gauge", "Sequence number of the newest event",
                    [({}, float(self.store.last_event_seq()))]),
             *self._outbox_metrics(),
+            self.supervisor.loops.metric(EDGE_LOOPS),
         ]
 
     def _outbox_metrics(self) -> list[Metric]:

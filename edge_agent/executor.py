@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 WRAPPER = str(Path(__file__).with_name("wrapper.sh"))
 ExitCallback = Callable[[str, "int | None"], None]
 START_TICKS_DELAY = 0.05
+EXIT_SLOT_BYTES = 16
 
 
 class SpawnError(Exception):
@@ -96,12 +98,8 @@ class Executor:
         if "/" in argv[0] and not os.access(argv[0], os.X_OK):
             raise SpawnError(f"not an executable file: {argv[0]}")
         tdir = self.task_dir(task_id)
-        try:
-            os.makedirs(tdir / "sandbox")
-        except FileExistsError:  # a restart: clear what the previous run left
-            for stale in ("exit", "exit.tmp", "run.pid"):
-                with contextlib.suppress(FileNotFoundError):
-                    (tdir / stale).unlink()
+        self.clear_run(task_id)
+        os.makedirs(tdir / "sandbox", exist_ok=True)
         try:
             procs = self.isolation.prepare(task_id, spec["resources"])
         except OSError as exc:
@@ -109,6 +107,10 @@ class Executor:
         as_kb = self.isolation.address_space_kb(spec["resources"])
         wrapper_argv = ["sh", WRAPPER, str(tdir), str(DEFAULT_NOFILE), str(as_kb), *procs,
                         "--", *argv]
+        try:  # where the wrapper writes the exit status when the disk is full by then
+            (tdir / "exit.slot").write_bytes(b" " * EXIT_SLOT_BYTES)
+        except OSError as exc:
+            raise SpawnError(f"cannot start: {exc}") from None
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out = os.open(tdir / "stdout.log", flags, 0o640)
         err = os.open(tdir / "stderr.log", flags, 0o640)
@@ -150,16 +152,54 @@ class Executor:
             return None
         return self._watch(task_id, pid, start_ticks, pidfd, child=False)
 
-    def orphan_pid(self, task_id: str) -> tuple[int, int | None] | None:
-        """A wrapper started for ``task_id`` whose pid never reached the store (crash window)."""
-        try:
-            pid = int((self.task_dir(task_id) / "run.pid").read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
-        if WRAPPER.encode() in cmdline and str(self.task_dir(task_id)).encode() in cmdline:
-            return pid, process_start_ticks(pid)
-        return None
+    def live_wrappers(self) -> dict[str, int]:
+        """Our wrappers alive now, found in /proc (their argv holds this agent's task dirs):
+        task id -> pid. Each is a session leader (spawned with setsid), which tells it from
+        the short-lived forks of itself it makes to run the command."""
+        prefix = str(self.tasks_dir).encode() + b"/"
+        found: dict[str, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if (len(argv) > 2 and argv[1] == WRAPPER.encode() and argv[2].startswith(prefix)
+                    and stat[0] not in ("Z", "X") and int(stat[3]) == int(entry.name)):
+                found[argv[2][len(prefix):].decode(errors="replace")] = int(entry.name)
+        return found
+
+    def stop_unknown(self, live: dict[str, int], known: set[str]) -> int:
+        """SIGKILL the wrappers in ``live`` this executor does not watch (their task never
+        committed, or has ended); drop the dirs of tasks not in ``known``. Returns how many."""
+        stopped = 0
+        for task_id, pid in live.items():
+            if task_id in self.running:
+                continue
+            log.warning("stopping process %d of task %s: %s", pid, task_id,
+                        "its task was never recorded" if task_id not in known
+                        else "its task has ended", extra={"task": task_id})
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            self.isolation.kill_all(task_id)
+            self.isolation.release(task_id)
+            if task_id not in known and "/" not in task_id:
+                shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
+            stopped += 1
+        return stopped
+
+    def clear_run(self, task_id: str) -> None:
+        """Forget what the previous run of a restarted task left (its pid and exit files)."""
+        for stale in ("exit", "exit.tmp", "exit.slot", "run.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.task_dir(task_id) / stale).unlink()
+
+    def ever_spawned(self, task_id: str) -> bool:
+        """Whether a wrapper ever ran for this run (it writes ``run.pid`` first thing)."""
+        return ((self.task_dir(task_id) / "run.pid").exists()
+                or self.recorded_exit(task_id) is not None)
 
     def _watch(self, task_id: str, pid: int, start: int | None, pidfd: int,
                child: bool) -> Running:
@@ -191,11 +231,14 @@ class Executor:
         self.on_exit(run.task_id, code)
 
     def recorded_exit(self, task_id: str) -> int | None:
-        """The exit status the wrapper wrote, if it got to write one."""
-        try:
-            return int((self.task_dir(task_id) / "exit").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        """The exit status the wrapper wrote, if it got to write one (in ``exit``, or in
+        ``exit.slot`` when the disk was full)."""
+        for name in ("exit", "exit.slot"):
+            try:
+                return int((self.task_dir(task_id) / name).read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+        return None
 
     # ------------------------------------------------------------ stop
 
@@ -231,7 +274,11 @@ class Executor:
     # ------------------------------------------------------------ logs
 
     def rotate_logs(self) -> int:
-        """Copy-and-truncate logs over the size limit (tasks keep their O_APPEND fds)."""
+        """Copy-and-truncate logs over the size limit (tasks keep their O_APPEND fds).
+
+        One log that cannot be rotated does not stop the others; on a full disk the copy is
+        given up and the log truncated anyway (its lines are lost, the disk gets room).
+        """
         rotated = 0
         for task_id in list(self.running):
             for stream in ("stdout", "stderr"):
@@ -239,14 +286,28 @@ class Executor:
                 try:
                     if path.stat().st_size <= self.log_max_bytes:
                         continue
+                    self._rotate(path)
+                    rotated += 1
                 except FileNotFoundError:
                     continue
-                for n in range(self.log_keep - 1, 0, -1):
-                    older = path.with_name(f"{path.name}.{n}")
-                    if older.exists():
-                        older.replace(path.with_name(f"{path.name}.{n + 1}"))
-                if self.log_keep > 0:
-                    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
-                os.truncate(path, 0)
-                rotated += 1
+                except OSError as exc:
+                    log.warning("cannot rotate %s: %s", path, exc, extra={"task": task_id})
         return rotated
+
+    def _rotate(self, path: Path) -> None:
+        for n in range(self.log_keep - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{n}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{n + 1}"))
+        if self.log_keep > 0:
+            copy = path.with_name(f"{path.name}.1")
+            try:
+                shutil.copyfile(path, copy)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                with contextlib.suppress(OSError):
+                    copy.unlink()
+                log.warning("disk full: %s truncated without keeping a copy (%d bytes lost)",
+                            path, path.stat().st_size)
+        os.truncate(path, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,61 @@ log = logging.getLogger(__name__)
 
 CFS_PERIOD_US = 100_000
 DEFAULT_NOFILE = 4096
+# A task cgroup of another agent with no process for this long is a leftover: the wrapper joins
+# its cgroup milliseconds after the agent creates it.
+STALE_S = 60.0
+PREFIX = "outpost-"
+
+
+def _rmdir(path: Path) -> bool:
+    """Remove a cgroup dir; False while it holds processes or child cgroups."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return False
+    return True
+
+
+def _children(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def _has_procs(path: Path) -> bool:
+    try:
+        return bool((path / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
+def sweep_roots(roots: list[Path], keep: set[str], now: float | None = None) -> int:
+    """Remove what no process uses any more under ``roots`` (this agent's, one per hierarchy):
+    task cgroups not in ``keep`` without processes, and beside each root the ``outpost-*`` dirs
+    of earlier agents (their task cgroups idle for ``STALE_S``, then the dir once empty). An
+    agent whose empty root is removed here makes it again at its next task."""
+    now = time.time() if now is None else now
+    removed = 0
+    for root in roots:
+        for child in _children(root):
+            if child.name not in keep and not _has_procs(child) and _rmdir(child):
+                removed += 1
+        for other in _children(root.parent):
+            if not other.name.startswith(PREFIX) or other == root:
+                continue
+            for child in _children(other):
+                try:
+                    idle = now - child.stat().st_mtime
+                except OSError:
+                    continue
+                if idle > STALE_S and not _has_procs(child) and _rmdir(child):
+                    removed += 1
+            if not _children(other) and _rmdir(other):
+                removed += 1
+    return removed
 
 
 class Isolation:
@@ -48,6 +104,13 @@ class Isolation:
     def release(self, task_id: str) -> None:
         """Removes the task's cgroups once its processes are gone."""
 
+    def sweep(self, keep: set[str]) -> int:
+        """Removes cgroups no task in ``keep`` uses (and earlier agents' leftovers)."""
+        return 0
+
+    def close(self) -> None:
+        """At agent stop: removes the agent's own cgroup dirs if no task is left in them."""
+
     def memory_usage(self, task_id: str) -> int | None:
         return None
 
@@ -69,7 +132,7 @@ class CgroupV1(Isolation):
         procs = []
         for ctrl, root in self.roots.items():
             path = root / task_id
-            path.mkdir(exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True)  # the root too, if a sweep removed it
             if ctrl == "memory":
                 (path / "memory.limit_in_bytes").write_text(
                     str(int(resources["mem_mb"]) * 1024 * 1024))
@@ -96,6 +159,13 @@ class CgroupV1(Isolation):
             except OSError as exc:
                 log.warning("cannot remove cgroup %s: %s", root / task_id, exc)
 
+    def sweep(self, keep: set[str]) -> int:
+        return sweep_roots(list(self.roots.values()), keep)
+
+    def close(self) -> None:
+        for root in self.roots.values():
+            _rmdir(root)
+
     def memory_usage(self, task_id: str) -> int | None:
         try:
             return int((self.roots["memory"] / task_id / "memory.usage_in_bytes").read_text())
@@ -115,6 +185,9 @@ class CgroupV2(Isolation):
         return 0
 
     def prepare(self, task_id: str, resources: dict[str, Any]) -> list[str]:
+        if not self.root.exists():  # removed by another agent's sweep while it was empty
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "cgroup.subtree_control").write_text("+memory +cpu")
         path = self.root / task_id
         path.mkdir(exist_ok=True)
         (path / "memory.max").write_text(str(int(resources["mem_mb"]) * 1024 * 1024))
@@ -145,6 +218,12 @@ class CgroupV2(Isolation):
             pass
         except OSError as exc:
             log.warning("cannot remove cgroup %s: %s", self.root / task_id, exc)
+
+    def sweep(self, keep: set[str]) -> int:
+        return sweep_roots([self.root], keep)
+
+    def close(self) -> None:
+        _rmdir(self.root)
 
     def memory_usage(self, task_id: str) -> int | None:
         try:

@@ -130,6 +130,14 @@ class Store(Database):
             raise NotFound(f"task {ref!r} not found", details={"task": ref})
         return row
 
+    def known_task_ids(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` are tasks in the store (any state)."""
+        marks = ",".join("?" * len(ids))
+        if not ids:
+            return set()
+        return {r[0] for r in self._db.execute(
+            f"SELECT id FROM tasks WHERE id IN ({marks})", ids)}
+
     def active_rows(self) -> list[sqlite3.Row]:
         marks = ",".join("?" * len(TERMINAL_STATES))
         return self._db.execute(

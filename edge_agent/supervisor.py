@@ -13,14 +13,19 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.executor import Executor, SpawnError
+from edge_agent.executor import Executor, SpawnError, process_start_ticks
+from edge_agent.faults import NO_FAULTS, Faults
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
+from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
 from federation.errors import Conflict, Invalid
+from federation.loopguard import LoopGuard
+from federation.outside import disk_full, outside_error
 from federation.schemas import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,14 @@ class Supervisor:
     """Owns every task on this agent from submission to its last exit."""
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
-                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000) -> None:
+                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000,
+                 faults: Faults = NO_FAULTS, loops: LoopGuard | None = None,
+                 reserve: Reserve | None = None) -> None:
+        self.faults = faults
+        self.loops = loops or LoopGuard()
+        self.reserve = reserve
+        # Records (exits, starts) a full disk held back, per task in order; the tick retries.
+        self.unrecorded: dict[str, list[Callable[[], object]]] = {}
         self.store = store
         self.executor = executor
         self.capacity = capacity
@@ -51,13 +63,14 @@ class Supervisor:
         self.pending: dict[str, _Pending] = {}
         self.exit_reasons: dict[str, str] = {}
         self.updating: set[str] = set()  # running tasks being stopped to restart with a new spec
+        self.killing: set[str] = set()  # kills under way (also those a full disk kept unrecorded)
         self.health_tasks: dict[str, asyncio.Task[None]] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.restarts_total = 0
         self.stopping = False
         self._ticker: asyncio.Task[None] | None = None
         executor.on_exit = self._on_exit
-        executor.on_started = store.set_pid_start
+        executor.on_started = self._started
 
     # ------------------------------------------------------------ lifecycle
 
@@ -94,13 +107,18 @@ class Supervisor:
         self._check_capacity(need)
         self._check_count()
         task_id = task_id or uuid.uuid4().hex
-        # One commit for the submission and, when it fits, its start: every state still gets
-        # its own event, but the disk is touched once.
-        with self.store.transaction():
-            self.store.insert_task(task_id, spec, origin=origin, state="pending",
-                                   reason="waiting to be scheduled")
-            self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
-            self.schedule()
+        # One commit for the submission and, when it fits, its admission (``staging``): every
+        # state still gets its own event, but the disk is touched once. The process is spawned
+        # only after that commit (``_start``), so no process ever runs for a task not on disk.
+        try:
+            with self.store.transaction():
+                self.store.insert_task(task_id, spec, origin=origin, state="pending",
+                                       reason="waiting to be scheduled")
+                self.pending[task_id] = _Pending(need, 0.0, "waiting to be scheduled")
+                self.schedule()
+        except BaseException:
+            self.pending.pop(task_id, None)  # not on disk: not pending either
+            raise
         return self.store.to_api(self.store.row(task_id))
 
     def at_task_cap(self) -> bool:
@@ -131,7 +149,11 @@ class Supervisor:
         return self.request_kill(ref)
 
     def request_kill(self, ref: str) -> tuple[bool, dict[str, Any]]:
-        """The synchronous part of a kill: record it; the signals follow in the background."""
+        """The synchronous part of a kill: record it; the signals follow in the background.
+
+        On a full disk the kill goes ahead even if it cannot be recorded: stopping the task
+        (often the one filling the disk) matters more; its exit is recorded once there is room.
+        """
         row = self.store.find(ref)
         task_id = row["id"]
         if row["state"] in TERMINAL_STATES and task_id not in self.pending:
@@ -139,14 +161,34 @@ class Supervisor:
         if task_id in self.pending or task_id not in self.executor.running:
             self.pending.pop(task_id, None)
             self.reserved.pop(task_id, None)
-            row = self.store.update_task(task_id, state="killed", want="kill",
-                                         reason="killed on request", not_before=None,
-                                         finished_at=time.time())
+            row = self._must(lambda: self.store.update_task(
+                task_id, state="killed", want="kill", reason="killed on request",
+                not_before=None, finished_at=time.time()))
             return False, self.store.to_api(row)
-        if row["want"] != "kill":
-            row = self.store.update_task(task_id, want="kill", reason="kill requested")
+        if row["want"] != "kill" and task_id not in self.killing:
+            self.killing.add(task_id)
             self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
+            try:
+                row = self._must(lambda: self.store.update_task(task_id, want="kill",
+                                                                reason="kill requested"))
+            except Exception as exc:
+                if not disk_full(exc):
+                    raise
+                log.warning("disk full: killing task %s before its kill could be recorded",
+                            task_id, extra={"task": task_id})
+                task = self.store.to_api(row)
+                task["want"] = "kill"
+                return True, task
         return True, self.store.to_api(row)
+
+    def _must(self, write: Any) -> Any:
+        """A write the agent must make: on a full disk, release the reserve and try again."""
+        try:
+            return write()
+        except Exception as exc:
+            if not disk_full(exc) or self.reserve is None or not self.reserve.release():
+                raise
+        return write()
 
     def update(self, ref: str, spec: dict[str, Any], generation: int) -> dict[str, Any]:
         """Replace a task's spec, based on ``generation`` (the one the caller saw).
@@ -206,54 +248,146 @@ class Supervisor:
             self._start(task_id)
 
     def _start(self, task_id: str) -> None:
+        """Admit: reserve and record ``staging`` (the intent); spawn once that is committed."""
         entry = self.pending.pop(task_id)
         self.reserved[task_id] = entry.resources
-        row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
+
+        def undo() -> None:
+            self.reserved.pop(task_id, None)
+            self.pending.setdefault(task_id, entry)
+
+        self.executor.clear_run(task_id)  # a restart: the last run's files must not be read
+        self.store.update_task(task_id, state="staging", reason=None, not_before=None)
+        self.store.after_commit(lambda: self._launch(task_id), undo=undo)
+
+    def _launch(self, task_id: str) -> None:
+        """Spawn a committed ``staging`` task (unless a kill or a stop came first)."""
+        row = self.store.row(task_id)
+        if row["state"] != "staging" or task_id in self.executor.running or self.stopping:
+            if row["state"] != "staging":
+                self.reserved.pop(task_id, None)
+            return
+        if row["want"] == "kill":
+            self.reserved.pop(task_id, None)
+            self.store.update_task(task_id, state="killed", reason="killed on request",
+                                   finished_at=time.time())
+            return
         spec = json.loads(row["spec"])
         try:
             run = self.executor.spawn(task_id, spec)
         except SpawnError as exc:
+            why = str(exc)
             self.reserved.pop(task_id, None)
-            self._ended(task_id, None, str(exc), failed=True, spawn_failed=True)
+            self._record(task_id, "a failed start", lambda: self._spawn_failed(task_id, why))
             return
+        self.faults.after_spawn()
         health = spec.get("health")
-        self.store.update_task(
+        started = time.time()
+        self._record(task_id, "the start", lambda: self.store.update_task(
             task_id, state="starting" if health else "running", pid=run.pid,
-            pid_start=None, boot_id=self.boot, started_at=time.time(),
-            exit_code=None, healthy=None)
+            pid_start=None, boot_id=self.boot, started_at=started,
+            exit_code=None, healthy=None))
         if health:
             self._watch_health(task_id, spec)
+
+    def _spawn_failed(self, task_id: str, why: str) -> None:
+        with self.store.transaction():
+            self._ended(task_id, None, why, failed=True, spawn_failed=True)
 
     async def _tick_loop(self) -> None:
         last_rotate = last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(TICK)
-            now = time.time()
-            if any(p.not_before and p.not_before <= now for p in self.pending.values()):
-                self.schedule()
-            mono = time.monotonic()
-            if mono - last_rotate > 5:
-                last_rotate = mono
-                self.executor.rotate_logs()
-            if mono - last_prune > 30:
-                last_prune = mono
-                self.store.prune_events(self.events_keep)
+            await self.loops.pause("supervisor-tick", TICK)
+            with self.loops.guard("supervisor-tick"):
+                now = time.time()
+                if any(p.not_before and p.not_before <= now for p in self.pending.values()):
+                    self.schedule()
+                if self.unrecorded:
+                    self.record_unrecorded()
+                mono = time.monotonic()
+                if mono - last_rotate > 5:
+                    last_rotate = mono
+                    self.executor.rotate_logs()
+                    if self.reserve is not None:
+                        self.reserve.ensure()  # again, once the disk has room
+                if mono - last_prune > 30:
+                    last_prune = mono
+                    self.store.prune_events(self.events_keep)
+                    # Task cgroups whose stray processes outlived the task's exit.
+                    self.executor.isolation.sweep(set(self.executor.running))
 
     # ------------------------------------------------------------ exits
 
     def _on_exit(self, task_id: str, code: int | None) -> None:
+        """Record an exit; on a full disk it is kept (``unrecorded``) until there is room."""
+        health = self.health_tasks.pop(task_id, None)
+        if health:
+            health.cancel()
+        self.reserved.pop(task_id, None)
+        if self._record(task_id, f"exit {code}", lambda: self._record_exit(task_id, code)):
+            self.schedule()
+
+    def _record(self, task_id: str, what: str, write: Callable[[], object]) -> bool:
+        """Make a record the agent must keep; on a full disk (even with the reserve spent)
+        hold it, in order with the task's other held records, for the tick. True if made."""
+        if task_id in self.unrecorded:
+            self.unrecorded[task_id].append(write)
+            return False
+        try:
+            self._must(write)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            self.unrecorded[task_id] = [write]
+            log.warning("disk full: %s of task %s kept until it can be recorded", what,
+                        task_id, extra={"task": task_id})
+            return False
+        return True
+
+    def record_unrecorded(self) -> None:
+        """Make the records a full disk held back (each tick, until there is room)."""
+        for task_id, writes in list(self.unrecorded.items()):
+            while writes:
+                try:
+                    writes[0]()
+                except Exception as exc:
+                    if outside_error(exc) is None:
+                        raise
+                    return  # still full: the next tick tries again
+                writes.pop(0)
+            del self.unrecorded[task_id]
+            log.info("recorded what task %s did while the disk was full", task_id,
+                     extra={"task": task_id})
+        self.schedule()
+
+    def _started(self, task_id: str, pid: int, start_ticks: int) -> None:
+        """Note a run's start ticks (for re-adoption; without them a restarted agent finds
+        the process by its argv in /proc, so a full disk here only costs a warning)."""
+        try:
+            self.store.set_pid_start(task_id, pid, start_ticks)
+        except Exception as exc:
+            if outside_error(exc) is None:
+                raise
+            log.warning("cannot record the start of task %s: %s", task_id, exc,
+                        extra={"task": task_id})
+
+    def _record_exit(self, task_id: str, code: int | None) -> None:
+        """The store's side of an exit, in one transaction (so a retry after a full disk
+        never records half of it twice)."""
+        with self.store.transaction():
+            self._exit_in_tx(task_id, code)
+        self.killing.discard(task_id)
+        self.updating.discard(task_id)
+        self.exit_reasons.pop(task_id, None)
+
+    def _exit_in_tx(self, task_id: str, code: int | None) -> None:
         if self.stopping and self.stop_tasks_on_exit:
             self.reserved.pop(task_id, None)
             self.store.update_task(task_id, state="killed", exit_code=code, pid=None,
                                    reason="stopped with the agent", finished_at=time.time())
             return
-        health = self.health_tasks.pop(task_id, None)
-        if health:
-            health.cancel()
-        self.reserved.pop(task_id, None)
-        override = self.exit_reasons.pop(task_id, None)
+        override = self.exit_reasons.get(task_id)
         if task_id in self.updating:
-            self.updating.discard(task_id)
             row = self.store.row(task_id)
             if row["want"] != "kill":
                 spec = json.loads(row["spec"])
@@ -261,13 +395,11 @@ class Supervisor:
                 self.store.update_task(task_id, state="pending", exit_code=code, pid=None,
                                        healthy=None, reason=reason, finished_at=time.time())
                 self.pending[task_id] = _Pending(spec["resources"], 0.0, reason)
-                self.schedule()
                 return
         if override:
             self._ended(task_id, code, override, failed=True)
         else:
             self._ended(task_id, code, None, failed=code != 0)
-        self.schedule()
 
     def _ended(self, task_id: str, code: int | None, reason: str | None, *, failed: bool,
                spawn_failed: bool = False, lost: bool = False) -> None:
@@ -275,7 +407,7 @@ class Supervisor:
         row = self.store.row(task_id)
         spec = json.loads(row["spec"])
         now = time.time()
-        if row["want"] == "kill":
+        if row["want"] == "kill" or task_id in self.killing:
             self.store.update_task(task_id, state="killed", exit_code=code, pid=None,
                                    healthy=None, reason="killed on request (" +
                                    describe_exit(code) + ")", finished_at=now)
@@ -357,8 +489,11 @@ class Supervisor:
     # ------------------------------------------------------------ recovery
 
     def recover(self) -> None:
-        """After an agent (re)start: re-adopt live tasks, settle the ones that ended meanwhile."""
+        """After an agent (re)start: re-adopt live tasks, settle the ones that ended meanwhile,
+        start again what was admitted but never spawned, and stop any process of ours whose
+        task is not on disk (or has ended): never an orphan."""
         adopted = ended = 0
+        live = self.executor.live_wrappers()
         for row in self.store.active_rows():
             task_id, spec = row["id"], json.loads(row["spec"])
             if row["state"] == "pending":
@@ -370,18 +505,25 @@ class Supervisor:
                                                  row["reason"])
                 continue
             pid, start = row["pid"], row["pid_start"]
-            if pid is None or start is None:  # crashed before recording the pid or its start
-                orphan = self.executor.orphan_pid(task_id)
-                if orphan is not None:
-                    pid, start = orphan
+            if (pid is None or start is None) and task_id in live:  # crashed before recording
+                pid = live[task_id]
+                start = process_start_ticks(pid)
+            if (row["state"] == "staging" and pid is None and row["want"] != "kill"
+                    and not self.executor.ever_spawned(task_id)):
+                # Admitted and committed, but the agent stopped before the spawn: start it now.
+                self.store.update_task(task_id, state="pending", reason="starting again: the "
+                                       "agent stopped before this task was started")
+                self.pending[task_id] = _Pending(spec["resources"], 0.0, None)
+                continue
             run = None
             if pid is not None and (row["boot_id"] in (None, self.boot)):
                 run = self.executor.adopt(task_id, pid, start)
             if run is not None:
                 adopted += 1
                 self.reserved[task_id] = spec["resources"]
-                if row["pid"] != pid or row["pid_start"] != start:
-                    self.store.update_task(task_id, state="running", pid=pid, pid_start=start,
+                if row["pid"] != pid or row["pid_start"] != start or row["state"] == "staging":
+                    state = "starting" if spec.get("health") else "running"
+                    self.store.update_task(task_id, state=state, pid=pid, pid_start=start,
                                            boot_id=self.boot, started_at=time.time())
                 if row["want"] == "kill":
                     self._spawn_bg(self._kill_process(task_id), f"kill-{task_id}")
@@ -398,8 +540,13 @@ class Supervisor:
                 why = ("host rebooted; the process is gone" if rebooted
                        else "process ended while the agent was down; exit status unknown")
                 self._ended(task_id, None, why, failed=True, lost=True)
-        if adopted or ended:
-            log.info("recovered tasks: %d re-adopted, %d ended while down", adopted, ended)
+        stopped = self.executor.stop_unknown(live, self.store.known_task_ids(list(live)))
+        swept = self.executor.isolation.sweep(set(self.executor.running))
+        if swept:
+            log.info("removed %d cgroups no process used", swept)
+        if adopted or ended or stopped:
+            log.info("recovered tasks: %d re-adopted, %d ended while down, %d unknown "
+                     "processes stopped", adopted, ended, stopped)
 
     def snapshot(self) -> dict[str, Any]:
         """Every task not yet ended, for the core to reconcile its view after a reconnect."""

@@ -26,6 +26,7 @@ from federation import messages, subjects, wire
 from federation.commandlog import CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
+from federation.loopguard import LoopGuard
 from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Sync:
         self.rpc_backend: Any = None  # the EdgeBackend live reads are answered from
         # edge_agent.keyrotation.KeyRotation, set by the agent: finishes a pending key rotation.
         self.rotation: Any = None
+        self.loops = LoopGuard()  # the agent's, shared with the supervisor (one metric)
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
@@ -123,8 +125,9 @@ class Sync:
     async def _bound_loop(self) -> None:
         """Keep the outbox within ``outbox_max``, link or no link (it grows most when down)."""
         while True:
-            self.bound_outbox()
-            await asyncio.sleep(1.0)
+            with self.loops.guard("sync-outbox-bound"):
+                self.bound_outbox()
+            await self.loops.pause("sync-outbox-bound", 1.0)
 
     def bound_outbox(self) -> None:
         depth, _ = self.store.outbox_depth()
@@ -471,15 +474,18 @@ class Sync:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            self._offer_if_changed()
-            if self.connected:
-                depth, age = self.store.outbox_depth()
-                beat = {"agent": self.agent_id, "ts": time.time(),
-                        "seq": self.store.last_event_seq(), "outbox": depth, "outbox_age": age,
-                        "acked": self.store.publish_floor or 0}  # the hub checks for gaps
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(subjects.heartbeat(self.agent_id), wire.pack(beat))
-            await asyncio.sleep(self.settings.heartbeat_s)
+            with self.loops.guard("sync-heartbeat"):
+                self._offer_if_changed()
+                if self.connected:
+                    depth, age = self.store.outbox_depth()
+                    beat = {"agent": self.agent_id, "ts": time.time(),
+                            "seq": self.store.last_event_seq(), "outbox": depth,
+                            "outbox_age": age,
+                            "acked": self.store.publish_floor or 0}  # the hub checks for gaps
+                    with contextlib.suppress(Exception):
+                        await self.nc.publish(subjects.heartbeat(self.agent_id),
+                                              wire.pack(beat))
+            await self.loops.pause("sync-heartbeat", self.settings.heartbeat_s)
 
     def status(self) -> dict[str, Any]:
         depth, age = self.store.outbox_depth()

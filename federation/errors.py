@@ -11,6 +11,7 @@
     ├── Invalid (422)            well-formed but a field is wrong, or cannot fit the agent
     ├── TooManyRequests (429)    a per-token limit (request rate, open streams); Retry-After
     ├── Unavailable (503)        the thing exists but cannot answer now (edge offline)
+    ├── InsufficientStorage (507) the node's disk is full: the write was not stored
     └── ConfigError              bad configuration file, env or flag (CLI exit, no HTTP)
 """
 
@@ -97,6 +98,13 @@ class TooManyRequests(OutpostError):
 class Unavailable(OutpostError):
     status = 503
     code = "unavailable"
+
+
+class InsufficientStorage(OutpostError):
+    """The node's disk is full: nothing of the request was stored (retry once space returns)."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class ConfigError(OutpostError):

@@ -12,7 +12,8 @@ _STATUS_TEXT = {400: "Bad request", 401: "No or unknown token", 403: "Role may n
                 413: "Body too large",
                 422: "A field is invalid",
                 429: "Over a per-token limit (request rate or open streams)",
-                503: "Unavailable now"}
+                503: "Unavailable now",
+                507: "The node's disk is full; nothing was stored"}
 
 
 def _operation(route: Any) -> dict[str, Any]:
@@ -48,6 +49,8 @@ def _operation(route: Any) -> dict[str, Any]:
         errors.insert(-1, 429)
     if route.request is not None:
         errors.append(408)
+    if route.method in ("POST", "PUT", "PATCH", "DELETE"):
+        errors.append(507)
     for code in errors:
         op["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -9,6 +9,7 @@ view another process has locked is a 503 the client can retry, never a 500. What
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import sqlite3
@@ -18,13 +19,27 @@ from typing import Any, TypeVar
 
 import nats.errors
 
-from federation.errors import OutpostError, Unavailable
+from federation.errors import InsufficientStorage, OutpostError, Unavailable
 
 C = TypeVar("C", bound=type)
 
 
+SQLITE_FULL = 13
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: SQLite's SQLITE_FULL or an ENOSPC/EDQUOT."""
+    if isinstance(exc, sqlite3.Error):
+        return ((getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == SQLITE_FULL
+                or "database or disk is full" in str(exc))
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def outside_error(exc: BaseException) -> OutpostError | None:
     """The error-tree form of an outside failure, or None if ``exc`` is not one."""
+    if disk_full(exc):
+        return InsufficientStorage("the disk is full: this change was not stored; free some "
+                                   "space and retry", details={"cause": "disk_full"})
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return Unavailable("the view is locked by another process; retry",
                            details={"cause": "sqlite_busy"})

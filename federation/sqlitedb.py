@@ -7,11 +7,14 @@ importing sqlite-utils costs an idle edge agent ~13 MB RSS, a third of its memor
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[str], what: str) -> int:
@@ -28,7 +31,8 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[str], what: str) -> i
             conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
     return len(migrations)
 
@@ -75,12 +79,25 @@ class Database:
         self._db.execute("PRAGMA busy_timeout=5000")
         migrate(self._db, migrations, what)
         self._in_tx = False
+        self._after_commit: list[Callable[[], None]] = []
+        self._on_rollback: list[Callable[[], None]] = []
 
     def close(self) -> None:
         self._db.close()
 
     def _committed(self) -> None:
         """Called after each outermost commit (the edge store wakes its event readers)."""
+
+    def after_commit(self, effect: Callable[[], None],
+                     undo: Callable[[], None] | None = None) -> None:
+        """Run ``effect`` once the outermost transaction has committed (at once outside one),
+        or ``undo`` if it rolls back: intent is on disk before its effect happens."""
+        if not self._in_tx:
+            effect()
+            return
+        self._after_commit.append(effect)
+        if undo is not None:
+            self._on_rollback.append(undo)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -94,8 +111,25 @@ class Database:
             yield self._db
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # sqlite may have rolled back itself (a full disk)
+                self._db.execute("ROLLBACK")
+            self._in_tx = False
+            self._after_commit.clear()
+            undo, self._on_rollback = self._on_rollback, []
+            _run_all(undo)
             raise
         finally:
             self._in_tx = False
+        effects, self._after_commit = self._after_commit, []
+        self._on_rollback = []
         self._committed()
+        _run_all(effects)
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    """Each call runs even if one before it failed: the commit they follow already happened."""
+    for call in calls:
+        try:
+            call()
+        except Exception:
+            log.exception("an after-commit step failed")
