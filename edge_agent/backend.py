@@ -63,6 +63,7 @@ class EdgeBackend:
         self.supervisor = supervisor
         self.started = time.time()
         self.link_status: Callable[[], dict[str, Any]] = lambda: {"enabled": False}
+        self.extra_metrics: Callable[[], list[Metric]] | None = None  # the artifact cache's
 
     @property
     def draining(self) -> bool:
@@ -254,6 +255,7 @@ class EdgeBackend:
             Metric("outpost_events_last_seq", "gauge", "Sequence number of the newest event",
                    [({}, float(self.store.last_event_seq()))]),
             *self._outbox_metrics(),
+            *(self.extra_metrics() if self.extra_metrics is not None else []),
         ]
 
     def _outbox_metrics(self) -> list[Metric]:

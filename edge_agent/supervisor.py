@@ -19,6 +19,7 @@ from typing import Any
 from edge_agent.executor import Executor, SpawnError
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
+from edge_agent.staging import ArtifactRefused, ArtifactUnavailable, Stager
 from edge_agent.store import Store
 from federation.errors import Conflict, Invalid
 from federation.schemas import TERMINAL_STATES
@@ -56,6 +57,8 @@ class Supervisor:
         self.restarts_total = 0
         self.stopping = False
         self._ticker: asyncio.Task[None] | None = None
+        self.stager: Stager | None = None  # set by the agent: fetches and places artifacts
+        self.staging: dict[str, asyncio.Task[None]] = {}
         executor.on_exit = self._on_exit
         executor.on_started = store.set_pid_start
 
@@ -139,6 +142,9 @@ class Supervisor:
         if task_id in self.pending or task_id not in self.executor.running:
             self.pending.pop(task_id, None)
             self.reserved.pop(task_id, None)
+            staging = self.staging.pop(task_id, None)
+            if staging is not None:
+                staging.cancel()
             row = self.store.update_task(task_id, state="killed", want="kill",
                                          reason="killed on request", not_before=None,
                                          finished_at=time.time())
@@ -210,6 +216,55 @@ class Supervisor:
         self.reserved[task_id] = entry.resources
         row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
         spec = json.loads(row["spec"])
+        if spec.get("artifacts"):
+            self.store.update_task(task_id, reason="staging artifacts")
+            job = asyncio.create_task(self._stage(task_id, spec), name=f"stage-{task_id}")
+            self.staging[task_id] = job
+            self.background.add(job)
+            job.add_done_callback(self.background.discard)
+            job.add_done_callback(lambda _: self.staging.pop(task_id, None))
+            return
+        self._spawn(task_id, spec)
+
+    def _still_staging(self, task_id: str) -> bool:
+        row = self.store.row(task_id)
+        return row["state"] == "staging" and row["want"] != "kill" and not self.stopping
+
+    async def _stage(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Fetch and place the task's artifacts, then start it; not available yet: stay
+        ``staging`` with the reason and try again (1 s doubling to 30 s); refused: failed."""
+        delay = 1.0
+        last_reason: list[str] = [""]
+
+        def progress(text: str) -> None:
+            if text != last_reason[0] and self._still_staging(task_id):
+                last_reason[0] = text
+                self.store.update_task(task_id, reason=text)
+
+        sandbox = self.executor.task_dir(task_id) / "sandbox"
+        while True:
+            try:
+                if self.stager is None:
+                    raise ArtifactRefused("this agent has no artifact cache")
+                await self.stager.place(task_id, spec["artifacts"], sandbox, progress)
+                break
+            except ArtifactRefused as exc:
+                if self._still_staging(task_id):
+                    self.reserved.pop(task_id, None)
+                    log.warning("task refused its artifact: %s", exc, extra={"task": task_id})
+                    self._ended(task_id, None, f"artifact refused: {exc}", failed=True)
+                    self.schedule()
+                return
+            except (ArtifactUnavailable, OSError) as exc:
+                if not self._still_staging(task_id):
+                    return
+                progress(f"waiting for artifact: {exc}; retrying in {delay:g}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if self._still_staging(task_id):
+            self._spawn(task_id, spec)
+
+    def _spawn(self, task_id: str, spec: dict[str, Any]) -> None:
         try:
             run = self.executor.spawn(task_id, spec)
         except SpawnError as exc:
@@ -374,6 +429,13 @@ class Supervisor:
                 orphan = self.executor.orphan_pid(task_id)
                 if orphan is not None:
                     pid, start = orphan
+            if pid is None and row["state"] == "staging" and row["want"] != "kill":
+                # Stopped while fetching or placing its artifacts: stage again (from the
+                # cache, or resuming the fetch); nothing was started.
+                self.store.update_task(task_id, state="pending",
+                                       reason="staging again after an agent restart")
+                self.pending[task_id] = _Pending(spec["resources"], 0.0, row["reason"])
+                continue
             run = None
             if pid is not None and (row["boot_id"] in (None, self.boot)):
                 run = self.executor.adopt(task_id, pid, start)
