@@ -92,6 +92,8 @@ class Agent:
                               labels=cfg.labels, isolation=isolation.name, store=store,
                               supervisor=supervisor)
         backend.extra_metrics = self.artifacts.metrics
+        backend.held_artifacts = self.artifacts.cache.held
+        backend.stage_artifact = self.artifacts.stage_ahead
         self.backend = backend
         if cfg.nats_url:
             await self._start_sync(backend)

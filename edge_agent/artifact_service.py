@@ -52,11 +52,15 @@ class EdgeArtifacts:
 
     async def stage(self, sha: str, selector: dict[str, Any]) -> dict[str, Any]:
         """Fetch ahead of use (the selector picks agents at the core; here it is this one)."""
+        self.stage_ahead(sha)
+        return {"digest": f"sha256:{sha}", "staging": True,
+                "cached": self.cache.get(sha) is not None}
+
+    def stage_ahead(self, sha: str) -> None:
+        """Start fetching ``sha`` into the cache in the background (API or stage command)."""
         job = asyncio.create_task(self._stage(sha), name=f"stage-{sha[:12]}")
         self._staging.add(job)
         job.add_done_callback(self._staging.discard)
-        return {"digest": f"sha256:{sha}", "staging": True,
-                "cached": self.cache.get(sha) is not None}
 
     async def _stage(self, sha: str) -> None:
         try:

@@ -109,6 +109,11 @@ class ArtifactCache:
             "SELECT ta.task_id FROM task_artifacts ta JOIN tasks t ON t.id = ta.task_id "
             f"WHERE ta.sha256 = ? AND t.state NOT IN {_ENDED}", (sha,))]
 
+    def held(self, most: int = 1000) -> list[str]:
+        """The digests held here, in a stable order (what the offer tells the core)."""
+        return [r[0] for r in self.store.read(
+            "SELECT sha256 FROM artifacts ORDER BY sha256 LIMIT ?", (most,))]
+
     def used_bytes(self) -> int:
         return int(self.store.read("SELECT coalesce(sum(size), 0) FROM artifacts")[0][0])
 

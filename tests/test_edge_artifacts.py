@@ -123,3 +123,30 @@ def test_agent_crash_and_reboot_bring_the_service_back_from_cache(
                       and t["restarts"] >= 1 and t, 20, what="service back after reboot")
     assert back["restarts"] >= 1
     assert agent.api("GET", f"/v1/artifacts/{art['digest']}").body["in_use_by"] == [task["id"]]
+
+
+def test_cli_push_ls_get_rm(agent: AgentProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_cli import outpost
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 8192)  # 2 MB: the progress bar is drawn
+    pushed = outpost("artifacts", "push", str(big), "--name", "big", "--version", "1",
+                     "--label", "k=v", agent=agent)
+    assert pushed.returncode == 0, pushed.stderr
+    digest = pushed.stdout.strip()
+    assert digest == "sha256:" + hashlib.sha256(big.read_bytes()).hexdigest()
+    assert "100%" in pushed.stderr
+    listed = outpost("artifacts", "ls", agent=agent)
+    assert "big" in listed.stdout and digest[:19] in listed.stdout
+    out = tmp_path / "copy.bin"
+    got = outpost("artifacts", "get", digest, "-o", str(out), agent=agent)
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == big.read_bytes()
+    missing = outpost("artifacts", "push", str(tmp_path / "nope"), "--name", "x", "--version",
+                      "1", agent=agent)
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
+    bad = outpost("artifacts", "rm", "sha256:abc", agent=agent)
+    assert bad.returncode == 2 and "not a digest" in bad.stderr
+    assert outpost("artifacts", "rm", digest, agent=agent).returncode == 0
+    gone = outpost("artifacts", "get", digest, agent=agent)
+    assert gone.returncode == 1 and "no artifact" in gone.stderr
