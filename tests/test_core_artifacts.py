@@ -5,16 +5,19 @@ write, delete or purge it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from federation import manifest, objstore
-from tests.helpers import AgentProcess, HubProcess, wait_until
+from tests.helpers import AgentProcess, HubProcess, joined, wait_until
 from tests.test_nats_auth import client, creds_of, enrolled
 
 SCRIPT = b"#!/bin/sh\necho \"from the core: $1\"\n"
@@ -119,3 +122,67 @@ async def _bound(js):  # type: ignore[no-untyped-def]
     from nats.js.object_store import ObjectStore
 
     return ObjectStore(name=objstore.BUCKET, stream=objstore.STREAM, js=js)
+
+
+def _metric(agent: AgentProcess, name: str) -> float:
+    text = agent.api("GET", "/metrics").raw.decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_nats_killed_mid_fetch_resumes_and_runs(hub_proc: HubProcess, nats_proc: Any,
+                                                start_agent: Callable[..., AgentProcess],
+                                                tmp_path: Path) -> None:
+    """A 3 MB artifact fetched at 1 MB/s: SIGKILL nats-server while the task is staging,
+    start it again; the fetch resumes (fewer than two chunks come twice), the task runs."""
+    agent = joined(start_agent, hub_proc, nats_proc, "--artifact-rate-kbps", "1024",
+                   name="slow")
+    payload = b"#!/bin/sh\necho resumed fine\nexit 0\n" + b"#" * (3 << 20)
+    art = _push(hub_proc, payload, "bigscript", "1")
+    resp = hub_proc.api("POST", "/v1/tasks", {
+        "name": "big", "command": ["./big"],
+        "artifacts": [{"digest": art["digest"], "dest": "big", "mode": "0755"}]})
+    task_id = resp.body["id"]
+
+    def fetching() -> bool:
+        task = agent.api("GET", f"/v1/tasks/{task_id}").body or {}
+        return task.get("state") == "staging" and "fetching artifact" in (task.get("reason")
+                                                                          or "")
+
+    wait_until(fetching, 20, what="the fetch to be under way (progress in reason)")
+    wait_until(lambda: 0.2 < _progress(agent) < 0.8, 10, what="the fetch a fifth of the way")
+    nats_proc.kill()
+    time.sleep(1.0)
+    assert agent.api("GET", f"/v1/tasks/{task_id}").body["state"] == "staging"
+    asyncio.run(nats_proc.start())
+    done = agent.wait_state(task_id, "finished", "failed", timeout=60)
+    assert done["state"] == "finished", done
+    assert "resumed fine" in agent.api("GET", f"/v1/tasks/{task_id}/logs").raw.decode()
+    again = _metric(agent, "outpost_artifact_fetched_bytes_total") - len(payload)
+    assert 0 <= again < 2 * objstore.CHUNK_SIZE, f"{again} bytes fetched twice"
+
+
+def _progress(agent: AgentProcess) -> float:
+    text = agent.api("GET", "/metrics").raw.decode()
+    for line in text.splitlines():
+        if line.startswith("outpost_artifact_fetch_progress{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_stage_ahead_on_a_site(hub_proc: HubProcess, nats_proc: Any,
+                               start_agent: Callable[..., AgentProcess]) -> None:
+    oslo = joined(start_agent, hub_proc, nats_proc, "--site", "oslo", name="oslo1")
+    bergen = joined(start_agent, hub_proc, nats_proc, "--site", "bergen", name="bergen1")
+    art = _push(hub_proc, b"stage me", "early", "1")
+    staged = hub_proc.api("POST", f"/v1/artifacts/{art['digest']}/stage", {"site": "oslo"})
+    assert staged.status == 202, staged.body
+    oslo_id = oslo.api("GET", "/v1/info").body["agent_id"]
+    assert staged.body["agents"] == [oslo_id]
+    wait_until(lambda: oslo.api("GET", f"/v1/artifacts/{art['digest']}").status == 200, 15,
+               what="the oslo agent to hold the artifact")
+    assert bergen.api("GET", f"/v1/artifacts/{art['digest']}").status == 404
+    bad = hub_proc.api("POST", f"/v1/artifacts/{art['digest']}/stage", {"site": "Not OK"})
+    assert bad.status == 422
