@@ -20,7 +20,7 @@ import builtins
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class CoreArtifacts:
                  setup_connection: Callable[[], Awaitable[Any]],
                  send_stage: Callable[[str, str], Awaitable[Any]] | None = None) -> None:
         self.js, self.nc, self.store, self.signer = js, nc, store, signer
-        self.spool_dir = spool_dir
+        self.spool_dir = spool_dir  # where content is fetched to before it is sent
         self.max_upload_bytes = MAX_UPLOAD_BYTES
         self.setup_connection = setup_connection
         self.send_stage = send_stage  # (agent_id, digest hex): queue a stage command
@@ -71,16 +71,32 @@ class CoreArtifacts:
             return None
         return manifest.open_signed(entry.value, self.signer.public), entry.value
 
-    async def add(self, path: Path, *, sha: str, size: int, name: str, version: str,
+    async def add(self, pieces: AsyncIterator[bytes], *, name: str, version: str,
                   labels: dict[str, str]) -> dict[str, Any]:
+        """Publish the upload as chunks while it arrives (``objstore.ObjectWriter``), then the
+        object's meta under its sha256 and the signed manifest. Chunks of an upload that
+        fails, or that turns out to be an artifact already stored, are purged."""
         same = await self._manifest(manifest.name_key(name, version))
-        if same is not None and same[0].sha256 != sha:
-            raise Conflict(f"artifact {name} {version} exists with other bytes "
-                           f"(sha256:{same[0].sha256}); push a new version",
-                           details={"digest": same[0].digest})
-        meta = await objstore.put_file(self.js, sha, path)
-        if meta.sha256 != sha or meta.size != size:  # the store must hold what we hashed
-            raise Unavailable(f"the object store holds other bytes under sha256:{sha}")
+        writer = objstore.ObjectWriter(self.js, uuid.uuid4().hex)
+        try:
+            async for piece in pieces:
+                await writer.write(piece)
+            sha = writer.digest.hexdigest()
+            if same is not None and same[0].sha256 != sha:
+                raise Conflict(f"artifact {name} {version} exists with other bytes "
+                               f"(sha256:{same[0].sha256}); push a new version",
+                               details={"digest": same[0].digest})
+            have = await objstore.read_meta(self.nc, sha)
+            if have is not None and have.sha256 == sha:
+                await writer.abandon()
+                await self._purge(writer.chunks_subject)  # the bytes are stored already
+            else:
+                await writer.commit(sha)
+        except BaseException:
+            await writer.abandon()
+            await asyncio.shield(self._purge(writer.chunks_subject))
+            raise
+        size = writer.size
         signed = manifest.new_manifest(name, version, sha, size, labels)
         raw = manifest.sign(signed, self.signer)
         kv = await self._bucket()
@@ -91,6 +107,20 @@ class CoreArtifacts:
         log.info("artifact %s %s pushed (sha256:%s, %d bytes)", name, version, sha, size,
                  extra={"digest": sha})
         return self._view(existing[0] if existing else signed)
+
+    async def _purge(self, subject: str) -> None:
+        """Purge one subject of the object stream (the set-up user's right, not the hub's)."""
+        try:
+            nc = await self.setup_connection()
+        except Exception as exc:
+            log.warning("could not purge %s: %r", subject, exc)
+            return
+        try:
+            await nc.jetstream(timeout=5).purge_stream(objstore.STREAM, subject=subject)
+        except Exception as exc:
+            log.warning("could not purge %s: %r", subject, exc)
+        finally:
+            await nc.close()
 
     def _view(self, m: manifest.Manifest) -> dict[str, Any]:
         return {**m.to_json(), "origin": "core", "signed": True}
@@ -179,14 +209,9 @@ class CoreArtifacts:
         await kv.delete(manifest.digest_key(sha))
         await kv.delete(manifest.name_key(m.name, m.version))
         meta = await objstore.read_meta(self.nc, sha)
-        nc = await self.setup_connection()
-        try:
-            js = nc.jetstream(timeout=5)
-            if meta is not None:
-                await js.purge_stream(objstore.STREAM, subject=objstore.chunk_subject(meta.nuid))
-            await js.purge_stream(objstore.STREAM, subject=objstore.meta_subject(sha))
-        finally:
-            await nc.close()
+        if meta is not None:
+            await self._purge(objstore.chunk_subject(meta.nuid))
+        await self._purge(objstore.meta_subject(sha))
         return self._view(m)
 
     async def stage(self, sha: str, selector: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,22 @@ class EdgeArtifacts:
         self.max_upload_bytes = self.cache.limit_bytes
         self._staging: set[asyncio.Task[Any]] = set()
 
-    async def add(self, path: Path, *, sha: str, size: int, name: str, version: str,
+    async def add(self, pieces: AsyncIterator[bytes], *, name: str, version: str,
                   labels: dict[str, str]) -> dict[str, Any]:
-        return self.cache.add(path, sha=sha, size=size, name=name, version=version,
-                              labels=labels, created=round(time.time(), 3), origin="edge",
-                              manifest=None)
+        """Write the upload to the spool while hashing it, then move it into the cache."""
+        path = self.spool_dir / f"upload-{uuid.uuid4().hex}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as out:
+                async for piece in pieces:
+                    digest.update(piece)
+                    size += len(piece)
+                    out.write(piece)
+            return self.cache.add(path, sha=digest.hexdigest(), size=size, name=name,
+                                  version=version, labels=labels,
+                                  created=round(time.time(), 3), origin="edge", manifest=None)
+        finally:
+            path.unlink(missing_ok=True)
 
     async def list(self, name: str | None, limit: int, cursor: str | None) -> Page:
         return self.cache.page(name, limit, cursor)

@@ -132,6 +132,28 @@ class ArtifactCache:
             db.execute("INSERT OR IGNORE INTO task_artifacts(task_id, sha256) VALUES (?, ?)",
                        (task_id, sha))
 
+    def has(self, sha: str) -> bool:
+        return bool(self.store.read("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha,)))
+
+    def use(self, sha: str, task_id: str | None) -> bool:
+        """If ``sha`` is here: mark it used now (and by ``task_id``) in one commit; True."""
+        with self.store.transaction() as db:
+            found = db.execute("UPDATE artifacts SET last_used = ? WHERE sha256 = ?",
+                               (time.time(), sha)).rowcount
+            if found and task_id is not None:
+                db.execute("INSERT OR IGNORE INTO task_artifacts(task_id, sha256) "
+                           "VALUES (?, ?)", (task_id, sha))
+        return bool(found) and self.path(sha).exists()
+
+    def local_sha(self, ref: dict[str, Any]) -> str | None:
+        """The digest ``ref`` names, if it can be told here (a digest, or a name and version
+        in the cache); None: ask the core."""
+        if "digest" in ref:
+            return str(ref["digest"]).removeprefix("sha256:")
+        rows = self.store.read("SELECT sha256 FROM artifacts WHERE name = ? AND version = ? "
+                               "ORDER BY created DESC LIMIT 1", (ref["name"], ref["version"]))
+        return rows[0][0] if rows else None
+
     def touch(self, sha: str) -> None:
         with self.store.transaction() as db:
             db.execute("UPDATE artifacts SET last_used = ? WHERE sha256 = ?", (time.time(), sha))

@@ -31,6 +31,7 @@ from federation import manifest, objstore
 log = logging.getLogger(__name__)
 
 KV_DIRECT = f"$JS.API.DIRECT.GET.KV_{manifest.BUCKET}.$KV.{manifest.BUCKET}"
+SMALL_COPY = 1 << 20  # placed inline; bigger files are copied on a thread
 
 
 class ArtifactUnavailable(Exception):
@@ -58,8 +59,18 @@ class Stager:
 
     # ---------------------------------------------------------------- resolve
 
+    def cached(self, ref: dict[str, Any], *, task_id: str | None = None) -> Path | None:
+        """The file for ``ref`` if it is in the cache now (marked used, one commit)."""
+        sha = self.cache.local_sha(ref)
+        if sha is not None and self.cache.use(sha, task_id):
+            return self.cache.path(sha)
+        return None
+
     async def resolve(self, ref: dict[str, Any], *, task_id: str | None = None) -> Path:
         """The cached, verified file for ``ref``; fetched from the core if it is not here."""
+        here = self.cached(ref, task_id=task_id)
+        if here is not None:
+            return here
         if "digest" in ref:
             sha = str(ref["digest"]).removeprefix("sha256:")
             signed: tuple[manifest.Manifest, bytes] | None = None
@@ -179,11 +190,10 @@ class Stager:
                     on_progress: Callable[[str], None] | None = None) -> None:
         """Resolve each of a task's artifacts and put it at its ``dest`` in ``sandbox``."""
         sandbox.mkdir(parents=True, exist_ok=True)
-        for i, use in enumerate(uses):
+        for use in uses:
             what = use.get("digest") or f"{use['name']} {use['version']}"
-            if on_progress is not None:
-                on_progress(f"staging artifact {i + 1} of {len(uses)} ({what})")
-            src = await self._resolve_reporting(use, task_id, what, on_progress)
+            src = self.cached(use, task_id=task_id) or await self._resolve_reporting(
+                use, task_id, what, on_progress)
             dest = sandbox / use["dest"]
             if use.get("extract"):
                 try:
@@ -194,9 +204,34 @@ class Stager:
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(dest.name + ".outpost-tmp")
-                await asyncio.to_thread(shutil.copyfile, src, tmp)
+                if src.stat().st_size <= SMALL_COPY:
+                    shutil.copyfile(src, tmp)  # a thread costs more than this copy
+                else:
+                    await asyncio.to_thread(shutil.copyfile, src, tmp)
                 os.chmod(tmp, int(use.get("mode", "0644"), 8))
                 os.replace(tmp, dest)
+
+    def place_cached(self, task_id: str, uses: list[dict[str, Any]], sandbox: Path) -> bool:
+        """``place`` done inline when every artifact is cached, small and not an archive
+        (the common restart or rollout case: no task, no thread); False: use ``place``."""
+        found = []
+        for use in uses:
+            sha = self.cache.local_sha(use)
+            if use.get("extract") or sha is None or not self.cache.has(sha) \
+                    or self.cache.path(sha).stat().st_size > SMALL_COPY:
+                return False
+            found.append((use, sha))
+        sandbox.mkdir(parents=True, exist_ok=True)
+        for use, sha in found:
+            if not self.cache.use(sha, task_id):
+                return False
+            dest = sandbox / use["dest"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".outpost-tmp")
+            shutil.copyfile(self.cache.path(sha), tmp)
+            os.chmod(tmp, int(use.get("mode", "0644"), 8))
+            os.replace(tmp, dest)
+        return True
 
     async def _resolve_reporting(self, use: dict[str, Any], task_id: str, what: str,
                                  on_progress: Callable[[str], None] | None) -> Path:

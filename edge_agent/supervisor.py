@@ -214,10 +214,16 @@ class Supervisor:
     def _start(self, task_id: str) -> None:
         entry = self.pending.pop(task_id)
         self.reserved[task_id] = entry.resources
-        row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
-        spec = json.loads(row["spec"])
-        if spec.get("artifacts"):
-            self.store.update_task(task_id, reason="staging artifacts")
+        spec = json.loads(self.store.row(task_id)["spec"])
+        uses = spec.get("artifacts")
+        if uses and self.stager is not None:
+            sandbox = self.executor.task_dir(task_id) / "sandbox"
+            with contextlib.suppress(OSError):  # then staged the long way, with retries
+                if self.stager.place_cached(task_id, uses, sandbox):
+                    uses = None
+        self.store.update_task(task_id, state="staging", not_before=None,
+                               reason="staging artifacts" if uses else None)
+        if uses:
             job = asyncio.create_task(self._stage(task_id, spec), name=f"stage-{task_id}")
             self.staging[task_id] = job
             self.background.add(job)

@@ -1,20 +1,18 @@
 """The artifact routes of the one API (``/v1/artifacts``), at an edge and at the core.
 
-An upload is streamed: the body goes to a spool file in 1 MB pieces while it is hashed, never
-whole in memory, and is bounded by ``max_upload_bytes`` (413). Only then does the node's
-``ArtifactService`` take the file: the core puts it in the JetStream object store with a
-manifest signed by the hub's key; an edge puts it in its local cache, where it serves local
-tasks with no core at all. Artifacts are addressed by ``sha256:<hex>``.
+An upload is streamed: the node's ``ArtifactService`` takes the body piece by piece as it
+arrives, never whole in memory, bounded by ``max_upload_bytes`` (413) and by a read timeout
+(408). The core publishes the pieces as object store chunks while hashing them, then the
+manifest signed by the hub's key; an edge writes them to its cache, where the artifact serves
+local tasks with no core at all. Artifacts are addressed by ``sha256:<hex>``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import os
 import re
-import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +23,6 @@ from federation import schemas
 from federation.backend import Page
 from federation.errors import BadRequest, Invalid, PayloadTooLarge, RequestTimeout, Unavailable
 
-PIECE = 1 << 20
 READ_TIMEOUT_S = 30.0  # a body that stops coming for this long is cut
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -33,12 +30,12 @@ _HEX = re.compile(r"^[0-9a-f]{64}$")
 class ArtifactService(Protocol):
     """What the artifact routes need from a node (``edge_agent`` / ``core_hub`` artifacts)."""
 
-    spool_dir: Path
     max_upload_bytes: int
 
-    async def add(self, path: Path, *, sha: str, size: int, name: str, version: str,
+    async def add(self, pieces: AsyncIterator[bytes], *, name: str, version: str,
                   labels: dict[str, str]) -> dict[str, Any]:
-        """Take the uploaded file at ``path`` (moved or removed by the service)."""
+        """Take an upload as it arrives (``pieces`` raise the route's 4xx errors: too large,
+        too slow) and return the artifact it made."""
         ...
 
     async def list(self, name: str | None, limit: int, cursor: str | None) -> Page: ...
@@ -106,34 +103,30 @@ async def upload(request: web.Request) -> web.Response:
     limit = service.max_upload_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"artifact: at most {limit} bytes", details={"limit": limit})
-    service.spool_dir.mkdir(parents=True, exist_ok=True)
-    path = service.spool_dir / f"upload-{uuid.uuid4().hex}"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with path.open("wb") as out:
-            while True:
-                try:
-                    async with asyncio.timeout(READ_TIMEOUT_S):
-                        piece = await request.content.read(PIECE)
-                except TimeoutError:
-                    raise RequestTimeout(f"artifact body: nothing for {READ_TIMEOUT_S:g} s",
-                                         details={"limit_s": READ_TIMEOUT_S}) from None
-                if not piece:
-                    break
-                size += len(piece)
-                if size > limit:
-                    raise PayloadTooLarge(f"artifact: at most {limit} bytes",
-                                          details={"limit": limit})
-                digest.update(piece)
-                out.write(piece)
-        if size == 0:
-            raise BadRequest("artifact: the body is empty")
-        body = await service.add(path, sha=digest.hexdigest(), size=size, name=name,
-                                 version=version, labels=labels)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    body = await service.add(_pieces(request, limit), name=name, version=version,
+                             labels=labels)
     return _json(body, status=201)
+
+
+async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in pieces of up to 1 MB, as it comes; 4xx when too big, too slow or
+    empty."""
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                piece = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"artifact body: nothing for {READ_TIMEOUT_S:g} s",
+                                 details={"limit_s": READ_TIMEOUT_S}) from None
+        if not piece:
+            break
+        size += len(piece)
+        if size > limit:
+            raise PayloadTooLarge(f"artifact: at most {limit} bytes", details={"limit": limit})
+        yield piece
+    if size == 0:
+        raise BadRequest("artifact: the body is empty")
 
 
 async def list_artifacts(request: web.Request) -> web.Response:
