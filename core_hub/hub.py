@@ -14,6 +14,7 @@ from aiohttp import web
 from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
+from core_hub.artifacts import CoreArtifacts
 from core_hub.backend import CoreBackend
 from core_hub.commands import Commander
 from core_hub.config import HubConfig
@@ -36,7 +37,7 @@ from core_hub.registry import Registry
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
-from federation import subjects
+from federation import objstore, subjects
 from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
@@ -75,6 +76,7 @@ class Hub:
         self.lease: Lease | None = None
         self.exit_code = 0  # 3: this replica lost the lease to another and stepped down
         self._stop = asyncio.Event()
+        self.artifacts: CoreArtifacts | None = None
 
     async def start(self) -> None:
         import nats
@@ -165,10 +167,14 @@ class Hub:
                               replies_dropped=lambda: enroller.dropped,
                               services=services, on_agent_change=self._after_agent_change)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
+        self.artifacts = CoreArtifacts(
+            js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",
+            setup_connection=self._setup_connection,
+            send_stage=lambda agent, sha: commander.send(agent, "stage", {"digest": sha}))
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
                                            lookup=store.api_token_role),
                         extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS,
-                        limits=cfg.api_limits)
+                        limits=cfg.api_limits, artifact_service=self.artifacts)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0, **RUNNER_OPTIONS)
         await self.runner.setup()
@@ -244,6 +250,7 @@ class Hub:
                         events_max_msgs_per_subject=cfg.events_max_msgs_per_subject,
                         events_max_msg_bytes=cfg.events_max_msg_bytes)
                     await ensure_hub_buckets(js, replicas=cfg.stream_replicas)
+                    await objstore.ensure_bucket(js, replicas=cfg.stream_replicas)
                     break
                 except (nats_errors.TimeoutError, js_errors.ServiceUnavailableError,
                         js_errors.APIError) as exc:

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import subjects
+from federation import objstore, subjects
 from federation.errors import OutpostError
 from federation.natscreds import (
     AGENT_INBOX_ROOT,
@@ -78,6 +78,7 @@ from federation.natscreds import (
     user_nkey,
 )
 from federation.streams import HUB_KV_BUCKETS, HUB_STREAMS
+from federation.subjects import MANIFESTS_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ def hub_permissions(*, setup: bool = False) -> dict[str, Any]:
         f"{ENROLL_INBOX_PREFIX}.>", f"{AGENT_INBOX_ROOT}.*.>",
         f"{api}.INFO", f"{api}.STREAM.NAMES", f"{api}.STREAM.LIST",
     ]
-    streams = [*HUB_STREAMS, *(f"KV_{bucket}" for bucket in HUB_KV_BUCKETS)]
+    # The artifact object store (federation/objstore.py) is one more stream: the hub puts
+    # chunks and meta on its $O subjects; only the set-up user may purge (a delete).
+    streams = [*HUB_STREAMS, *(f"KV_{bucket}" for bucket in HUB_KV_BUCKETS), objstore.STREAM]
     for stream in streams:
         publish += [
             f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
@@ -122,11 +125,13 @@ def hub_permissions(*, setup: bool = False) -> dict[str, Any]:
         if setup:
             publish += [f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
     publish += [f"$KV.{bucket}.>" for bucket in HUB_KV_BUCKETS]
+    publish.append(f"$O.{objstore.BUCKET}.>")
     deny = NEVER
-    if setup:  # deny wins over allow in NATS: the one purge is carved out of NEVER
-        publish.append(f"{api}.STREAM.PURGE.{subjects.COMMANDS_STREAM}")
+    if setup:  # deny wins over allow in NATS: the purges are carved out of NEVER
+        purgeable = (subjects.COMMANDS_STREAM, objstore.STREAM)
+        publish += [f"{api}.STREAM.PURGE.{stream}" for stream in purgeable]
         deny = [f"{api}.STREAM.PURGE.{stream}" for stream in streams
-                if stream != subjects.COMMANDS_STREAM] + NEVER[1:]
+                if stream not in purgeable] + NEVER[1:]
     return {"publish": {"allow": publish, "deny": deny},
             "subscribe": {"allow": [f"{subjects.PREFIX}.>", f"{HUB_INBOX_PREFIX}.>"]}}
 
@@ -141,6 +146,12 @@ def agent_permissions(agent_id: str) -> dict[str, Any]:
             subjects.ENROLL,  # key rotation requests (signed by both keys) go there too
             f"{subjects.PREFIX}.rpcreply.{agent_id}.>",
             f"$JS.API.DIRECT.GET.{stream}.{subjects.commands_of(agent_id)}",
+            # Artifacts: read only. Chunks by sequence (the body form of a direct get, on the
+            # object stream alone), an object's meta and a manifest by subject; no put, no
+            # delete, no purge, no consumer.
+            f"$JS.API.DIRECT.GET.{objstore.STREAM}",
+            f"$JS.API.DIRECT.GET.{objstore.STREAM}.$O.{objstore.BUCKET}.M.*",
+            f"$JS.API.DIRECT.GET.KV_{MANIFESTS_BUCKET}.$KV.{MANIFESTS_BUCKET}.>",
         ]},
         "subscribe": {"allow": [
             f"{subjects.PREFIX}.rpc.{agent_id}.>",

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat", dest="heartbeat_s", help="seconds between heartbeats")
     p.add_argument("--outbox-max", help="unshipped events kept before superseded ones coalesce")
     p.add_argument("--max-tasks", help="tasks not yet ended this agent holds at once (1000)")
+    p.add_argument("--artifact-cache-mb", help="most MB the artifact cache holds (2048)")
+    p.add_argument("--artifact-rate-kbps", help="cap on artifact fetches in kB/s (0: none)")
     add_api_flags(p)
     p.add_argument("--log-format", help="text | json")
     p.add_argument("--log-level", help="debug | info | warning | error")
@@ -61,7 +63,8 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
         "log_format": args.log_format, "log_level": args.log_level,
         "nats_url": args.nats_url, "join_token": args.join_token,
         "heartbeat_s": args.heartbeat_s, "outbox_max": args.outbox_max,
-        **{k: getattr(args, k) for k in ("max_tasks", *API_FLAGS)},
+        **{k: getattr(args, k) for k in ("max_tasks", "artifact_cache_mb", "artifact_rate_kbps",
+                                             *API_FLAGS)},
     }
     merged_file = dict(file)
     if "data_dir" not in merged_file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:

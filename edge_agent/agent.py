@@ -10,6 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
+from edge_agent.artifact_service import EdgeArtifacts
+from edge_agent.artifacts import ArtifactCache
 from edge_agent.backend import EdgeBackend
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
@@ -17,6 +19,7 @@ from edge_agent.faults import Faults
 from edge_agent.isolation import choose
 from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity
+from edge_agent.staging import Stager
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
 from edge_agent.supervisor import Supervisor
@@ -47,6 +50,17 @@ class Agent:
         self.backend: EdgeBackend | None = None
         self.lock: DataDirLock | None = None
         self.loops = LoopGuard()
+        self.artifacts: EdgeArtifacts | None = None
+
+    def _artifacts(self, store: Store) -> EdgeArtifacts:
+        """The artifact cache and its stager: fetches go over the link's connection while
+        there is one, verified with the hub key this agent enrolled with."""
+        cfg = self.config
+        cache = ArtifactCache(store, cfg.data_dir / "artifacts", cfg.artifact_cache_mb << 20)
+        stager = Stager(cache, nc=lambda: getattr(self.sync, "nc", None),
+                        hub_key=lambda: getattr(self.sync, "hub_key", None),
+                        rate_kbps=cfg.artifact_rate_kbps)
+        return EdgeArtifacts(stager)
 
     def _identity(self, store: Store) -> str:
         agent_id = store.get_meta("agent_id")
@@ -83,17 +97,22 @@ class Agent:
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
             max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve)
+        self.artifacts = self._artifacts(store)
+        supervisor.stager = self.artifacts.stager
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
                               supervisor=supervisor)
+        backend.extra_metrics = self.artifacts.metrics
+        backend.held_artifacts = self.artifacts.cache.held
+        backend.stage_artifact = self.artifacts.stage_ahead
         self.backend = backend
         if cfg.nats_url:
             await self._start_sync(backend)
         self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         app = build_app(backend, TokenAuth({self.admin_token: "admin"}),
                         extra_routes=[web.get("/", status_page)], public_paths=("/",),
-                        limits=cfg.api_limits)
+                        limits=cfg.api_limits, artifact_service=self.artifacts)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0, **RUNNER_OPTIONS)
         await self.runner.setup()
@@ -136,6 +155,8 @@ class Agent:
             await self.sync.stop()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.artifacts is not None:
+            await self.artifacts.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
             self.supervisor.executor.isolation.close()

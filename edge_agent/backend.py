@@ -67,6 +67,9 @@ class EdgeBackend:
         self.supervisor = supervisor
         self.started = time.time()
         self.link_status: Callable[[], dict[str, Any]] = lambda: {"enabled": False}
+        self.extra_metrics: Callable[[], list[Metric]] | None = None  # the artifact cache's
+        self.held_artifacts: Callable[[], list[str]] | None = None
+        self.stage_artifact: Callable[[str], Any] | None = None  # a stage command's effect
 
     @property
     def draining(self) -> bool:
@@ -198,6 +201,8 @@ class EdgeBackend:
                 "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
                 # What is in use rides along: the core's agent view stays current with it.
                 "used": used,
+                # Which artifacts it holds: the core shows where each one is cached.
+                **({"artifacts": self.held_artifacts()} if self.held_artifacts else {}),
                 "created_at": time.time(), "expires_at": time.time() + OFFER_TTL}
 
     async def list_offers(self) -> Page:
@@ -259,6 +264,7 @@ class EdgeBackend:
                    [({}, float(self.store.last_event_seq()))]),
             *self._outbox_metrics(),
             self.supervisor.loops.metric(EDGE_LOOPS),
+            *(self.extra_metrics() if self.extra_metrics is not None else []),
         ]
 
     def _outbox_metrics(self) -> list[Metric]:

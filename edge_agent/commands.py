@@ -30,7 +30,15 @@ class CommandApplier:
             return self._kill(command)
         if isinstance(command, messages.Update):
             return self._update(command)
+        if isinstance(command, messages.Stage):
+            return self._stage(command)
         return self._drain(command)
+
+    def _stage(self, command: messages.Stage) -> Outcome:
+        if self.backend.stage_artifact is None:
+            return "rejected", "this agent has no artifact cache", {}
+        self.backend.stage_artifact(command.digest)
+        return "applied", f"fetching sha256:{command.digest}", {}
 
     def _launch(self, command: messages.Launch) -> Outcome:
         try:

@@ -29,6 +29,9 @@ class AgentConfig(NodeConfig):
     ``max_tasks``: tasks not yet ended (pending to running) this agent holds at once; one more
     is refused with 409 and the agent offers nothing to the core while at the cap.
     ``join_token``: enrols the agent at the core it reaches through ``nats_url``.
+    ``artifact_cache_mb``: the most the artifact cache holds (least recently used artifacts no
+    task that has not ended uses go first); ``artifact_rate_kbps``: cap on artifact fetches
+    from the core (0: none), so a fetch leaves the link to events, heartbeats and commands.
     """
 
     listen: str = "127.0.0.1:7070"
@@ -47,6 +50,8 @@ class AgentConfig(NodeConfig):
     heartbeat_s: float = 2.0
     outbox_max: int = 200_000
     max_tasks: int = 1000
+    artifact_cache_mb: int = 2048
+    artifact_rate_kbps: int = 0
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)
@@ -81,3 +86,8 @@ class AgentConfig(NodeConfig):
             self._bad("outbox_max", self.outbox_max, "at least 1000")
         if not 1 <= self.max_tasks <= 1_000_000:
             self._bad("max_tasks", self.max_tasks, "1 to 1000000")
+        if not 1 <= self.artifact_cache_mb <= 16_777_216:
+            self._bad("artifact_cache_mb", self.artifact_cache_mb, "1 to 16777216 MB")
+        if not 0 <= self.artifact_rate_kbps <= 10_000_000:
+            self._bad("artifact_rate_kbps", self.artifact_rate_kbps,
+                      "0 (no cap) to 10000000 kB/s")

@@ -95,9 +95,12 @@ class Executor:
                "OUTPOST_TASK_ID": task_id, "OUTPOST_TASK_NAME": spec["name"]}
         if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
             raise SpawnError(f"command not found: {argv[0]}")
-        if "/" in argv[0] and not os.access(argv[0], os.X_OK):
-            raise SpawnError(f"not an executable file: {argv[0]}")
         tdir = self.task_dir(task_id)
+        # A relative path is the sandbox's (the wrapper runs the task there): an artifact's
+        # binary placed at dest "bin/app" runs as "./bin/app".
+        exe = argv[0] if argv[0].startswith("/") else str(tdir / "sandbox" / argv[0])
+        if "/" in argv[0] and not os.access(exe, os.X_OK):
+            raise SpawnError(f"not an executable file: {argv[0]}")
         self.clear_run(task_id)
         os.makedirs(tdir / "sandbox", exist_ok=True)
         try:

@@ -59,4 +59,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_by_recent ON tasks(updated_at, num);
     """,
+    # 4 (artifacts): the content-addressed cache (edge_agent/artifacts.py) and which task
+    # uses which artifact (never evicted nor deleted while a task that has not ended uses it).
+    """
+    CREATE TABLE artifacts (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        origin TEXT NOT NULL,
+        manifest BLOB,
+        last_used REAL NOT NULL
+    );
+    CREATE INDEX artifacts_by_name ON artifacts(name, version);
+    CREATE TABLE task_artifacts (
+        task_id TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (task_id, sha256)
+    ) WITHOUT ROWID;
+    CREATE INDEX task_artifacts_by_sha ON task_artifacts(sha256);
+    """,
 )

@@ -22,6 +22,7 @@ from edge_agent.faults import NO_FAULTS, Faults
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity, admit, free_capacity
+from edge_agent.staging import ArtifactRefused, ArtifactUnavailable, Stager
 from edge_agent.store import Store
 from federation.errors import Conflict, Invalid
 from federation.loopguard import LoopGuard
@@ -69,6 +70,8 @@ class Supervisor:
         self.restarts_total = 0
         self.stopping = False
         self._ticker: asyncio.Task[None] | None = None
+        self.stager: Stager | None = None  # set by the agent: fetches and places artifacts
+        self.staging: dict[str, asyncio.Task[None]] = {}
         executor.on_exit = self._on_exit
         executor.on_started = self._started
 
@@ -161,6 +164,9 @@ class Supervisor:
         if task_id in self.pending or task_id not in self.executor.running:
             self.pending.pop(task_id, None)
             self.reserved.pop(task_id, None)
+            staging = self.staging.pop(task_id, None)
+            if staging is not None:
+                staging.cancel()
             row = self._must(lambda: self.store.update_task(
                 task_id, state="killed", want="kill", reason="killed on request",
                 not_before=None, finished_at=time.time()))
@@ -257,11 +263,20 @@ class Supervisor:
             self.pending.setdefault(task_id, entry)
 
         self.executor.clear_run(task_id)  # a restart: the last run's files must not be read
-        self.store.update_task(task_id, state="staging", reason=None, not_before=None)
-        self.store.after_commit(lambda: self._launch(task_id), undo=undo)
+        spec = json.loads(self.store.row(task_id)["spec"])
+        uses = spec.get("artifacts")
+        if uses and self.stager is not None:
+            sandbox = self.executor.task_dir(task_id) / "sandbox"
+            with contextlib.suppress(OSError):  # then staged the long way, with retries
+                if self.stager.place_cached(task_id, uses, sandbox):
+                    uses = None
+        self.store.update_task(task_id, state="staging", not_before=None,
+                               reason="staging artifacts" if uses else None)
+        stage = bool(uses)
+        self.store.after_commit(lambda: self._launch(task_id, stage), undo=undo)
 
-    def _launch(self, task_id: str) -> None:
-        """Spawn a committed ``staging`` task (unless a kill or a stop came first)."""
+    def _launch(self, task_id: str, stage: bool) -> None:
+        """Stage or spawn a committed ``staging`` task (unless a kill or a stop came first)."""
         row = self.store.row(task_id)
         if row["state"] != "staging" or task_id in self.executor.running or self.stopping:
             if row["state"] != "staging":
@@ -273,6 +288,54 @@ class Supervisor:
                                    finished_at=time.time())
             return
         spec = json.loads(row["spec"])
+        if stage:
+            job = asyncio.create_task(self._stage(task_id, spec), name=f"stage-{task_id}")
+            self.staging[task_id] = job
+            self.background.add(job)
+            job.add_done_callback(self.background.discard)
+            job.add_done_callback(lambda _: self.staging.pop(task_id, None))
+            return
+        self._spawn(task_id, spec)
+
+    def _still_staging(self, task_id: str) -> bool:
+        row = self.store.row(task_id)
+        return row["state"] == "staging" and row["want"] != "kill" and not self.stopping
+
+    async def _stage(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Fetch and place the task's artifacts, then start it; not available yet: stay
+        ``staging`` with the reason and try again (1 s doubling to 30 s); refused: failed."""
+        delay = 1.0
+        last_reason: list[str] = [""]
+
+        def progress(text: str) -> None:
+            if text != last_reason[0] and self._still_staging(task_id):
+                last_reason[0] = text
+                self.store.update_task(task_id, reason=text)
+
+        sandbox = self.executor.task_dir(task_id) / "sandbox"
+        while True:
+            try:
+                if self.stager is None:
+                    raise ArtifactRefused("this agent has no artifact cache")
+                await self.stager.place(task_id, spec["artifacts"], sandbox, progress)
+                break
+            except ArtifactRefused as exc:
+                if self._still_staging(task_id):
+                    self.reserved.pop(task_id, None)
+                    log.warning("task refused its artifact: %s", exc, extra={"task": task_id})
+                    self._ended(task_id, None, f"artifact refused: {exc}", failed=True)
+                    self.schedule()
+                return
+            except (ArtifactUnavailable, OSError) as exc:
+                if not self._still_staging(task_id):
+                    return
+                progress(f"waiting for artifact: {exc}; retrying in {delay:g}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if self._still_staging(task_id):
+            self._spawn(task_id, spec)
+
+    def _spawn(self, task_id: str, spec: dict[str, Any]) -> None:
         try:
             run = self.executor.spawn(task_id, spec)
         except SpawnError as exc:
@@ -510,7 +573,9 @@ class Supervisor:
                 start = process_start_ticks(pid)
             if (row["state"] == "staging" and pid is None and row["want"] != "kill"
                     and not self.executor.ever_spawned(task_id)):
-                # Admitted and committed, but the agent stopped before the spawn: start it now.
+                # Admitted and committed, but the agent stopped before the spawn (or while
+                # fetching its artifacts): start it now (staging again from the cache, or
+                # resuming the fetch); nothing was started.
                 self.store.update_task(task_id, state="pending", reason="starting again: the "
                                        "agent stopped before this task was started")
                 self.pending[task_id] = _Pending(spec["resources"], 0.0, None)

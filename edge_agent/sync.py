@@ -465,7 +465,8 @@ class Sync:
     def _offer_if_changed(self) -> None:
         """Queue an ``offer`` event when what the agent can take has changed."""
         offer = self.offer()
-        key = None if offer is None else (offer["cpus"], offer["mem_mb"], offer["disk_mb"])
+        key = None if offer is None else (offer["cpus"], offer["mem_mb"], offer["disk_mb"],
+                                          tuple(offer.get("artifacts") or ()))
         now = time.monotonic()
         if key != self._last_offer or now - self._last_offer_at > OFFER_REFRESH_S:
             self._last_offer, self._last_offer_at = key, now

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from federation import schemas, strictjson
+from federation import artifacts, schemas, strictjson
 from federation.auth import TokenAuth, digest, role_allows
 from federation.backend import TASK_ORDERS, Backend, TaskQuery
 from federation.errors import (
@@ -75,6 +75,7 @@ class Route:
     response: dict[str, Any] | None = None
     params: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # (name, in, JSON Schema)
     stream: str | None = None  # media type of a streamed response
+    upload: str | None = None  # media type of a streamed request body (an artifact's bytes)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -489,6 +490,28 @@ ROUTES: tuple[Route, ...] = (
           "Server-sent events; resume with Last-Event-ID", stream="text/event-stream",
           params=(("after", "query", {"type": "integer", "minimum": 0}),
                   ("Last-Event-ID", "header", {"type": "integer", "minimum": 0}))),
+    Route("POST", "/v1/artifacts", artifacts.upload, "operator",
+          "Upload an artifact (the body is the file, streamed; name, version and labels in "
+          "the query or X-Outpost-Artifact-* headers)", response=schemas.ARTIFACT,
+          params=(("name", "query", {"type": "string",
+                                     "pattern": schemas.ARTIFACT_NAME_PATTERN}),
+                  ("version", "query", {"type": "string",
+                                        "pattern": schemas.ARTIFACT_VERSION_PATTERN}),
+                  ("label", "query", {"type": "string"})),
+          upload="application/octet-stream"),
+    Route("GET", "/v1/artifacts", artifacts.list_artifacts, "viewer", "List artifacts",
+          response=schemas.page_of(schemas.ARTIFACT),
+          params=(("name", "query", {"type": "string"}), *_P_CURSOR)),
+    Route("GET", "/v1/artifacts/{digest}", artifacts.get_artifact, "viewer",
+          "One artifact (at the core: which agents hold it)", response=schemas.ARTIFACT),
+    Route("GET", "/v1/artifacts/{digest}/content", artifacts.artifact_content, "viewer",
+          "An artifact's bytes", stream="application/octet-stream"),
+    Route("DELETE", "/v1/artifacts/{digest}", artifacts.delete_artifact, "operator",
+          "Delete an artifact (409 while a task that has not ended uses it)",
+          response=schemas.ARTIFACT),
+    Route("POST", "/v1/artifacts/{digest}/stage", artifacts.stage_artifact, "operator",
+          "Fetch an artifact ahead of use on the agents a selector picks",
+          request=schemas.STAGE_SELECTOR),
     Route("GET", "/openapi.json", openapi, None, "This document"),
 )
 
@@ -585,6 +608,7 @@ def build_app(
     extra_routes: list[web.RouteDef] | None = None,
     public_paths: tuple[str, ...] = (),
     limits: ApiLimits | None = None,
+    artifact_service: artifacts.ArtifactService | None = None,
 ) -> web.Application:
     """The API app over ``backend``. ``extra_routes`` add role-specific pages (``/``);
     ``limits`` are the per-token request rate and open-stream cap (defaults: ``ApiLimits()``)."""
@@ -594,6 +618,8 @@ def build_app(
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[_errors, _auth_middleware(roles)])
     app[BACKEND] = backend
+    if artifact_service is not None:
+        app[artifacts.ARTIFACTS] = artifact_service
     app[AUTH] = auth
     app[LIMITER] = Limiter(limits or ApiLimits())
     app[STATS] = {"started": time.time()}

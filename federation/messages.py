@@ -196,12 +196,31 @@ class Drain:
     migrate: bool = _optional(False)
 
 
-Command = Launch | Kill | Update | Drain
-COMMANDS: dict[str, type[Launch] | type[Kill] | type[Update] | type[Drain]] = {
-    c.KIND: c for c in (Launch, Kill, Update, Drain)}
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Fetch artifact ``digest`` (64 hex) into the cache ahead of use."""
+
+    KIND: ClassVar[str] = "stage"
+    id: str
+    expires_at: float
+    digest: str
+
+
+Command = Launch | Kill | Update | Drain | Stage
+COMMANDS: dict[str, type[Launch] | type[Kill] | type[Update] | type[Drain] | type[Stage]] = {
+    c.KIND: c for c in (Launch, Kill, Update, Drain, Stage)}
+
+
+def _sha_hex(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(
+            c in "0123456789abcdef" for c in value):
+        return value
+    raise ValueError("a sha256 digest in 64 lowercase hex digits")
+
+
 _COMMAND_CHECKS: dict[str, Callable[[Any], Any]] = {
     "id": _ident, "expires_at": _number, "task_id": _ident, "spec": _spec,
-    "offer_id": _opt_text, "generation": _count, "migrate": _flag}
+    "offer_id": _opt_text, "generation": _count, "migrate": _flag, "digest": _sha_hex}
 
 
 def command_from_wire(kind: str, body: Any) -> Command:
@@ -244,6 +263,7 @@ class Offer:
     labels: dict[str, str] | None = _optional(None)
     created_at: float = _optional(0.0)
     used: dict[str, float] | None = _optional(None)
+    artifacts: list[str] | None = _optional(None)  # sha256 of the artifacts it holds
 
     @classmethod
     def from_wire(cls, body: Any) -> Offer:
@@ -256,7 +276,18 @@ class Offer:
 _OFFER_CHECKS: dict[str, Callable[[Any], Any]] = {
     "id": _text, "agent_id": _ident, "site": _text, "labels": _labels, "cpus": _amount,
     "mem_mb": _amount, "disk_mb": _amount, "expires_at": _number, "created_at": _number,
-    "used": _usage}
+    "used": _usage, "artifacts": lambda v: _digests(v)}
+
+
+MAX_OFFER_ARTIFACTS = 1000
+
+
+def _digests(value: Any) -> list[str]:
+    if isinstance(value, list) and len(value) <= MAX_OFFER_ARTIFACTS and all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+            for d in value):
+        return list(value)
+    raise ValueError(f"a list of at most {MAX_OFFER_ARTIFACTS} sha256 hex digests")
 
 
 def _status(value: Any) -> str:

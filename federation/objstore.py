@@ -114,6 +114,63 @@ def _meta(info: Any) -> ObjectMeta:
     return ObjectMeta.from_json(json.dumps(info.as_dict()).encode())
 
 
+class ObjectWriter:
+    """Writes one object as its bytes arrive: chunks are published while the upload is still
+    coming (one pass, never whole in memory, no spool file), with ``window`` publish acks in
+    flight instead of nats-py's one at a time; the meta message, published last by
+    ``commit``, is what makes the object exist (as with nats-py's own put). ``chunks_subject``
+    names what to purge if the upload is abandoned or turns out to be a duplicate."""
+
+    def __init__(self, js: Any, nuid: str, *, window: int = 8) -> None:
+        self.js = js
+        self.nuid = nuid
+        self.chunks_subject = chunk_subject(nuid)
+        self.window = window
+        self.size = 0
+        self.chunks = 0
+        self.digest = hashlib.sha256()
+        self._buffer = bytearray()
+        self._acks: list[asyncio.Future[Any]] = []
+
+    async def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+        self._buffer += data
+        while len(self._buffer) >= CHUNK_SIZE:
+            chunk = bytes(self._buffer[:CHUNK_SIZE])
+            del self._buffer[:CHUNK_SIZE]
+            await self._publish(chunk)
+
+    async def _publish(self, chunk: bytes) -> None:
+        if len(self._acks) >= self.window:
+            await self._acks.pop(0)
+        self._acks.append(asyncio.ensure_future(self.js.publish(self.chunks_subject, chunk)))
+        self.chunks += 1
+
+    async def commit(self, name: str) -> ObjectMeta:
+        """Publish what is left and the meta message under ``name``; returns the meta."""
+        if self._buffer:
+            await self._publish(bytes(self._buffer))
+            self._buffer.clear()
+        await asyncio.gather(*self._acks)
+        self._acks.clear()
+        info = {"name": name, "description": None, "headers": None,
+                "options": {"max_chunk_size": CHUNK_SIZE}, "bucket": BUCKET, "nuid": self.nuid,
+                "size": self.size, "chunks": self.chunks,
+                "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "digest": "SHA-256=" + base64.urlsafe_b64encode(self.digest.digest()).decode()}
+        raw = json.dumps(info).encode()
+        await self.js.publish(meta_subject(name), raw, headers={"Nats-Rollup": "sub"})
+        return ObjectMeta.from_json(raw)
+
+    async def abandon(self) -> None:
+        """Stop publishing; the caller purges ``chunks_subject`` (the hub's set-up user)."""
+        for ack in self._acks:
+            ack.cancel()
+        await asyncio.gather(*self._acks, return_exceptions=True)
+        self._acks.clear()
+
+
 async def read_meta(nc: Any, name: str, wait_s: float = REQUEST_TIMEOUT_S) -> ObjectMeta | None:
     """The object's meta by direct get of its last meta message; None if there is none."""
     reply = await nc.request(f"{DIRECT_GET}.{meta_subject(name)}", b"", timeout=wait_s)

@@ -32,8 +32,13 @@ def _operation(route: Any) -> dict[str, Any]:
     if route.request is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": route.request}}}
-    ok = "201" if route.method == "POST" and route.path in ("/v1/tasks", "/v1/services") \
-        else "202" if route.path == "/v1/services/{name}" and route.method == "DELETE" else "200"
+    if getattr(route, "upload", None):
+        op["requestBody"] = {"required": True, "content": {
+            route.upload: {"schema": {"type": "string", "format": "binary"}}}}
+    created = ("/v1/tasks", "/v1/services", "/v1/artifacts")
+    accepted = (("DELETE", "/v1/services/{name}"), ("POST", "/v1/artifacts/{digest}/stage"))
+    ok = "201" if route.method == "POST" and route.path in created \
+        else "202" if (route.method, route.path) in accepted else "200"
     if route.stream:
         op["responses"][ok] = {"description": "OK",
                                "content": {route.stream: {"schema": {"type": "string"}}}}
@@ -47,7 +52,7 @@ def _operation(route: Any) -> dict[str, Any]:
     if route.role is not None:  # only a token is limited: /v1/health never answers 429
         errors[1:1] = [401, 403]
         errors.insert(-1, 429)
-    if route.request is not None:
+    if route.request is not None or getattr(route, "upload", None):
         errors.append(408)
     if route.method in ("POST", "PUT", "PATCH", "DELETE"):
         errors.append(507)

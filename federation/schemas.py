@@ -102,6 +102,62 @@ CONSTRAINTS: dict[str, Any] = {
     },
 }
 
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ARTIFACT_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+# A path under the task's sandbox: relative, no '..', no empty or '.' parts.
+SANDBOX_PATH_PATTERN = r"^(?!/)(?!.*(^|/)\.\.?(/|$))(?!.*//)[^\x00]{1,255}$"
+ARTIFACT_USE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "an artifact to place in the sandbox before the start: by digest, or by "
+                   "name and version",
+    "properties": {
+        "digest": {"type": "string", "pattern": DIGEST_PATTERN},
+        "name": {"type": "string", "pattern": ARTIFACT_NAME_PATTERN},
+        "version": {"type": "string", "pattern": ARTIFACT_VERSION_PATTERN},
+        "dest": {"type": "string", "pattern": SANDBOX_PATH_PATTERN,
+                 "description": "file (or, with extract, directory) under the sandbox"},
+        "extract": {"type": "boolean", "default": False},
+        "mode": {"type": "string", "pattern": "^0?[0-7]{3}$", "default": "0644"},
+    },
+    "oneOf": [{"required": ["digest", "dest"], "not": {"anyOf": [
+                  {"required": ["name"]}, {"required": ["version"]}]}},
+              {"required": ["name", "version", "dest"], "not": {"required": ["digest"]}}],
+}
+
+ARTIFACT: dict[str, Any] = {
+    "type": "object",
+    "required": ["digest", "name", "version", "size"],
+    "properties": {
+        "digest": {"type": "string", "pattern": DIGEST_PATTERN},
+        "sha256": {"type": "string"},
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "size": {"type": "integer", "minimum": 0},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "created": {"type": "number"},
+        "origin": {"enum": ["edge", "core"]},
+        "signed": {"type": "boolean"},
+        "in_use_by": {"type": "array", "items": {"type": "string"},
+                      "description": "tasks that have not ended and use it (edge)"},
+        "agents": {"type": "array", "items": {"type": "object"},
+                   "description": "agents that hold it (core)"},
+    },
+}
+
+STAGE_SELECTOR: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "which agents fetch the artifact ahead of use (all given must match)",
+    "properties": {
+        "site": {"type": "string", "pattern": NAME_PATTERN},
+        "labels": _LABELS,
+        "agents": {"type": "array", "maxItems": 1000, "items": {"type": "string",
+                                                                "maxLength": 64}},
+    },
+}
+
 TASK_SPEC: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -123,6 +179,7 @@ TASK_SPEC: dict[str, Any] = {
         "constraints": CONSTRAINTS,
         "labels": _LABELS,
         "kill_timeout": {"type": "number", "minimum": 0, "maximum": 3600, "default": 10.0},
+        "artifacts": {"type": "array", "maxItems": 32, "items": ARTIFACT_USE},
     },
 }
 
@@ -432,6 +489,15 @@ def validate_task_spec(data: Any) -> dict[str, Any]:
         spec[key] = validate(key, sub, spec.get(key, {}))
     spec.setdefault("labels", {})
     spec.setdefault("health", None)
+    if spec.get("artifacts"):
+        uses = [validate("artifacts", ARTIFACT_USE, a) for a in spec["artifacts"]]
+        dests = [a["dest"].rstrip("/") for a in uses]
+        if len(set(dests)) != len(dests):
+            raise Invalid("artifacts: two artifacts with the same dest",
+                          details={"field": "artifacts"})
+        spec["artifacts"] = uses
+    else:
+        spec.pop("artifacts", None)
     if spec["health"] is not None:
         spec["health"] = validate("health", HEALTH, spec["health"])
     # No cross-field rules (the schema cannot state them, so a client could not know): checks

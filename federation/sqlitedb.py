@@ -85,6 +85,10 @@ class Database:
     def close(self) -> None:
         self._db.close()
 
+    def read(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Rows of one read query (the one writer still goes through ``transaction``)."""
+        return self._db.execute(sql, args).fetchall()
+
     def _committed(self) -> None:
         """Called after each outermost commit (the edge store wakes its event readers)."""
 

@@ -42,7 +42,7 @@ VERSION = 1
 
 EVENT_KINDS = frozenset({"task", "offer", "agent", "snapshot", "result"})
 BATCH = "batch"
-COMMAND_KINDS = frozenset({"launch", "kill", "drain", "update"})
+COMMAND_KINDS = frozenset({"launch", "kill", "drain", "update", "stage"})
 KINDS = EVENT_KINDS | {BATCH} | COMMAND_KINDS
 # What an agent may put on its events subject; the hub passes this as ``kinds``.
 EVENT_ENVELOPE_KINDS = EVENT_KINDS | {BATCH}

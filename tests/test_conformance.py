@@ -21,6 +21,7 @@ AGENT_CHECK = fastjsonschema.compile(schemas.AGENT)
 OFFER_CHECK = fastjsonschema.compile(schemas.OFFER)
 INFO_CHECK = fastjsonschema.compile(schemas.INFO)
 HISTORY_CHECK = fastjsonschema.compile(schemas.HISTORY)
+ARTIFACT_CHECK = fastjsonschema.compile(schemas.ARTIFACT)
 
 
 @pytest.fixture(params=["edge", "core"])
@@ -175,3 +176,27 @@ def test_the_cli_works_unchanged(node: Any) -> None:
                          node.token, "tasks", "ls"], capture_output=True, text=True, cwd=ROOT,
                         timeout=30)
     assert ls.returncode == 0 and "viacli" in ls.stdout
+
+
+def test_artifacts_have_the_same_shapes(node: Any) -> None:
+    data = b"#!/bin/sh\necho same api\n"
+    pushed = node.api("POST", "/v1/artifacts?name=conf&version=1&label=a=b", raw=data)
+    assert pushed.status == 201, pushed.body
+    ARTIFACT_CHECK(pushed.body)
+    digest = pushed.body["digest"]
+    page = node.api("GET", "/v1/artifacts?name=conf&limit=1")
+    assert page.status == 200 and [a["digest"] for a in page.body["items"]] == [digest]
+    ARTIFACT_CHECK(page.body["items"][0])
+    one = node.api("GET", f"/v1/artifacts/{digest}")
+    assert one.status == 200
+    ARTIFACT_CHECK(one.body)
+    assert node.api("GET", f"/v1/artifacts/{digest}/content").raw == data
+    for method, path, status in (("GET", "/v1/artifacts/sha256:zz", 400),
+                                 ("GET", "/v1/artifacts/sha256:" + "0" * 64, 404),
+                                 ("POST", "/v1/artifacts?name=conf", 422),
+                                 ("GET", "/v1/artifacts?limit=0", 400)):
+        resp = node.api(method, path, raw=b"x" if method == "POST" else None)
+        assert resp.status == status, (path, resp.body)
+        ERROR_CHECK(resp.body)
+    assert node.api("DELETE", f"/v1/artifacts/{digest}").status == 200
+    assert node.api("GET", f"/v1/artifacts/{digest}").status == 404

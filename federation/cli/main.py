@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from federation.cli import api, fleet, services, tasks
+from federation.cli import api, artifacts, fleet, services, tasks
 from federation.cli.api import (
     EXIT_API,
     EXIT_INTERRUPTED,
@@ -145,12 +145,35 @@ def _services_parser(nouns: Any, leaf: Callable[..., argparse.ArgumentParser]) -
          "revision, rollout state and why it stopped").add_argument("name")
 
 
+def _artifacts_parser(nouns: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
+    art = nouns.add_parser("artifacts", help="push, list, fetch and remove artifacts")
+    verbs = art.add_subparsers(dest="verb", required=True, metavar="{push,ls,get,rm,stage}")
+    push = leaf(verbs, "push", artifacts.artifacts_push, "upload a file; prints its digest")
+    push.add_argument("file")
+    push.add_argument("--name", required=True)
+    push.add_argument("--version", required=True)
+    push.add_argument("--label", action="append", type=_key_value, metavar="K=V")
+    leaf(verbs, "ls", artifacts.artifacts_ls, "list artifacts").add_argument("--name")
+    get = leaf(verbs, "get", artifacts.artifacts_get,
+               "show an artifact, or with -o save its content ('-o -': stdout)")
+    get.add_argument("digest", help="sha256:<hex>")
+    get.add_argument("-o", "--output", metavar="FILE")
+    leaf(verbs, "rm", artifacts.artifacts_rm, "remove an artifact (409 while a task uses it)"
+         ).add_argument("digest", help="sha256:<hex>")
+    stage = leaf(verbs, "stage", artifacts.artifacts_stage,
+                 "fetch an artifact ahead of use on the agents a selector picks")
+    stage.add_argument("digest", help="sha256:<hex>")
+    stage.add_argument("--site")
+    stage.add_argument("--label", action="append", type=_key_value, metavar="K=V")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="outpost", description="Talk to an Outpost node (edge or core).",
                 epilog="Exit status: 0 ok, 1 API error, 2 usage error, 3 node unreachable.")
     _common(p, top=True)
-    nouns = p.add_subparsers(dest="noun", metavar="{tasks,services,agents,offers,events,info}",
-                             required=True)
+    nouns = p.add_subparsers(
+        dest="noun", metavar="{tasks,services,artifacts,agents,offers,events,info}",
+        required=True)
 
     def leaf(parent: Any, name: str, func: Callable[..., int], text: str,
              **kw: Any) -> argparse.ArgumentParser:
@@ -185,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=_number(int, 0), metavar="N", help="last N lines (100)")
     logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
     _services_parser(nouns, leaf)
+    _artifacts_parser(nouns, leaf)
 
     for noun, func, text in (("agents", fleet.agents_ls, "list agents"),
                              ("offers", fleet.offers_ls, "list free resources offered by agents")):
