@@ -54,6 +54,17 @@ class SyncSettings:
 
 ENROLL_RETRY_S = (60.0, 600.0)  # a refused join token: retry after 1 min, doubling to 10
 UNREACHABLE_LOG_S = 10.0  # at most one "cannot reach NATS" line per this many seconds
+# The link watchdog: heartbeats are confirmed by a round trip (flush); none for this many
+# intervals (at least STALL_MIN_S), or unshipped events with no publish answered for
+# STALL_PUBLISH_S, while NATS says connected, and the link is rebuilt.
+STALL_INTERVALS = 3
+STALL_MIN_S = 10.0
+STALL_PUBLISH_S = 3 * PUBLISH_TIMEOUT
+CLOSE_TIMEOUT_S = 2.0  # nats.py's close drains into the socket, with no bound of its own
+
+
+class LinkStalled(Exception):  # noqa: N818 (a signal to rebuild the link)
+    """The link says connected but nothing goes through it."""
 
 
 class EnrollmentRefused(OutpostError):
@@ -94,12 +105,14 @@ class Sync:
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
+        self._beat_ok = self._publish_answered = time.monotonic()  # watchdog marks
         self.last_error: dict[str, Any] | None = None  # shown in /v1/info link
         self.nc: Any = None
         self.js: Any = None
         self.hub_key: bytes | None = None
         self.stats = {"published_events": 0, "published_batches": 0, "publish_errors": 0,
                       "commands_applied": 0, "commands_rejected": 0, "reconnects": 0,
+                      "link_rebuilds": 0,
                       "coalesced_events": 0}
         self._main: asyncio.Task[None] | None = None
         self._bound: asyncio.Task[None] | None = None
@@ -140,9 +153,14 @@ class Sync:
     async def _close(self) -> None:
         nc, self.nc, self.js = self.nc, None, None
         self.connected = False
-        if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        if nc is None:
+            return
+        try:
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 (a stalled socket: close never returns; cut it)
+            writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+            if writer is not None:
+                writer.transport.abort()
 
     async def _run(self) -> None:
         delay = 0.5
@@ -158,6 +176,9 @@ class Sync:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except LinkStalled:  # logged and counted by the watchdog; come back at once
+                await self._close()
+                continue
             except KeyRotated:  # the NATS user is the identity key: come back as the new one
                 log.info("key rotated; reconnecting with the new key",
                          extra={"agent": self.agent_id})
@@ -227,11 +248,15 @@ class Sync:
             servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
             connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
             ping_interval=3, max_outstanding_pings=2, allow_reconnect=True,
+            # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
+            # with no bound: on a stalled socket, forever (heartbeats and pings included).
+            flush_timeout=PUBLISH_TIMEOUT,
             disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
             **self._credentials(enrolling),
             **self._tls())
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
+        self._beat_ok = self._publish_answered = time.monotonic()
         log.info("connected to %s", redact_url(self.settings.nats_url),
                  extra={"agent": self.agent_id})
 
@@ -285,7 +310,8 @@ class Sync:
             await rpc.start()
         loops = [asyncio.create_task(self._publish_loop(), name="sync-publish"),
                  asyncio.create_task(self._command_loop(), name="sync-commands"),
-                 asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat")]
+                 asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat"),
+                 asyncio.create_task(self._watchdog_loop(), name="sync-watchdog")]
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -325,6 +351,8 @@ class Sync:
                                                           last)})
                      for first, last, _, data in batches]
             results = await asyncio.gather(*sends, return_exceptions=True)
+            if any(not isinstance(r, TimeoutError) for r in results):
+                self._publish_answered = time.monotonic()  # answered, even if with an error
             for (first, last, count, _), result in zip(batches, results, strict=True):
                 if isinstance(result, BaseException):
                     self.stats["publish_errors"] += 1
@@ -486,7 +514,36 @@ class Sync:
                     with contextlib.suppress(Exception):
                         await self.nc.publish(subjects.heartbeat(self.agent_id),
                                               wire.pack(beat))
+                        # A round trip: the beat really left (the watchdog's progress mark).
+                        await self.nc.flush(timeout=max(self.settings.heartbeat_s, 2.0))
+                        self._beat_ok = time.monotonic()
             await self.loops.pause("sync-heartbeat", self.settings.heartbeat_s)
+
+    async def _watchdog_loop(self) -> None:
+        """Rebuild a link that says connected but moves nothing (see ``LinkStalled``)."""
+        beat = self.settings.heartbeat_s
+        while True:
+            await asyncio.sleep(beat)
+            now = time.monotonic()
+            if not self.connected:  # nats.py is reconnecting by itself: not a stall
+                self._beat_ok = self._publish_answered = now
+                continue
+            why = self.stalled(now)
+            if why is not None:
+                self.stats["link_rebuilds"] += 1
+                log.warning("link stalled while NATS says connected (%s); rebuilding it", why,
+                            extra={"agent": self.agent_id})
+                raise LinkStalled(why)
+
+    def stalled(self, now: float) -> str | None:
+        """Why the link counts as stalled at ``now`` (monotonic), or None."""
+        quiet = now - self._beat_ok
+        if quiet > max(STALL_INTERVALS * self.settings.heartbeat_s, STALL_MIN_S):
+            return f"no heartbeat went through for {quiet:.0f} s"
+        unanswered = now - self._publish_answered
+        if unanswered > STALL_PUBLISH_S and self.store.outbox_depth()[0] > 0:
+            return f"no publish answered for {unanswered:.0f} s with events to ship"
+        return None
 
     def status(self) -> dict[str, Any]:
         depth, age = self.store.outbox_depth()

@@ -2,7 +2,9 @@
 processes (the agent keeps running; only its connection to NATS goes), unlike a SIGKILL.
 
 ``cut()`` aborts every relayed connection and stops listening, so reconnects are refused;
-``restore()`` listens again on the same port.
+``restore()`` listens again on the same port. ``freeze()`` stalls the connections relayed now
+without closing them (nothing more goes through either way, like a path that silently drops
+packets); connections made after it relay normally.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TcpProxy:
                                        daemon=True)
         self.server: asyncio.base_events.Server | None = None
         self.links: set[asyncio.StreamWriter] = set()
+        self.frozen: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -50,6 +53,9 @@ class TcpProxy:
     def cut(self) -> None:
         self._call(self._cut())
 
+    def freeze(self) -> None:
+        self._call(self._freeze())
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._call(self._shutdown())
@@ -62,6 +68,9 @@ class TcpProxy:
         if self.server is None:
             self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
 
+    async def _freeze(self) -> None:
+        self.frozen |= self.links
+
     async def _cut(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -69,6 +78,7 @@ class TcpProxy:
         for writer in list(self.links):
             writer.transport.abort()
         self.links.clear()
+        self.frozen.clear()
 
     async def _shutdown(self) -> None:
         await self._cut()
@@ -88,6 +98,8 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if dst in self.frozen or writer in self.frozen:
+                        await asyncio.Event().wait()  # stalled until the link is aborted
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -97,3 +109,4 @@ class TcpProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self.links.difference_update((writer, up_writer))
+        self.frozen.difference_update((writer, up_writer))

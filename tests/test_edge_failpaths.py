@@ -26,6 +26,7 @@ from tests.helpers import (
     pid_alive,
     wait_until,
 )
+from tests.tcp_proxy import TcpProxy
 
 
 def _clean_env() -> dict[str, str]:
@@ -293,3 +294,31 @@ def test_a_full_disk_answers_507_kills_and_keeps_exit_statuses(tmp_path: Path) -
         for pid in _wrappers(data):
             kill_group(pid)
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_a_stalled_link_is_rebuilt_and_events_arrive_once(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """The TCP path to NATS stops forwarding without closing: NATS still looks connected to
+    the agent. Its watchdog sees heartbeats make no progress, rebuilds the link, and the events
+    recorded meanwhile reach the hub exactly once."""
+    proxy = TcpProxy("127.0.0.1", nats_proc.port).start()
+    try:
+        agent = joined(start_agent, hub_proc, proxy)
+        first = agent.submit("before", ["true"])
+        converged(agent, hub_proc)
+        proxy.freeze()
+        # Large (valid) specs: their events fill the stalled socket and nats.py's 2 MB pending
+        # buffer, where a forced flush (publishes, pings) waits with no timeout.
+        big = {f"V{n}": "x" * 30000 for n in range(8)}
+        during = [agent.submit(f"during{i}", ["true"], env=big) for i in range(10)]
+        wait_until(lambda: agent.api("GET", "/v1/info").body["link"]["link_rebuilds"] >= 1,
+                   30, what="the link rebuilt")
+        converged(agent, hub_proc)
+        for task in (first, *during):
+            edge = agent.api("GET", f"/v1/tasks/{task['id']}/history").body["items"]
+            core = hub_proc.api("GET", f"/v1/tasks/{task['id']}/history").body["items"]
+            assert core == edge, (task["name"], edge, core)
+        assert "link stalled" in agent.log()
+    finally:
+        proxy.close()
