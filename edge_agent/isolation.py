@@ -115,6 +115,18 @@ class Isolation:
         return None
 
 
+def _make_cgroup(path: Path) -> None:
+    """``mkdir -p`` that survives another agent's sweep removing the (empty) parent between
+    the two mkdirs (seen here: "No such file or directory" for a task's cgroup)."""
+    for attempt in range(5):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+
+
 class CgroupV1(Isolation):
     """Controllers ``memory``, ``cpu`` (and ``pids``) as separate v1 hierarchies."""
 
@@ -132,7 +144,7 @@ class CgroupV1(Isolation):
         procs = []
         for ctrl, root in self.roots.items():
             path = root / task_id
-            path.mkdir(parents=True, exist_ok=True)  # the root too, if a sweep removed it
+            _make_cgroup(path)  # the root too, if a sweep removed it
             if ctrl == "memory":
                 (path / "memory.limit_in_bytes").write_text(
                     str(int(resources["mem_mb"]) * 1024 * 1024))
