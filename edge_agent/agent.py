@@ -14,6 +14,7 @@ from edge_agent.backend import EdgeBackend
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
 from edge_agent.isolation import choose
+from edge_agent.oci import OciDriver
 from edge_agent.scheduler import Capacity
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
@@ -67,10 +68,11 @@ class Agent:
         base_env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         executor = Executor(cfg.data_dir / "tasks", isolation, base_env, on_exit=lambda *_: None,
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
+        oci = OciDriver.detect(cfg.data_dir, executor.tasks_dir, isolation, base_env)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks)
+            max_tasks=cfg.max_tasks, oci=oci)
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,

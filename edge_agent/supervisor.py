@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.executor import Executor, SpawnError
+from edge_agent.executor import Executor, Running, SpawnError
+from edge_agent.oci import ImageError, OciDriver
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.store import Store
@@ -39,8 +41,10 @@ class Supervisor:
     """Owns every task on this agent from submission to its last exit."""
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
-                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000) -> None:
+                 stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000,
+                 oci: OciDriver | None = None) -> None:
         self.store = store
+        self.oci = oci  # the container driver, when this agent has runc
         self.executor = executor
         self.capacity = capacity
         self.boot = boot
@@ -91,6 +95,7 @@ class Supervisor:
     def submit(self, spec: dict[str, Any], origin: str = "edge",
                task_id: str | None = None) -> dict[str, Any]:
         need = spec["resources"]
+        self._check_driver(spec)
         self._check_capacity(need)
         self._check_count()
         task_id = task_id or uuid.uuid4().hex
@@ -114,6 +119,12 @@ class Supervisor:
                 f"this agent already holds {active} tasks that have not ended, its most "
                 f"(max_tasks {self.max_tasks}); kill or wait for some, or submit elsewhere",
                 details={"limit": "max_tasks", "max_tasks": self.max_tasks, "active": active})
+
+    def _check_driver(self, spec: dict[str, Any]) -> None:
+        if spec.get("driver") == "oci" and self.oci is None:
+            raise Invalid("driver: this agent has no OCI runtime (runc is not on its PATH); "
+                          "run the task with driver process or on an agent that offers oci",
+                          details={"field": "driver", "drivers": ["process"]})
 
     def _check_capacity(self, need: dict[str, Any]) -> None:
         """A task that could never fit this agent, even idle, is refused up front."""
@@ -210,12 +221,21 @@ class Supervisor:
         self.reserved[task_id] = entry.resources
         row = self.store.update_task(task_id, state="staging", reason=None, not_before=None)
         spec = json.loads(row["spec"])
+        if spec.get("driver") == "oci":
+            self._start_container(task_id, spec)
+        else:
+            self._run(task_id, spec, None)
+
+    def _run(self, task_id: str, spec: dict[str, Any],
+             launch: tuple[list[str], dict[str, str]] | None) -> None:
         try:
-            run = self.executor.spawn(task_id, spec)
+            run = self.executor.spawn(task_id, spec, launch)
         except SpawnError as exc:
             self.reserved.pop(task_id, None)
             self._ended(task_id, None, str(exc), failed=True, spawn_failed=True)
             return
+        if launch is not None:
+            self._hook_container(task_id, run)
         health = spec.get("health")
         self.store.update_task(
             task_id, state="starting" if health else "running", pid=run.pid,
@@ -223,6 +243,62 @@ class Supervisor:
             exit_code=None, healthy=None)
         if health:
             self._watch_health(task_id, spec)
+
+    # ------------------------------------------------------------ containers
+
+    def _start_container(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Run at once when the image is unpacked already; else unpack it in the background
+        (the task stays ``staging``) and run when that is done."""
+        if self.oci is None:
+            self._spawn_failed(task_id, "this agent has no OCI runtime (runc is not on PATH)")
+            return
+        image = self.oci.cached(task_id, spec)
+        if image is None:
+            self.store.update_task(task_id, reason="unpacking the image")
+            self._spawn_bg(self._stage(task_id, spec), f"stage-{task_id}")
+            return
+        self._run_container(task_id, spec, image)
+
+    async def _stage(self, task_id: str, spec: dict[str, Any]) -> None:
+        assert self.oci is not None
+        try:
+            image = await self.oci.stage(spec)
+        except (ImageError, OSError) as exc:
+            if self.store.row(task_id)["state"] == "staging":
+                self._spawn_failed(task_id, f"image: {exc}")
+                self.schedule()
+            return
+        row = self.store.row(task_id)
+        if row["state"] != "staging" or row["want"] == "kill" or self.stopping:
+            self.reserved.pop(task_id, None)  # killed (or the agent stopping) meanwhile
+            return
+        self._run_container(task_id, spec, image)
+
+    def _run_container(self, task_id: str, spec: dict[str, Any], image: Any) -> None:
+        assert self.oci is not None
+        try:
+            launch = self.oci.launch(task_id, spec, image)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._spawn_failed(task_id, f"cannot write the container bundle: {exc}")
+            return
+        self._run(task_id, spec, (launch.argv, launch.env))
+
+    def _spawn_failed(self, task_id: str, why: str) -> None:
+        self.reserved.pop(task_id, None)
+        self._ended(task_id, None, why, failed=True, spawn_failed=True)
+
+    def _hook_container(self, task_id: str, run: Running) -> None:
+        oci = self.oci
+        if oci is None:
+            return
+
+        def reaped() -> None:
+            reason = oci.finish(task_id)
+            if reason is not None:
+                self.exit_reasons.setdefault(task_id, reason)
+
+        run.on_reap = reaped
+        run.hard_kill = lambda: oci.kill_all(task_id)
 
     async def _tick_loop(self) -> None:
         last_rotate = last_prune = time.monotonic()
@@ -338,9 +414,12 @@ class Supervisor:
     async def _probe(self, task_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
         check = spec["health"]
         env = {**self.executor.base_env, **spec.get("env", {}), "OUTPOST_TASK_ID": task_id}
+        command = list(check["command"])
+        if spec.get("driver") == "oci" and self.oci is not None:
+            command, env = self.oci.exec_argv(task_id, command), dict(self.executor.base_env)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *check["command"], stdin=asyncio.subprocess.DEVNULL,
+                *command, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 cwd=self.executor.task_dir(task_id) / "sandbox", env=env)
         except OSError as exc:
@@ -379,6 +458,8 @@ class Supervisor:
                 run = self.executor.adopt(task_id, pid, start)
             if run is not None:
                 adopted += 1
+                if spec.get("driver") == "oci":
+                    self._hook_container(task_id, run)
                 self.reserved[task_id] = spec["resources"]
                 if row["pid"] != pid or row["pid_start"] != start:
                     self.store.update_task(task_id, state="running", pid=pid, pid_start=start,
@@ -391,7 +472,12 @@ class Supervisor:
             ended += 1
             rebooted = row["boot_id"] not in (None, self.boot)
             code = None if rebooted else self.executor.recorded_exit(task_id)
-            if code is not None:
+            verdict = None
+            if spec.get("driver") == "oci" and self.oci is not None:
+                verdict = self.oci.finish(task_id)  # the container left behind, deleted
+            if verdict is not None:
+                self._ended(task_id, code, verdict + " while the agent was down", failed=True)
+            elif code is not None:
                 self._ended(task_id, code, describe_exit(code) + " while the agent was down",
                             failed=code != 0)
             else:
