@@ -25,10 +25,12 @@ __all__ = ["nats_server"]
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(*args: str, name: str = "agent") -> AgentProcess:
+    def start(*args: str, name: str = "agent", env: dict[str, str] | None = None
+              ) -> AgentProcess:
         data = tmp_path / name
         data.mkdir(exist_ok=True)
-        agent = AgentProcess(data, ["--stop-tasks-on-exit", "--name", name, *args]).start()
+        agent = AgentProcess(data, ["--stop-tasks-on-exit", "--name", name, *args],
+                             env=env or {}).start()
         started.append(agent)
         return agent
 

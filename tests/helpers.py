@@ -71,6 +71,7 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     token: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # over the test's environment
 
     def start(self, timeout: float = 15.0) -> AgentProcess:
         url_file = self.data_dir / "agent.url"
@@ -78,6 +79,7 @@ class AgentProcess:
             url_file.unlink()
         log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "--data-dir", str(self.data_dir),
              "--listen", "127.0.0.1:0", *self.args],
@@ -257,10 +259,11 @@ def task_states(node: Any) -> dict[str, tuple[str, int]]:
 
 
 def joined(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: Any,
-           *args: str, name: str = "agent") -> AgentProcess:
-    """An agent started with ``args`` that has enrolled with ``hub`` and shows online there."""
+           *args: str, name: str = "agent", **kw: Any) -> AgentProcess:
+    """An agent started with ``args`` (``kw``: more for ``start_agent``, e.g. ``env``) that
+    has enrolled with ``hub`` and shows online there."""
     agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), "--heartbeat",
-                        "0.5", *args, name=name)
+                        "0.5", *args, name=name, **kw)
     info = agent.api("GET", "/v1/info").body
 
     def online() -> bool:

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import AgentProcess, pid_alive, wait_until
+from federation.natsd import NatsServer
+from tests.helpers import AgentProcess, HubProcess, joined, pid_alive, wait_until
 from tests.oci_images import Images, oci_images  # noqa: F401  (the fixture)
 
 
@@ -30,6 +33,11 @@ def runc_state(agent: AgentProcess, task_id: str) -> dict[str, Any] | None:
     done = subprocess.run(["runc", "--root", str(agent.data_dir / "runc"), "state",
                            f"outpost-{task_id}"], capture_output=True, text=True, check=False)
     return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def running_where(hub: HubProcess, name: str) -> dict[str, str]:
+    tasks = hub.api("GET", f"/v1/tasks?name={name}&state=running").body["items"]
+    return {t["id"]: t["agent_id"] for t in tasks}
 
 
 def container(agent: AgentProcess, task_id: str) -> dict[str, Any]:
@@ -168,3 +176,80 @@ def test_an_offline_reboot_brings_the_container_back_from_the_cached_rootfs(
     again = agent.wait_state(task["id"], "running", timeout=20)
     assert again["pid"] != first["pid"] and again["restarts"] == 1
     assert container(agent, task["id"])["pid"] != init["pid"], "a new container, same id"
+
+
+def path_without_runc(where: Path) -> str:
+    """A PATH holding what the task wrapper needs, and no runc."""
+    where.mkdir()
+    for tool in ("mv", "cat", "sleep", "true", "rm"):
+        found = shutil.which(tool)
+        assert found is not None
+        (where / tool).symlink_to(found)
+    return str(where)
+
+
+def test_a_container_service_spreads_over_two_sites_and_skips_an_agent_without_runc(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer, oci_images: Images, tmp_path: Path) -> None:  # noqa: F811
+    no_runc = path_without_runc(tmp_path / "bin")
+    assert shutil.which("runc", path=no_runc) is None
+    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", "--cpus", "1", name="a")
+    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", "--cpus", "1", name="b")
+    # The biggest agent, in both sites' way, but without runc: it must get no oci task.
+    bare = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", "--cpus", "8",
+                  name="bare", env={"PATH": no_runc})
+    ids = {n: x.api("GET", "/v1/info").body["agent_id"] for n, x in
+           (("a", a), ("b", b), ("bare", bare))}
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 3,
+               what="offers from all three")
+    agents = {x["id"]: x for x in hub_proc.api("GET", "/v1/agents").body["items"]}
+    assert [d["name"] for d in agents[ids["bare"]]["drivers"]] == ["process"]
+    assert "oci" in [d["name"] for d in agents[ids["a"]]["drivers"]]
+    resp = hub_proc.api("POST", "/v1/services", {
+        "name": "web", "instances": 2, "constraints": {"unique": "site"},
+        "task": {"command": ["/bin/httpd", "-f", "-p", "8080"], "driver": "oci",
+                 "image": str(oci_images.archive), "kill_timeout": 1,
+                 "resources": {"cpus": 0.1, "mem_mb": 16}}})
+    assert resp.status == 201, resp.body
+    where = wait_until(lambda: len(w := running_where(hub_proc, "web")) == 2 and w,
+                       timeout=30, what="two container instances running")
+    assert set(where.values()) == {ids["a"], ids["b"]}, "one per site, none on the bare agent"
+    for task_id, agent_id in where.items():
+        edge = a if agent_id == ids["a"] else b
+        assert container(edge, task_id)["status"] == "running"
+    # Pinned to the agent without runc, a container task waits and says why.
+    task = hub_proc.api("POST", "/v1/tasks", {
+        "name": "pinned", "command": ["/bin/true"], "driver": "oci",
+        "image": str(oci_images.archive), "constraints": {"agent": ids["bare"]}}).body
+    pending = wait_until(lambda: (t := hub_proc.api("GET", f"/v1/tasks/{task['id']}").body)
+                         ["reason"] and "oci driver" in t["reason"] and t,
+                         what="a reason naming the driver")
+    assert pending["state"] == "pending", pending
+    assert not bare.api("GET", "/v1/tasks").body["items"], "nothing reached the bare agent"
+    # Bad container options are a 422 at the core too.
+    bad = hub_proc.api("POST", "/v1/tasks", {"name": "bad", "command": ["/bin/true"],
+                                             "driver": "oci", "image": "/x",
+                                             "oci": {"network": "bridge"}})
+    assert bad.status == 422 and bad.body["error"]["details"]["field"] == "oci.network"
+
+
+def test_the_cli_runs_a_container_at_the_edge(agent: AgentProcess,
+                                              oci_images: Images) -> None:  # noqa: F811
+    cli = [sys.executable, "-m", "federation.cli", "--url", agent.url, "--token", agent.token]
+    done = subprocess.run([*cli, "tasks", "run", "web", "--image", str(oci_images.archive),
+                           "--mount", "data:/data", "--", "/bin/httpd", "-f", "-p", "8080"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.strip().split()[-1]
+    task = agent.wait_state(task_id, "running", timeout=30)
+    assert task["driver"] == "oci" and task["image"] == str(oci_images.archive)
+    assert task["oci"]["mounts"] == [{"source": "data", "destination": "/data",
+                                      "read_only": False}]
+    assert container(agent, task_id)["status"] == "running"
+    shown = subprocess.run([*cli, "tasks", "get", task_id], capture_output=True, text=True,
+                           timeout=30, check=False).stdout
+    assert "oci" in shown and str(oci_images.archive) in shown
+    wrong = subprocess.run([*cli, "tasks", "run", "x", "--network", "host", "--", "/bin/true"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert wrong.returncode != 0 and "--image" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
