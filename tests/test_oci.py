@@ -253,3 +253,46 @@ def test_the_cli_runs_a_container_at_the_edge(agent: AgentProcess,
                            capture_output=True, text=True, timeout=30, check=False)
     assert wrong.returncode != 0 and "--image" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_an_exit_code_while_the_agent_was_down_is_kept(
+        start_agent: Callable[..., AgentProcess], oci_images: Images) -> None:  # noqa: F811
+    agent = start_agent()
+    gate = agent.data_dir / "tasks"
+    task = run_oci(agent, "job", oci_images.layout,
+                   ["/bin/sh", "-c", "while [ ! -e /sandbox/go ]; do sleep 0.05; done; exit 7"])
+    agent.wait_state(task["id"], "running", timeout=20)
+    container(agent, task["id"])
+    agent.kill()
+    (gate / task["id"] / "sandbox" / "go").touch()
+    wait_until(lambda: runc_state(agent, task["id"]) is None
+               or runc_state(agent, task["id"])["status"] == "stopped",
+               what="the container to end while no agent runs")
+    agent.start()
+    done = agent.wait_state(task["id"], "failed", timeout=20)
+    assert done["exit_code"] == 7 and "while the agent was down" in done["reason"], done
+    assert runc_state(agent, task["id"]) is None, "the stopped container was deleted"
+
+
+def test_the_rootfs_cache_is_bounded_and_keeps_what_tasks_use(
+        tmp_path: Path, oci_images: Images) -> None:  # noqa: F811
+    from edge_agent.oci_image import ImageCache
+
+    refs = []
+    for n in range(3):  # three images, three manifest digests
+        layout = tmp_path / f"img{n}"
+        shutil.copytree(oci_images.layout, layout)
+        subprocess.run(["umoci", "config", "--image", f"{layout}:v1", "--config.env",
+                        f"N={n}"], check=True, capture_output=True)
+        refs.append(str(layout))
+    in_use: set[str] = set()
+    cache = ImageCache(tmp_path / "cache", lambda: in_use, max_entries=2)
+    first = cache._unpack(refs[0])
+    in_use.add(first.digest)  # a task runs the first image
+    os.utime(cache.entry(first.digest), (1, 1))  # and it is the least recently used
+    second = cache._unpack(refs[1])
+    third = cache._unpack(refs[2])
+    assert cache.evict() == [second.digest], "the oldest unused entry leaves, not the used one"
+    assert first.rootfs.is_dir() and third.rootfs.is_dir() and not second.rootfs.exists()
+    assert cache.cached(refs[1]) is None and cache.cached(refs[0]) == first
+    assert (first.rootfs / "bin" / "busybox").is_file() and cache.unpacks == 3
