@@ -96,7 +96,7 @@ def _unpack_rows(layout: Path, archive: Path, work: Path) -> list[Row]:
     for n in range(UNPACK_N):
         cache = ImageCache(work / f"cache{n}", set)
         t0 = time.perf_counter()
-        cache._unpack(str(archive))
+        cache.unpack(str(archive))
         ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         subprocess.run(["umoci", "unpack", "--image", f"{layout}:v1", str(work / f"raw{n}")],

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class OciDriver:
         self.isolation = isolation
         self.images = images
         self.base_env = base_env
+        # Tasks not ended (set by the supervisor): only their images are kept from eviction.
+        self.active: Callable[[], Iterable[str]] = lambda: ()
         state_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -98,11 +101,12 @@ class OciDriver:
     # ------------------------------------------------------------ images
 
     def digests_in_use(self) -> set[str]:
-        """Digests the bundles of this agent's tasks point at (never evicted under them)."""
+        """Digests the bundles of this agent's tasks not yet ended point at (never evicted
+        under them)."""
         found = set()
-        for marker in self.tasks_dir.glob("*/bundle/image.digest"):
+        for task_id in self.active():
             with contextlib.suppress(OSError):
-                found.add(marker.read_text().strip())
+                found.add((self.bundle(task_id) / "image.digest").read_text().strip())
         return found
 
     def cached(self, task_id: str, spec: dict[str, Any]) -> Unpacked | None:
@@ -113,7 +117,7 @@ class OciDriver:
             previous = marker.read_text().strip()
             source = self.bundle(task_id) / "image.ref"
             if source.read_text() == spec["image"]:
-                found = self.images._load(previous)
+                found = self.images.load(previous)
                 if found is not None:
                     return found
         return self.images.cached(spec["image"])

@@ -24,6 +24,7 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ class ImageCache:
         self.max_entries = max_entries
         self.unpacks = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        self._install = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
         self._sources_file = root / "sources.json"
         try:
@@ -193,9 +195,9 @@ class ImageCache:
                 digest = _pick_manifest(path)[0]
             except ImageError:
                 return None
-        return self._load(digest) if digest else None
+        return self.load(digest) if digest else None
 
-    def _load(self, digest: str) -> Unpacked | None:
+    def load(self, digest: str) -> Unpacked | None:
         entry = self.entry(digest)
         try:
             config = json.loads((entry / "config.json").read_text())
@@ -214,33 +216,40 @@ class ImageCache:
         async with lock:
             found = self.cached(ref)
             if found is None:
-                found = await asyncio.to_thread(self._unpack, ref)
+                found = await asyncio.to_thread(self.unpack, ref)
         self.evict()
         return found
 
-    def _unpack(self, ref: str) -> Unpacked:
+    def unpack(self, ref: str) -> Unpacked:
+        """Unpack ``ref`` now (blocking: tools run; ``get`` calls it off the loop)."""
         path = resolve_image(ref)
         key = self._source_key(path)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             layout = path if path.is_dir() else self._layout_of(path, Path(tmp) / "layout")
             digest, tag = _pick_manifest(layout)
-            found = self._load(digest)
+            found = self.load(digest)
             if found is None:
                 check_layers(layout, digest)
                 bundle = Path(tmp) / "bundle"
                 _run_tool(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)])
                 self.unpacks += 1
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(self.entry(digest))
-                bundle.rename(self.entry(digest))
-                found = self._load(digest)
+                # Two sources of one image (a layout and its archive) may unpack at once: the
+                # first to finish installs the entry; a running task's rootfs is never replaced.
+                with self._install:
+                    found = self.load(digest)
+                    if found is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            shutil.rmtree(self.entry(digest))  # a broken entry, no config
+                        bundle.rename(self.entry(digest))
+                        found = self.load(digest)
                 if found is None:
                     raise ImageError(f"image {ref}: umoci left no config.json")
                 log.info("image unpacked", extra={"image": ref, "digest": digest})
-        self._sources[key] = digest
-        tmp_file = self._sources_file.with_suffix(".tmp")
-        tmp_file.write_text(json.dumps(self._sources))
-        tmp_file.replace(self._sources_file)
+        with self._install:
+            self._sources[key] = digest
+            tmp_file = self._sources_file.with_suffix(".tmp")
+            tmp_file.write_text(json.dumps(self._sources))
+            tmp_file.replace(self._sources_file)
         return found
 
     def _layout_of(self, archive: Path, dest: Path) -> Path:

@@ -62,6 +62,8 @@ class Supervisor:
         self._ticker: asyncio.Task[None] | None = None
         executor.on_exit = self._on_exit
         executor.on_started = store.set_pid_start
+        if oci is not None:
+            oci.active = lambda: [*self.reserved, *self.pending]
 
     # ------------------------------------------------------------ lifecycle
 

@@ -287,12 +287,26 @@ def test_the_rootfs_cache_is_bounded_and_keeps_what_tasks_use(
         refs.append(str(layout))
     in_use: set[str] = set()
     cache = ImageCache(tmp_path / "cache", lambda: in_use, max_entries=2)
-    first = cache._unpack(refs[0])
+    first = cache.unpack(refs[0])
     in_use.add(first.digest)  # a task runs the first image
     os.utime(cache.entry(first.digest), (1, 1))  # and it is the least recently used
-    second = cache._unpack(refs[1])
-    third = cache._unpack(refs[2])
+    second = cache.unpack(refs[1])
+    third = cache.unpack(refs[2])
     assert cache.evict() == [second.digest], "the oldest unused entry leaves, not the used one"
     assert first.rootfs.is_dir() and third.rootfs.is_dir() and not second.rootfs.exists()
     assert cache.cached(refs[1]) is None and cache.cached(refs[0]) == first
     assert (first.rootfs / "bin" / "busybox").is_file() and cache.unpacks == 3
+
+
+def test_a_writable_root_is_the_tasks_own_copy(agent: AgentProcess,
+                                               oci_images: Images) -> None:  # noqa: F811
+    task = run_oci(agent, "rw", oci_images.layout,
+                   ["/bin/sh", "-c", "echo changed > /etc/motd && cat /etc/motd"],
+                   oci={"read_only_root": False})
+    agent.wait_state(task["id"], "finished", timeout=20)
+    assert logs(agent, task["id"]) == "changed\n"
+    shared = next((agent.data_dir / "images").glob("sha256-*")) / "rootfs" / "etc" / "motd"
+    assert shared.read_text() == "hello from the image\n", "the cached rootfs is untouched"
+    ro = run_oci(agent, "ro", oci_images.layout, ["/bin/cat", "/etc/motd"])
+    agent.wait_state(ro["id"], "finished", timeout=20)
+    assert logs(agent, ro["id"]) == "hello from the image\n"
