@@ -265,7 +265,9 @@ class Supervisor:
         assert self.oci is not None
         try:
             image = await self.oci.stage(spec)
-        except (ImageError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 (a task never stays staging on a surprise)
+            if not isinstance(exc, ImageError | OSError):
+                log.exception("image staging failed", extra={"task": task_id})
             if self.store.row(task_id)["state"] == "staging":
                 self._spawn_failed(task_id, f"image: {exc}")
                 self.schedule()
