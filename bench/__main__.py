@@ -12,7 +12,8 @@ from types import ModuleType
 
 from bench.common import Row, format_table, progress
 
-MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.hub", "bench.artifacts")
+MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.hub", "bench.artifacts",
+           "bench.oci")
 
 
 def _load(name: str) -> ModuleType | None:

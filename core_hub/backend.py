@@ -33,7 +33,7 @@ from federation.schemas import AGENT_STATUSES, TASK_STATES, TERMINAL_STATES
 log = logging.getLogger(__name__)
 
 PUBLIC_AGENT_FIELDS = ("id", "name", "site", "labels", "resources", "used", "status", "version",
-                       "isolation", "last_seen", "outbox", "enrolled_at", "revoked",
+                       "isolation", "drivers", "last_seen", "outbox", "enrolled_at", "revoked",
                        "revoked_at")
 
 

@@ -642,7 +642,17 @@ def _agent_fields(body: dict[str, Any]) -> dict[str, Any]:
     if fields.get("status", AGENT_STATUSES[0]) not in _AGENT_SAYS:
         del fields["status"]
     fields.update({k: body[k] for k in AGENT_JSON_FIELDS if isinstance(body.get(k), dict)})
+    if _is_drivers(body.get("drivers")):
+        fields["drivers"] = body["drivers"]
     return fields
+
+
+def _is_drivers(value: Any) -> bool:
+    """The agent record's ``drivers``: a few maps of short texts (name, runtime, version)."""
+    return isinstance(value, list) and len(value) <= 16 and all(
+        isinstance(d, dict) and len(d) <= 8 and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 32 and len(v) <= 128
+            for k, v in d.items()) for d in value)
 
 
 def _exceeds(claimed: Any, enrolled: dict[str, Any]) -> bool:

@@ -232,4 +232,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_by_recent ON tasks(updated_at, id);
     """,
+    # 14 (containers, issue 15): the task drivers an agent runs (with the runtime's version),
+    # as its record says them; placement reads them from offers.
+    """
+    ALTER TABLE agents ADD COLUMN drivers TEXT NOT NULL DEFAULT '[]';
+    """,
 )

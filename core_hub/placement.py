@@ -57,6 +57,8 @@ DEFAULT_MEM_MB = 32
 DEFAULT_DISK_MB = 0
 LABEL_OPS = frozenset({"eq", "in", "not_in", "exists"})
 _MICRO = 1_000_000
+PROCESS = "process"
+PROCESS_ONLY = frozenset({PROCESS})
 
 
 def _micro(cpus: float) -> int:
@@ -72,6 +74,7 @@ class Offer:
     ``expires_at``: epoch seconds after which the offer is not used.
     ``status``: the agent's liveness status; only ``online`` agents get tasks.
     ``offer_id``: the edge's id for the offer, echoed in the ``launch`` command (None if absent).
+    ``drivers``: the task drivers the agent runs (an offer without them: processes only).
     """
 
     agent_id: str
@@ -83,6 +86,7 @@ class Offer:
     expires_at: float
     status: str = ONLINE
     offer_id: str | None = None
+    drivers: frozenset[str] = PROCESS_ONLY
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, status: str = ONLINE) -> Offer:
@@ -91,7 +95,8 @@ class Offer:
                    labels=dict(body.get("labels") or {}), cpus=float(body["cpus"]),
                    mem_mb=int(body["mem_mb"]), disk_mb=int(body.get("disk_mb", 0)),
                    expires_at=float(body["expires_at"]), status=status,
-                   offer_id=body.get("id"))
+                   offer_id=body.get("id"),
+                   drivers=frozenset(body.get("drivers") or PROCESS_ONLY))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,7 @@ class _Agent:
     """One agent's offer plus what the hub reserved on it; ``free_*`` = offer - reserved."""
 
     __slots__ = ("agent_id", "site", "labels", "status", "expires_at", "offer", "cap_c", "cap_m",
-                 "cap_d", "free_c", "free_m", "free_d", "tasks")
+                 "cap_d", "free_c", "free_m", "free_d", "tasks", "drivers")
 
     def __init__(self, offer: Offer) -> None:
         self.agent_id = offer.agent_id
@@ -159,6 +164,7 @@ class _Agent:
         self.labels = offer.labels
         self.status = offer.status
         self.expires_at = offer.expires_at
+        self.drivers = offer.drivers
         self.cap_c, self.cap_m, self.cap_d = _micro(offer.cpus), offer.mem_mb, offer.disk_mb
         self.free_c = self.cap_c - sum(r.c for r in self.tasks.values())
         self.free_m = self.cap_m - sum(r.m for r in self.tasks.values())
@@ -169,7 +175,8 @@ class _Need:
     """A task spec and its context, parsed once per ``place`` call."""
 
     __slots__ = ("c", "m", "d", "site", "agent", "sels", "not_in", "unique", "binpack",
-                 "service", "site_counts", "existing_agents", "exclude", "ex_agents", "ex_sites")
+                 "service", "site_counts", "existing_agents", "exclude", "ex_agents", "ex_sites",
+                 "driver")
 
     def __init__(self, spec: Mapping[str, Any], existing: Iterable[tuple[str, str]],
                  exclude: Collection[str], service: str | None) -> None:
@@ -178,6 +185,9 @@ class _Need:
         self.c = max(1, _micro(res.get("cpus", DEFAULT_CPUS)))
         self.m = int(res.get("mem_mb", DEFAULT_MEM_MB))
         self.d = int(res.get("disk_mb", DEFAULT_DISK_MB))
+        # None for processes (every agent runs them); else the driver an agent must offer.
+        driver = str(spec.get("driver") or PROCESS)
+        self.driver: str | None = None if driver == PROCESS else driver
         self.site: str | None = con.get("site")
         self.agent: str | None = con.get("agent")
         sels = []
@@ -407,7 +417,7 @@ class Placer:
         """The best eligible agent among ``agents`` and ``best`` (the score of the strategy)."""
         c, m, d = need.c, need.m, need.d
         ex_agents, ex_sites, not_in = need.ex_agents, need.ex_sites, need.not_in
-        binpack = need.binpack
+        binpack, driver = need.binpack, need.driver
         if best is None:
             best_h, best_id = (float("inf") if binpack else -1.0), ""
         else:
@@ -421,6 +431,8 @@ class Placer:
             if aid in ex_agents or (ex_sites and a.site in ex_sites):
                 continue
             if not_in and any(a.labels.get(k) in vs for k, vs in not_in):
+                continue
+            if driver is not None and driver not in a.drivers:
                 continue
             h = a.free_c / c
             if m > 0 and a.free_m / m < h:
@@ -544,6 +556,17 @@ class Placer:
             pool = matching
             passed.append(_describe(key, op, values))
 
+        if need.driver is not None:
+            able = [a for a in pool if need.driver in a.drivers]
+            if not able:
+                if one is not None:
+                    return (f"agent {one} does not offer the {need.driver} driver (it runs "
+                            f"{', '.join(sorted(pool[0].drivers))})")
+                which = " matching the labels" if need.sels else ""
+                return (f"no online agent{where}{which} offers the {need.driver} driver "
+                        f"({len(pool)} run only {', '.join(sorted(_drivers(pool)))})")
+            pool = able
+
         if need.unique == "agent":
             left = [a for a in pool if a.agent_id not in need.existing_agents]
             if not left:
@@ -590,6 +613,10 @@ class Placer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _drivers(pool: Iterable[_Agent]) -> set[str]:
+    return set().union(*(a.drivers for a in pool))
+
+
 def _matches(labels: Mapping[str, str], key: str, op: str, values: tuple[str, ...]) -> bool:
     if op == "exists":
         return key in labels

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 STREAM_SEQ = "stream_seq"
 # Fields of an ``agent`` event the hub keeps, and how each is stored.
 AGENT_TEXT_FIELDS = ("name", "site", "status", "version", "isolation")
-AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox")
+AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox", "drivers")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 # Nesting orjson.dumps writes (it refuses 255 levels): a stored task body is never deeper.
 _MAX_DEPTH = 254

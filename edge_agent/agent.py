@@ -17,6 +17,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
 from edge_agent.faults import Faults
 from edge_agent.isolation import choose
+from edge_agent.oci import OciDriver
 from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity
 from edge_agent.staging import Stager
@@ -96,7 +97,8 @@ class Agent:
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
             stop_tasks_on_exit=cfg.stop_tasks_on_exit, events_keep=cfg.events_keep,
-            max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve)
+            max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve,
+            oci=OciDriver.detect(cfg.data_dir, executor.tasks_dir, isolation, base_env))
         self.artifacts = self._artifacts(store)
         supervisor.stager = self.artifacts.stager
         await supervisor.start()

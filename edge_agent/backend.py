@@ -75,9 +75,17 @@ class EdgeBackend:
     def draining(self) -> bool:
         return self.store.get_meta("draining") == "1"
 
+    def drivers(self) -> list[dict[str, str]]:
+        """The task drivers this agent runs: processes always, containers when runc is here."""
+        found = [{"name": "process", "version": __version__}]
+        if self.supervisor.oci is not None:
+            found.append(self.supervisor.oci.describe())
+        return found
+
     async def info(self) -> dict[str, Any]:
         return {"role": "edge", "version": __version__, "agent_id": self.agent_id,
                 "name": self.name, "site": self.site, "isolation": self.isolation,
+                "drivers": self.drivers(),
                 "labels": self.labels, "started_at": self.started, "link": self.link_status()}
 
     async def health(self) -> dict[str, Any]:
@@ -155,6 +163,7 @@ class EdgeBackend:
             "used": self._in_use(self.supervisor.free()),
             "status": "draining" if self.draining else "online",
             "version": __version__, "isolation": self.isolation, "last_seen": time.time(),
+            "drivers": self.drivers(),
         }
 
     async def list_agents(self, limit: int, cursor: str | None) -> Page:
@@ -200,7 +209,7 @@ class EdgeBackend:
                 "site": self.site, "labels": self.labels, "cpus": round(max(free.cpus, 0), 6),
                 "mem_mb": max(free.mem_mb, 0), "disk_mb": max(free.disk_mb, 0),
                 # What is in use rides along: the core's agent view stays current with it.
-                "used": used,
+                "used": used, "drivers": [d["name"] for d in self.drivers()],
                 # Which artifacts it holds: the core shows where each one is cached.
                 **({"artifacts": self.held_artifacts()} if self.held_artifacts else {}),
                 "created_at": time.time(), "expires_at": time.time() + OFFER_TTL}

@@ -62,6 +62,10 @@ class Running:
     pidfd: int
     child: bool
     exited: asyncio.Future[int | None] = field(repr=False)
+    # Driver hooks (containers): run when the wrapper is gone, before its cgroup is released;
+    # and a SIGKILL of processes the wrapper's process group does not hold.
+    on_reap: Callable[[], None] | None = field(default=None, repr=False)
+    hard_kill: Callable[[], None] | None = field(default=None, repr=False)
 
 
 class Executor:
@@ -88,11 +92,18 @@ class Executor:
 
     # ------------------------------------------------------------ start
 
-    def spawn(self, task_id: str, spec: dict[str, Any]) -> Running:
-        """Start ``spec['command']`` now; raises ``SpawnError`` if it cannot start."""
-        argv = list(spec["command"])
-        env = {**self.base_env, **spec.get("env", {}),
-               "OUTPOST_TASK_ID": task_id, "OUTPOST_TASK_NAME": spec["name"]}
+    def spawn(self, task_id: str, spec: dict[str, Any],
+              launch: tuple[list[str], dict[str, str]] | None = None) -> Running:
+        """Start ``spec['command']`` now; raises ``SpawnError`` if it cannot start.
+
+        ``launch`` (argv, env) replaces the command for a driver (runc for a container): the
+        wrapper runs it without joining cgroups, since the runtime makes the container's."""
+        if launch is None:
+            argv = list(spec["command"])
+            env = {**self.base_env, **spec.get("env", {}),
+                   "OUTPOST_TASK_ID": task_id, "OUTPOST_TASK_NAME": spec["name"]}
+        else:
+            argv, env = list(launch[0]), dict(launch[1])
         if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
             raise SpawnError(f"command not found: {argv[0]}")
         tdir = self.task_dir(task_id)
@@ -104,10 +115,10 @@ class Executor:
         self.clear_run(task_id)
         os.makedirs(tdir / "sandbox", exist_ok=True)
         try:
-            procs = self.isolation.prepare(task_id, spec["resources"])
+            procs = [] if launch else self.isolation.prepare(task_id, spec["resources"])
         except OSError as exc:
             raise SpawnError(f"cannot set up isolation: {exc}") from None
-        as_kb = self.isolation.address_space_kb(spec["resources"])
+        as_kb = 0 if launch else self.isolation.address_space_kb(spec["resources"])
         wrapper_argv = ["sh", WRAPPER, str(tdir), str(DEFAULT_NOFILE), str(as_kb), *procs,
                         "--", *argv]
         try:  # where the wrapper writes the exit status when the disk is full by then
@@ -228,6 +239,11 @@ class Executor:
             except ChildProcessError:
                 pass
         self.running.pop(run.task_id, None)
+        if run.on_reap is not None:
+            try:
+                run.on_reap()
+            except Exception:  # a driver's clean-up must not lose the exit
+                log.exception("driver clean-up failed", extra={"task": run.task_id})
         self.isolation.release(run.task_id)
         if not run.exited.done():
             run.exited.set_result(code)
@@ -256,8 +272,12 @@ class Executor:
             return
         except TimeoutError:
             log.info("task did not stop in %.1fs; SIGKILL", grace, extra={"task": task_id})
-        self._signal(run, signal.SIGKILL)
+        # The task's cgroup first: a container (own session, own pid namespace) is not in the
+        # wrapper's process group, and once it is gone runc and the wrapper exit on their own.
         self.isolation.kill_all(task_id)
+        if run.hard_kill is not None:
+            run.hard_kill()
+        self._signal(run, signal.SIGKILL)
         await asyncio.shield(run.exited)
 
     def _signal(self, run: Running, sig: int) -> None:

@@ -114,6 +114,16 @@ class Isolation:
     def memory_usage(self, task_id: str) -> int | None:
         return None
 
+    def runtime_cgroup(self, task_id: str) -> str | None:
+        """The ``cgroupsPath`` a container runtime gives this task's container, so the
+        container's cgroup is the very one this isolation would make (usage, kill-all and
+        release then see it like any task's); None: the runtime's default."""
+        return None
+
+    def oom_killed(self, task_id: str) -> bool:
+        """Whether the kernel's OOM killer ended a process of the task's (still kept) cgroup."""
+        return False
+
 
 def _make_cgroup(path: Path) -> None:
     """``mkdir -p`` that survives another agent's sweep removing the (empty) parent between
@@ -133,6 +143,7 @@ class CgroupV1(Isolation):
     name = "cgroup-v1"
 
     def __init__(self, mounts: dict[str, Path], subdir: str) -> None:
+        self.subdir = subdir
         self.roots = {ctrl: mount / subdir for ctrl, mount in mounts.items()}
         for root in self.roots.values():
             root.mkdir(parents=True, exist_ok=True)
@@ -184,14 +195,24 @@ class CgroupV1(Isolation):
         except (KeyError, FileNotFoundError, ValueError):
             return None
 
+    def runtime_cgroup(self, task_id: str) -> str | None:
+        # Relative: runc joins it to its own cgroup in each hierarchy, the agent's (the v1
+        # controllers may sit at different paths), exactly as ``roots`` were made.
+        return f"{self.subdir}/{task_id}"
+
+    def oom_killed(self, task_id: str) -> bool:
+        return _counter(self.roots.get("memory", Path("/nonexistent")) / task_id /
+                        "memory.oom_control", "oom_kill") > 0
+
 
 class CgroupV2(Isolation):
     """One unified hierarchy; ``memory.max`` and ``cpu.max`` per task."""
 
     name = "cgroup-v2"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, base: Path = Path("/sys/fs/cgroup")) -> None:
         self.root = root
+        self.base = base
 
     def address_space_kb(self, resources: dict[str, Any]) -> int:
         return 0
@@ -243,6 +264,24 @@ class CgroupV2(Isolation):
         except (FileNotFoundError, ValueError):
             return None
 
+    def runtime_cgroup(self, task_id: str) -> str | None:
+        return "/" + str((self.root / task_id).relative_to(self.base))
+
+    def oom_killed(self, task_id: str) -> bool:
+        return _counter(self.root / task_id / "memory.events", "oom_kill") > 0
+
+
+def _counter(path: Path, key: str) -> int:
+    """``key``'s value in a flat-keyed cgroup file (``memory.events``), 0 when absent."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
 
 def _own_cgroup(controller: str | None) -> str:
     """This process's cgroup path in the v1 hierarchy of ``controller`` (or v2 when None)."""
@@ -272,7 +311,7 @@ def _try_v2(base: Path, subdir: str) -> Isolation | None:
         root = own / subdir
         root.mkdir(parents=True, exist_ok=True)
         (root / "cgroup.subtree_control").write_text("+memory +cpu")
-        return CgroupV2(root)
+        return CgroupV2(root, base)
     except OSError as exc:
         log.info("cgroup v2 at %s not usable: %s", own, exc)
         return None

@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.executor import Executor, SpawnError, process_start_ticks
+from edge_agent.executor import Executor, Running, SpawnError, process_start_ticks
 from edge_agent.faults import NO_FAULTS, Faults
+from edge_agent.oci import ImageError, OciDriver
 from edge_agent.policy import BACKOFF_RESET_AFTER, decide_restart, describe_exit
 from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity, admit, free_capacity
@@ -47,13 +49,14 @@ class Supervisor:
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, boot: str, *,
                  stop_tasks_on_exit: bool, events_keep: int, max_tasks: int = 1000,
                  faults: Faults = NO_FAULTS, loops: LoopGuard | None = None,
-                 reserve: Reserve | None = None) -> None:
+                 reserve: Reserve | None = None, oci: OciDriver | None = None) -> None:
         self.faults = faults
         self.loops = loops or LoopGuard()
         self.reserve = reserve
         # Records (exits, starts) a full disk held back, per task in order; the tick retries.
         self.unrecorded: dict[str, list[Callable[[], object]]] = {}
         self.store = store
+        self.oci = oci  # the container driver, when this agent has runc
         self.executor = executor
         self.capacity = capacity
         self.boot = boot
@@ -74,6 +77,8 @@ class Supervisor:
         self.staging: dict[str, asyncio.Task[None]] = {}
         executor.on_exit = self._on_exit
         executor.on_started = self._started
+        if oci is not None:
+            oci.active = lambda: [*self.reserved, *self.pending]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -107,6 +112,7 @@ class Supervisor:
     def submit(self, spec: dict[str, Any], origin: str = "edge",
                task_id: str | None = None) -> dict[str, Any]:
         need = spec["resources"]
+        self._check_driver(spec)
         self._check_capacity(need)
         self._check_count()
         task_id = task_id or uuid.uuid4().hex
@@ -135,6 +141,12 @@ class Supervisor:
                 f"this agent already holds {active} tasks that have not ended, its most "
                 f"(max_tasks {self.max_tasks}); kill or wait for some, or submit elsewhere",
                 details={"limit": "max_tasks", "max_tasks": self.max_tasks, "active": active})
+
+    def _check_driver(self, spec: dict[str, Any]) -> None:
+        if spec.get("driver") == "oci" and self.oci is None:
+            raise Invalid("driver: this agent has no OCI runtime (runc is not on its PATH); "
+                          "run the task with driver process or on an agent that offers oci",
+                          details={"field": "driver", "drivers": ["process"]})
 
     def _check_capacity(self, need: dict[str, Any]) -> None:
         """A task that could never fit this agent, even idle, is refused up front."""
@@ -336,14 +348,24 @@ class Supervisor:
             self._spawn(task_id, spec)
 
     def _spawn(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Start a committed task whose artifacts (if any) are in place, by its driver."""
+        if spec.get("driver") == "oci":
+            self._start_container(task_id, spec)
+        else:
+            self._run(task_id, spec, None)
+
+    def _run(self, task_id: str, spec: dict[str, Any],
+             launch: tuple[list[str], dict[str, str]] | None) -> None:
         try:
-            run = self.executor.spawn(task_id, spec)
+            run = self.executor.spawn(task_id, spec, launch)
         except SpawnError as exc:
             why = str(exc)
             self.reserved.pop(task_id, None)
             self._record(task_id, "a failed start", lambda: self._spawn_failed(task_id, why))
             return
         self.faults.after_spawn()
+        if launch is not None:
+            self._hook_container(task_id, run)
         health = spec.get("health")
         started = time.time()
         self._record(task_id, "the start", lambda: self.store.update_task(
@@ -353,9 +375,64 @@ class Supervisor:
         if health:
             self._watch_health(task_id, spec)
 
+    # ------------------------------------------------------------ containers
+
+    def _start_container(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Run at once when the image is unpacked already; else unpack it in the background
+        (the task stays ``staging``) and run when that is done."""
+        if self.oci is None:
+            self._spawn_failed(task_id, "this agent has no OCI runtime (runc is not on PATH)")
+            return
+        image = self.oci.cached(task_id, spec)
+        if image is None:
+            self.store.update_task(task_id, reason="unpacking the image")
+            self._spawn_bg(self._stage_image(task_id, spec), f"image-{task_id}")
+            return
+        self._run_container(task_id, spec, image)
+
+    async def _stage_image(self, task_id: str, spec: dict[str, Any]) -> None:
+        assert self.oci is not None
+        try:
+            image = await self.oci.stage(spec)
+        except Exception as exc:  # noqa: BLE001 (a task never stays staging on a surprise)
+            if not isinstance(exc, ImageError | OSError):
+                log.exception("image staging failed", extra={"task": task_id})
+            if self.store.row(task_id)["state"] == "staging":
+                self._spawn_failed(task_id, f"image: {exc}")
+                self.schedule()
+            return
+        row = self.store.row(task_id)
+        if row["state"] != "staging" or row["want"] == "kill" or self.stopping:
+            self.reserved.pop(task_id, None)  # killed (or the agent stopping) meanwhile
+            return
+        self._run_container(task_id, spec, image)
+
+    def _run_container(self, task_id: str, spec: dict[str, Any], image: Any) -> None:
+        assert self.oci is not None
+        try:
+            launch = self.oci.launch(task_id, spec, image)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._spawn_failed(task_id, f"cannot write the container bundle: {exc}")
+            return
+        self._run(task_id, spec, (launch.argv, launch.env))
+
     def _spawn_failed(self, task_id: str, why: str) -> None:
+        self.reserved.pop(task_id, None)
         with self.store.transaction():
             self._ended(task_id, None, why, failed=True, spawn_failed=True)
+
+    def _hook_container(self, task_id: str, run: Running) -> None:
+        oci = self.oci
+        if oci is None:
+            return
+
+        def reaped() -> None:
+            reason = oci.finish(task_id)
+            if reason is not None:
+                self.exit_reasons.setdefault(task_id, reason)
+
+        run.on_reap = reaped
+        run.hard_kill = lambda: oci.kill_all(task_id)
 
     async def _tick_loop(self) -> None:
         last_rotate = last_prune = time.monotonic()
@@ -533,9 +610,12 @@ class Supervisor:
     async def _probe(self, task_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
         check = spec["health"]
         env = {**self.executor.base_env, **spec.get("env", {}), "OUTPOST_TASK_ID": task_id}
+        command = list(check["command"])
+        if spec.get("driver") == "oci" and self.oci is not None:
+            command, env = self.oci.exec_argv(task_id, command), dict(self.executor.base_env)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *check["command"], stdin=asyncio.subprocess.DEVNULL,
+                *command, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 cwd=self.executor.task_dir(task_id) / "sandbox", env=env)
         except OSError as exc:
@@ -585,6 +665,8 @@ class Supervisor:
                 run = self.executor.adopt(task_id, pid, start)
             if run is not None:
                 adopted += 1
+                if spec.get("driver") == "oci":
+                    self._hook_container(task_id, run)
                 self.reserved[task_id] = spec["resources"]
                 if row["pid"] != pid or row["pid_start"] != start or row["state"] == "staging":
                     state = "starting" if spec.get("health") else "running"
@@ -598,7 +680,12 @@ class Supervisor:
             ended += 1
             rebooted = row["boot_id"] not in (None, self.boot)
             code = None if rebooted else self.executor.recorded_exit(task_id)
-            if code is not None:
+            verdict = None
+            if spec.get("driver") == "oci" and self.oci is not None:
+                verdict = self.oci.finish(task_id)  # the container left behind, deleted
+            if verdict is not None:
+                self._ended(task_id, code, verdict + " while the agent was down", failed=True)
+            elif code is not None:
                 self._ended(task_id, code, describe_exit(code) + " while the agent was down",
                             failed=code != 0)
             else:

@@ -106,6 +106,13 @@ def _labels(value: Any) -> dict[str, str]:
     raise ValueError("a map of short texts")
 
 
+def _names(value: Any) -> list[str]:
+    if isinstance(value, list) and len(value) <= 16 and all(
+            isinstance(v, str) and 0 < len(v) <= 32 for v in value):
+        return list(value)
+    raise ValueError("a list of short names")
+
+
 def _usage(value: Any) -> dict[str, float]:
     if isinstance(value, dict) and set(value) <= {"cpus", "mem_mb", "disk_mb"}:
         return {k: _amount(v) for k, v in value.items()}
@@ -250,8 +257,9 @@ def command_to_wire(command: Command) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class Offer:
     """What an agent has free now (``cpus``, ``mem_mb``, ``disk_mb``), its ``labels`` and
-    ``site`` as it says them, what it ``used``, and until when the offer holds. Only the
-    amounts and the expiry are required (the hub names the agent by the envelope's sender)."""
+    ``site`` as it says them, what it ``used``, the task ``drivers`` it runs (absent: only
+    processes), and until when the offer holds. Only the amounts and the expiry are required
+    (the hub names the agent by the envelope's sender)."""
 
     cpus: float
     mem_mb: float
@@ -264,6 +272,7 @@ class Offer:
     created_at: float = _optional(0.0)
     used: dict[str, float] | None = _optional(None)
     artifacts: list[str] | None = _optional(None)  # sha256 of the artifacts it holds
+    drivers: list[str] | None = _optional(None)
 
     @classmethod
     def from_wire(cls, body: Any) -> Offer:
@@ -276,7 +285,7 @@ class Offer:
 _OFFER_CHECKS: dict[str, Callable[[Any], Any]] = {
     "id": _text, "agent_id": _ident, "site": _text, "labels": _labels, "cpus": _amount,
     "mem_mb": _amount, "disk_mb": _amount, "expires_at": _number, "created_at": _number,
-    "used": _usage, "artifacts": lambda v: _digests(v)}
+    "used": _usage, "artifacts": lambda v: _digests(v), "drivers": _names}
 
 
 MAX_OFFER_ARTIFACTS = 1000

@@ -158,6 +158,39 @@ STAGE_SELECTOR: dict[str, Any] = {
     },
 }
 
+DRIVERS = ["process", "oci"]
+# A path inside a container (absolute, no ``..``).
+CONTAINER_PATH_PATTERN = r"^/(?!(.*/)?\.\.(/|$))[A-Za-z0-9._/-]{1,255}$"
+# Where a sandbox mount may not go: the container's own kernel views and its root.
+RESERVED_MOUNT_POINTS = ("/", "/proc", "/sys", "/dev", "/sandbox")
+
+OCI_OPTIONS: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "container options (driver oci)",
+    "properties": {
+        "network": {"enum": ["none", "host"], "default": "none",
+                    "description": "none: a network namespace of its own with loopback only"},
+        "user": {"type": ["string", "null"], "pattern": r"^[0-9]{1,10}(:[0-9]{1,10})?$",
+                 "default": None, "description": "UID[:GID] inside the container (numeric)"},
+        "read_only_root": {"type": "boolean", "default": True},
+        "mounts": {
+            "type": "array", "maxItems": 32, "default": [],
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["source", "destination"],
+                "properties": {
+                    "source": {"type": "string", "pattern": SANDBOX_PATH_PATTERN,
+                               "description": "a directory of the task's sandbox"},
+                    "destination": {"type": "string", "pattern": CONTAINER_PATH_PATTERN},
+                    "read_only": {"type": "boolean", "default": False},
+                },
+            },
+        },
+    },
+}
+
 TASK_SPEC: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -180,6 +213,13 @@ TASK_SPEC: dict[str, Any] = {
         "labels": _LABELS,
         "kill_timeout": {"type": "number", "minimum": 0, "maximum": 3600, "default": 10.0},
         "artifacts": {"type": "array", "maxItems": 32, "items": ARTIFACT_USE},
+        "driver": {"enum": DRIVERS, "default": "process",
+                   "description": "process: a command in cgroups; oci: a container (runc)"},
+        "image": {"type": ["string", "null"], "minLength": 1, "maxLength": 4096,
+                  "pattern": NO_NUL_PATTERN, "default": None,
+                  "description": "driver oci: the OCI image (layout, oci-archive or "
+                                 "docker-save tarball)"},
+        "oci": {**OCI_OPTIONS, "type": ["object", "null"], "default": None},
     },
 }
 
@@ -250,6 +290,7 @@ AGENT: dict[str, Any] = {
         "status": {"enum": AGENT_STATUSES},
         "version": {"type": "string"},
         "isolation": {"type": "string"},
+        "drivers": {"type": "array", "items": {"type": "object"}},
         "last_seen": {"type": ["number", "null"]},
         "revoked": {"type": "boolean"},
         "revoked_at": {"type": ["number", "null"]},
@@ -281,6 +322,7 @@ OFFER: dict[str, Any] = {
         "mem_mb": {"type": "integer"},
         "disk_mb": {"type": "integer"},
         "used": USAGE,
+        "drivers": {"type": "array", "items": {"type": "string"}},
         "expires_at": {"type": "number"},
     },
 }
@@ -295,6 +337,8 @@ INFO: dict[str, Any] = {
         "name": {"type": "string"},
         "site": {"type": "string"},
         "isolation": {"type": "string"},
+        "drivers": {"type": "array", "items": {"type": "object"},
+                    "description": "task drivers this node runs, with the runtime's version"},
     },
 }
 
@@ -500,7 +544,36 @@ def validate_task_spec(data: Any) -> dict[str, Any]:
         spec.pop("artifacts", None)
     if spec["health"] is not None:
         spec["health"] = validate("health", HEALTH, spec["health"])
+    _check_driver(spec)
     # No cross-field rules (the schema cannot state them, so a client could not know): checks
     # run one after another, so a timeout longer than the interval only spaces them out, and
     # a max_backoff below backoff means the backoff never grows (see edge_agent.policy).
     return spec
+
+
+def _check_driver(spec: dict[str, Any]) -> None:
+    """``image`` and ``oci`` belong to driver oci, which needs an image: said plainly."""
+    if spec.get("driver", "process") != "oci":
+        for key in ("image", "oci"):
+            if spec.get(key) is not None:
+                raise Invalid(f"{key}: only for driver oci (this task's driver is "
+                              f"{spec.get('driver', 'process')})",
+                              details={"field": key, "rule": "driver"})
+        return
+    if spec.get("image") is None:
+        raise Invalid("image is required with driver oci",
+                      details={"field": "image", "rule": "required"})
+    spec["oci"] = validate("oci", OCI_OPTIONS, spec.get("oci") or {})
+    seen: set[str] = set()
+    for n, mount in enumerate(spec["oci"]["mounts"]):
+        dest = mount["destination"].rstrip("/") or "/"
+        field = f"oci.mounts.{n}.destination"
+        if any(dest == r or dest.startswith(r.rstrip("/") + "/") for r in RESERVED_MOUNT_POINTS
+               if r != "/") or dest == "/":
+            raise Invalid(f"{field}: {dest} is reserved (the root, /proc, /sys, /dev and "
+                          "/sandbox are the container's own)",
+                          details={"field": field, "rule": "reserved"})
+        if dest in seen:
+            raise Invalid(f"{field}: {dest} is mounted twice",
+                          details={"field": field, "rule": "unique"})
+        seen.add(dest)

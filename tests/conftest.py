@@ -6,7 +6,9 @@ Every agent started by a test is stopped (and its tasks killed) when the test en
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,12 +41,18 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
 
 def _kill_leftover_tasks(data_dir: Path) -> None:
-    """Tests that SIGKILL an agent leave its tasks running on purpose; end them here."""
+    """Tests that SIGKILL an agent leave its tasks running on purpose; end them here (and
+    containers, which live outside the wrapper's process group)."""
     for pid_file in (data_dir / "tasks").glob("*/run.pid"):
         try:
             kill_group(int(pid_file.read_text()))
         except ValueError:
             pass
+    runc_root = data_dir / "runc"
+    if runc_root.is_dir() and shutil.which("runc"):
+        for container in runc_root.iterdir():
+            subprocess.run(["runc", "--root", str(runc_root), "delete", "--force",
+                            container.name], capture_output=True, check=False, timeout=30)
 
 
 @pytest.fixture

@@ -267,10 +267,11 @@ def task_states(node: Any) -> dict[str, tuple[str, int]]:
 
 
 def joined(start_agent: Callable[..., AgentProcess], hub: HubProcess, nats: Any,
-           *args: str, name: str = "agent", env: dict[str, str] | None = None) -> AgentProcess:
-    """An agent started with ``args`` that has enrolled with ``hub`` and shows online there."""
+           *args: str, name: str = "agent", **kw: Any) -> AgentProcess:
+    """An agent started with ``args`` (``kw``: more for ``start_agent``, e.g. ``env``) that
+    has enrolled with ``hub`` and shows online there."""
     agent = start_agent("--nats", nats.url, "--join-token", hub.join_token(), "--heartbeat",
-                        "0.5", *args, name=name, env=env)
+                        "0.5", *args, name=name, **kw)
     info = agent.api("GET", "/v1/info").body
 
     def online() -> bool:

@@ -85,6 +85,16 @@ def _selector(text: str) -> dict[str, Any]:
     return {"key": key, "op": op, "values": values}
 
 
+def _mount(text: str) -> dict[str, Any]:
+    """``SRC:DST[:ro]``: SRC inside the task's sandbox, DST inside the container."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (
+            len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SRC:DST or SRC:DST:ro")
+    return {"source": parts[0], "destination": parts[1],
+            "read_only": len(parts) == 3 and parts[2] == "ro"}
+
+
 def _task_options(p: argparse.ArgumentParser) -> None:
     """What an instance runs with: ``tasks run``, ``services run`` and ``services update``."""
     p.add_argument("--cpus", type=_number(float, 0, strict=True))
@@ -96,6 +106,17 @@ def _task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", type=_key_value, action="append", default=[], metavar="K=V")
     p.add_argument("--kill-timeout", type=_number(float, 0), metavar="S",
                    help="seconds between SIGTERM and SIGKILL")
+    box = p.add_argument_group("containers (driver oci)")
+    box.add_argument("--image", metavar="IMAGE",
+                     help="run in a container of this OCI image (layout, oci-archive or "
+                     "docker-save tarball)")
+    box.add_argument("--network", choices=["none", "host"],
+                     help="the container's network (default none: loopback only)")
+    box.add_argument("--user", metavar="UID[:GID]", help="who runs inside the container")
+    box.add_argument("--writable-root", action="store_true", default=None,
+                     help="a writable copy of the image's root (default read-only)")
+    box.add_argument("--mount", type=_mount, action="append", default=[],
+                     metavar="SRC:DST[:ro]", help="a sandbox directory into the container")
 
 
 def _placement_options(p: argparse.ArgumentParser, *, service: bool = False) -> None:

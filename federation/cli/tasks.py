@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -26,7 +27,22 @@ def task_spec(args: argparse.Namespace, what: str) -> dict[str, Any]:
     restart = given(policy=args.restart, max=args.max_restarts)
     return given(resources=resources or None, restart=restart or None,
                  env=dict(args.env) or None, labels=dict(args.label) or None,
-                 kill_timeout=args.kill_timeout)
+                 kill_timeout=args.kill_timeout, **container(args, what))
+
+
+def container(args: argparse.Namespace, what: str) -> dict[str, Any]:
+    """``--image`` and the container options: driver oci, its image and ``oci``."""
+    opts = given(network=args.network, user=args.user, mounts=list(args.mount) or None,
+                 read_only_root=False if args.writable_root else None)
+    if args.image is None:
+        if opts:
+            raise UsageError(f"{what}: --network, --user, --writable-root and --mount are "
+                             "container options; give --image too")
+        return {}
+    image = args.image
+    if os.path.exists(image):  # a local path: the agent on this machine reads it
+        image = os.path.abspath(image)
+    return given(driver="oci", image=image, oci=opts or None)
 
 
 def constraints(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +124,7 @@ def tasks_get(client: Client, args: argparse.Namespace) -> int:
         ("ID", t["id"]), ("NAME", t["name"]), ("STATE", t["state"]),
         ("EXIT", out.dash(t.get("exit_code"))), ("REASON", out.dash(t.get("reason"))),
         ("RESTARTS", str(t.get("restarts", 0))), ("COMMAND", shlex.join(t["command"])),
+        ("DRIVER", t.get("driver") or "process"), ("IMAGE", out.dash(t.get("image"))),
         ("ENV", out.pairs(t.get("env"))), ("LABELS", out.pairs(t.get("labels"))),
         ("RESOURCES", out.pairs(res)), ("RESTART", restart),
         ("KILL_TIMEOUT", f"{t.get('kill_timeout')}s"),
