@@ -189,7 +189,11 @@ class CoreArtifacts:
             "(body LIKE ? OR body LIKE ?)", (*_ENDED, f"%{m.sha256}%", f"%{m.name}%"))
         out = []
         for row in rows:
-            for use in json.loads(row["body"]).get("artifacts") or []:
+            body = json.loads(row["body"])
+            if body.get("image") in (m.digest, f"{m.name}:{m.version}"):  # an oci image
+                out.append(row["id"])
+                continue
+            for use in body.get("artifacts") or []:
                 if use.get("digest") == m.digest or (
                         use.get("name") == m.name and use.get("version") == m.version):
                     out.append(row["id"])

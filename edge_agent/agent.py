@@ -101,6 +101,8 @@ class Agent:
             oci=OciDriver.detect(cfg.data_dir, executor.tasks_dir, isolation, base_env))
         self.artifacts = self._artifacts(store)
         supervisor.stager = self.artifacts.stager
+        if supervisor.oci is not None:  # images can be artifacts too
+            supervisor.oci.stager = self.artifacts.stager
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,

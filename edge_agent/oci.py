@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.isolation import Isolation
-from edge_agent.oci_image import ImageCache, ImageError, Unpacked
+from edge_agent.oci_image import ImageCache, ImageError, Unpacked, image_artifact
 from edge_agent.oci_spec import build_config
+from edge_agent.staging import Stager
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class OciDriver:
         self.base_env = base_env
         # Tasks not ended (set by the supervisor): only their images are kept from eviction.
         self.active: Callable[[], Iterable[str]] = lambda: ()
+        self.stager: Stager | None = None  # the artifact cache (set by the agent)
         state_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -120,11 +122,31 @@ class OciDriver:
                 found = self.images.load(previous)
                 if found is not None:
                     return found
-        return self.images.cached(spec["image"])
+        source = self._source(task_id, spec["image"])
+        return self.images.cached(source) if source is not None else None
 
-    async def stage(self, spec: dict[str, Any]) -> Unpacked:
-        """Unpack the task's image (off the event loop); ``ImageError`` says why not."""
-        return await self.images.get(spec["image"])
+    def _source(self, task_id: str, image: str) -> str | None:
+        """Where the image's bytes are on this agent now: its path, or for an artifact image
+        the artifact cache's file (bound to the task, so never evicted under it)."""
+        ref = image_artifact(image)
+        if ref is None:
+            return image
+        if self.stager is None:
+            return None
+        path = self.stager.cached(ref, task_id=task_id)
+        return str(path) if path is not None else None
+
+    async def stage(self, task_id: str, spec: dict[str, Any]) -> Unpacked:
+        """Fetch an artifact image if it is not here (verified: ``staging.Stager``), then
+        unpack it (off the event loop). ``ImageError`` says why not; an artifact that cannot
+        be had yet raises ``ArtifactUnavailable``, one refused ``ArtifactRefused``."""
+        ref = image_artifact(spec["image"])
+        if ref is None:
+            return await self.images.get(spec["image"])
+        if self.stager is None:
+            raise ImageError("this agent has no artifact cache for an artifact image")
+        path = await self.stager.resolve(ref, task_id=task_id)
+        return await self.images.get(str(path))
 
     # ------------------------------------------------------------ runs
 

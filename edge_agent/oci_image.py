@@ -51,12 +51,20 @@ class Unpacked:
     process: dict[str, Any]
 
 
-def resolve_image(ref: str) -> Path:
-    """The local file or directory holding the image ``ref`` names.
+def image_artifact(image: str) -> dict[str, str] | None:
+    """The artifact reference an ``image`` names (``sha256:<hex>`` or ``NAME:VERSION``), or
+    None for a path on this agent (an absolute one; the schema allows nothing else)."""
+    if image.startswith("/"):
+        return None
+    if image.startswith("sha256:"):
+        return {"digest": image}
+    name, _, version = image.rpartition(":")
+    return {"name": name, "version": version}
 
-    Until artifacts land, ``ref`` is a path on this machine; this is the one seam where the
-    artifact cache (``Stager.resolve(ref) -> Path``) replaces it.
-    """
+
+def resolve_image(ref: str) -> Path:
+    """The local file or directory holding the image at path ``ref`` (an artifact image is
+    resolved through the artifact cache first: ``OciDriver.stage``)."""
     path = Path(ref)
     if not path.is_absolute():
         raise ImageError(f"image {ref!r}: give an absolute path of an OCI layout or archive")

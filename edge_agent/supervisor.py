@@ -391,16 +391,30 @@ class Supervisor:
         self._run_container(task_id, spec, image)
 
     async def _stage_image(self, task_id: str, spec: dict[str, Any]) -> None:
+        """Fetch (an artifact image) and unpack the image, then run the container. An
+        artifact that cannot be had yet keeps the task ``staging`` with the reason and is
+        tried again (1 s doubling to 30 s), as for a task's other artifacts."""
         assert self.oci is not None
-        try:
-            image = await self.oci.stage(spec)
-        except Exception as exc:  # noqa: BLE001 (a task never stays staging on a surprise)
-            if not isinstance(exc, ImageError | OSError):
-                log.exception("image staging failed", extra={"task": task_id})
-            if self.store.row(task_id)["state"] == "staging":
-                self._spawn_failed(task_id, f"image: {exc}")
-                self.schedule()
-            return
+        delay = 1.0
+        while True:
+            try:
+                image = await self.oci.stage(task_id, spec)
+                break
+            except ArtifactUnavailable as exc:
+                if not self._still_staging(task_id):
+                    self.reserved.pop(task_id, None)
+                    return
+                self.store.update_task(task_id, reason=f"waiting for the image artifact: "
+                                       f"{exc}; retrying in {delay:g}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception as exc:  # noqa: BLE001 (a task never stays staging on a surprise)
+                if not isinstance(exc, ImageError | OSError | ArtifactRefused):
+                    log.exception("image staging failed", extra={"task": task_id})
+                if self.store.row(task_id)["state"] == "staging":
+                    self._spawn_failed(task_id, f"image: {exc}")
+                    self.schedule()
+                return
         row = self.store.row(task_id)
         if row["state"] != "staging" or row["want"] == "kill" or self.stopping:
             self.reserved.pop(task_id, None)  # killed (or the agent stopping) meanwhile

@@ -7,6 +7,7 @@ document a client reads is exactly the rule the server enforces.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -159,6 +160,9 @@ STAGE_SELECTOR: dict[str, Any] = {
 }
 
 DRIVERS = ["process", "oci"]
+# driver oci's image: an artifact by digest or by name and version, or a path on the agent.
+IMAGE_PATTERN = (r"^(sha256:[0-9a-f]{64}|/[^\x00]*|"
+                 + ARTIFACT_NAME_PATTERN[1:-1] + ":" + ARTIFACT_VERSION_PATTERN[1:-1] + ")$")
 # A path inside a container (absolute, no ``..``).
 CONTAINER_PATH_PATTERN = r"^/(?!(.*/)?\.\.(/|$))[A-Za-z0-9._/-]{1,255}$"
 # Where a sandbox mount may not go: the container's own kernel views and its root.
@@ -217,8 +221,9 @@ TASK_SPEC: dict[str, Any] = {
                    "description": "process: a command in cgroups; oci: a container (runc)"},
         "image": {"type": ["string", "null"], "minLength": 1, "maxLength": 4096,
                   "pattern": NO_NUL_PATTERN, "default": None,
-                  "description": "driver oci: the OCI image (layout, oci-archive or "
-                                 "docker-save tarball)"},
+                  "description": "driver oci: the OCI image, an artifact as NAME:VERSION or "
+                                 "sha256:DIGEST, or an absolute path on the agent "
+                                 "(oci-archive or docker-save tarball, or a layout)"},
         "oci": {**OCI_OPTIONS, "type": ["object", "null"], "default": None},
     },
 }
@@ -563,6 +568,11 @@ def _check_driver(spec: dict[str, Any]) -> None:
     if spec.get("image") is None:
         raise Invalid("image is required with driver oci",
                       details={"field": "image", "rule": "required"})
+    if not re.match(IMAGE_PATTERN, spec["image"]) or (
+            spec["image"].startswith("sha256:") and not re.match(DIGEST_PATTERN, spec["image"])):
+        raise Invalid("image: an artifact (NAME:VERSION or sha256:DIGEST) or an absolute path "
+                      "of an OCI layout or archive on the agent",
+                      details={"field": "image", "rule": "pattern"})
     spec["oci"] = validate("oci", OCI_OPTIONS, spec.get("oci") or {})
     seen: set[str] = set()
     for n, mount in enumerate(spec["oci"]["mounts"]):

@@ -121,6 +121,9 @@ def test_a_layer_writing_outside_the_rootfs_is_refused(
         {"source": "data", "destination": "/proc/sys"}]}}, "oci.mounts.0.destination"),
     ({"driver": "oci", "image": "/x.tar", "oci": {"privileged": True}}, "oci"),
     ({"driver": "docker", "image": "/x.tar"}, "driver"),
+    ({"driver": "oci", "image": "relative/x.tar"}, "image"),
+    ({"driver": "oci", "image": "sha256:beef"}, "image"),
+    ({"driver": "oci", "image": "busybox"}, "image"),
 ])
 def test_bad_oci_options_are_a_clear_422(agent: AgentProcess, bad: dict[str, Any],
                                          field: str) -> None:
@@ -310,3 +313,56 @@ def test_a_writable_root_is_the_tasks_own_copy(agent: AgentProcess,
     ro = run_oci(agent, "ro", oci_images.layout, ["/bin/cat", "/etc/motd"])
     agent.wait_state(ro["id"], "finished", timeout=20)
     assert logs(agent, ro["id"]) == "hello from the image\n"
+
+
+def _push_image(node: HubProcess | AgentProcess, path: Path, name: str, version: str
+                ) -> dict[str, Any]:
+    resp = node.api("POST", f"/v1/artifacts?name={name}&version={version}",
+                    raw=path.read_bytes(), headers={"Content-Type": "application/octet-stream"},
+                    timeout=60)
+    assert resp.status == 201, resp.body
+    return resp.body
+
+
+def test_an_image_pushed_at_the_core_runs_as_a_service_on_two_sites(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer, oci_images: Images) -> None:  # noqa: F811
+    """Images are artifacts: pushed once at the core, fetched and verified by each edge,
+    unpacked from the artifact cache; deleting it while a container uses it is refused."""
+    art = _push_image(hub_proc, oci_images.archive, "busybox", "1.36")
+    a = joined(start_agent, hub_proc, nats_proc, "--site", "alpha", name="a")
+    b = joined(start_agent, hub_proc, nats_proc, "--site", "beta", name="b")
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2,
+               what="offers from both")
+    resp = hub_proc.api("POST", "/v1/services", {
+        "name": "web", "instances": 2, "constraints": {"unique": "site"},
+        "task": {"command": ["/bin/httpd", "-f", "-p", "8080"], "driver": "oci",
+                 "image": "busybox:1.36", "kill_timeout": 1,
+                 "resources": {"cpus": 0.1, "mem_mb": 16}}})
+    assert resp.status == 201, resp.body
+    where = wait_until(lambda: len(w := running_where(hub_proc, "web")) == 2 and w,
+                       timeout=40, what="two container instances from the artifact image")
+    ids = {x.api("GET", "/v1/info").body["agent_id"]: x for x in (a, b)}
+    assert set(where.values()) == set(ids)
+    for task_id, agent_id in where.items():
+        edge = ids[agent_id]
+        assert container(edge, task_id)["status"] == "running"
+        held = edge.api("GET", f"/v1/artifacts/{art['digest']}").body
+        assert task_id in held["in_use_by"], held
+    # In use by live containers: neither the core nor an edge deletes it.
+    gone = hub_proc.api("DELETE", f"/v1/artifacts/{art['digest']}")
+    assert gone.status == 409, gone.body
+    assert a.api("DELETE", f"/v1/artifacts/{art['digest']}").status == 409
+    # By digest too, on one edge alone: the cache serves it (no second fetch).
+    task = a.submit("again", ["/bin/true"], driver="oci", image=art["digest"])
+    done = a.wait_state(task["id"], "finished", "failed", timeout=30)
+    assert done["state"] == "finished" and done["exit_code"] == 0, done
+
+
+def test_an_artifact_image_that_is_not_there_keeps_the_task_staging_with_a_reason(
+        agent: AgentProcess) -> None:
+    task = agent.submit("later", ["/bin/true"], driver="oci", image="nothing:1.0")
+    staged = wait_until(lambda: (t := agent.api("GET", f"/v1/tasks/{task['id']}").body)
+                        ["reason"] and "waiting for the image artifact" in t["reason"] and t,
+                        timeout=20, what="a staging reason")
+    assert staged["state"] == "staging", staged

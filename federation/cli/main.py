@@ -108,8 +108,9 @@ def _task_options(p: argparse.ArgumentParser) -> None:
                    help="seconds between SIGTERM and SIGKILL")
     box = p.add_argument_group("containers (driver oci)")
     box.add_argument("--image", metavar="IMAGE",
-                     help="run in a container of this OCI image (layout, oci-archive or "
-                     "docker-save tarball)")
+                     help="run in a container of this OCI image: an artifact as NAME:VERSION "
+                     "or sha256:DIGEST, or a path on the agent (oci-archive or docker-save "
+                     "tarball, or a layout)")
     box.add_argument("--network", choices=["none", "host"],
                      help="the container's network (default none: loopback only)")
     box.add_argument("--user", metavar="UID[:GID]", help="who runs inside the container")
