@@ -170,6 +170,16 @@ class CoreArtifacts:
                 out.append({"id": row["agent_id"], "site": str(body.get("site", ""))})
         return sorted(out, key=lambda a: (a["site"], a["id"]))
 
+    async def resolve(self, ref: dict[str, str]) -> str | None:
+        """The sha256 (hex) an artifact reference (``{"digest"}`` or ``{"name", "version"}``)
+        names, or None when the core holds no such artifact."""
+        if ref.get("digest"):
+            key = manifest.digest_key(ref["digest"].removeprefix("sha256:"))
+        else:
+            key = manifest.name_key(ref["name"], ref["version"])
+        got = await self._manifest(key)
+        return None if got is None else got[0].sha256
+
     async def content(self, sha: str) -> tuple[Path, bool]:
         await self.get(sha)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +227,12 @@ class CoreArtifacts:
             await self._purge(objstore.chunk_subject(meta.nuid))
         await self._purge(objstore.meta_subject(sha))
         return self._view(m)
+
+    async def stage_on(self, agent_id: str, sha: str) -> None:
+        """Queue one stage command (a rollout's ``stage_first``)."""
+        if self.send_stage is None:
+            raise Unavailable("this hub cannot send stage commands")
+        await self.send_stage(agent_id, sha)
 
     async def stage(self, sha: str, selector: dict[str, Any]) -> dict[str, Any]:
         await self.get(sha)

@@ -171,6 +171,7 @@ class Hub:
             js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",
             setup_connection=self._setup_connection,
             send_stage=lambda agent, sha: commander.send(agent, "stage", {"digest": sha}))
+        services.artifacts = self.artifacts
         app = build_app(backend, TokenAuth({self.admin_token: "admin"},
                                            lookup=store.api_token_role),
                         extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS,

@@ -23,6 +23,7 @@ from core_hub.placement import NoPlacement, Offer, Placer
 from core_hub.store import HubStore
 from federation import __version__
 from federation.messages import MessageInvalid
+from federation.schemas import REVISION_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,23 @@ class CoreScheduler:
 
     # ------------------------------------------------------------ placing
 
-    def _existing(self, name: str) -> list[tuple[str, str]]:
-        """(agent, site) of each placed, active task called ``name`` (what spread weighs),
-        read by SQL with no task body decoded: a service's pass submits many instances, and
-        decoding every instance per submit made its passes quadratic (a 10,000-instance
-        service kept the hub from answering for seconds at a time)."""
-        return self.store.active_placements(name)
+    def _existing(self, spec: dict[str, Any]) -> list[tuple[str, str]]:
+        """(agent, site) of each placed, active task called like ``spec`` (what spread and
+        ``unique`` weigh), read by SQL with no task body decoded: a service's pass submits
+        many instances, and decoding every instance per submit made its passes quadratic (a
+        10,000-instance service kept the hub from answering for seconds at a time).
+
+        A service instance weighs only instances of its own revision: during a rolling
+        update the new revision's copies are unique among themselves, beside the old ones
+        they replace (else a ``unique: site`` service, one copy per site, could never
+        surge a new copy anywhere and its rollout would only ever time out)."""
+        revision = (spec.get("labels") or {}).get(REVISION_LABEL)
+        return self.store.active_placements(spec["name"], revision)
 
     async def _place(self, launch: dict[str, Any], now: float) -> None:
         task_id, spec = launch["task_id"], launch["spec"]
         choice = self.placer.place(spec, now=now, task_id=task_id,
-                                   existing=self._existing(spec["name"]),
+                                   existing=self._existing(spec),
                                    exclude=launch["excluded"])
         if isinstance(choice, NoPlacement):
             self._tried_at[task_id] = self._offers_version

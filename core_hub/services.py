@@ -13,7 +13,10 @@ Each instance is an ordinary core-placed task named after the service and labell
   the returned originals (then the oldest); ``longest_running`` stops the most recently
   started. Only the surplus is killed, never every copy.
 - a changed task rolls out revision by revision (``core_hub.rollout``): new instances first,
-  old ones stopped as new ones become ready, rolled back (or paused) on failure;
+  old ones stopped as new ones become ready, rolled back (or paused) on failure; with
+  ``update.stage_first`` the agents running the service first fetch the new task's artifacts
+  (stage commands), and the first new instance starts once each of them holds them, so a
+  slow uplink delays the rollout instead of leaving a replaced instance staging;
 - an agent drained with ``migrate``: its instances stop counting, replacements are placed on
   other agents, and the drained copies are stopped once the replacements run.
 """
@@ -26,12 +29,13 @@ import json
 import logging
 import time
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Protocol
 
 from core_hub.commands import Commander
 from core_hub.rollout import plan
 from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
+from federation.artifactrefs import task_artifact_refs
 from federation.errors import Conflict, NotFound
 from federation.schemas import REVISION_LABEL
 
@@ -40,6 +44,14 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 MAX_STARTS_PER_PASS = 50
 ACTIVE_STATES = ("pending", "staging", "starting", "running")
+
+
+class ArtifactStager(Protocol):
+    """What ``update.stage_first`` needs of the core's artifacts (``CoreArtifacts``)."""
+
+    async def resolve(self, ref: dict[str, str]) -> str | None: ...
+    def holders(self, sha: str) -> list[dict[str, str]]: ...
+    async def stage_on(self, agent_id: str, sha: str) -> None: ...
 
 
 class Services:
@@ -51,6 +63,7 @@ class Services:
         self.scheduler = scheduler
         self.commander = commander
         self.killing: set[str] = set()
+        self.artifacts: ArtifactStager | None = None  # set by the hub: stage_first rollouts
         self._loop: asyncio.Task[None] | None = None
         # One pass at a time: a pass awaits placements, and a second pass started meanwhile
         # (the tick and a create, say) would count the instances still being placed as
@@ -201,22 +214,21 @@ class Services:
 
     async def _roll(self, svc: dict[str, Any], rollout: dict[str, Any], now: float) -> None:
         counted, _, _ = self._split(svc, now)
+        if (rollout["status"] == "rolling" and svc["update"].get("stage_first")
+                and not (rollout.get("stage") or {}).get("done")):
+            waiting = await self._stage_first(svc, rollout, counted, now)
+            if waiting is None:
+                return  # staged: the next pass starts the first batch
+            if now - rollout["started_at"] > svc["update"]["timeout"]:
+                self._fail(svc, rollout, f"artifacts not staged after "
+                           f"{svc['update']['timeout']:g}s: {waiting}", now)
+            return
         ended = [t for t in self.store.list_tasks(name=svc["name"])
                  if t["state"] in ("finished", "failed", "killed", "lost")]
         step = plan(instances=svc["instances"], revision=str(svc["revision"]), counted=counted,
                     ended=ended, started_at=rollout["started_at"], rules=svc["update"], now=now)
         if step.failed:
-            log.warning("service %s: revision %d failed: %s", svc["name"], svc["revision"],
-                        step.failed, extra={"service": svc["name"]})
-            if rollout["status"] == "rolling" and svc["update"]["on_failure"] == "rollback":
-                failed_revision = svc["revision"]
-                svc = _at_revision({**svc, "task": rollout["from_task"]},
-                                   rollout["from_revision"])
-                svc["rollout"] = {**rollout, "status": "rolling_back", "started_at": now,
-                                  "reason": f"revision {failed_revision}: {step.failed}"}
-            else:
-                svc["rollout"] = {**rollout, "status": "paused", "reason": step.failed}
-            self.store.put_service(svc["name"], svc, now)
+            self._fail(svc, rollout, step.failed, now)
             return
         if step.done:
             status = "rolled_back" if rollout["status"] == "rolling_back" else "done"
@@ -230,6 +242,76 @@ class Services:
         by_id = {t["id"]: t for t in counted}
         for task_id in step.stop:
             await self._kill(by_id[task_id])
+
+    def _fail(self, svc: dict[str, Any], rollout: dict[str, Any], why: str,
+              now: float) -> None:
+        """A rollout failed: roll back to the revision it came from, or pause, as the service
+        says."""
+        log.warning("service %s: revision %d failed: %s", svc["name"], svc["revision"], why,
+                    extra={"service": svc["name"]})
+        if rollout["status"] == "rolling" and svc["update"]["on_failure"] == "rollback":
+            failed_revision = svc["revision"]
+            svc = _at_revision({**svc, "task": rollout["from_task"]}, rollout["from_revision"])
+            svc["rollout"] = {**rollout, "status": "rolling_back", "started_at": now,
+                              "reason": f"revision {failed_revision}: {why}"}
+        else:
+            svc["rollout"] = {**rollout, "status": "paused", "reason": why}
+        self.store.put_service(svc["name"], svc, now)
+
+    async def _stage_first(self, svc: dict[str, Any], rollout: dict[str, Any],
+                           counted: list[dict[str, Any]], now: float) -> str | None:
+        """``update.stage_first``: send each agent running an old instance a stage command
+        for every artifact the new task names (once per agent and artifact, remembered in
+        the rollout), then wait until their offers list them. None once they all hold them
+        (recorded: later passes do not look again); else what the rollout waits for, which
+        is also its ``reason``. An unreachable agent is not waited for: its new instance
+        fetches when it starts, as without ``stage_first``."""
+        stage = dict(rollout.get("stage") or {"sent": []})
+        waiting = await self._staging_gap(svc, stage, counted)
+        if waiting is None:
+            stage["done"] = True
+            log.info("service %s: revision %d's artifacts staged", svc["name"],
+                     svc["revision"], extra={"service": svc["name"]})
+        changed = {**rollout, "stage": stage, "reason": waiting}
+        if changed != rollout:
+            self.store.put_service(svc["name"], {**svc, "rollout": changed}, now)
+        return waiting
+
+    async def _staging_gap(self, svc: dict[str, Any], stage: dict[str, Any],
+                           counted: list[dict[str, Any]]) -> str | None:
+        refs = task_artifact_refs(svc["task"])
+        if not refs:
+            return None
+        if self.artifacts is None:
+            return "this hub has no artifact store to stage from"
+        digests = []
+        for ref in refs:
+            sha = await self.artifacts.resolve(ref)
+            if sha is None:
+                named = ref.get("digest") or f"{ref['name']}:{ref['version']}"
+                return f"artifact {named} is not at the core yet"
+            digests.append(sha)
+        revision = str(svc["revision"])
+        on = {t["agent_id"] for t in counted
+              if t.get("agent_id") and t.get("labels", {}).get(REVISION_LABEL) != revision}
+        agents = [a for a in self.store.agents_by_id(on).values()
+                  if a["status"] != "unreachable" and not a["revoked"]]
+        sent, held, missing = set(stage["sent"]), 0, 0
+        for sha in digests:
+            holding = {h["id"] for h in self.artifacts.holders(sha)}
+            for agent in agents:
+                if agent["id"] in holding:
+                    held += 1
+                    continue
+                missing += 1
+                if f"{agent['id']}:{sha}" not in sent:
+                    await self.artifacts.stage_on(agent["id"], sha)
+                    sent.add(f"{agent['id']}:{sha}")
+        stage["sent"] = sorted(sent)
+        if not missing:
+            return None
+        return (f"staging {len(digests)} artifact(s) on {len(agents)} agent(s): "
+                f"{held} of {held + missing} held")
 
     def _track_replaced(self, name: str, counted: list[dict[str, Any]],
                         lost: list[dict[str, Any]], leaving: list[dict[str, Any]]) -> set[str]:

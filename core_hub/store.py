@@ -545,14 +545,20 @@ class HubStore(Database):
         task: dict[str, Any] = json.loads(row[0])
         return task
 
-    def active_placements(self, name: str) -> list[tuple[str, str]]:
-        """(agent id, its site) of each active task called ``name`` that has an agent."""
+    def active_placements(self, name: str,
+                          revision: str | None = None) -> list[tuple[str, str]]:
+        """(agent id, its site) of each active task called ``name`` that has an agent; with
+        ``revision``, only the tasks labelled with that service revision."""
         marks = ",".join("?" * len(_TERMINAL))
+        where, args = "", ()
+        if revision is not None:
+            where = " AND json_extract(t.body, '$.labels.\"outpost.revision\"') = ?"
+            args = (revision,)
         return [(row[0], row[1]) for row in self._db.execute(
             "SELECT t.agent_id, COALESCE(a.site, '') FROM tasks t"
             " LEFT JOIN agents a ON a.id = t.agent_id"
-            f" WHERE t.name = ? AND t.agent_id != '' AND t.state NOT IN ({marks})",
-            (name, *_TERMINAL))]
+            f" WHERE t.name = ? AND t.agent_id != '' AND t.state NOT IN ({marks}){where}",
+            (name, *_TERMINAL, *args))]
 
     def list_tasks(self, *, agent_id: str | None = None, state: str | None = None,
                    name: str | None = None, active: bool = False) -> list[dict[str, Any]]:

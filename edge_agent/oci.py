@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.isolation import Isolation
-from edge_agent.oci_image import ImageCache, ImageError, Unpacked, image_artifact
+from edge_agent.oci_image import ImageCache, ImageError, Unpacked
 from edge_agent.oci_spec import build_config
 from edge_agent.staging import Stager
+from federation.artifactrefs import image_artifact
 
 log = logging.getLogger(__name__)
 

@@ -51,17 +51,6 @@ class Unpacked:
     process: dict[str, Any]
 
 
-def image_artifact(image: str) -> dict[str, str] | None:
-    """The artifact reference an ``image`` names (``sha256:<hex>`` or ``NAME:VERSION``), or
-    None for a path on this agent (an absolute one; the schema allows nothing else)."""
-    if image.startswith("/"):
-        return None
-    if image.startswith("sha256:"):
-        return {"digest": image}
-    name, _, version = image.rpartition(":")
-    return {"name": name, "version": version}
-
-
 def resolve_image(ref: str) -> Path:
     """The local file or directory holding the image at path ``ref`` (an artifact image is
     resolved through the artifact cache first: ``OciDriver.stage``)."""

@@ -389,6 +389,11 @@ SERVICE: dict[str, Any] = {
                                              "unhealthy) before it counts as ready"},
                 "timeout": {"type": "number", "minimum": 1, "maximum": 86400, "default": 600.0},
                 "on_failure": {"enum": ["rollback", "pause"], "default": "rollback"},
+                "stage_first": {"type": "boolean", "default": False,
+                                "description": "before the first new instance starts, every "
+                                               "agent running the service holds the new "
+                                               "task's artifacts (fetched ahead); the "
+                                               "timeout counts"},
             },
         },
         "disconnect": {

@@ -186,3 +186,70 @@ def test_stage_ahead_on_a_site(hub_proc: HubProcess, nats_proc: Any,
     assert bergen.api("GET", f"/v1/artifacts/{art['digest']}").status == 404
     bad = hub_proc.api("POST", f"/v1/artifacts/{art['digest']}/stage", {"site": "Not OK"})
     assert bad.status == 422
+
+
+APP = "#!/bin/sh\n# version {v}\nexec sleep 600\n"
+
+
+def test_a_stage_first_rollout_starts_new_instances_only_where_the_artifact_is(
+        hub_proc: HubProcess, nats_proc: Any,
+        start_agent: Callable[..., AgentProcess]) -> None:
+    """``update.stage_first``: the agents running a service hold the new revision's artifact
+    before its first new instance is created; an artifact that never comes fails the rollout
+    at its timeout (rolled back), and nothing new starts meanwhile."""
+    from tests.test_services import editable, service
+
+    edges = [joined(start_agent, hub_proc, nats_proc, "--site", site, name=f"{site}1")
+             for site in ("alpha", "beta")]
+    wait_until(lambda: len(hub_proc.api("GET", "/v1/offers").body["items"]) == 2, 20,
+               what="offers from both")
+    v1 = _push(hub_proc, APP.format(v=1).encode(), "shopapp", "1")
+    use = {"name": "shopapp", "version": "1", "dest": "bin/app", "mode": "0755"}
+    assert hub_proc.api("POST", "/v1/services", {
+        "name": "shop", "instances": 2, "constraints": {"unique": "site"},
+        "update": {"batch": 1, "min_ready": 0.5, "timeout": 120, "stage_first": True},
+        "task": {"command": ["./bin/app"], "kill_timeout": 1, "artifacts": [use]}},
+    ).status == 201
+
+    def tasks(revision: str) -> list[dict[str, Any]]:
+        items = hub_proc.api("GET", "/v1/tasks?name=shop&limit=100").body["items"]
+        return [t for t in items if t["labels"].get("outpost.revision") == revision]
+
+    wait_until(lambda: sum(t["state"] == "running" for t in tasks("1")) == 2, 40,
+               what="revision 1 on both sites")
+    assert v1["digest"]
+
+    # Revision 2 names an artifact the core does not have yet: the rollout waits for it.
+    body = editable(service(hub_proc, "shop"))
+    body["task"]["artifacts"] = [{**use, "version": "2"}]
+    assert hub_proc.api("PUT", "/v1/services/shop", body).status == 200
+    waiting = wait_until(lambda: (r := service(hub_proc, "shop")["rollout"])["reason"]
+                         and r, 20, what="the rollout to say what it waits for")
+    assert waiting["status"] == "rolling"
+    assert "shopapp:2 is not at the core yet" in waiting["reason"], waiting
+    assert tasks("2") == []
+
+    v2 = _push(hub_proc, APP.format(v=2).encode(), "shopapp", "2")
+    done = wait_until(lambda: (s := service(hub_proc, "shop"))["rollout"]["status"] == "done"
+                      and s, 90, what="the rollout of revision 2")
+    assert done["rollout"]["stage"]["done"] is True
+    new = tasks("2")
+    assert sum(t["state"] == "running" for t in new) == 2, new
+    first_created = min(t["created_at"] for t in new)
+    for edge in edges:
+        held = edge.api("GET", f"/v1/artifacts/{v2['digest']}")
+        assert held.status == 200, held.body
+        # Renamed into the cache (its ctime) before the hub created any new instance; the
+        # agents and the hub share this box's clock.
+        arrived = (edge.data_dir / "artifacts" / "blobs" / v2["sha256"]).stat().st_ctime
+        assert arrived <= first_created, (arrived, first_created)
+
+    # Revision 3's artifact never comes: the staging counts against the timeout.
+    body = editable(service(hub_proc, "shop"))
+    body["task"]["artifacts"] = [{**use, "version": "3"}]
+    body["update"]["timeout"] = 3
+    assert hub_proc.api("PUT", "/v1/services/shop", body).status == 200
+    back = wait_until(lambda: (s := service(hub_proc, "shop"))["rollout"]["status"]
+                      == "rolled_back" and s, 40, what="the rollback")
+    assert "artifacts not staged after 3s" in back["rollout"]["reason"], back["rollout"]
+    assert back["revision"] == 2 and tasks("3") == []
