@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except OSError as exc:  # NATS timeouts are OSErrors too: the log says where it was
+        logging.getLogger("core_hub").debug("hub stopped by %r", exc, exc_info=True)
         print(f"outpost-hub: {exc}", file=sys.stderr)
         return 1
     return hub.exit_code

@@ -206,13 +206,20 @@ class Hub:
         lease.on_lost = self._lost_lease
         await lease.open()
         waiting = False
-        while not await lease.try_acquire():
-            if not waiting:
-                holder = await lease.holder_now()
-                log.info("standby: the placement lease is held by %s; waiting for it",
-                         holder.holder if holder else "another replica",
-                         extra={"holder": holder.holder if holder else None})
-                waiting = True
+        while True:
+            # On a NATS cluster the lease bucket has no leader for a few seconds after a node
+            # dies: a standby that gave up then would leave the fleet with nobody to lead.
+            try:
+                if await lease.try_acquire():
+                    break
+                if not waiting:
+                    holder = await lease.holder_now()
+                    log.info("standby: the placement lease is held by %s; waiting for it",
+                             holder.holder if holder else "another replica",
+                             extra={"holder": holder.holder if holder else None})
+                    waiting = True
+            except (nats_errors.Error, js_errors.Error, TimeoutError) as exc:
+                log.warning("standby: the lease cannot be read now (%r); trying again", exc)
             await asyncio.sleep(lease.ttl_s / 4)
         await lease.start()
         if lease.previous not in (None, lease.holder):

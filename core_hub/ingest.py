@@ -188,7 +188,15 @@ class Ingest:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("ingest already started")
-        await self._bind()
+        try:
+            await self._bind()
+        except (nats.errors.Error, OSError) as err:
+            # A NATS cluster electing the stream's or consumer's leader (a node just died)
+            # answers nothing for a few seconds: the hub starts anyway and the fetch loop
+            # binds once it can.
+            log.warning("ingest cannot bind its consumer yet (%r); retrying", err,
+                        extra={"durable": self._durable})
+            await self._unbind()
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-verify")
         self._task = asyncio.create_task(self._run(), name="hub-ingest")
 
