@@ -26,14 +26,17 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from core_hub.natsauth import AUTH_FILE_NAME, refresh_offline
 from core_hub.store import HubStore
 from federation import subjects, wire
-from federation.natscreds import (
-    ENROLL_CREDENTIALS,
-    NatsCredentials,
-    agent_credentials,
-    hub_credentials,
-    user_nkey,
+from federation.natscreds import NatsCredentials, user_nkey
+from tests.helpers import (
+    AgentProcess,
+    HubProcess,
+    agent_nats_creds,
+    converged,
+    enroll_nats_creds,
+    hub_nats_creds,
+    joined,
+    wait_until,
 )
-from tests.helpers import AgentProcess, HubProcess, converged, joined, wait_until
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ def consumer_of(agent_id: str) -> ConsumerConfig:
 
 
 def creds_of(agent: AgentProcess, agent_id: str) -> NatsCredentials:
-    return agent_credentials((agent.data_dir / "agent.key").read_bytes(), agent_id)
+    return agent_nats_creds(agent.data_dir, agent_id)  # type: ignore[no-any-return]
 
 
 class Watched:
@@ -175,8 +178,7 @@ async def test_an_agent_cannot_act_as_another_or_manage_streams(
                     "CONSUMER.DELETE.OUTPOST_EVENTS.outpost-hub-ingest"):
             await me.violation("publish", f"$JS.API.{api}")
     # All still there, as the hub sees it.
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
-    async with client(url, hub_credentials(hub_seed)) as hub:
+    async with client(url, hub_nats_creds(secure_hub.data_dir)) as hub:
         jsm = hub.nc.jetstream(timeout=5)
         names = {s.config.name for s in await jsm.streams_info()}
         assert {subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM} <= names and "EVIL" not in names
@@ -193,7 +195,7 @@ async def test_the_enroll_user_can_only_enroll_and_anonymous_is_refused(
     assert "Authorization Violation" in await refused(url, None)
     assert "Authorization Violation" in await refused(
         url, NatsCredentials(user="outpost-enroll", password="guess"))
-    async with client(url, ENROLL_CREDENTIALS) as me:
+    async with client(url, enroll_nats_creds(secure_hub.data_dir)) as me:
         nc = me.nc
         # Enrolling is allowed: the hub answers (here: no such token), and the answer holds
         # nothing secret.
@@ -243,16 +245,15 @@ async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
     server's users, so the agent's link drops and its key is refused at once."""
     a, a_id = enrolled(start_agent, secure_hub, "a")
     b, b_id = enrolled(start_agent, secure_hub, "b")
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/drain").status in (200, 202)
-    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as hub:
         await hub.nc.jetstream(timeout=5).get_last_msg(  # b's drain command is stored
             subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/revoke").status == 200
     wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
     assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
     assert len(agent_nkeys(secure_hub, a_id)) == 1
-    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as hub:
         jsm = hub.nc.jetstream(timeout=5)
         with pytest.raises(nats.js.errors.NotFoundError):  # nothing left of b's commands
             await jsm.get_last_msg(subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
