@@ -563,11 +563,34 @@ def refresh_offline(data_dir: Path) -> bool:
         jwt = auth.current_account_jwt()
         assert jwt is not None
         try:
-            asyncio.run(push_account(url, operator, jwt))
+            _run_in_thread(lambda: push_account(url, operator, jwt))
         except Exception as exc:  # noqa: BLE001 (down: it reads the file when it starts)
             log.info("no nats-server answered at %s (%r): it reads the new account when it "
                      "starts", url, exc)
     return changed
+
+
+def _run_in_thread(make: Callable[[], Awaitable[None]]) -> None:
+    """Run a coroutine to its end from sync code, even when the caller is inside an event
+    loop (a test, a CLI called from async code): in a thread with a loop of its own."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        async def main() -> None:
+            await make()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="nats-account-push")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def auth_command(data_dir: Path, out: Path | None, pid_file: Path | None,
