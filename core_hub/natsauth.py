@@ -311,6 +311,17 @@ class NatsOperator:
         ])
 
 
+def hub_login(data_dir: Path, *, setup: bool = False) -> NatsCredentials:
+    """The hub's NATS login from its data dir (tools, benchmarks): its user JWT in operator
+    mode, else its plain nkey."""
+    from federation.natscreds import hub_credentials
+
+    if NatsOperator.exists(data_dir):
+        return NatsOperator.load(data_dir).hub_credentials(setup=setup)
+    return hub_credentials((Path(data_dir) / (SETUP_KEY_FILE if setup else "hub.key"))
+                           .read_bytes())
+
+
 def _public(seed: bytes) -> bytes:
     from nacl.signing import SigningKey
 

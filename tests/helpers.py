@@ -372,3 +372,15 @@ def enroll_nats_creds(hub_data_dir: Path | None = None) -> Any:
     from federation.natscreds import enroll_credentials
 
     return enroll_credentials(nats_account(hub_data_dir) if hub_data_dir else None)
+
+
+def issued_agent_creds(hub_data_dir: Path, seed: bytes, agent_id: str) -> Any:
+    """An agent's login with a user JWT the hub in ``hub_data_dir`` signs now (for agents a
+    test put in the store without an enrollment reply); plain nkey without NATS auth."""
+    from core_hub.natsauth import NatsOperator
+    from federation import wire
+    from federation.natscreds import agent_credentials
+
+    jwt = (NatsOperator.load(hub_data_dir).agent_jwt(agent_id, wire.Signer(seed).public)
+           if NatsOperator.exists(hub_data_dir) else None)
+    return agent_credentials(seed, agent_id, jwt)
