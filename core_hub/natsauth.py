@@ -1,55 +1,50 @@
-"""NATS least privilege: the hub writes the server's ``authorization`` block from its fleet view.
+"""NATS least privilege in operator mode: the hub is the NATS operator and signs every login.
 
 Without it any client of the hub's NATS could publish events as any agent, read every agent's
 commands, or delete the streams. With it the server itself refuses (a permissions violation),
-before a message reaches the hub or a consumer. The users it lists:
+before a message reaches the hub or a consumer. The server trusts the hub's operator key (its
+config include, ``NatsOperator.server_config``: operator, system account, a full resolver and
+the two accounts preloaded; no users); each client presents a user JWT signed by the hub's
+``OUTPOST`` account key carrying its permissions, and signs the server's nonce with its own
+key. Why JWTs and not an ``authorization`` block: the block listed every agent, so each
+enrollment re-rendered it and reloaded the server (O(fleet) per enrollment; server memory
+grew faster than the fleet, docs/scaling.md). Now an enrollment is one signature.
 
-- the hub: an nkey user from ``hub.key`` with least privilege too (``hub_permissions``): it
-  publishes commands, live-read requests and replies into inboxes, and uses the JetStream API
-  of the streams and buckets named in ``federation/streams.py`` (``HUB_STREAMS``,
-  ``HUB_KV_BUCKETS``: the one list to extend) to read, consume, ack and write KV keys, but it
-  can create, change, purge or delete no stream, so a bug in a responder (or a reply subject
-  nobody checked) cannot wipe the fleet's events or commands;
-- the hub's set-up user, an nkey from ``hub-setup.key``: the same plus creating and updating
-  those streams and buckets, and purging ``OUTPOST_COMMANDS`` (a revoked agent's commands,
-  which a site leaf could otherwise still serve it); never purging events or buckets, never
-  deleting a stream. The hub uses it only while it starts (``Hub._set_up``) and when it
-  revokes an agent (``Hub._purge_commands_of``), each time on a connection it then closes;
-- ``outpost-enroll`` (public password, ``federation/natscreds.py``): may only send an
-  enrollment request and read replies under ``_INBOX_ENROLL.>``;
-- each enrolled, non-revoked agent: an nkey user from its current identity key, allowed to
-  publish its own events and heartbeats (``outpost.v1.events.<id>``, ``outpost.v1.hb.<id>``),
-  its answers to live reads (``outpost.v1.rpcreply.<id>.>``), key rotation requests
-  (``outpost.v1.enroll``, signed by the old and the new key: ``keyrotation.py``), and direct
-  gets of its own command subjects only (``$JS.API.DIRECT.GET.OUTPOST_COMMANDS.outpost.v1.cmd.
-  <id>.*``: the subject names the message; the body form, which names it in JSON, is not
-  allowed); to subscribe to its live-read requests (``outpost.v1.rpc.<id>.>``), its own
-  command subjects (a wake-up when one arrives) and its own inboxes (``_INBOX.<id>.>``).
-  Nothing else: not another agent's subjects, no consumer, not the stream or consumer
-  management API.
+The users, all in the ``OUTPOST`` account:
 
-``NatsAuth.refresh()`` renders the file again and reloads the server. The hub calls it at start
-and from ``Hub._after_agent_change`` (enrolled, revoked, key rotated) through
-``Hub.refresh_nats_auth()``, so a revoked agent's connection is closed and refused from then
-on, and a rotated key replaces the old one; from another process, ``refresh_offline`` does the
-same against the files of a hub's data dir.
+- the hub: ``hub.key`` with least privilege too (``hub_permissions``): it publishes commands,
+  live-read requests and replies into inboxes, and uses the JetStream API of the streams and
+  buckets named in ``federation/streams.py`` (``HUB_STREAMS``, ``HUB_KV_BUCKETS``) to read,
+  consume, ack and write KV keys, but it can create, change, purge or delete no stream;
+- the set-up user, ``hub-setup.key``: the same plus creating and updating those streams and
+  buckets and purging ``OUTPOST_COMMANDS`` (a revoked agent's commands); never purging events
+  or buckets, never deleting a stream. Used only while the hub starts (``Hub._set_up``) and
+  when it revokes an agent, each time on a connection it then closes. Both JWTs are made at
+  each start from today's rules;
+- the public enroll login (``federation/natscreds.enroll_credentials``): the account lists a
+  signing key whose seed is public, scoped to ``ENROLL_PERMISSIONS``, so the server gives any
+  user it signs the right to send an enrollment request and read replies under
+  ``_INBOX_ENROLL.>``, whatever its JWT says. An agent makes it from the account's public key,
+  which join tokens carry (``opj_<secret>.<account>``);
+- each enrolled agent: a user JWT for its identity key (``NatsOperator.agent_jwt``), returned
+  in the enroll reply (and for the new key in a rotation answer), allowed its own events and
+  heartbeats, its answers to live reads, key rotation requests and direct gets of its own
+  command subjects; to subscribe to its live-read requests, its own command subjects and its
+  own inboxes (``_INBOX.<id>.>``). Nothing else;
+- each site leaf: a JWT in its bundle's ``nats-leaf.creds``, leaf connections only, with its
+  agents' subjects in the hub's JetStream domain (``site_permissions``). The bundle makes the
+  agent's key too, so those are fixed when it is made; a new bundle for the site revokes the
+  old leaf.
 
-Edge sites behind a NATS leaf node (``outpost-hub site bundle``, an external NATS with a
-leafnodes port) link with a per-site nkey (``nkey`` in the bundle's ``nats-leaf.conf``) whose
-permissions are those of the site's agents, in the hub's JetStream domain (the leaf maps
-``$JS.API.>`` to ``$JS.hub.API.>``). The bundle makes the agent's key too, so the site's agent
-ids, and with them the leaf's permissions, are fixed when the bundle is made: nats-server does
-not apply changed permissions to a leaf connection that is up (checked with 2.15), so an
-enrollment must not change them. A revoked agent's subjects leave the site's permissions when
-the leaf next connects; until then the hub refuses its envelopes, as for any revoked agent.
-``<data_dir>/nats-sites/<site>.json`` records each site's leaf key and agent ids.
-
-A rotated-away key keeps its user for ``ROTATION_GRACE_S``: the hub refreshes before it answers
-the rotation request, on the agent's old connection, and that answer must still reach it (the
-agent then reconnects with its new key). ``NatsAuth.run`` drops the old key when the grace ends.
-With ``--embedded-nats`` this is on by default; for an external NATS the operator sets
-``nats_auth_file``, includes that file in the server's config, and either sets
-``nats_pid_file`` (same host: the hub sends SIGHUP) or reloads the server after each change.
+Revocation (``NatsAuth.refresh``): the account JWT's ``revocations`` list every revoked agent's
+keys, keys rotated away more than ``ROTATION_GRACE_S`` ago (the rotation answer must still
+reach the old connection) and replaced site leaves; when that set changes the hub re-signs the
+account, keeps it in ``nats-account.jwt`` and pushes it as the system user
+(``$SYS.REQ.ACCOUNT.<account>.CLAIMS.UPDATE``): the server closes the revoked user's
+connections at once. ``refresh_offline`` does the same from another process (the preload in the
+include covers a server that is down). With ``--embedded-nats`` this is on by default; for an
+external NATS the operator sets ``nats_auth_file``, writes it with ``outpost-hub nats-auth``
+and includes it in the server's config.
 """
 
 from __future__ import annotations
