@@ -30,9 +30,9 @@ import psutil
 from bench.common import Row, format_table, progress
 from bench.fleet import SimAgent, _natsd_pid, _token
 from bench.hub import EmbeddedHub
+from core_hub.natsauth import hub_login
 from edge_agent.store import Store
 from federation import subjects
-from federation.natscreds import hub_credentials
 
 StormRow = functools.partial(Row, area="storm")
 GOAL_S = 30.0
@@ -74,8 +74,7 @@ async def _raw_fetch_ack_s(hub: EmbeddedHub, first_seq: int, count: int) -> floa
     stream from ``first_seq`` on, as the hub's own user (what ingest does, minus the apply)."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    seed = (hub.data_dir / "hub.key").read_bytes()
-    nc = await nats.connect(hub.nats_url, **hub_credentials(seed).connect_options())
+    nc = await nats.connect(hub.nats_url, **hub_login(hub.data_dir).connect_options())
     try:
         js = nc.jetstream(timeout=10)
         durable = "bench-storm-raw"
@@ -98,8 +97,7 @@ async def _raw_fetch_ack_s(hub: EmbeddedHub, first_seq: int, count: int) -> floa
 
 
 async def _stream_last_seq(hub: EmbeddedHub) -> int:
-    seed = (hub.data_dir / "hub.key").read_bytes()
-    nc = await nats.connect(hub.nats_url, **hub_credentials(seed).connect_options())
+    nc = await nats.connect(hub.nats_url, **hub_login(hub.data_dir).connect_options())
     try:
         info = await nc.jetstream(timeout=10).stream_info(subjects.EVENTS_STREAM)
         return int(info.state.last_seq)

@@ -95,7 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     nauth.add_argument("--data-dir", required=True, help="the hub's data dir")
     nauth.add_argument("--out", type=Path, help="the file (the hub's nats_auth_file); default: "
                        "the one the hub last used")
-    nauth.add_argument("--pid-file", type=Path, help="nats-server's pid file: reload it")
+    nauth.add_argument("--pid-file", type=Path, help="nats-server's pid file")
+    nauth.add_argument("--nats-url", help="the server's client URL: account updates made "
+                       "while the hub is down (outpost-hub agents revoke) are pushed there")
     return p.parse_args(argv)
 
 
@@ -141,11 +143,11 @@ def apitokens_command(args: argparse.Namespace) -> int:
 
 
 def tokens_command(args: argparse.Namespace) -> int:
-    from core_hub.enroll import JoinTokens
+    from core_hub.enroll import JoinTokens, nats_account
 
     store = _open_store(args.data_dir)
     try:
-        tokens = JoinTokens(store)
+        tokens = JoinTokens(store, account=nats_account(Path(args.data_dir)))
         if args.action == "create":
             if args.ttl <= 0 or args.uses < 0:
                 raise ConfigError("--ttl must be above 0 and --uses 0 or more")
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "nats-auth":
             from core_hub.natsauth import auth_command
 
-            return auth_command(Path(args.data_dir), args.out, args.pid_file)
+            return auth_command(Path(args.data_dir), args.out, args.pid_file, args.nats_url)
         config = load_config(args, env)
     except OutpostError as exc:
         print(f"outpost-hub: {exc.message}", file=sys.stderr)

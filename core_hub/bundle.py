@@ -43,6 +43,7 @@ DEFAULT_PREFIX = "/opt/outpost"
 DEFAULT_DATA_DIR = "/var/lib/outpost"
 LEAF_LISTEN = "127.0.0.1:4222"
 LEAF_HTTP = "127.0.0.1:8222"
+LEAF_CREDS = "nats-leaf.creds"  # the leaf's login to the hub's NATS (operator mode)
 AGENT_LISTEN = "127.0.0.1:7070"
 HUB_LEAFNODE_PORT = 7422
 DEFAULT_TTL_S = 7 * 86400.0
@@ -76,10 +77,11 @@ def _q(text: str) -> str:
 
 def leaf_conf(site: str, hub_url: str, *, data_dir: str = DEFAULT_DATA_DIR,
               listen: str = LEAF_LISTEN, http: str = LEAF_HTTP,
-              leaf_seed: str | None = None) -> str:
+              leaf_creds: str | None = None) -> str:
     """The site's NATS leaf node: agents connect to ``listen``; it links to ``hub_url``, as the
-    site's leaf nkey ``leaf_seed`` (``SU...``) when the hub's NATS has least privilege."""
-    nkey = f"\n      nkey: {_q(leaf_seed)}" if leaf_seed else ""
+    site's leaf user (the ``.creds`` file ``leaf_creds``: its user JWT and nkey seed) when the
+    hub's NATS has least privilege."""
+    nkey = f"\n      credentials: {_q(leaf_creds)}" if leaf_creds else ""
     return f"""\
 # NATS leaf node of the Outpost edge site "{site}" (made by `outpost-hub site bundle`).
 #
@@ -115,8 +117,9 @@ leafnodes {{
     {{
       # The hub's leafnodes port; over the internet use "tls://HOST:{HUB_LEAFNODE_PORT}" and a
       # tls {{ ca_file: ... }} block. With least privilege at the hub (core_hub/natsauth.py) the
-      # bundle adds this site's leaf key, nkey: "SU..." (secret: keep this file 0600 or 0640),
-      # and the hub lets this link carry only the site's agents' subjects.
+      # bundle adds this site's leaf login, credentials: ".../nats-leaf.creds" (a user JWT the
+      # hub signed and the leaf's nkey seed; secret: 0600 or 0640), whose permissions let
+      # this link carry only the site's agents' subjects.
       urls: [{_q(hub_url)}]{nkey}
     }}
   ]
@@ -355,6 +358,9 @@ if [ -e "$here/agent.key" ] && [ ! -e "$DATA_DIR/agent.key" ]; then
 fi
 if [ "$leaf" = yes ]; then
     render "$here/edge.toml" "$PREFIX/etc/edge.toml" 600
+    if [ -e "$here/nats-leaf.creds" ]; then  # the leaf's login to the hub (its user JWT)
+        (umask 077 && cp "$here/nats-leaf.creds" "$PREFIX/etc/nats-leaf.creds")
+    fi
     render "$here/nats-leaf.conf" "$PREFIX/etc/nats-leaf.conf" 600
     if ! check=$("$nats_bin" -t -c "$PREFIX/etc/nats-leaf.conf" 2>&1); then
         die "nats-leaf.conf: $check"
@@ -390,6 +396,10 @@ if [ "$systemd" = yes ]; then
     if [ "$leaf" = yes ]; then  # it holds the site's leaf key
         chown "root:$OUTPOST_USER" "$PREFIX/etc/nats-leaf.conf"
         chmod 640 "$PREFIX/etc/nats-leaf.conf"
+        if [ -e "$PREFIX/etc/nats-leaf.creds" ]; then
+            chown "root:$OUTPOST_USER" "$PREFIX/etc/nats-leaf.creds"
+            chmod 640 "$PREFIX/etc/nats-leaf.creds"
+        fi
     fi
     units="outpost-agent.service"
     [ "$leaf" = yes ] && units="outpost-leaf.service $units"
@@ -471,9 +481,10 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
     token from the hub in ``hub_data_dir``; ``wheel`` (an outpost wheel or sdist) is copied in."""
     from nacl.signing import SigningKey
 
-    from core_hub.enroll import JoinTokens
-    from core_hub.natsauth import record_site, refresh_offline
+    from core_hub.enroll import JoinTokens, nats_account
+    from core_hub.natsauth import NatsOperator, record_site, refresh_offline, site_agents
     from core_hub.store import HubStore
+    from federation import natsjwt
     from federation.identity import id_from_public_key
     from federation.natscreds import user_nkey, user_seed
 
@@ -501,23 +512,37 @@ def write_bundle(hub_data_dir: Path, site: str, out: Path, *, hub_url: str | Non
                             made=made)
     store = HubStore(db)
     try:
-        token = JoinTokens(store).create_token(ttl_s, 1, site=site)  # it enrolls this site
+        token = JoinTokens(store, account=nats_account(Path(hub_data_dir))).create_token(
+            ttl_s, 1, site=site)  # it enrolls this site
     finally:
         store.close()
     # The agent's key is made here, so its id, and with it what the site's leaf may carry, is
     # known before it enrolls (a leaf link that is up keeps the permissions it came with).
     agent_key, leaf_key = SigningKey.generate(), SigningKey.generate()
-    record_site(Path(hub_data_dir), site, user_nkey(bytes(leaf_key.verify_key)),
+    leaf_nkey = user_nkey(bytes(leaf_key.verify_key))
+    record_site(Path(hub_data_dir), site, leaf_nkey,
                 [id_from_public_key(bytes(agent_key.verify_key))])
-    refresh_offline(Path(hub_data_dir))  # a hub with least privilege lets the leaf in now
+    refresh_offline(Path(hub_data_dir))  # the site's earlier leaf (if any) is refused now
+    leaf_creds = None
+    if NatsOperator.exists(Path(hub_data_dir)):  # a hub with least privilege: the leaf's JWT
+        operator = NatsOperator.load(Path(hub_data_dir))
+        store = HubStore(db)
+        try:
+            revoked = {a for a, in store._db.execute("SELECT id FROM agents WHERE revoked = 1")}
+        finally:
+            store.close()
+        leaf_creds = natsjwt.creds(
+            operator.leaf_jwt(leaf_nkey, site, site_agents(Path(hub_data_dir), site, revoked)),
+            user_seed(bytes(leaf_key)))
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
     (out / "agent.key").touch(0o600)
     (out / "agent.key").write_bytes(bytes(agent_key))
     files = {
         "edge.toml": (edge_toml(site, f"nats://{LEAF_LISTEN}", token), 0o600),
-        "nats-leaf.conf": (leaf_conf(site, hub_url, leaf_seed=user_seed(bytes(leaf_key))),
-                           0o600),
+        "nats-leaf.conf": (leaf_conf(site, hub_url, leaf_creds=f"{DEFAULT_PREFIX}/etc/"
+                                     f"{LEAF_CREDS}" if leaf_creds else None), 0o600),
+        **({LEAF_CREDS: (leaf_creds, 0o600)} if leaf_creds else {}),
         "outpost-agent.service": (agent_unit(), 0o644),
         "outpost-leaf.service": (leaf_unit(), 0o644),
         "install.sh": (script, 0o755),

@@ -65,7 +65,7 @@ from federation.errors import (
     Unauthorized,
 )
 from federation.identity import id_from_public_key, load_or_create_key
-from federation.natscreds import reply_in_inbox
+from federation.natscreds import TOKEN_ACCOUNT_SEP, reply_in_inbox
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,17 @@ _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 
 
 def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """The digest a token is kept as: of its secret part (a ``.<account>`` tail, the NATS
+    account the agent logs in to for enrolling, is public and not part of it)."""
+    return hashlib.sha256(token.split(TOKEN_ACCOUNT_SEP, 1)[0].encode()).hexdigest()
+
+
+def nats_account(data_dir: Path) -> str | None:
+    """The OUTPOST account public nkey of a hub in operator mode (None: no NATS auth there):
+    join tokens carry it, so an agent can make its enroll login."""
+    from core_hub.natsauth import NatsOperator
+
+    return NatsOperator.load(data_dir).account if NatsOperator.exists(data_dir) else None
 
 
 def load_hub_signer(data_dir: Path) -> wire.Signer:
@@ -96,9 +106,11 @@ class JoinTokens:
     ``clock`` returns unix seconds (injected so expiry can be tested without waiting).
     """
 
-    def __init__(self, store: HubStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: HubStore, *, clock: Callable[[], float] = time.time,
+                 account: str | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._account = account  # the hub's NATS account, appended to new tokens
 
     def create_token(self, ttl_s: float, uses: int | None = 1, *, site: str | None = None) -> str:
         """A new token valid for ``ttl_s`` seconds and ``uses`` enrollments (None: unlimited),
@@ -120,7 +132,7 @@ class JoinTokens:
                                  uses_left=uses, site=site)
         log.info("join token created", extra={"token_digest": token_digest(token)[:12],
                                               "ttl_s": ttl_s, "uses": uses, "site": site})
-        return token
+        return f"{token}{TOKEN_ACCOUNT_SEP}{self._account}" if self._account else token
 
     def check_token(self, token: str) -> str:
         """The token's digest if it may enroll an agent now; else raise Unauthorized."""
@@ -206,6 +218,9 @@ class Enroller:
         # Called after a new agent was taken back because ``on_enrolled`` failed (the hub
         # removes it from the registry and NATS users again).
         self.on_forgotten: Callable[[str], Awaitable[None]] | None = None
+        # With NATS operator mode: the user JWT for (agent id, its current key), put in the
+        # reply as ``nats_jwt`` (the agent logs in with it; core_hub/natsauth.py).
+        self.issue_jwt: Callable[[str, bytes], str] | None = None
 
     async def start(self) -> None:
         if self._sub is None:
@@ -238,6 +253,10 @@ class Enroller:
                     await self._forget(reply["agent_id"], fresh_token)
                 reply = {"ok": False, "code": "unavailable",
                          "error": "the hub could not record the enrollment; retry"}
+        if reply["ok"] and self.issue_jwt is not None:
+            key = self._store.agent_key(reply["agent_id"])
+            if key is not None:
+                reply["nats_jwt"] = self.issue_jwt(reply["agent_id"], key.public_key)
         await msg.respond(wire.pack(reply))
 
     async def _forget(self, agent_id: str, token_digest: str) -> None:

@@ -27,9 +27,9 @@ from core_hub.lease import Lease, replica_name
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
-    SETUP_KEY_FILE,
     NatsAuth,
-    pid_file_reload,
+    NatsOperator,
+    push_account,
     record_managed,
     signal_reload,
 )
@@ -43,12 +43,6 @@ from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
-from federation.natscreds import (
-    HUB_INBOX_PREFIX,
-    NatsCredentials,
-    hub_credentials,
-    user_seed,
-)
 from federation.streams import ensure_hub_buckets, ensure_streams
 
 log = logging.getLogger(__name__)
@@ -91,8 +85,8 @@ class Hub:
         cfg.data_dir.chmod(0o700)  # keys, tokens, the view and JetStream data live here
         self.lock = DataDirLock(cfg.data_dir, "hub")  # before the view or NATS are touched
         self.store = store = HubStore(cfg.data_dir / "hub.db", loop_writer=True)
-        hub_seed, hub_public = load_or_create_key(cfg.data_dir / "hub.key")
-        self._least_privilege(store, hub_public)
+        hub_seed, _hub_public = load_or_create_key(cfg.data_dir / "hub.key")
+        self._least_privilege(store)
         if cfg.embedded_nats:
             from federation.natsd import NatsServer
 
@@ -101,6 +95,9 @@ class Hub:
             self.natsd.config_extra = f'include "{AUTH_FILE_NAME}"'
             await self.natsd.start()
             self.nats_url = self.natsd.url
+            if self.nats_auth is not None:  # offline tools push account updates there
+                record_managed(cfg.data_dir, self.nats_auth.path, self.natsd.pid_file,
+                               self.nats_url)
         last_error, tries = "", 0
 
         async def _nats_error(exc: Exception) -> None:
@@ -145,6 +142,8 @@ class Hub:
         enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
         enroller.on_enrolled = self._after_agent_change
         enroller.on_forgotten = self._after_agent_forgotten
+        if self.nats_auth is not None:
+            enroller.issue_jwt = self.nats_auth.issue
         ingest = Ingest(js, store)
         liveness = Liveness(self.nc, store, LivenessSettings(
             cfg.disconnected_after_s, cfg.unreachable_after_s, cfg.max_unreachable_per_s,
@@ -280,9 +279,7 @@ class Hub:
         cfg = self.config
         creds: dict[str, Any] = {}
         if self.nats_auth is not None:
-            seed, _public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
-            creds = NatsCredentials(seed=user_seed(seed),
-                                    inbox_prefix=HUB_INBOX_PREFIX).connect_options()
+            creds = self.nats_auth.operator.hub_credentials(setup=True).connect_options()
         retry: dict[str, Any] = (
             {"max_reconnect_attempts": -1, "reconnect_time_wait": NATS_RETRY_S,
              "error_cb": error_cb} if error_cb is not None else {"allow_reconnect": False})
@@ -299,7 +296,10 @@ class Hub:
         key = self.store.agent_key(agent_id)
         if key is not None and key.revoked:  # nothing may be left for a stolen box to read
             await self._purge_commands_of(agent_id)
-        await self.refresh_nats_auth()
+        if key is not None and (key.revoked or key.retired):
+            # Only a revocation or a rotation changes the NATS account (who is refused); an
+            # enrollment needs nothing there: the agent's user JWT is in the reply.
+            await self.refresh_nats_auth()
 
     async def _purge_commands_of(self, agent_id: str) -> None:
         """Purge a revoked agent's command subjects (through a site leaf it may keep its NATS
@@ -318,22 +318,24 @@ class Hub:
             await nc.close()
 
     async def _after_agent_forgotten(self, agent_id: str) -> None:
-        """An enrollment taken back (its set-up failed): out of the registry and NATS users."""
+        """An enrollment taken back (its set-up failed): out of the registry (its user JWT was
+        never sent: the reply said the enrollment failed)."""
         assert self.registry is not None and self.registry.kv is not None
         await self.registry.kv.delete(agent_id)
-        await self.refresh_nats_auth()
 
     async def refresh_nats_auth(self) -> bool:
-        """Make the NATS server's users equal the store's trusted agents (and reload it): after
-        an agent is enrolled, revoked, removed or re-keyed. True if anything changed; a no-op
-        without least privilege (an external NATS with no ``nats_auth_file``)."""
+        """Make the NATS account's revocations equal the store's (revoked agents, keys rotated
+        away past the grace) and push it to the server: after an agent is revoked or re-keyed.
+        True if anything changed; a no-op without least privilege (an external NATS with no
+        ``nats_auth_file``)."""
         if self.nats_auth is None:
             return False
         return await self.nats_auth.refresh()
 
-    def _least_privilege(self, store: HubStore, hub_public: bytes) -> None:
-        """Write the authorization file before the hub connects (the embedded server reads it
-        at start, so it knows the hub's own key from the first moment)."""
+    def _least_privilege(self, store: HubStore) -> None:
+        """NATS operator mode (core_hub/natsauth.py): load or make the operator and account
+        keys and write the server's config include before the hub connects (the embedded
+        server reads it at start)."""
         cfg = self.config
         path = (cfg.data_dir / "nats" / AUTH_FILE_NAME if cfg.embedded_nats
                 else cfg.nats_auth_file)
@@ -342,29 +344,39 @@ class Hub:
                         "(set nats_auth_file and include it in the server's config)",
                         cfg.nats_url)
             return
-        reload = self._reload_embedded if cfg.embedded_nats else (
-            pid_file_reload(cfg.nats_pid_file) if cfg.nats_pid_file else None)
-        _seed, setup_public = load_or_create_key(cfg.data_dir / SETUP_KEY_FILE)
-        self.nats_auth = NatsAuth(path, store, hub_public, reload, sites_from=cfg.data_dir,
-                                  setup_public_key=setup_public)
+        operator = NatsOperator.load(cfg.data_dir)
+        self.nats_auth = NatsAuth(path, store, operator, self._push_account)
         record_managed(cfg.data_dir, path, cfg.data_dir / "nats" / "nats-server.pid"
-                       if cfg.embedded_nats else cfg.nats_pid_file)
+                       if cfg.embedded_nats else cfg.nats_pid_file,
+                       None if cfg.embedded_nats else cfg.nats_url)
         if self.nats_auth.write() and cfg.nats_pid_file is not None:
-            signal_reload(cfg.nats_pid_file)  # an external server learns the hub's key first
+            signal_reload(cfg.nats_pid_file)
 
-    async def _reload_embedded(self) -> None:
-        if self.natsd is not None and self.natsd.running:
-            await self.natsd.reload()
+    async def _push_account(self, account_jwt: str) -> None:
+        assert self.nats_auth is not None
+        await push_account(self.nats_url, self.nats_auth.operator, account_jwt,
+                           _nats_tls(self.config, self.nats_url))
 
     def _nats_credentials(self, hub_seed: bytes) -> dict[str, Any]:
-        return hub_credentials(hub_seed).connect_options() if self.nats_auth else {}
+        if self.nats_auth is None:
+            return {}
+        return self.nats_auth.operator.hub_credentials().connect_options()
 
     async def _agents_to_nats(self, js: Any) -> None:
-        """At start, with least privilege: every trusted agent has a user (the view may have
-        been restored just now). Commands need nothing per agent (federation/commandlog.py)."""
+        """At start, with least privilege: the server gets the account as the store says it
+        now (revocations made while the hub was down, or a view restored just now), and the
+        rotation grace timer starts. Nothing per agent: each holds its own user JWT."""
         if self.nats_auth is None:
             return
-        await self.nats_auth.refresh()
+        assert self.store is not None
+        self.nats_auth.store = self.store  # a replica that took over has a fresh view
+        self.nats_auth.write()
+        jwt = self.nats_auth.current_account_jwt()
+        if jwt is not None:
+            try:
+                await self._push_account(jwt)
+            except Exception as exc:
+                log.warning("could not push the NATS account at start: %r", exc)
         await self.nats_auth.start()
         self.parts.append(self.nats_auth)
 

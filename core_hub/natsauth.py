@@ -1,55 +1,50 @@
-"""NATS least privilege: the hub writes the server's ``authorization`` block from its fleet view.
+"""NATS least privilege in operator mode: the hub is the NATS operator and signs every login.
 
 Without it any client of the hub's NATS could publish events as any agent, read every agent's
 commands, or delete the streams. With it the server itself refuses (a permissions violation),
-before a message reaches the hub or a consumer. The users it lists:
+before a message reaches the hub or a consumer. The server trusts the hub's operator key (its
+config include, ``NatsOperator.server_config``: operator, system account, a full resolver and
+the two accounts preloaded; no users); each client presents a user JWT signed by the hub's
+``OUTPOST`` account key carrying its permissions, and signs the server's nonce with its own
+key. Why JWTs and not an ``authorization`` block: the block listed every agent, so each
+enrollment re-rendered it and reloaded the server (O(fleet) per enrollment; server memory
+grew faster than the fleet, docs/scaling.md). Now an enrollment is one signature.
 
-- the hub: an nkey user from ``hub.key`` with least privilege too (``hub_permissions``): it
-  publishes commands, live-read requests and replies into inboxes, and uses the JetStream API
-  of the streams and buckets named in ``federation/streams.py`` (``HUB_STREAMS``,
-  ``HUB_KV_BUCKETS``: the one list to extend) to read, consume, ack and write KV keys, but it
-  can create, change, purge or delete no stream, so a bug in a responder (or a reply subject
-  nobody checked) cannot wipe the fleet's events or commands;
-- the hub's set-up user, an nkey from ``hub-setup.key``: the same plus creating and updating
-  those streams and buckets, and purging ``OUTPOST_COMMANDS`` (a revoked agent's commands,
-  which a site leaf could otherwise still serve it); never purging events or buckets, never
-  deleting a stream. The hub uses it only while it starts (``Hub._set_up``) and when it
-  revokes an agent (``Hub._purge_commands_of``), each time on a connection it then closes;
-- ``outpost-enroll`` (public password, ``federation/natscreds.py``): may only send an
-  enrollment request and read replies under ``_INBOX_ENROLL.>``;
-- each enrolled, non-revoked agent: an nkey user from its current identity key, allowed to
-  publish its own events and heartbeats (``outpost.v1.events.<id>``, ``outpost.v1.hb.<id>``),
-  its answers to live reads (``outpost.v1.rpcreply.<id>.>``), key rotation requests
-  (``outpost.v1.enroll``, signed by the old and the new key: ``keyrotation.py``), and direct
-  gets of its own command subjects only (``$JS.API.DIRECT.GET.OUTPOST_COMMANDS.outpost.v1.cmd.
-  <id>.*``: the subject names the message; the body form, which names it in JSON, is not
-  allowed); to subscribe to its live-read requests (``outpost.v1.rpc.<id>.>``), its own
-  command subjects (a wake-up when one arrives) and its own inboxes (``_INBOX.<id>.>``).
-  Nothing else: not another agent's subjects, no consumer, not the stream or consumer
-  management API.
+The users, all in the ``OUTPOST`` account:
 
-``NatsAuth.refresh()`` renders the file again and reloads the server. The hub calls it at start
-and from ``Hub._after_agent_change`` (enrolled, revoked, key rotated) through
-``Hub.refresh_nats_auth()``, so a revoked agent's connection is closed and refused from then
-on, and a rotated key replaces the old one; from another process, ``refresh_offline`` does the
-same against the files of a hub's data dir.
+- the hub: ``hub.key`` with least privilege too (``hub_permissions``): it publishes commands,
+  live-read requests and replies into inboxes, and uses the JetStream API of the streams and
+  buckets named in ``federation/streams.py`` (``HUB_STREAMS``, ``HUB_KV_BUCKETS``) to read,
+  consume, ack and write KV keys, but it can create, change, purge or delete no stream;
+- the set-up user, ``hub-setup.key``: the same plus creating and updating those streams and
+  buckets and purging ``OUTPOST_COMMANDS`` (a revoked agent's commands); never purging events
+  or buckets, never deleting a stream. Used only while the hub starts (``Hub._set_up``) and
+  when it revokes an agent, each time on a connection it then closes. Both JWTs are made at
+  each start from today's rules;
+- the public enroll login (``federation/natscreds.enroll_credentials``): the account lists a
+  signing key whose seed is public, scoped to ``ENROLL_PERMISSIONS``, so the server gives any
+  user it signs the right to send an enrollment request and read replies under
+  ``_INBOX_ENROLL.>``, whatever its JWT says. An agent makes it from the account's public key,
+  which join tokens carry (``opj_<secret>.<account>``);
+- each enrolled agent: a user JWT for its identity key (``NatsOperator.agent_jwt``), returned
+  in the enroll reply (and for the new key in a rotation answer), allowed its own events and
+  heartbeats, its answers to live reads, key rotation requests and direct gets of its own
+  command subjects; to subscribe to its live-read requests, its own command subjects and its
+  own inboxes (``_INBOX.<id>.>``). Nothing else;
+- each site leaf: a JWT in its bundle's ``nats-leaf.creds``, leaf connections only, with its
+  agents' subjects in the hub's JetStream domain (``site_permissions``). The bundle makes the
+  agent's key too, so those are fixed when it is made; a new bundle for the site revokes the
+  old leaf.
 
-Edge sites behind a NATS leaf node (``outpost-hub site bundle``, an external NATS with a
-leafnodes port) link with a per-site nkey (``nkey`` in the bundle's ``nats-leaf.conf``) whose
-permissions are those of the site's agents, in the hub's JetStream domain (the leaf maps
-``$JS.API.>`` to ``$JS.hub.API.>``). The bundle makes the agent's key too, so the site's agent
-ids, and with them the leaf's permissions, are fixed when the bundle is made: nats-server does
-not apply changed permissions to a leaf connection that is up (checked with 2.15), so an
-enrollment must not change them. A revoked agent's subjects leave the site's permissions when
-the leaf next connects; until then the hub refuses its envelopes, as for any revoked agent.
-``<data_dir>/nats-sites/<site>.json`` records each site's leaf key and agent ids.
-
-A rotated-away key keeps its user for ``ROTATION_GRACE_S``: the hub refreshes before it answers
-the rotation request, on the agent's old connection, and that answer must still reach it (the
-agent then reconnects with its new key). ``NatsAuth.run`` drops the old key when the grace ends.
-With ``--embedded-nats`` this is on by default; for an external NATS the operator sets
-``nats_auth_file``, includes that file in the server's config, and either sets
-``nats_pid_file`` (same host: the hub sends SIGHUP) or reloads the server after each change.
+Revocation (``NatsAuth.refresh``): the account JWT's ``revocations`` list every revoked agent's
+keys, keys rotated away more than ``ROTATION_GRACE_S`` ago (the rotation answer must still
+reach the old connection) and replaced site leaves; when that set changes the hub re-signs the
+account, keeps it in ``nats-account.jwt`` and pushes it as the system user
+(``$SYS.REQ.ACCOUNT.<account>.CLAIMS.UPDATE``): the server closes the revoked user's
+connections at once. ``refresh_offline`` does the same from another process (the preload in the
+include covers a server that is down). With ``--embedded-nats`` this is on by default; for an
+external NATS the operator sets ``nats_auth_file``, writes it with ``outpost-hub nats-auth``
+and includes it in the server's config.
 """
 
 from __future__ import annotations
@@ -58,24 +53,27 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core_hub.store import HubStore
-from federation import objstore, subjects
+from federation import natsjwt, objstore, subjects
 from federation.errors import OutpostError
 from federation.natscreds import (
     AGENT_INBOX_ROOT,
     ENROLL_INBOX_PREFIX,
-    ENROLL_PASSWORD,
-    ENROLL_USER,
+    ENROLL_SIGNER_SEED,
     HUB_INBOX_PREFIX,
+    NatsCredentials,
     agent_inbox_prefix,
     user_nkey,
+    user_seed,
 )
 from federation.streams import HUB_KV_BUCKETS, HUB_STREAMS
 from federation.subjects import MANIFESTS_BUCKET
@@ -179,67 +177,221 @@ ENROLL_PERMISSIONS: dict[str, Any] = {
 }
 
 
-def render(hub_public_key: bytes, agents: Iterable[tuple[str, bytes]],
-           sites: Iterable[tuple[str, list[str]]] = (),
-           setup_public_key: bytes | None = None) -> str:
-    """The ``authorization { users = [...] }`` block for the hub (and its set-up user),
-    ``agents`` (id, raw public key) and site leaves (leaf nkey, agent ids). JSON is valid NATS
-    config syntax, so every value is quoted safely."""
-    users: list[dict[str, Any]] = [
-        {"nkey": user_nkey(hub_public_key), "permissions": hub_permissions(),
-         "allowed_connection_types": ["STANDARD"]},
-        *([{"nkey": user_nkey(setup_public_key), "permissions": hub_permissions(setup=True),
-            "allowed_connection_types": ["STANDARD"]}] if setup_public_key else []),
-        {"user": ENROLL_USER, "password": ENROLL_PASSWORD, "permissions": ENROLL_PERMISSIONS,
-         "allowed_connection_types": ["STANDARD"]},
-    ]
-    for agent_id, public_key in sorted(agents):
-        users.append({"nkey": user_nkey(public_key), "permissions": agent_permissions(agent_id),
-                      "allowed_connection_types": ["STANDARD"]})
-    for leaf_nkey, agent_ids in sorted(sites):
-        users.append({"nkey": leaf_nkey, "permissions": site_permissions(agent_ids),
-                      "allowed_connection_types": ["LEAFNODE"]})
-    lines = ",\n    ".join(json.dumps(user, separators=(", ", ": ")) for user in users)
-    return ("# written by core_hub/natsauth.py from the hub's enrolled agents; do not edit\n"
-            f"authorization {{\n  users = [\n    {lines}\n  ]\n}}\n")
+# -- operator mode: the hub's keys, JWTs and the server's config -------------------------------
+
+OPERATOR_KEY_FILE = "nats-operator.nk"  # in the hub's data dir, each an nkey seed, 0600
+SYS_ACCOUNT_KEY_FILE = "nats-sys-account.nk"
+ACCOUNT_KEY_FILE = "nats-account.nk"  # the OUTPOST account: it signs every user JWT
+SYSTEM_USER_KEY_FILE = "nats-sys-user.nk"  # pushes account updates ($SYS.REQ.ACCOUNT...)
+ACCOUNT_JWT_FILE = "nats-account.jwt"  # the OUTPOST account JWT as last signed (revocations)
+RESOLVER_DIR = "jwt"  # beside the auth file: the server's full resolver keeps accounts there
+ACCOUNT_NAME = "OUTPOST"
+MAX_CONTROL_LINE = 65536  # bytes; nats-server's default (4 KB) is less than the hub's JWT
+FAR_FUTURE = 2**31 - 1  # a revocation with no known time: every JWT of that key, ever
 
 
-def trusted_agents(store: HubStore) -> list[tuple[str, bytes]]:
-    """(id, public key) of every enrolled agent that is not revoked."""
-    return [(agent["id"], bytes.fromhex(agent["public_key"]))
-            for agent in store.list_agents() if not agent["revoked"]]
+def _load_or_create_seed(path: Path, kind: str) -> str:
+    """An nkey seed kept in ``path`` (0600), made on first use."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    seed = natsjwt.new_seed(kind)
+    write_auth_file(path, seed + "\n")
+    return seed
+
+
+@dataclass(frozen=True, slots=True)
+class NatsOperator:
+    """The hub's NATS identity in operator mode: the operator key (the server trusts it), the
+    system account and its user (to push account updates), the OUTPOST account (every user of
+    the fleet is in it) and the hub's two users (``hub.key``, ``hub-setup.key``, raw Ed25519
+    seeds, as before). Everything lives in the hub's data dir."""
+
+    data_dir: Path
+    operator_seed: str
+    sys_account_seed: str
+    account_seed: str
+    system_user_seed: str
+    hub_seed: bytes
+    setup_seed: bytes
+
+    @classmethod
+    def load(cls, data_dir: Path) -> NatsOperator:
+        """Load the keys from ``data_dir``, making the missing ones."""
+        from federation.identity import load_or_create_key
+
+        data_dir = Path(data_dir)
+        hub_seed, _ = load_or_create_key(data_dir / "hub.key")
+        setup_seed, _ = load_or_create_key(data_dir / SETUP_KEY_FILE)
+        return cls(data_dir,
+                   _load_or_create_seed(data_dir / OPERATOR_KEY_FILE, natsjwt.OPERATOR),
+                   _load_or_create_seed(data_dir / SYS_ACCOUNT_KEY_FILE, natsjwt.ACCOUNT),
+                   _load_or_create_seed(data_dir / ACCOUNT_KEY_FILE, natsjwt.ACCOUNT),
+                   _load_or_create_seed(data_dir / SYSTEM_USER_KEY_FILE, natsjwt.USER),
+                   hub_seed, setup_seed)
+
+    @staticmethod
+    def exists(data_dir: Path) -> bool:
+        return (Path(data_dir) / OPERATOR_KEY_FILE).exists()
+
+    @property
+    def account(self) -> str:
+        """The OUTPOST account's public nkey (``A...``): join tokens carry it."""
+        return natsjwt.public_of(self.account_seed)
+
+    @property
+    def sys_account(self) -> str:
+        return natsjwt.public_of(self.sys_account_seed)
+
+    def operator_jwt(self) -> str:
+        return natsjwt.operator_jwt(self.operator_seed, "outpost",  # iat 0: the same text
+                                    system_account=self.sys_account, now=0)
+
+    def sys_account_jwt(self) -> str:
+        return natsjwt.account_jwt(self.operator_seed, self.sys_account, "SYS", now=0)
+
+    def account_jwt(self, revocations: dict[str, int], *, after: int = 0) -> str:
+        """The OUTPOST account: JetStream on, the public enroll signing key (scoped to
+        ``ENROLL_PERMISSIONS``), and ``revocations``. Its ``iat`` is above ``after`` (the
+        last one's): the server's resolver keeps only a newer account JWT."""
+        scope = natsjwt.user_scope(natsjwt.public_of(ENROLL_SIGNER_SEED), "enroll",
+                                   ENROLL_PERMISSIONS)
+        return natsjwt.account_jwt(self.operator_seed, self.account, ACCOUNT_NAME,
+                                   jetstream=True, signing_keys=[scope],
+                                   revocations=revocations, now=max(time.time(), after + 1))
+
+    def user_jwt(self, user: str, name: str, perms: dict[str, Any], *,
+                 connection_types: Iterable[str] = ("STANDARD",)) -> str:
+        return natsjwt.user_jwt(self.account_seed, user, name, perms,
+                                connection_types=connection_types)
+
+    def leaf_jwt(self, leaf: str, site: str, agent_ids: Iterable[str]) -> str:
+        """A site leaf node's user JWT: leaf connections only, its agents' subjects."""
+        return self.user_jwt(leaf, f"leaf-{site}", site_permissions(agent_ids),
+                             connection_types=("LEAFNODE",))
+
+    def agent_jwt(self, agent_id: str, public_key: bytes) -> str:
+        """The user JWT an agent connects with: its identity key, its own subjects only."""
+        return self.user_jwt(user_nkey(public_key), agent_id, agent_permissions(agent_id))
+
+    def hub_credentials(self, *, setup: bool = False) -> NatsCredentials:
+        """The hub's run-time user (or its set-up user), JWT made now from today's rules."""
+        seed = self.setup_seed if setup else self.hub_seed
+        jwt = self.user_jwt(user_nkey(_public(seed)), "outpost-hub-setup" if setup
+                            else "outpost-hub", hub_permissions(setup=setup))
+        return NatsCredentials(seed=user_seed(seed), jwt=jwt, inbox_prefix=HUB_INBOX_PREFIX)
+
+    def system_credentials(self) -> NatsCredentials:
+        jwt = natsjwt.user_jwt(self.sys_account_seed, natsjwt.public_of(self.system_user_seed),
+                               "outpost-system", None)
+        return NatsCredentials(seed=self.system_user_seed, jwt=jwt)
+
+    def server_config(self, resolver_dir: Path, account_jwt: str) -> str:
+        """The operator-mode lines of the server's config (no ``authorization`` block)."""
+        return "\n".join([
+            "# written by core_hub/natsauth.py: NATS operator mode, the hub is the operator;",
+            "# users present JWTs the hub signed, nothing per user is in this file; do not edit",
+            f"operator: {self.operator_jwt()}",
+            f"system_account: {self.sys_account}",
+            "# a CONNECT carries the user JWT: the hub's lists every stream's API subjects",
+            f"max_control_line: {MAX_CONTROL_LINE}",
+            f"resolver: {{ type: full, dir: {json.dumps(str(resolver_dir))}, "
+            'allow_delete: false, interval: "2m" }',
+            "resolver_preload: {",
+            f"  {self.sys_account}: {self.sys_account_jwt()}",
+            f"  {self.account}: {account_jwt}",
+            "}",
+            "",
+        ])
+
+
+def hub_login(data_dir: Path, *, setup: bool = False) -> NatsCredentials:
+    """The hub's NATS login from its data dir (tools, benchmarks): its user JWT in operator
+    mode, else its plain nkey."""
+    from federation.natscreds import hub_credentials
+
+    if NatsOperator.exists(data_dir):
+        return NatsOperator.load(data_dir).hub_credentials(setup=setup)
+    return hub_credentials((Path(data_dir) / (SETUP_KEY_FILE if setup else "hub.key"))
+                           .read_bytes())
+
+
+def _public(seed: bytes) -> bytes:
+    from nacl.signing import SigningKey
+
+    return bytes(SigningKey(seed).verify_key)
+
+
+def revocations(store: HubStore, data_dir: Path | None, now: float) -> dict[str, int]:
+    """Who the OUTPOST account refuses: every revoked agent's keys, keys rotated away from
+    more than ``ROTATION_GRACE_S`` ago, and site leaf keys a newer bundle replaced. Values are
+    unix times (that user's JWTs issued at or before it are refused)."""
+    out: dict[str, int] = {}
+    for public_key, revoked_at, retired in store.nats_revocations():
+        if revoked_at is not None:
+            out[user_nkey(public_key)] = math.ceil(revoked_at) if revoked_at else FAR_FUTURE
+        for old_hex, rotated_at in retired:
+            ends = (rotated_at or 0) + ROTATION_GRACE_S
+            if revoked_at is not None or ends <= now:
+                out[user_nkey(bytes.fromhex(old_hex))] = FAR_FUTURE
+    if data_dir is not None:
+        for leaf in retired_leaves(data_dir):
+            out[leaf] = FAR_FUTURE
+    return out
+
+
+def next_grace_end(store: HubStore, now: float) -> float | None:
+    """When the next rotated-away key's grace ends (monotonic-free unix seconds), if any."""
+    ends = [(rotated_at or 0) + ROTATION_GRACE_S
+            for _key, revoked_at, retired in store.nats_revocations() if revoked_at is None
+            for _old, rotated_at in retired if (rotated_at or 0) + ROTATION_GRACE_S > now]
+    return min(ends) if ends else None
 
 
 def record_site(data_dir: Path, site: str, leaf_nkey: str, agent_ids: Iterable[str]) -> None:
-    """Remember a site's leaf key (a new bundle replaces it) and add its agent ids."""
+    """Remember a site's leaf key (a new bundle replaces it: the old one is revoked) and add
+    its agent ids."""
     path = Path(data_dir) / SITES_DIR / f"{site}.json"
     try:
-        known = json.loads(path.read_text())["agents"]
+        record = json.loads(path.read_text())
+        known, retired = list(record["agents"]), list(record.get("retired_leaf_nkeys", []))
+        if record["leaf_nkey"] != leaf_nkey:
+            retired.append(record["leaf_nkey"])
     except (FileNotFoundError, ValueError, KeyError):
-        known = []
-    record = {"site": site, "leaf_nkey": leaf_nkey,
+        known, retired = [], []
+    record = {"site": site, "leaf_nkey": leaf_nkey, "retired_leaf_nkeys": sorted(set(retired)),
               "agents": sorted({*known, *map(subjects.validate_agent_id, agent_ids)})}
     write_auth_file(path, json.dumps(record, indent=1) + "\n")
 
 
-def site_leaves(data_dir: Path, revoked: set[str]) -> list[tuple[str, list[str]]]:
-    """(leaf nkey, agent ids that are not revoked) of every recorded site."""
+def site_agents(data_dir: Path, site: str, revoked: set[str]) -> list[str]:
+    """The agent ids a site's leaf may carry (recorded, not revoked)."""
+    try:
+        record = json.loads((Path(data_dir) / SITES_DIR / f"{site}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [a for a in record.get("agents", []) if subjects.is_agent_id(a) and a not in revoked]
+
+
+def retired_leaves(data_dir: Path) -> list[str]:
+    """Leaf nkeys of every site whose bundle was made again (the old leaf is refused)."""
     out = []
     for path in sorted((Path(data_dir) / SITES_DIR).glob("*.json")):
         try:
-            record = json.loads(path.read_text())
-            agents = [a for a in record["agents"] if subjects.is_agent_id(a) and a not in revoked]
-            out.append((str(record["leaf_nkey"]), agents))
-        except (ValueError, KeyError, TypeError, OSError):
+            out += [str(k) for k in json.loads(path.read_text()).get("retired_leaf_nkeys", [])]
+        except (ValueError, OSError, AttributeError):
             log.warning("ignoring unreadable site record %s", path, extra={"path": str(path)})
     return out
 
 
-def record_managed(data_dir: Path, auth_file: Path, pid_file: Path | None) -> None:
-    """Note in the hub's data dir which file (and server) the hub keeps its authorization in,
-    so ``refresh_offline`` (another process) finds them."""
+def record_managed(data_dir: Path, auth_file: Path, pid_file: Path | None,
+                   nats_url: str | None = None) -> None:
+    """Note in the hub's data dir which file (and server) the hub keeps its NATS auth in, so
+    ``refresh_offline`` (another process) finds them."""
     write_auth_file(Path(data_dir) / MANAGED_FILE, json.dumps(
-        {"auth_file": str(auth_file), "pid_file": str(pid_file) if pid_file else None}) + "\n")
+        {"auth_file": str(auth_file), "pid_file": str(pid_file) if pid_file else None,
+         "nats_url": nats_url}) + "\n")
 
 
 def write_auth_file(path: Path, text: str) -> bool:
@@ -275,61 +427,97 @@ def signal_reload(pid_file: Path) -> bool:
     return True
 
 
+async def push_account(nats_url: str, operator: NatsOperator, account_jwt: str,
+                       connect_options: dict[str, Any] | None = None) -> None:
+    """Hand the server an updated account JWT as the system user: it applies it at once (a
+    revoked user's connections are closed) and its resolver keeps it."""
+    import nats
+
+    nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5,
+                            name="outpost-hub-system", **(connect_options or {}),
+                            **operator.system_credentials().connect_options())
+    try:
+        reply = await nc.request(f"$SYS.REQ.ACCOUNT.{operator.account}.CLAIMS.UPDATE",
+                                 account_jwt.encode(), timeout=5)
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise NatsAuthError(f"nats-server refused the account update: {answer['error']}")
+    finally:
+        await nc.close()
+
+
 class NatsAuth:
-    """Keeps one authorization file equal to the store's trusted agents.
+    """Keeps the server's view of the OUTPOST account equal to the store: writes the
+    operator-mode config include (operator, system account, resolver, preloaded accounts) and,
+    when who is revoked changes, re-signs the account JWT and pushes it to the running server.
+    Enrollment changes nothing here: the agent's user JWT is all it needs (``issue``).
 
-    Fields: ``path`` (the file the server includes), ``store``, ``hub_public_key`` (raw),
-    ``reload`` (awaited after the file changed: the embedded server's ``reload``, a SIGHUP
-    through a pid file, or None when the operator reloads the server), ``clock`` (monotonic
-    seconds, for the rotation grace), ``sites_from`` (the data dir with ``nats-sites/``)."""
+    Fields: ``path`` (the include the server reads), ``store``, ``operator`` (keys),
+    ``push`` (awaited with a new account JWT: the hub's system-user push, or None when no
+    server is reachable), ``clock`` (unix seconds, for the rotation grace)."""
 
-    def __init__(self, path: Path, store: HubStore, hub_public_key: bytes,
-                 reload: Callable[[], Awaitable[None]] | None = None, *,
-                 sites_from: Path | None = None, setup_public_key: bytes | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, store: HubStore, operator: NatsOperator,
+                 push: Callable[[str], Awaitable[None]] | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.setup_public_key = setup_public_key  # the hub's set-up user, if it has one
-        self.sites_from = sites_from  # the hub's data dir, whose nats-sites/ lists the leaves
         self.store = store
-        self.hub_public_key = bytes(hub_public_key)
-        self.reload = reload
+        self.operator = operator
+        self.push = push
         self.clock = clock
-        self._keys: dict[str, bytes] = {}  # agent id -> the key last written for it
-        self._retiring: dict[str, tuple[bytes, float]] = {}  # old key, grace end
         self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # one write-and-reload at a time (enrollments may overlap)
+        self._lock = asyncio.Lock()  # one re-sign-and-push at a time
+        self._revoked: dict[str, int] | None = None
+
+    @property
+    def account_jwt_path(self) -> Path:
+        return self.operator.data_dir / ACCOUNT_JWT_FILE
+
+    def issue(self, agent_id: str, public_key: bytes) -> str:
+        """The user JWT for an agent just enrolled or rotated to ``public_key``."""
+        return self.operator.agent_jwt(agent_id, public_key)
+
+    def current_account_jwt(self) -> str | None:
+        try:
+            return self.account_jwt_path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def write(self) -> bool:
-        """Render and write the file (no reload); True if it changed."""
-        agents = trusted_agents(self.store)
-        now = self.clock()
-        current = dict(agents)
-        for agent_id, key in self._keys.items():
-            if agent_id in current and current[agent_id] != key:  # rotated since last time
-                self._retiring[agent_id] = (key, now + ROTATION_GRACE_S)
-        self._retiring = {agent_id: (key, until) for agent_id, (key, until)
-                          in self._retiring.items() if agent_id in current and until > now}
-        self._keys = current
-        sites: list[tuple[str, list[str]]] = []
-        if self.sites_from is not None:
-            revoked = {a["id"] for a in self.store.list_agents() if a["revoked"]}
-            sites = site_leaves(self.sites_from, revoked)
-        changed = write_auth_file(self.path, render(
-            self.hub_public_key,
-            [*agents, *((agent_id, key) for agent_id, (key, _) in self._retiring.items())],
-            sites, self.setup_public_key))
+        """Sign the account JWT if what it revokes changed, and write it and the config
+        include; True if the account changed (no push here)."""
+        wanted = revocations(self.store, self.operator.data_dir, self.clock())
+        current = self.current_account_jwt()
+        known: dict[str, int] | None = None
+        last_iat = 0
+        if current is not None:
+            try:
+                claims = natsjwt.decode(current, kind=natsjwt.ACCOUNT)
+                last_iat = int(claims.get("iat", 0))
+                if claims["iss"] == natsjwt.public_of(self.operator.operator_seed):
+                    known = dict(claims["nats"].get("revocations", {}))
+            except (natsjwt.NatsJwtError, KeyError, ValueError):
+                known = None
+        changed = known != wanted
+        if changed or current is None:
+            current = self.operator.account_jwt(wanted, after=last_iat)
+            write_auth_file(self.account_jwt_path, current + "\n")
+        write_auth_file(self.path, self.operator.server_config(
+            self.path.parent / RESOLVER_DIR, current))
         if changed:
-            log.info("NATS authorization written: %d agents", len(agents),
-                     extra={"path": str(self.path), "agents": len(agents)})
+            log.info("NATS account re-signed: %d users revoked", len(wanted),
+                     extra={"path": str(self.account_jwt_path), "revoked": len(wanted)})
+        self._revoked = wanted
         return changed
 
     async def refresh(self) -> bool:
-        """Write the file from the store and, if it changed, have the server apply it: call this
-        after an agent is enrolled, revoked or removed. True if anything changed."""
+        """After an agent is revoked or re-keyed (or a rotation's grace ended): re-sign and
+        push the account if its revocations changed. True if anything changed."""
         async with self._lock:
             changed = self.write()
-            if changed and self.reload is not None:
-                await self.reload()
+            if changed and self.push is not None:
+                jwt = self.current_account_jwt()
+                assert jwt is not None
+                await self.push(jwt)
         return changed
 
     async def start(self) -> None:
@@ -347,31 +535,21 @@ class NatsAuth:
     async def run(self) -> None:
         """Until cancelled: refresh when a rotated-away key's grace ends."""
         while True:
-            ends = [until for _, until in self._retiring.values()]
-            await asyncio.sleep(max(0.0, min(ends) - self.clock()) + 0.01 if ends else 1.0)
-            if any(until <= self.clock() for until in ends):
+            due = next_grace_end(self.store, self.clock())
+            await asyncio.sleep(1.0 if due is None else max(0.0, due - self.clock()) + 0.01)
+            if due is not None and due <= self.clock():
                 try:
                     await self.refresh()
                 except Exception:  # the next change or tick tries again
-                    log.exception("NATS authorization refresh failed")
-
-
-def pid_file_reload(pid_file: Path) -> Callable[[], Awaitable[None]]:
-    """A ``NatsAuth.reload`` for an external nats-server on this host (its ``pid_file``)."""
-    async def reload() -> None:
-        if not signal_reload(pid_file):
-            log.warning("nats-server pid file %s names no running server: not reloaded",
-                        pid_file, extra={"pid_file": str(pid_file)})
-    return reload
+                    log.exception("NATS account refresh failed")
 
 
 def refresh_offline(data_dir: Path) -> bool:
     """From another process than the hub (a site bundle, a revocation while the hub is down):
-    write the authorization file the hub in ``data_dir`` manages from its store and sites, and
-    SIGHUP the server through its pid file. False (and nothing done) if the hub manages none or
-    nothing changed."""
-    from federation.identity import load_or_create_key
-
+    re-sign the OUTPOST account from the hub's store and sites, write it and the config
+    include, and push it to the server if one answers at the recorded URL (else the server
+    reads it when it starts: resolver preload). False (and nothing done) if the hub manages no
+    NATS auth or nothing changed."""
     data_dir = Path(data_dir)
     try:
         managed = json.loads((data_dir / MANAGED_FILE).read_text())
@@ -379,30 +557,69 @@ def refresh_offline(data_dir: Path) -> bool:
         return False
     except ValueError as exc:
         raise NatsAuthError(f"{data_dir / MANAGED_FILE} is not JSON: {exc}") from exc
-    _seed, public = load_or_create_key(data_dir / "hub.key")
-    _seed, setup_public = load_or_create_key(data_dir / SETUP_KEY_FILE)
+    operator = NatsOperator.load(data_dir)
     store = HubStore(data_dir / "hub.db")
     try:
-        changed = NatsAuth(Path(managed["auth_file"]), store, public, sites_from=data_dir,
-                           setup_public_key=setup_public).write()
+        auth = NatsAuth(Path(managed["auth_file"]), store, operator)
+        changed = auth.write()
     finally:
         store.close()
-    pid_file = managed.get("pid_file")
-    if changed and pid_file and not signal_reload(Path(pid_file)):
-        log.info("no running nats-server behind %s: it reads the new file when it starts",
-                 pid_file)
+    url = managed.get("nats_url")
+    if changed and url:
+        jwt = auth.current_account_jwt()
+        assert jwt is not None
+        try:
+            _run_in_thread(lambda: push_account(url, operator, jwt))
+        except Exception as exc:  # noqa: BLE001 (down: it reads the file when it starts)
+            log.info("no nats-server answered at %s (%r): it reads the new account when it "
+                     "starts", url, exc)
     return changed
 
 
-def auth_command(data_dir: Path, out: Path | None, pid_file: Path | None) -> int:
-    """``outpost-hub nats-auth``: (re)write the hub's authorization file from its data dir."""
+def _run_in_thread(make: Callable[[], Awaitable[None]]) -> None:
+    """Run a coroutine to its end from sync code, even when the caller is inside an event
+    loop (a test, a CLI called from async code): in a thread with a loop of its own."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        async def main() -> None:
+            await make()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="nats-account-push")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def auth_command(data_dir: Path, out: Path | None, pid_file: Path | None,
+                 nats_url: str | None = None) -> int:
+    """``outpost-hub nats-auth``: (re)write the hub's operator-mode config include from its
+    data dir (making the operator and account keys on first use)."""
     if out is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        record_managed(data_dir, out.resolve(), pid_file.resolve() if pid_file else None)
+        record_managed(data_dir, out.resolve(), pid_file.resolve() if pid_file else None,
+                       nats_url)
     elif not (data_dir / MANAGED_FILE).exists():
         raise NatsAuthError(f"the hub in {data_dir} manages no NATS authorization yet: "
                             "pass --out (its nats_auth_file)")
-    changed = refresh_offline(data_dir)
     managed = json.loads((data_dir / MANAGED_FILE).read_text())
+    before = _read(Path(managed["auth_file"]))
+    refresh_offline(data_dir)
+    changed = _read(Path(managed["auth_file"])) != before
     print(f"{managed['auth_file']}: {'written' if changed else 'up to date'}")
     return 0
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None

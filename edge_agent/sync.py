@@ -27,7 +27,7 @@ from federation.commandlog import CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
 from federation.loopguard import LoopGuard
-from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials
+from federation.natscreds import agent_credentials, enroll_credentials, token_account
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,13 @@ UNREACHABLE_LOG_S = 10.0  # at most one "cannot reach NATS" line per this many s
 STALL_INTERVALS = 3
 STALL_MIN_S = 10.0
 STALL_PUBLISH_S = 3 * PUBLISH_TIMEOUT
+NATS_AUTH = "nats_auth"  # store meta: "jwt" (the hub issued user JWTs) or "none"
 CLOSE_TIMEOUT_S = 2.0  # nats.py's close drains into the socket, with no bound of its own
+
+
+def _jwt_meta(public: bytes) -> str:
+    """The store meta key of the user JWT for one of the agent's keys."""
+    return f"nats_jwt.{public.hex()}"
 
 
 class LinkStalled(Exception):  # noqa: N818 (a signal to rebuild the link)
@@ -166,8 +172,11 @@ class Sync:
         delay = 0.5
         while True:
             try:
-                await self._connect(enrolling=self.hub_key is None)
-                if self.hub_key is None:
+                # Not enrolled, or enrolled before the hub issued user JWTs: enroll (again;
+                # an enrolled key re-enrolls without using up a token) to get one.
+                enrolling = self.hub_key is None or self.store.get_meta(NATS_AUTH) is None
+                await self._connect(enrolling=enrolling)
+                if enrolling:
                     await self._enroll()
                     # The enroll user may do nothing else: come back as this agent.
                     await self._close()
@@ -272,10 +281,18 @@ class Sync:
         """Who this connection is to NATS (federation/natscreds.py): the public enroll user
         before enrollment, then the agent's own nkey (its identity key)."""
         if enrolling:
-            return ENROLL_CREDENTIALS.connect_options()
+            return enroll_credentials(token_account(self.settings.join_token)).connect_options()
         if self._nats_key is None:
             return {}
-        return agent_credentials(self._nats_key, self.agent_id).connect_options()
+        jwt = self.store.get_meta(_jwt_meta(wire.Signer(self._nats_key).public))
+        return agent_credentials(self._nats_key, self.agent_id, jwt).connect_options()
+
+    def _keep_jwt(self, public: bytes, answer: dict[str, Any]) -> None:
+        """Keep the user JWT the hub issued for ``public`` (none: a NATS without auth)."""
+        jwt = answer.get("nats_jwt")
+        if isinstance(jwt, str) and jwt:
+            self.store.set_meta(_jwt_meta(public), jwt)
+        self.store.set_meta(NATS_AUTH, "jwt" if jwt else "none")
 
     # ------------------------------------------------------------ enrollment
 
@@ -294,6 +311,7 @@ class Sync:
             raise EnrollmentRefused(f"enrollment refused by the core: {answer.get('error')}")
         if answer["agent_id"] != self.agent_id:
             raise OutpostError("enrollment answered for another agent id")
+        self._keep_jwt(self.signer.public, answer)
         self.hub_key = bytes(answer["hub_public_key"])
         self.store.set_meta("hub_public_key", self.hub_key.hex())
         log.info("enrolled with the core", extra={"agent": self.agent_id})
@@ -375,7 +393,10 @@ class Sync:
         try:
             reply = await self.nc.request(subjects.ENROLL, rotation.request(self.signer),
                                           timeout=5)
-            seed = rotation.answered(wire.unpack(reply.data))
+            answer = wire.unpack(reply.data)
+            seed = rotation.answered(answer)
+            if seed is not None:
+                self._keep_jwt(wire.Signer(seed).public, answer)
         except Exception as exc:  # no answer, a garbled one, a full disk: try again later
             log.warning("key rotation not finished, will retry: %r", exc,
                         extra={"agent": self.agent_id})

@@ -29,8 +29,14 @@ from typing import Any
 
 from federation import subjects
 
-ENROLL_USER = "outpost-enroll"
-ENROLL_PASSWORD = "outpost-enroll"  # public: the enroll user can do nothing but enroll
+# The public enroll login (operator mode, core_hub/natsauth.py): a user nkey and an account
+# signing key whose seeds are public on purpose. The hub's OUTPOST account lists that signing
+# key as *scoped* to the enroll permissions, so the server gives any user it signs those and
+# nothing else; an agent makes its own enroll JWT with it, knowing only the account's public
+# key (the tail of its join token, ``token_account``).
+ENROLL_USER_SEED = "SUAJILRHRB4XBY5B4IDYKQCNN2FTEY4BTJ6HZRV5GBNJNTWZHM6HTDWSAM"
+ENROLL_SIGNER_SEED = "SAAHRUGSJR2E3MH7FMSR5TYGZEASYBONKQ7OUFVQ2FPRZ4TKDKQ5AX5GZM"
+TOKEN_ACCOUNT_SEP = "."  # a join token: opj_<secret>[.<OUTPOST account public nkey>]
 ENROLL_INBOX_PREFIX = "_INBOX_ENROLL"
 AGENT_INBOX_ROOT = "_INBOX"  # + ".<agent_id>"
 HUB_INBOX_PREFIX = "_INBOX_HUB"
@@ -91,16 +97,19 @@ def reply_in_inbox(reply: str | None, agent_id: str | None) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class NatsCredentials:
-    """What one connection presents: an nkey ``seed`` (``SU...``) or a ``user``/``password``,
-    and the ``inbox_prefix`` its replies come to. Never logged (``repr`` hides the secret)."""
+    """What one connection presents: an nkey ``seed`` (``SU...``) with its user ``jwt`` (the
+    server's operator mode: the seed signs the server's nonce, the JWT says who may do what),
+    or a ``user``/``password``, and the ``inbox_prefix`` its replies come to. Never logged
+    (``repr`` hides the secret)."""
 
     seed: str | None = None
     user: str | None = None
     password: str | None = None
     inbox_prefix: str = "_INBOX"
+    jwt: str | None = None
 
     def __repr__(self) -> str:
-        who = "nkey" if self.seed else self.user or "anonymous"
+        who = ("jwt" if self.jwt else "nkey") if self.seed else self.user or "anonymous"
         return f"NatsCredentials({who}, inbox_prefix={self.inbox_prefix!r})"
 
     def connect_options(self) -> dict[str, Any]:
@@ -108,21 +117,47 @@ class NatsCredentials:
         options: dict[str, Any] = {"inbox_prefix": self.inbox_prefix}
         if self.seed:
             options["nkeys_seed_str"] = self.seed
+            if self.jwt:
+                jwt = self.jwt.encode()
+                options["user_jwt_cb"] = lambda: jwt
         elif self.user:
             options["user"], options["password"] = self.user, self.password
         return options
 
 
-def agent_credentials(seed: bytes, agent_id: str) -> NatsCredentials:
-    """An enrolled agent: its identity key as an nkey, its own inbox prefix."""
-    return NatsCredentials(seed=user_seed(seed), inbox_prefix=agent_inbox_prefix(agent_id))
+def agent_credentials(seed: bytes, agent_id: str, jwt: str | None = None) -> NatsCredentials:
+    """An enrolled agent: its identity key as an nkey, the user JWT the hub issued it at
+    enrollment (None against a server without auth), its own inbox prefix."""
+    return NatsCredentials(seed=user_seed(seed), jwt=jwt or None,
+                           inbox_prefix=agent_inbox_prefix(agent_id))
 
 
-def hub_credentials(seed: bytes) -> NatsCredentials:
+def hub_credentials(seed: bytes, jwt: str | None = None) -> NatsCredentials:
     """The hub: its signing key as an nkey, its replies under ``_INBOX_HUB`` (its permissions:
-    ``core_hub/natsauth.hub_permissions``)."""
-    return NatsCredentials(seed=user_seed(seed), inbox_prefix=HUB_INBOX_PREFIX)
+    ``core_hub/natsauth.hub_permissions``, in its user JWT)."""
+    return NatsCredentials(seed=user_seed(seed), jwt=jwt, inbox_prefix=HUB_INBOX_PREFIX)
 
 
-ENROLL_CREDENTIALS = NatsCredentials(user=ENROLL_USER, password=ENROLL_PASSWORD,
-                                     inbox_prefix=ENROLL_INBOX_PREFIX)
+def token_account(token: str | None) -> str | None:
+    """The OUTPOST account public nkey a join token carries (None: a hub without operator
+    mode, or an older token)."""
+    if not token or TOKEN_ACCOUNT_SEP not in token:
+        return None
+    account = token.rsplit(TOKEN_ACCOUNT_SEP, 1)[1]
+    return account if re.fullmatch(r"A[A-Z2-7]{55}", account) else None
+
+
+def enroll_credentials(account: str | None) -> NatsCredentials:
+    """The public enroll login for the hub whose OUTPOST account is ``account``: a user JWT
+    made here, signed by the public enroll signing key (the server gives it the enroll
+    permissions only). Without an account (a server without auth), no credentials."""
+    if account is None:
+        return ENROLL_CREDENTIALS
+    from federation import natsjwt
+
+    jwt = natsjwt.user_jwt(ENROLL_SIGNER_SEED, natsjwt.public_of(ENROLL_USER_SEED),
+                           "outpost-enroll", None, issuer_account=account, scoped=True, now=0)
+    return NatsCredentials(seed=ENROLL_USER_SEED, jwt=jwt, inbox_prefix=ENROLL_INBOX_PREFIX)
+
+
+ENROLL_CREDENTIALS = NatsCredentials(inbox_prefix=ENROLL_INBOX_PREFIX)  # no auth: inbox only

@@ -333,3 +333,54 @@ async def publish_raw(url: str, subject: str, data: bytes) -> None:
         await nc.jetstream().publish(subject, data)
     finally:
         await nc.close()
+
+
+# -- NATS logins (operator mode: core_hub/natsauth.py) ----------------------------------------
+
+def hub_nats_creds(data_dir: Path, *, setup: bool = False) -> Any:
+    """The hub's NATS login (its user JWT made from its data dir's keys, as the hub does), or
+    the plain nkey one for a hub without NATS auth."""
+    from core_hub.natsauth import SETUP_KEY_FILE, NatsOperator
+    from federation.natscreds import hub_credentials
+
+    if NatsOperator.exists(data_dir):
+        return NatsOperator.load(data_dir).hub_credentials(setup=setup)
+    return hub_credentials((Path(data_dir) / (SETUP_KEY_FILE if setup else "hub.key"))
+                           .read_bytes())
+
+
+def agent_nats_creds(agent_data_dir: Path, agent_id: str) -> Any:
+    """An enrolled agent's NATS login as an attacker holding its data dir would present it:
+    its identity key and the user JWT the hub issued it (kept in its store)."""
+    from federation import wire
+    from federation.natscreds import agent_credentials
+
+    seed = (Path(agent_data_dir) / "agent.key").read_bytes()
+    db = sqlite3.connect(f"file:{Path(agent_data_dir) / 'agent.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?",
+                         (f"nats_jwt.{wire.Signer(seed).public.hex()}",)).fetchone()
+    finally:
+        db.close()
+    return agent_credentials(seed, agent_id, row[0] if row else None)
+
+
+def enroll_nats_creds(hub_data_dir: Path | None = None) -> Any:
+    """The public enroll login for the hub in ``hub_data_dir`` (its NATS account), or the one
+    for a NATS without auth."""
+    from core_hub.enroll import nats_account
+    from federation.natscreds import enroll_credentials
+
+    return enroll_credentials(nats_account(hub_data_dir) if hub_data_dir else None)
+
+
+def issued_agent_creds(hub_data_dir: Path, seed: bytes, agent_id: str) -> Any:
+    """An agent's login with a user JWT the hub in ``hub_data_dir`` signs now (for agents a
+    test put in the store without an enrollment reply); plain nkey without NATS auth."""
+    from core_hub.natsauth import NatsOperator
+    from federation import wire
+    from federation.natscreds import agent_credentials
+
+    jwt = (NatsOperator.load(hub_data_dir).agent_jwt(agent_id, wire.Signer(seed).public)
+           if NatsOperator.exists(hub_data_dir) else None)
+    return agent_credentials(seed, agent_id, jwt)

@@ -26,14 +26,17 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from core_hub.natsauth import AUTH_FILE_NAME, refresh_offline
 from core_hub.store import HubStore
 from federation import subjects, wire
-from federation.natscreds import (
-    ENROLL_CREDENTIALS,
-    NatsCredentials,
-    agent_credentials,
-    hub_credentials,
-    user_nkey,
+from federation.natscreds import NatsCredentials, user_nkey
+from tests.helpers import (
+    AgentProcess,
+    HubProcess,
+    agent_nats_creds,
+    converged,
+    enroll_nats_creds,
+    hub_nats_creds,
+    joined,
+    wait_until,
 )
-from tests.helpers import AgentProcess, HubProcess, converged, joined, wait_until
 
 
 @pytest.fixture
@@ -69,8 +72,25 @@ def consumer_of(agent_id: str) -> ConsumerConfig:
                           filter_subject=subjects.commands_of(agent_id))
 
 
+def revoked_nkeys(hub_data_dir: Path) -> set[str]:
+    """The user nkeys the hub's NATS account refuses (its JWT's revocations)."""
+    from core_hub.natsauth import ACCOUNT_JWT_FILE
+    from federation import natsjwt
+
+    claims = natsjwt.decode((hub_data_dir / ACCOUNT_JWT_FILE).read_text(), kind="account")
+    return set(claims["nats"].get("revocations", {}))
+
+
+def creds_nkey(creds: NatsCredentials) -> str:
+    """The user nkey a login's JWT is for."""
+    from federation import natsjwt
+
+    assert creds.jwt is not None
+    return str(natsjwt.decode(creds.jwt)["sub"])
+
+
 def creds_of(agent: AgentProcess, agent_id: str) -> NatsCredentials:
-    return agent_credentials((agent.data_dir / "agent.key").read_bytes(), agent_id)
+    return agent_nats_creds(agent.data_dir, agent_id)  # type: ignore[no-any-return]
 
 
 class Watched:
@@ -175,8 +195,7 @@ async def test_an_agent_cannot_act_as_another_or_manage_streams(
                     "CONSUMER.DELETE.OUTPOST_EVENTS.outpost-hub-ingest"):
             await me.violation("publish", f"$JS.API.{api}")
     # All still there, as the hub sees it.
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
-    async with client(url, hub_credentials(hub_seed)) as hub:
+    async with client(url, hub_nats_creds(secure_hub.data_dir)) as hub:
         jsm = hub.nc.jetstream(timeout=5)
         names = {s.config.name for s in await jsm.streams_info()}
         assert {subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM} <= names and "EVIL" not in names
@@ -193,7 +212,7 @@ async def test_the_enroll_user_can_only_enroll_and_anonymous_is_refused(
     assert "Authorization Violation" in await refused(url, None)
     assert "Authorization Violation" in await refused(
         url, NatsCredentials(user="outpost-enroll", password="guess"))
-    async with client(url, ENROLL_CREDENTIALS) as me:
+    async with client(url, enroll_nats_creds(secure_hub.data_dir)) as me:
         nc = me.nc
         # Enrolling is allowed: the hub answers (here: no such token), and the answer holds
         # nothing secret.
@@ -217,8 +236,7 @@ async def test_a_revoked_agent_is_cut_off_after_refresh(
     a, a_id = enrolled(start_agent, secure_hub, "a")
     b, b_id = enrolled(start_agent, secure_hub, "b")
     url = secure_hub.nats_url
-    auth_file = secure_hub.data_dir / "nats" / AUTH_FILE_NAME
-    assert a_id in auth_file.read_text() and b_id in auth_file.read_text()
+    assert revoked_nkeys(secure_hub.data_dir) == set()
     async with client(url, creds_of(b, b_id)):
         pass  # b's key is accepted before
     store = HubStore(secure_hub.data_dir / "hub.db")
@@ -227,7 +245,7 @@ async def test_a_revoked_agent_is_cut_off_after_refresh(
     finally:
         store.close()
     assert refresh_offline(secure_hub.data_dir) is True
-    assert b_id not in auth_file.read_text() and a_id in auth_file.read_text()
+    assert revoked_nkeys(secure_hub.data_dir) == {creds_nkey(creds_of(b, b_id))}
     # The live connection of b is closed and its key is refused from now on.
     wait_until(lambda: not b.api("GET", "/v1/info").body["link"]["connected"], 10,
                what="the revoked agent's NATS link to drop")
@@ -243,16 +261,15 @@ async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
     server's users, so the agent's link drops and its key is refused at once."""
     a, a_id = enrolled(start_agent, secure_hub, "a")
     b, b_id = enrolled(start_agent, secure_hub, "b")
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/drain").status in (200, 202)
-    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as hub:
         await hub.nc.jetstream(timeout=5).get_last_msg(  # b's drain command is stored
             subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/revoke").status == 200
     wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
     assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
     assert len(agent_nkeys(secure_hub, a_id)) == 1
-    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as hub:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as hub:
         jsm = hub.nc.jetstream(timeout=5)
         with pytest.raises(nats.js.errors.NotFoundError):  # nothing left of b's commands
             await jsm.get_last_msg(subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
@@ -301,34 +318,43 @@ async def test_a_rotated_key_keeps_its_user_for_the_grace_then_only_the_new_key_
     key must outlive that answer, and no longer (real server, real store, a settable clock)."""
     from nacl.signing import SigningKey
 
-    from core_hub.natsauth import ROTATION_GRACE_S, NatsAuth
+    from core_hub.natsauth import ROTATION_GRACE_S, NatsAuth, NatsOperator, push_account
     from federation.identity import id_from_public_key
+    from federation.natscreds import agent_credentials
     from federation.natsd import NatsServer
 
-    hub_key, old, new = (SigningKey.generate() for _ in range(3))
+    old, new = (SigningKey.generate() for _ in range(2))
     agent_id = id_from_public_key(bytes(old.verify_key))
     store = HubStore(tmp_path / "hub.db")
     now = [1000.0]
+    operator = NatsOperator.load(tmp_path)
     server = NatsServer(tmp_path / "nats", config_extra=f'include "{AUTH_FILE_NAME}"')
-    auth = NatsAuth(server.store_dir / AUTH_FILE_NAME, store, bytes(hub_key.verify_key),
-                    server.reload, clock=lambda: now[0])
+
+    async def push(jwt: str) -> None:
+        await push_account(server.url, operator, jwt)
+
+    auth = NatsAuth(server.store_dir / AUTH_FILE_NAME, store, operator, push,
+                    clock=lambda: now[0])
     try:
         store.enroll_agent(agent_id, bytes(old.verify_key), name="a", site="s", labels={},
                            resources={}, version="", now=0)
         auth.write()
         await server.start()
-        async with client(server.url, agent_credentials(bytes(old), agent_id)):
+        old_jwt = auth.issue(agent_id, bytes(old.verify_key))
+        async with client(server.url, agent_credentials(bytes(old), agent_id, old_jwt)):
             pass
-        store.rotate_agent_key(agent_id, bytes(old.verify_key), bytes(new.verify_key), 5, 0)
-        assert await auth.refresh() is True
-        for key in (old, new):  # both, during the grace
-            async with client(server.url, agent_credentials(bytes(key), agent_id)):
+        store.rotate_agent_key(agent_id, bytes(old.verify_key), bytes(new.verify_key), 5,
+                               now[0])
+        new_jwt = auth.issue(agent_id, bytes(new.verify_key))
+        assert await auth.refresh() is False  # nothing to refuse yet
+        for key, jwt in ((old, old_jwt), (new, new_jwt)):  # both, during the grace
+            async with client(server.url, agent_credentials(bytes(key), agent_id, jwt)):
                 pass
         now[0] += ROTATION_GRACE_S + 1
         assert await auth.refresh() is True
         assert "Authorization Violation" in await refused(
-            server.url, agent_credentials(bytes(old), agent_id))
-        async with client(server.url, agent_credentials(bytes(new), agent_id)):
+            server.url, agent_credentials(bytes(old), agent_id, old_jwt))
+        async with client(server.url, agent_credentials(bytes(new), agent_id, new_jwt)):
             pass
     finally:
         await server.stop()
@@ -348,7 +374,7 @@ def test_key_rotation_under_least_privilege(start_agent: Callable[..., AgentProc
     new = creds_of(a, a_id)
     assert new.seed != old.seed
     new_nkey = user_nkey(wire.Signer((a.data_dir / "agent.key").read_bytes()).public)
-    assert new_nkey in (secure_hub.data_dir / "nats" / AUTH_FILE_NAME).read_text()
+    assert creds_nkey(new) == new_nkey  # the hub issued the new key its user JWT
     # The agent's link is now the new key's (the server's own list of connections says so).
     wait_until(lambda: agent_nkeys(secure_hub, a_id) == [new_nkey], 15,
                what="the agent connected as its new key")
@@ -409,21 +435,24 @@ def test_a_site_leaf_carries_only_its_agents(
         assert "Authorization Violation" in asyncio.run(refused(servers[0].url, None))
         out = tmp_path / "bundle"
         bundle.write_bundle(hub_dir, "berlin", out, hub_url=f"nats-leaf://127.0.0.1:{leaf_port}")
-        seed = re.search(r'nkey: "(SU[A-Z2-7]+)"', (out / "nats-leaf.conf").read_text())
-        assert seed is not None and (out / "nats-leaf.conf").stat().st_mode & 0o077 == 0
+        assert re.search(r'credentials: "[^"]+/nats-leaf.creds"',
+                         (out / "nats-leaf.conf").read_text())
+        creds = out / bundle.LEAF_CREDS
+        assert creds.stat().st_mode & 0o077 == 0 and "SU" in creds.read_text()
 
-        def leaf(name: str, leaf_seed: str | None) -> ConfServer:
+        def leaf(name: str, leaf_creds: Path | None) -> ConfServer:
             port, http = free_port(), free_port()
             conf = tmp_path / name / "nats-leaf.conf"
             conf.parent.mkdir()
             conf.write_text(bundle.leaf_conf("berlin", f"nats-leaf://127.0.0.1:{leaf_port}",
                                              data_dir=str(conf.parent), listen=f"127.0.0.1:{port}",
-                                             http=f"127.0.0.1:{http}", leaf_seed=leaf_seed))
+                                             http=f"127.0.0.1:{http}",
+                                             leaf_creds=str(leaf_creds) if leaf_creds else None))
             server = ConfServer(conf, port, http)
             servers.append(server)
             return server.start()
 
-        site = leaf("site", seed.group(1))
+        site = leaf("site", creds)
         wait_until(lambda: servers[0].leafs() == 1, 15, what="the site's leaf linked")
         (tmp_path / "berlin").mkdir()
         (tmp_path / "berlin" / "agent.key").write_bytes((out / "agent.key").read_bytes())

@@ -25,9 +25,9 @@ from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.commandlog import CommandReader
 from federation.identity import id_from_public_key
-from federation.natscreds import ENROLL_CREDENTIALS, agent_credentials, hub_credentials
+from federation.natscreds import enroll_credentials, token_account
 from federation.natsd import NatsServer
-from tests.helpers import HubProcess, wait_until
+from tests.helpers import HubProcess, hub_nats_creds, issued_agent_creds, wait_until
 
 PRE_ENROLLED = 1000
 ENROLLED_LIVE = 5
@@ -41,7 +41,8 @@ def new_key() -> tuple[bytes, bytes, str]:
 
 async def enroll(url: str, token: str, seed: bytes, name: str) -> dict[str, object]:
     """One enrollment request, as edge_agent/sync.py sends it."""
-    nc = await nats.connect(url, allow_reconnect=False, **ENROLL_CREDENTIALS.connect_options())
+    nc = await nats.connect(url, allow_reconnect=False,
+                            **enroll_credentials(token_account(token)).connect_options())
     try:
         request = wire.enroll_request(wire.Signer(seed), token, name=name, site="bulk",
                                       resources={"cpus": 1, "mem_mb": 256})
@@ -52,7 +53,8 @@ async def enroll(url: str, token: str, seed: bytes, name: str) -> dict[str, obje
         await nc.close()
 
 
-async def read_commands(url: str, seed: bytes, agent_id: str, hub_key: bytes) -> list[str]:
+async def read_commands(url: str, seed: bytes, agent_id: str, hub_key: bytes,
+                        hub_data_dir: Path) -> list[str]:
     """The kinds of the agent's commands, read with its own credentials by its real reader."""
     got: list[str] = []
 
@@ -62,7 +64,8 @@ async def read_commands(url: str, seed: bytes, agent_id: str, hub_key: bytes) ->
         got.append(env.kind)
 
     nc = await nats.connect(url, allow_reconnect=False,
-                            **agent_credentials(seed, agent_id).connect_options())
+                            **issued_agent_creds(hub_data_dir, seed, agent_id)
+                            .connect_options())
     try:
         await CommandReader(nc, nc.jetstream(timeout=10), agent_id, 0, apply,
                             lambda _d: False).catch_up()
@@ -119,7 +122,8 @@ def test_more_than_1000_agents_enroll_and_each_gets_its_commands(
         ids = list(seeds)
         for start in range(0, len(ids), 50):
             batch = ids[start:start + 50]
-            kinds = await asyncio.gather(*(read_commands(hub.nats_url, seeds[a], a, hub_key)
+            kinds = await asyncio.gather(*(read_commands(hub.nats_url, seeds[a], a, hub_key,
+                                                         hub.data_dir)
                                            for a in batch))
             out.update(zip(batch, kinds, strict=True))
         return out
@@ -129,8 +133,8 @@ def test_more_than_1000_agents_enroll_and_each_gets_its_commands(
     # No durable consumer per agent was made: the server keeps nothing per agent.
 
     async def consumers() -> int:
-        nc = await nats.connect(hub.nats_url, **hub_credentials(
-            (hub.data_dir / "hub.key").read_bytes()).connect_options())
+        nc = await nats.connect(hub.nats_url,
+                                **hub_nats_creds(hub.data_dir).connect_options())
         try:
             return len(await nc.jetstream().consumers_info(subjects.COMMANDS_STREAM))
         finally:

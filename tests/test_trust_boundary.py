@@ -33,9 +33,17 @@ import orjson
 import pytest
 
 from federation import subjects, wire
-from federation.natscreds import ENROLL_CREDENTIALS, hub_credentials
 from federation.streams import AGENTS_BUCKET
-from tests.helpers import ROOT, AgentProcess, HubProcess, converged, joined, wait_until
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    converged,
+    enroll_nats_creds,
+    hub_nats_creds,
+    joined,
+    wait_until,
+)
 from tests.test_nats_auth import client, creds_of, enrolled
 
 
@@ -66,8 +74,7 @@ def applied_seq(hub: HubProcess, agent_id: str) -> int:
 
 async def stream_counts(hub: HubProcess, *filters: str) -> dict[str, int]:
     """Messages in each stream (and on each filtered events subject), as the hub sees them."""
-    async with client(hub.nats_url, hub_credentials((hub.data_dir / "hub.key").read_bytes())
-                      ) as me:
+    async with client(hub.nats_url, hub_nats_creds(hub.data_dir)) as me:
         js = me.nc.jetstream(timeout=5)
         out = {name: (await js.stream_info(name)).state.messages
                for name in (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM,
@@ -98,7 +105,7 @@ async def test_the_hub_answers_only_into_the_requesters_inbox(
             subjects.events(b_id), subjects.command(b_id, 1), subjects.heartbeat(b_id),
             f"_INBOX.{b_id}.x.y", "_INBOX_HUB.x", "_INBOX_ENROLL.*", "_INBOX_ENROLL.>"]
     junk = wire.pack({"token": "nope"})
-    async with client(secure_hub.nats_url, ENROLL_CREDENTIALS) as me:
+    async with client(secure_hub.nats_url, enroll_nats_creds(secure_hub.data_dir)) as me:
         for reply in evil:
             await me.nc.publish(subjects.ENROLL, junk, reply=reply)
         # Answered in order by the one subscription: once this answer is here, all were seen.
@@ -135,8 +142,7 @@ async def test_the_hubs_own_nats_user_cannot_purge_or_delete(
     not purge, delete or reconfigure a stream or bucket; the hub still runs its whole flow."""
     a, a_id = enrolled(start_agent, secure_hub, "a")
     before = await stream_counts(secure_hub)
-    hub_seed = (secure_hub.data_dir / "hub.key").read_bytes()
-    async with client(secure_hub.nats_url, hub_credentials(hub_seed)) as me:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as me:
         js = me.nc.jetstream(timeout=1)
         info = await js.stream_info(subjects.EVENTS_STREAM)  # reading is allowed
         config = info.config
@@ -166,8 +172,7 @@ async def test_the_hubs_own_nats_user_cannot_purge_or_delete(
 async def test_a_corrupt_registry_record_is_skipped_not_fatal(
         start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
     a, a_id = enrolled(start_agent, secure_hub, "a")
-    async with client(secure_hub.nats_url,
-                      hub_credentials((secure_hub.data_dir / "hub.key").read_bytes())) as me:
+    async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as me:
         kv = await me.nc.jetstream(timeout=5).key_value(AGENTS_BUCKET)
         await kv.put("x", wire.pack({"ok": False, "code": "unauthorized"}))  # an old reply
         await kv.put("agarbage", b"\xc1 not msgpack")
@@ -231,7 +236,7 @@ def publish_as(agent: AgentProcess, agent_id: str, url: str, first: int,
 
 def enroll_as(hub: HubProcess, signer: wire.Signer, token: str, **fields: Any) -> dict[str, Any]:
     async def ask() -> dict[str, Any]:
-        async with client(hub.nats_url, ENROLL_CREDENTIALS) as me:
+        async with client(hub.nats_url, enroll_nats_creds(hub.data_dir)) as me:
             reply = await me.nc.request(subjects.ENROLL, wire.enroll_request(
                 signer, token, **{"labels": {}, "resources": {"cpus": 1}, **fields}), timeout=5)
             answer: dict[str, Any] = wire.unpack(reply.data)

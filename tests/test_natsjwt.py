@@ -1,0 +1,179 @@
+"""NATS operator mode: the hub's JWTs against a real nats-server (no mocks).
+
+The JWT codec round trip; a server trusting the hub's operator accepts its accounts and users;
+a revocation pushed through the system account cuts a user off at once and refuses it after;
+an enrollment changes no server config and reloads nothing; an agent's user JWT lets it speak
+only for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from core_hub.natsauth import AUTH_FILE_NAME, NatsAuth, NatsOperator, push_account
+from core_hub.store import HubStore
+from federation import natsjwt, subjects
+from federation.natscreds import (
+    NatsCredentials,
+    agent_credentials,
+    enroll_credentials,
+    user_nkey,
+)
+from federation.natsd import NatsServer
+from tests.helpers import AgentProcess, HubProcess, wait_until
+from tests.test_nats_auth import client, creds_of, enrolled, refused
+
+
+def test_a_jwt_round_trips_and_a_changed_one_does_not_verify() -> None:
+    operator, account, user = (natsjwt.new_seed(k) for k in ("operator", "account", "user"))
+    perms = {"publish": {"allow": ["a.>"], "deny": ["a.b"]}, "subscribe": {"allow": ["c"]}}
+    token = natsjwt.user_jwt(account, natsjwt.public_of(user), "u", perms)
+    claims = natsjwt.decode(token, kind="user")
+    assert claims["iss"] == natsjwt.public_of(account)
+    assert claims["sub"] == natsjwt.public_of(user) and claims["name"] == "u"
+    assert claims["nats"]["pub"] == {"allow": ["a.>"], "deny": ["a.b"]}
+    assert claims["nats"]["sub"] == {"allow": ["c"]} and claims["nats"]["version"] == 2
+    assert claims["nats"]["bearer_token"] is False and len(claims["jti"]) == 52
+    head, body, sig = token.split(".")
+    assert "=" not in token and json.loads(natsjwt._unb64(head)) == natsjwt.HEADER
+    forged = natsjwt._b64(natsjwt._unb64(body).replace(b"a.>", b">>>"))
+    with pytest.raises(natsjwt.NatsJwtError):
+        natsjwt.decode(f"{head}.{forged}.{sig}")
+    with pytest.raises(natsjwt.NatsJwtError):
+        natsjwt.decode(token, kind="account")
+    acc = natsjwt.account_jwt(operator, natsjwt.public_of(account), "A", jetstream=True,
+                              revocations={natsjwt.public_of(user): 5})
+    nats_claims = natsjwt.decode(acc, kind="account")["nats"]
+    assert nats_claims["revocations"] == {natsjwt.public_of(user): 5}
+    assert nats_claims["limits"]["disk_storage"] == -1 and nats_claims["limits"]["conn"] == -1
+    assert natsjwt.read_creds(natsjwt.creds(token, user)) == (token, user)
+    seed = bytes(range(32))
+    assert natsjwt.public_of(natsjwt.seed_from_raw(seed, "user")) == user_nkey(
+        natsjwt.raw_public(natsjwt.public_of(natsjwt.seed_from_raw(seed, "user"))))
+
+
+@pytest.fixture
+def operator_server(tmp_path: Path) -> Iterator[tuple[NatsOperator, NatsServer, NatsAuth,
+                                                      HubStore]]:
+    operator = NatsOperator.load(tmp_path / "hub")
+    store = HubStore(tmp_path / "hub" / "hub.db")
+    server = NatsServer(tmp_path / "nats", config_extra=f'include "{AUTH_FILE_NAME}"')
+
+    async def push(jwt: str) -> None:
+        await push_account(server.url, operator, jwt)
+
+    auth = NatsAuth(server.store_dir / AUTH_FILE_NAME, store, operator, push)
+    auth.write()
+    try:
+        yield operator, server, auth, store
+    finally:
+        store.close()
+
+
+def _agent(store: HubStore, name: str) -> tuple[bytes, str, bytes]:
+    from nacl.signing import SigningKey
+
+    from federation.identity import id_from_public_key
+
+    key = SigningKey.generate()
+    agent_id = id_from_public_key(bytes(key.verify_key))
+    store.enroll_agent(agent_id, bytes(key.verify_key), name=name, site="s", labels={},
+                       resources={}, version="", now=0)
+    return bytes(key), agent_id, bytes(key.verify_key)
+
+
+async def test_a_real_server_takes_the_operators_accounts_and_users_and_a_revocation(
+        operator_server: tuple[NatsOperator, NatsServer, NatsAuth, HubStore]) -> None:
+    operator, server, auth, store = operator_server
+    await server.start()
+    try:
+        # The hub's own user: JetStream works in the OUTPOST account.
+        async with client(server.url, operator.hub_credentials(setup=True)) as hub:
+            js = hub.nc.jetstream(timeout=5)
+            await js.add_stream(name=subjects.EVENTS_STREAM, subjects=["outpost.v1.events.>"])
+            assert (await js.account_info()).limits.max_streams == -1
+        # An agent: its JWT is signed by the account, its nonce by its own key.
+        seed, agent_id, public = _agent(store, "a")
+        jwt = auth.issue(agent_id, public)
+        creds = agent_credentials(seed, agent_id, jwt)
+        async with client(server.url, creds) as me:
+            await me.nc.publish(subjects.heartbeat(agent_id), b"")
+            await me.nc.flush()
+            assert not me.errors
+        # The public enroll login: the scoped signing key gives it the enroll rights only.
+        async with client(server.url, enroll_credentials(operator.account)) as me:
+            await me.nc.publish(subjects.heartbeat(agent_id), b"x")
+            await me.violation("publish", subjects.heartbeat(agent_id))
+        # Without a JWT, or with one the operator never signed: refused.
+        assert "Authorization Violation" in await refused(server.url, None)
+        stranger = natsjwt.new_seed("account")
+        forged = natsjwt.user_jwt(stranger, user_nkey(public), agent_id,
+                                  {"publish": {"allow": [">"]}})
+        assert "Authorization Violation" in await refused(
+            server.url, agent_credentials(seed, agent_id, forged))
+        # Revoked: the live connection is closed at once, and it is refused from then on.
+        async with client(server.url, creds) as me:
+            store.revoke_agent(agent_id, now=1.0e9 * 2)
+            assert await auth.refresh() is True
+            wait_until(lambda: me.nc.is_closed, 5, what="the revoked user disconnected")
+        assert "Authorization Violation" in await refused(server.url, creds)
+        assert await auth.refresh() is False  # nothing more to revoke
+    finally:
+        await server.stop()
+    # A restart reads the account with its revocations from the preload and the resolver.
+    await server.start()
+    try:
+        assert "Authorization Violation" in await refused(server.url, creds)
+        async with client(server.url, operator.hub_credentials()):
+            pass
+    finally:
+        await server.stop()
+
+
+def _server_pid_and_load_time(hub: HubProcess) -> tuple[int, str]:
+    ports = next((hub.data_dir / "nats" / "ports").glob("*.ports"))
+    monitor = json.loads(ports.read_text())["monitoring"][0]
+    with urllib.request.urlopen(f"{monitor}/varz", timeout=5) as resp:
+        varz = json.loads(resp.read())
+    return int((hub.data_dir / "nats" / "nats-server.pid").read_text()), varz["config_load_time"]
+
+
+def test_an_enrollment_changes_no_server_config_and_its_agent_speaks_only_for_itself(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    hub = HubProcess(tmp_path / "hub", "", embedded=True).start()
+    try:
+        a, a_id = enrolled(start_agent, hub, "a")
+        configs = [hub.data_dir / "nats" / AUTH_FILE_NAME,
+                   hub.data_dir / "nats" / "nats-server.conf"]
+        before = [(p.stat().st_mtime_ns, p.read_text()) for p in configs]
+        pid, loaded = _server_pid_and_load_time(hub)
+        b, b_id = enrolled(start_agent, hub, "b")  # the new agent connects as itself
+        wait_until(lambda: any(x["id"] == b_id and x["status"] == "online"
+                               for x in hub.api("GET", "/v1/agents").body["items"]), 15,
+                   what="b online")
+        assert [(p.stat().st_mtime_ns, p.read_text()) for p in configs] == before
+        assert _server_pid_and_load_time(hub) == (pid, loaded)  # same process, no reload
+
+        async def as_b() -> None:
+            async with client(hub.nats_url, creds_of(b, b_id)) as me:
+                await me.nc.publish(subjects.heartbeat(b_id), b"")  # its own: allowed
+                await me.nc.flush()
+                assert not me.errors
+                for subject in (subjects.events(a_id), subjects.heartbeat(a_id)):
+                    await me.nc.publish(subject, b"forged")
+                    await me.violation("publish", subject)
+                await me.nc.subscribe(subjects.commands_of(a_id))
+                await me.violation("subscription", subjects.commands_of(a_id))
+            # b's JWT presented with a's key: the nonce signature is not b's, refused.
+            mixed = NatsCredentials(seed=creds_of(a, a_id).seed, jwt=creds_of(b, b_id).jwt)
+            assert "Authorization Violation" in await refused(hub.nats_url, mixed)
+
+        asyncio.run(as_b())
+    finally:
+        hub.stop()
