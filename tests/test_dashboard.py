@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -510,6 +511,113 @@ def test_following_a_silent_task_is_not_offline(fleet: Fleet, open_tab: Callable
         expect(tab.page.locator("#log-status")).to_contain_text("Following")
     finally:
         fleet.hub.api("DELETE", f"/v1/tasks/{task['id']}")
+
+
+def _push(fleet: Fleet, data: bytes, name: str, version: str, label: str) -> dict[str, Any]:
+    resp = fleet.hub.api("POST", f"/v1/artifacts?name={name}&version={version}"
+                         f"&label={quote(label, safe='')}", raw=data,
+                         headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert resp.status == 201, resp.body
+    return resp.body
+
+
+def test_artifacts_card_shows_holders_per_site_and_staging_shows_progress(
+        fleet: Fleet, open_tab: Callable[..., Tab]) -> None:
+    """Two artifacts pushed at the hub, one staged ahead at berlin: the card (seen by a viewer)
+    lists both, with one holder at berlin for the staged one once berlin's offer lists it, and
+    none for the other; a label with markup shows as text. A task that must fetch a 3 MB
+    artifact over a 256 kB/s cap (a third agent, site bergen) shows its fetch progress in the
+    task table and the task view while staging, then runs, and bergen counts as a holder."""
+    script = b"#!/bin/sh\necho tool\n"
+    tool = _push(fleet, script, "dash-tool", "1.0", "note=<b>bold</b>")
+    big = _push(fleet, b"#!/bin/sh\nexec sleep 600\n" + b"#" * (3 << 20), "dash-big", "2.1",
+                "tier=web")
+    staged = fleet.hub.api("POST", f"/v1/artifacts/{tool['digest']}/stage", {"site": "berlin"})
+    assert staged.status == 202, staged.body
+    assert staged.body["agents"] == [fleet.ids["berlin"]]
+
+    tab = sign_in(open_tab, fleet, fleet.api_token("viewer"))
+    page = tab.page
+    expect(page.locator("#role-badge")).to_have_text("viewer")
+    table = page.locator("#artifact-table")
+    tool_row = table.locator(f'tr[data-digest="{tool["digest"]}"]')
+    big_row = table.locator(f'tr[data-digest="{big["digest"]}"]')
+    expect(tool_row.locator("td.name")).to_contain_text("dash-tool")
+    expect(tool_row.locator("td.version")).to_have_text("1.0")
+    expect(tool_row.locator("td.digest")).to_have_text(tool["sha256"][:12])
+    expect(tool_row.locator("td.size")).to_have_text(f"{len(script)} B")
+    expect(big_row.locator("td.size")).to_have_text("3 MB")
+    expect(big_row.locator("td.name")).to_contain_text("tier=web")
+    # The label's markup is text, never elements.
+    expect(tool_row.locator("td.name .chip")).to_have_text("note=<b>bold</b>")
+    assert tool_row.locator("td.name b").count() == 0
+    # Held by one agent at berlin once its offer lists the artifact; the other by none.
+    holder = tool_row.locator('.holder[data-site="berlin"]')
+    expect(holder.locator(".n")).to_have_text("1", timeout=20_000)
+    expect(holder).to_have_attribute("title", "berlin: berlin-1")
+    expect(tool_row.locator(".holder")).to_have_count(1)
+    expect(big_row.locator(".holder")).to_have_count(0)
+    expect(big_row.locator("td.holders")).to_have_text("no agent yet")
+    expect(page.locator("#artifact-page-info")).to_contain_text("artifact")
+    # The name filter asks the API for one name.
+    page.fill("#artifact-name", "dash-big")
+    expect(table.locator("tbody tr[data-digest]")).to_have_count(1)
+    expect(table.locator("tbody tr[data-digest]")).to_have_attribute("data-digest", big["digest"])
+    page.fill("#artifact-name", "")
+    expect(tool_row).to_be_visible()
+
+    # A slow fetch: a third agent whose artifact fetches are capped at 256 kB/s.
+    data = fleet.root / "agent-bergen"
+    data.mkdir()
+    slow = AgentProcess(data, [
+        "--stop-tasks-on-exit", "--name", "bergen-1", "--site", "bergen", "--cpus", "1",
+        "--mem-mb", "1024", "--nats", fleet.hub.nats_url, "--join-token", fleet.hub.join_token(),
+        "--heartbeat", "0.5", "--artifact-rate-kbps", "256"]).start()
+    try:
+        bergen_id = slow.api("GET", "/v1/info").body["agent_id"]
+        wait_until(lambda: fleet.hub.api("GET", f"/v1/agents/{bergen_id}").body.get("status")
+                   == "online", 20, what="bergen online at the hub")
+        task = fleet.submit({"name": "dash-slow", "command": ["./big"],
+                             "constraints": {"site": "bergen"},
+                             "artifacts": [{"digest": big["digest"], "dest": "big",
+                                            "mode": "0755"}]})
+        # In the task table: staging, with the edge's progress (a bar and its reason).
+        row = page.locator(f'#task-table tr[data-task-id="{task["id"]}"]')
+        expect(row.locator(".state")).to_have_text("staging", timeout=20_000)
+        progress = row.locator(".staging .stage-reason")
+        expect(progress).to_contain_text(
+            re.compile(r"fetching artifact \S+: \d+ of 3 MB \(\d+%\)"), timeout=20_000)
+        expect(row.locator('.staging [role="progressbar"]')).to_have_count(1)
+        # In the task view too (a page of its own), with the artifact the spec names.
+        view = sign_in(open_tab, fleet, fleet.api_token("viewer")).page
+        view.goto(f"{fleet.hub.url}/#/tasks/{task['id']}")
+        expect(view.locator("#tv-state")).to_have_text("staging")
+        staging = fact(view, "Staging")
+        expect(staging).to_contain_text(re.compile(r"fetching artifact \S+: \d+ of 3 MB"))
+        bar = staging.locator('[role="progressbar"]')
+        expect(bar).to_have_count(1)
+        first = int(bar.get_attribute("aria-valuenow") or "0")
+        assert 0 <= first < 100, first
+        # It moves on while the page watches, then the task runs and staging is gone.
+        expect(bar).not_to_have_attribute("aria-valuenow", str(first), timeout=20_000)
+        expect(view.locator("#tv-spec")).to_contain_text(big["digest"][:19])
+        expect(view.locator("#tv-state")).to_have_text("running", timeout=40_000)
+        expect(fact(view, "Staging")).to_have_count(0)
+        expect(row.locator(".state")).to_have_text("running", timeout=15_000)
+        expect(row.locator(".staging")).to_have_count(0)
+        # bergen now holds the big artifact: the card counts it.
+        expect(big_row.locator('.holder[data-site="bergen"] .n')).to_have_text("1",
+                                                                              timeout=20_000)
+        assert page.locator("button.action").count() == 0  # still read-only
+        fleet.hub.api("DELETE", f"/v1/tasks/{task['id']}")
+        fleet.wait_task(task["id"], "killed", timeout=20)
+    finally:
+        slow.stop(signal.SIGTERM)
+        for pid_file in (data / "tasks").glob("*/run.pid"):
+            try:
+                kill_group(int(pid_file.read_text()))
+            except ValueError:
+                pass
 
 
 def test_operator_drains_an_agent(fleet: Fleet, open_tab: Callable[..., Tab]) -> None:

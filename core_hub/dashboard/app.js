@@ -10,6 +10,8 @@
 
 const TOKEN_KEY = "outpost-token";
 const PAGE_SIZE = 50;
+const ARTIFACT_PAGE = 20; // each row asks for its holders too (GET /v1/artifacts/{digest})
+const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
 const AGENTS_PER_SITE = 48;
 const SITES_OPEN_UP_TO = 120; // agents; bigger fleets start with healthy sites folded
 const CAPACITY_SAMPLES = 120; // per site: two minutes at the agents poll's quickest pace
@@ -58,6 +60,18 @@ const clamp = (x, lo, hi) => Math.max(lo, Math.min(hi, x));
 function num(x, digits = 2) {
   if (x === null || x === undefined || Number.isNaN(Number(x))) return "—";
   return String(Number(Number(x).toFixed(digits)));
+}
+
+function bytes(n) {
+  if (n === null || n === undefined || Number.isNaN(Number(n))) return "—";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let x = Number(n);
+  let i = 0;
+  while (x >= 1024 && i < units.length - 1) {
+    x /= 1024;
+    i++;
+  }
+  return `${i ? num(x, x >= 100 ? 0 : 1) : x} ${units[i]}`;
 }
 
 function mem(mb) {
@@ -147,6 +161,7 @@ const S = {
   filter: { site: "", agent: "", state: "", name: "" },
   pages: { cursors: [null], idx: 0, items: [], next: null, gen: 0, sig: "" },
   services: [],
+  artifacts: { cursors: [null], idx: 0, items: [], next: null, gen: 0, sig: "", name: "", note: "" },
   view: null, // {id, task, gen}
   log: null, // {ctl, retry}
   es: null,
@@ -873,7 +888,7 @@ function showTableMessage(text) {
 function renderTaskTable() {
   const p = S.pages;
   const sig = JSON.stringify([p.idx, p.next, canOperate(), p.items.map(t =>
-    [t.id, t.state, t.exit_code, t.restarts, t.updated_at, t.agent_id, agentName(t.agent_id)])]);
+    [t.id, t.state, t.reason, t.exit_code, t.restarts, t.updated_at, t.agent_id, agentName(t.agent_id)])]);
   $("#page-prev").disabled = p.idx === 0;
   $("#page-next").disabled = !p.next;
   const filtered = Object.values(S.filter).some(Boolean);
@@ -893,7 +908,8 @@ function taskRow(t) {
   const tr = h("tr", { dataset: { taskId: t.id, state: t.state } },
     h("td", { class: "name", title: t.name }, t.name),
     h("td", { class: "mono", title: t.id }, short(t.id)),
-    h("td", {}, h("span", { class: `state state-${t.state}`, title: t.reason || "" }, t.state)),
+    h("td", { class: "state-cell" }, h("span", { class: `state state-${t.state}`, title: t.reason || "" }, t.state),
+      stagingProgress(t)),
     h("td", {}, siteOfTask(t)),
     h("td", { title: t.agent_id || "" }, agent ? agent.name : (t.agent_id ? short(t.agent_id) : "—")),
     h("td", { class: "num" }, t.exit_code ?? "—"),
@@ -947,6 +963,122 @@ async function loadServices() {
     rows.push(h("tr", { class: "empty" }, h("td", { colspan: "5" }, `and ${S.services.length - shown.length} more`)));
   }
   body.replaceChildren(...rows);
+}
+
+// ---------------------------------------------------------------- staging progress
+
+/** A staging task's fetch progress, from its reason as the edge keeps it (edge_agent/staging.py:
+ * "fetching artifact NAME:VERSION: 1 of 3 MB (33%)", or "waiting for artifact: ...; retrying in
+ * 2s" when it cannot be had yet): a bar when the reason has a percentage, and the reason. */
+function stagingProgress(t) {
+  if (t.state !== "staging" || !t.reason) return "";
+  const m = /\((\d{1,3})%\)\s*$/.exec(t.reason);
+  const pct = m ? clamp(Number(m[1]), 0, 100) : null;
+  let bar = "";
+  if (pct !== null) {
+    const fill = h("span");
+    fill.style.width = `${pct}%`;
+    bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+      "aria-valuenow": String(pct), "aria-label": "fetch progress" }, fill);
+  }
+  return h("div", { class: `staging${pct === null ? " waiting" : ""}`, title: t.reason },
+    bar, h("span", { class: "stage-reason" }, t.reason));
+}
+
+// ---------------------------------------------------------------- artifacts (one page at a time)
+
+function resetArtifactPages() {
+  const a = S.artifacts;
+  S.artifacts = { cursors: [null], idx: 0, items: [], next: null, gen: a.gen + 1, sig: "", name: a.name, note: "" };
+  pollers.artifacts.now();
+}
+
+async function loadArtifacts() {
+  const a = S.artifacts;
+  const { gen, idx } = a;
+  const q = new URLSearchParams({ limit: String(ARTIFACT_PAGE) });
+  if (a.name) q.set("name", a.name);
+  const cursor = a.cursors[idx];
+  if (cursor) q.set("cursor", cursor);
+  let page;
+  try {
+    page = await api("GET", `/v1/artifacts?${q}`);
+  } catch (e) {
+    // 503: this node has no artifact store (or JetStream is away): say so in the card.
+    if (e instanceof ApiError && (e.status === 400 || e.status === 503) && gen === S.artifacts.gen) {
+      a.note = e.message;
+      a.sig = "";
+      renderArtifacts();
+      return;
+    }
+    throw e;
+  }
+  // Which agents hold each one: the core's answer for one artifact names them ({id, site}
+  // from each agent's latest offer); an edge's answer has no holders.
+  const items = page.items.filter(art => DIGEST_RE.test(art.digest));
+  const details = await Promise.all(items.map(art =>
+    api("GET", `/v1/artifacts/${art.digest}`).catch(e => {
+      if (e instanceof ApiError && e.status === 404) return null; // deleted meanwhile
+      throw e;
+    })));
+  if (gen !== S.artifacts.gen || idx !== S.artifacts.idx) return; // the page or filter changed
+  a.items = items.map((art, i) => ({ ...art, agents: details[i] ? details[i].agents : undefined }))
+    .filter((art, i) => details[i] !== null);
+  a.next = page.next_cursor;
+  a.note = "";
+  renderArtifacts();
+}
+
+function renderArtifacts() {
+  const a = S.artifacts;
+  $("#artifact-prev").disabled = a.idx === 0;
+  $("#artifact-next").disabled = !a.next;
+  setText($("#artifact-page-info"), `Page ${a.idx + 1} · ${a.items.length} artifact${a.items.length === 1 ? "" : "s"}` +
+    `${a.name ? " named " + a.name : ""}${a.next ? " · more on the next page" : ""}`);
+  const sig = JSON.stringify([a.note, a.items.map(x => [x.digest, x.agents, (x.agents || []).map(g => agentName(g.id))])]);
+  if (sig === a.sig) return;
+  a.sig = sig;
+  const body = $("#artifact-table tbody");
+  const message = text => body.replaceChildren(h("tr", { class: "empty" }, h("td", { colspan: "6" }, text)));
+  if (a.note) {
+    message(a.note);
+    return;
+  }
+  if (!a.items.length) {
+    if (a.next) message("Nothing on this page; try the next one.");
+    else if (a.name) message(`No artifact named ${a.name}.`);
+    else message("No artifacts yet. Push one with: outpost artifacts push FILE --name NAME --version VERSION");
+    return;
+  }
+  body.replaceChildren(...a.items.map(artifactRow));
+}
+
+function artifactRow(art) {
+  const labels = Object.entries(art.labels || {});
+  return h("tr", { dataset: { digest: art.digest, name: art.name } },
+    h("td", { class: "name", title: art.name }, art.name,
+      labels.length ? h("span", { class: "labels" }, ...labels.map(([k, v]) => h("span", { class: "chip" }, `${k}=${v}`))) : ""),
+    h("td", { class: "version", title: art.version }, art.version),
+    h("td", { class: "mono digest", title: art.digest }, art.sha256 ? art.sha256.slice(0, 12) : short(art.digest)),
+    h("td", { class: "num size", title: `${art.size} bytes` }, bytes(art.size)),
+    h("td", { class: "created" }, when(art.created)),
+    h("td", { class: "holders" }, heldBy(art.agents)));
+}
+
+/** "berlin 2 · oslo 1": how many agents of each site hold it (their names in the tooltip). */
+function heldBy(agents) {
+  if (agents === undefined) return h("span", { class: "muted" }, "—");
+  if (!agents.length) return h("span", { class: "muted none" }, "no agent yet");
+  const bySite = new Map();
+  for (const g of agents) {
+    if (!bySite.has(g.site)) bySite.set(g.site, []);
+    bySite.get(g.site).push(agentName(g.id));
+  }
+  return h("span", { class: "chips" }, ...[...bySite.keys()].sort().map(site => {
+    const names = bySite.get(site).sort();
+    return h("span", { class: "chip holder", dataset: { site }, title: `${site}: ${names.join(", ")}` },
+      h("span", { class: "site-name" }, site), h("b", { class: "n" }, String(names.length)));
+  }));
 }
 
 // ---------------------------------------------------------------- task view
@@ -1061,7 +1193,8 @@ function renderTask(t) {
     fact("Created", when(t.created_at)),
     fact("Started", when(t.started_at)),
     fact("Finished", when(t.finished_at)),
-    fact("Reason", t.reason || "—", "wide"));
+    fact("Reason", t.reason || "—", "wide"),
+    t.state === "staging" ? fact("Staging", stagingProgress(t), "wide staging-fact") : "");
   const res = t.resources || {};
   const rs = t.restart || {};
   const cons = t.constraints || {};
@@ -1079,6 +1212,9 @@ function renderTask(t) {
     fact("Constraints", consText || "—"),
     fact("Health check", t.health ? `${joinArgs(t.health.command)} every ${t.health.interval}s` : "none"),
     fact("Labels", labels.length ? labels.map(([k, v]) => `${k}=${v}`).join(", ") : "—"),
+    fact("Artifacts", (t.artifacts || []).length ? (t.artifacts || []).map(artifactUse).join("\n") : "—",
+      (t.artifacts || []).length ? "wide artifacts-fact" : ""),
+    t.image ? fact("Image", h("code", {}, t.image)) : "",
     fact("Environment", env.length ? env.map(([k, v]) => `${k}=${v}`).join("\n") : "—", env.length ? "wide" : ""));
   setText($("#tv-json"), JSON.stringify(t, null, 2));
   const actions = $("#task-actions");
@@ -1086,6 +1222,13 @@ function renderTask(t) {
   const hasKill = Boolean(actions.querySelector(".kill"));
   if (wantKill && !hasKill) actions.append(confirmButton("Kill task", "Confirm kill", () => killTask(t), "kill"));
   if (!wantKill && hasKill) actions.replaceChildren();
+}
+
+/** One entry of a task's ``artifacts``: what it names and where it goes in the sandbox. */
+function artifactUse(u) {
+  const what = u.digest ? `${u.digest.slice(0, 19)}…` : `${u.name}:${u.version}`;
+  const how = [u.extract ? "extracted" : "", u.mode ? `mode ${u.mode}` : ""].filter(Boolean).join(", ");
+  return `${what} → ${u.dest || "."}${how ? ` (${how})` : ""}`;
 }
 
 // ---------------------------------------------------------------- log tail (forwarded from the edge)
@@ -1296,8 +1439,11 @@ function onEvent(kind, ev) {
     pollers.agents.soon(1000);
     pollers.services.soon(1500);
     if (S.view && (data.id === S.view.id || data.task_id === S.view.id)) pollers.task.soon(100);
+    if (kind === "result") pollers.artifacts.soon(1000); // a stage command done
   } else {
     pollers.agents.soon(500);
+    // An offer lists the artifacts its agent holds: the holders may have changed.
+    if (kind === "offer" || kind === "agent") pollers.artifacts.soon(1000);
   }
 }
 
@@ -1422,6 +1568,7 @@ const pollers = {
   counts: new Poller("counts", scanCounts, { min: 5000, max: 120000, factor: 6, gap: 3000 }),
   services: new Poller("services", loadServices, { min: 5000, max: 60000, factor: 10, gap: 1000 }),
   task: new Poller("task", loadTask, { min: 2000, max: 15000, factor: 10, gap: 200 }),
+  artifacts: new Poller("artifacts", loadArtifacts, { min: 5000, max: 60000, factor: 10, gap: 2000 }),
 };
 
 function refreshAll() {
@@ -1542,6 +1689,27 @@ function wire() {
       $("#form-result").hidden = true;
     });
   }
+  let artifactTimer = null;
+  $("#artifact-name").addEventListener("input", ev => {
+    clearTimeout(artifactTimer);
+    artifactTimer = setTimeout(() => { S.artifacts.name = ev.target.value.trim(); resetArtifactPages(); }, 300);
+  });
+  $("#artifact-prev").addEventListener("click", () => {
+    const a = S.artifacts;
+    if (a.idx === 0) return;
+    a.idx--;
+    a.gen++;
+    pollers.artifacts.now();
+  });
+  $("#artifact-next").addEventListener("click", () => {
+    const a = S.artifacts;
+    if (!a.next) return;
+    a.cursors[a.idx + 1] = a.next;
+    a.cursors.length = a.idx + 2;
+    a.idx++;
+    a.gen++;
+    pollers.artifacts.now();
+  });
   $("#task-form").addEventListener("submit", submitTask);
   $("#service-form").addEventListener("submit", submitService);
   $("#log-stream").addEventListener("change", () => startLogs());
