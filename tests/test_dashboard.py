@@ -589,7 +589,9 @@ def test_artifacts_card_shows_holders_per_site_and_staging_shows_progress(
             re.compile(r"fetching artifact \S+: \d+ of 3 MB \(\d+%\)"), timeout=20_000)
         expect(row.locator('.staging [role="progressbar"]')).to_have_count(1)
         # In the task view too (a page of its own), with the artifact the spec names.
-        view = sign_in(open_tab, fleet, fleet.api_token("viewer")).page
+        view_tab = sign_in(open_tab, fleet, fleet.api_token("viewer"))
+        view_tab.allow(*OFFLINE_NOISE)  # bergen stops at the end: its log stream goes 503
+        view = view_tab.page
         view.goto(f"{fleet.hub.url}/#/tasks/{task['id']}")
         expect(view.locator("#tv-state")).to_have_text("staging")
         staging = fact(view, "Staging")
