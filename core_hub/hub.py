@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 3.0
 NATS_RETRY_S = 0.5
+JETSTREAM_SETTLE_S = 60.0  # how long a start waits for streams to elect leaders again
 
 
 class Hub:
@@ -129,13 +131,16 @@ class Hub:
         assert store is not None
         signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
-        await registry.open()
-        await registry.restore()
         state = StateMirror(js, store, replicas=cfg.stream_replicas,
                             fence=self.lease.claim if self.lease else None)
-        await state.open()
-        await state.flush()  # changes a crash left unwritten go out before any restore
-        await state.restore()
+
+        async def rebuild() -> None:
+            await registry.open()
+            await registry.restore()
+            await state.open()
+            await state.flush()  # changes a crash left unwritten go out before any restore
+            await state.restore()
+        await _while_jetstream_settles(rebuild, "rebuilding the view from JetStream")
         await state.start()
         self.parts.append(state)
         await self._agents_to_nats(js)
@@ -437,6 +442,25 @@ def _forming(exc: Exception) -> bool:
         return True
     return isinstance(exc, js_errors.APIError) and (
         exc.err_code in (10005, 10008) or exc.code == 503)
+
+
+async def _while_jetstream_settles(step: Callable[[], Awaitable[None]], what: str,
+                                   deadline_s: float = JETSTREAM_SETTLE_S) -> None:
+    """Run ``step`` (idempotent) until it succeeds. On a NATS cluster a stream or bucket has no
+    leader for a few seconds after a node dies, and its API calls time out: a replica that has
+    just taken the lease over must wait that out, not exit and leave the fleet leaderless."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    for attempt in itertools.count(1):
+        try:
+            await step()
+            return
+        except (nats_errors.Error, js_errors.Error, TimeoutError) as exc:
+            if loop.time() >= give_up:
+                raise
+            log.warning("%s: JetStream not ready (%r, try %d); trying again", what, exc,
+                        attempt, extra={"tries": attempt})
+            await asyncio.sleep(1.0)
 
 
 async def _bounded(coro: Any, what: str, seconds: float = STOP_GRACE_S) -> None:
