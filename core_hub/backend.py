@@ -60,6 +60,8 @@ class CoreBackend:
         self.js = js
         self.ingest_stats = ingest_stats
         self.started = time.time()
+        # Which part this replica plays (core_hub/replicaapi.py); a lone hub always leads.
+        self.replica_mode: Callable[[], str] = lambda: "leader"
 
     async def info(self) -> dict[str, Any]:
         return {"role": "core", "version": __version__, "agent_id": None, "name": "hub",
@@ -68,7 +70,7 @@ class CoreBackend:
                 "recent_events_after": recent_after(self.store.stream_seq)}
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "role": "core"}
+        return {"status": "ok", "role": "core", "replica": self.replica_mode()}
 
     # ------------------------------------------------------------ tasks
 

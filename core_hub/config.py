@@ -45,6 +45,9 @@ class HubConfig(NodeConfig):
     events_max_msg_bytes: int = 1 << 20
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    # The API URL other hub replicas forward writes to while this one leads (default: the
+    # address it listens on; set it when that is not what the other replicas reach).
+    advertise_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.nats_url is None and not self.embedded_nats:
@@ -80,6 +83,10 @@ class HubConfig(NodeConfig):
         if not 512 << 10 <= self.events_max_msg_bytes <= 8 << 20:
             self._bad("events_max_msg_bytes", self.events_max_msg_bytes,
                       "512 KiB to 8 MiB (an edge's batches reach 400 kB)")
+        if self.advertise_url is not None and (
+                not self.advertise_url.startswith(("http://", "https://"))
+                or len(self.advertise_url) > 512):
+            self._bad("advertise_url", self.advertise_url, "an http:// or https:// URL")
         check_tls_files(self.nats_tls_cert, self.nats_tls_key, "nats_tls")
         if self.nats_tls_cert is not None and not self.embedded_nats:
             self._bad("nats_tls_cert", str(self.nats_tls_cert),

@@ -22,6 +22,7 @@ from core_hub.config import HubConfig
 from core_hub.dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
 from core_hub.dashboard import dashboard_routes
 from core_hub.enroll import Enroller, JoinTokens, load_hub_signer
+from core_hub.follower import Follower
 from core_hub.hubstate import StateMirror
 from core_hub.ingest import Ingest
 from core_hub.lease import Lease, replica_name
@@ -35,6 +36,7 @@ from core_hub.natsauth import (
     signal_reload,
 )
 from core_hub.registry import Registry
+from core_hub.replicaapi import LEADER, TAKING_OVER, ReplicaRouting, Switch
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
@@ -73,6 +75,10 @@ class Hub:
         self.exit_code = 0  # 3: this replica lost the lease to another and stepped down
         self._stop = asyncio.Event()
         self.artifacts: CoreArtifacts | None = None
+        self.follower: Follower | None = None  # a standby's live view, while it is one
+        self.routing: ReplicaRouting | None = None  # set once this replica served as a standby
+        self._api_backend: Switch | None = None
+        self._api_artifacts: Switch | None = None
 
     async def start(self) -> None:
         import nats
@@ -126,10 +132,11 @@ class Hub:
                                      **_nats_tls(cfg, self.nats_url),
                                      **self._nats_credentials(hub_seed))
         js = self.nc.jetstream(timeout=5)
-        await self._lead(js)
+        signer = load_hub_signer(cfg.data_dir)
+        self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
+        await self._lead(js, signer, ssl_context)
         store = self.store  # a fresh view if this replica took the lease over from another
         assert store is not None
-        signer = load_hub_signer(cfg.data_dir)
         self.registry = registry = Registry(js, store, replicas=cfg.stream_replicas)
         state = StateMirror(js, store, replicas=cfg.stream_replicas,
                             fence=self.lease.claim if self.lease else None)
@@ -170,16 +177,38 @@ class Hub:
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
                               replies_dropped=lambda: enroller.dropped,
                               services=services, on_agent_change=self._after_agent_change)
-        self.admin_token = cfg.admin_token or load_or_create_token(cfg.data_dir / "admin.token")
         self.artifacts = CoreArtifacts(
             js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",
             setup_connection=self._setup_connection,
             send_stage=lambda agent, sha: commander.send(agent, "stage", {"digest": sha}))
         services.artifacts = self.artifacts
-        app = build_app(backend, TokenAuth({self.admin_token: "admin"},
-                                           lookup=store.api_token_role),
+        if self.routing is None:
+            await self._serve(backend, self.artifacts, ssl_context)
+        else:  # a standby that took over: the same socket now answers from the leader's parts
+            self._api_backend.target = backend
+            self._api_artifacts.target = self.artifacts
+            self.routing.mode = LEADER
+            log.info("leading: the API now answers from the leader's view")
+            if self.follower is not None:
+                await _bounded(self.follower.stop(), "stopping the standby's view")
+                self.follower = None
+        backend.replica_mode = lambda: LEADER
+        await self._advertise()
+
+    async def _serve(self, backend: Any, artifacts: Any, ssl_context: Any,
+                     middlewares: list[Any] | None = None) -> None:
+        """Open the API on ``listen`` through switches (a standby's backend is replaced by the
+        leader's at a takeover, on the same socket), and write ``hub.url``."""
+        cfg = self.config
+        self._api_backend, self._api_artifacts = Switch(backend), Switch(artifacts)
+        api_backend = self._api_backend
+        app = build_app(api_backend, TokenAuth(  # type: ignore[arg-type]
+                            {self.admin_token: "admin"},
+                            lookup=lambda d: api_backend.store.api_token_role(d)),
                         extra_routes=dashboard_routes(), public_paths=DASHBOARD_PATHS,
-                        limits=cfg.api_limits, artifact_service=self.artifacts)
+                        limits=cfg.api_limits,
+                        artifact_service=self._api_artifacts,  # type: ignore[arg-type]
+                        middlewares=middlewares)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=1.0, **RUNNER_OPTIONS)
         await self.runner.setup()
@@ -195,20 +224,33 @@ class Hub:
         log.info("hub serving %s; NATS %s", self.url, redact_url(self.nats_url),
                  extra={"url": self.url, "nats": redact_url(self.nats_url)})
 
-    async def _lead(self, js: Any) -> None:
+    async def _advertise(self) -> None:
+        """Put this replica's API URL in the lease bucket: standbys forward writes there."""
+        if self.lease is None:
+            return
+        url = self.config.advertise_url or self.url
+        try:
+            await self.lease.advertise(url)
+        except Exception as exc:  # standbys answer 503 to writes until it is known
+            log.warning("could not advertise the API URL %s: %r", url, exc)
+
+    async def _lead(self, js: Any, signer: Any, ssl_context: Any) -> None:
         """Wait until this replica holds the placement lease (core_hub/lease.py): replicas run
         active/standby, and only the holder enrolls, places, runs services and sends commands.
+        A standby meanwhile serves the API from a live view of its own (core_hub/follower.py),
+        forwarding writes to the leader.
 
         A replica that takes over from another has a view that is out of date (the other
         placed, enrolled and revoked meanwhile) and commands queued under its old term: both
         are dropped and the view is rebuilt from JetStream, as for a deleted view. A hub with
         embedded NATS is the only one on its NATS and always leads."""
         assert self.store is not None
-        if self.config.embedded_nats:
+        cfg = self.config
+        if cfg.embedded_nats:
             return
-        self.lease = lease = Lease(js, replica_name(self.config.data_dir))
+        self.lease = lease = Lease(js, replica_name(cfg.data_dir))
         lease.on_lost = self._lost_lease
-        await lease.open()
+        await _while_jetstream_settles(lease.open, "opening the lease bucket")
         waiting = False
         while True:
             # On a NATS cluster the lease bucket has no leader for a few seconds after a node
@@ -222,19 +264,41 @@ class Hub:
                              holder.holder if holder else "another replica",
                              extra={"holder": holder.holder if holder else None})
                     waiting = True
+                    await self._follow(js, signer, ssl_context)
             except (nats_errors.Error, js_errors.Error, TimeoutError) as exc:
                 log.warning("standby: the lease cannot be read now (%r); trying again", exc)
             await asyncio.sleep(lease.ttl_s / 4)
+        if self.routing is not None:
+            self.routing.mode = TAKING_OVER
         await lease.start()
         if lease.previous not in (None, lease.holder):
             dropped = self.store.command_queue_depth()
             self.store.close()
             for suffix in ("", "-wal", "-shm"):
-                (self.config.data_dir / f"hub.db{suffix}").unlink(missing_ok=True)
-            self.store = HubStore(self.config.data_dir / "hub.db", loop_writer=True)
+                (cfg.data_dir / f"hub.db{suffix}").unlink(missing_ok=True)
+            self.store = HubStore(cfg.data_dir / "hub.db", loop_writer=True)
             log.warning("took the lease over from %s: rebuilding the view from JetStream; "
                         "%d commands queued in an earlier term dropped", lease.previous,
                         dropped, extra={"previous": lease.previous, "dropped": dropped})
+
+    async def _follow(self, js: Any, signer: Any, ssl_context: Any) -> None:
+        """Become a standby that serves: build the live view, then open the API on it."""
+        if self.routing is not None:
+            return
+        assert self.lease is not None
+        cfg = self.config
+        self.follower = follower = Follower(
+            js=js, nc=self.nc, data_dir=cfg.data_dir, replica=self.lease.holder,
+            liveness=LivenessSettings(cfg.disconnected_after_s, cfg.unreachable_after_s,
+                                      cfg.max_unreachable_per_s, cfg.sync_gap_after_s),
+            signer=signer, setup_connection=self._setup_connection)
+        await follower.start()
+        assert follower.backend is not None
+        self.routing = routing = ReplicaRouting(self.lease.holder, self.lease.leader_url)
+        follower.backend.replica_mode = lambda: routing.mode
+        await self._serve(follower.backend, follower.artifacts, ssl_context,
+                          middlewares=[routing.middleware()])
+        await self._advertise()
 
     def _lost_lease(self) -> None:
         log.error("lost the placement lease to another replica: stopping; restarted, this "
@@ -390,6 +454,10 @@ class Hub:
         gone (a hung or dead link) still exits when told to."""
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.routing is not None:
+            await self.routing.close()
+        if self.follower is not None:
+            await _bounded(self.follower.stop(), "stopping the standby's view")
         for part in reversed(self.parts):
             await _bounded(part.stop(), f"stopping {type(part).__name__}")
         if self.nc is not None:

@@ -154,10 +154,12 @@ class Ingest:
                  max_gap_delay_s: float = 30.0, error_delay_s: float = 1.0,
                  ack_wait_s: float = 30.0, max_ack_pending: int = 50_000,
                  max_chunk_bytes: int = 1 << 20,
-                 history_prune_s: float = HISTORY_PRUNE_S) -> None:
+                 history_prune_s: float = HISTORY_PRUNE_S,
+                 inactive_threshold_s: float | None = None) -> None:
         self._js = js
         self._store = store
         self._durable = durable
+        self._inactive_threshold_s = inactive_threshold_s  # a standby's: removed once unused
         self._batch = batch
         self._fetch_timeout_s = fetch_timeout_s
         self._pruned_at = time.monotonic()
@@ -246,7 +248,8 @@ class Ingest:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
             opt_start_seq=start + 1 if start else None,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ack_wait_s, max_deliver=-1,
-            max_ack_pending=self._max_ack_pending, filter_subject=subjects.EVENTS_ALL)
+            max_ack_pending=self._max_ack_pending, filter_subject=subjects.EVENTS_ALL,
+            inactive_threshold=self._inactive_threshold_s)
         await self._js.add_consumer(subjects.EVENTS_STREAM, config)
         self._sub = await self._js.pull_subscribe_bind(durable=self._durable,
                                                       stream=subjects.EVENTS_STREAM)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import socket
 import time
@@ -63,6 +64,11 @@ def replica_name(data_dir: Path) -> str:
         tmp.write_text(rid + "\n")
         tmp.replace(path)
     return f"{socket.gethostname()[:64]}-{rid}"
+
+
+def _api_key(holder: str) -> str:
+    """The lease bucket's key for a replica's advertised API URL (KV keys allow few chars)."""
+    return "api." + re.sub(r"[^-_a-zA-Z0-9]", "_", holder)
 
 
 class LeaseLost(OutpostError):
@@ -206,6 +212,28 @@ class Lease:
         except KeyNotFoundError:
             return None
         return LeaseRecord.decode(entry.value) if entry.value else None
+
+    async def advertise(self, url: str) -> None:
+        """Say where this replica's API serves, so standbys can forward writes to it."""
+        await self._kv.put(_api_key(self.holder), url.encode())
+
+    async def leader_url(self) -> tuple[str | None, str | None]:
+        """The holder of a live lease and the API URL it advertised (None where unknown)."""
+        from nats.js.errors import KeyNotFoundError
+
+        record = await self.holder_now()
+        if record is None or record.expires <= time.time():
+            return None, None
+        try:
+            entry = await self._kv.get(_api_key(record.holder))
+        except KeyNotFoundError:
+            return record.holder, None
+        url = (entry.value or b"").decode("utf-8", "replace")
+        if not url.startswith(("http://", "https://")) or len(url) > 512:
+            log.warning("the lease holder's advertised API URL %r is not one: ignored",
+                        url[:80])
+            return record.holder, None
+        return record.holder, url
 
     async def renew(self) -> None:
         await self.claim()

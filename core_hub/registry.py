@@ -91,6 +91,24 @@ class Registry:
             log.info("restored %d agents from the %s bucket", restored, BUCKET)
         return restored
 
+    def follow(self, key: str, value: bytes | None) -> None:
+        """A standby's view (core_hub.follower) takes one live change of the bucket: a new
+        agent, a rotation, a revocation, or an enrollment taken back (``value`` None)."""
+        if value is None:
+            if self.store.agent_key(key) is not None:
+                self.store.forget_agent(key)
+            return
+        record = _record(key, value)
+        if record is None:
+            self.skipped += 1
+            return
+        if self.store.agent_key(key) is None:
+            self.store.enroll_agent(
+                key, record["public_key"], name=record["name"], site=record["site"],
+                labels=record["labels"], resources=record["resources"],
+                version=record["version"], now=record["enrolled_at"])
+        self._reconcile(key, record)
+
     def _reconcile(self, agent_id: str, record: dict[str, Any]) -> bool:
         """Bring the view up to ``record``; True if the view knows more than the bucket."""
         agent = self.store.get_agent(agent_id)

@@ -770,48 +770,20 @@ class HubStore(Database):
             if db.execute("SELECT 1 FROM kv_dirty WHERE bucket = ? AND key = ?",
                           (bucket, key)).fetchone() is not None:
                 return False  # the view changed it since: the view's change goes out
-            if bucket == "services":
-                svc = dict(record["service"])
-                name, created, updated = svc.pop("name"), svc.pop("created_at"), \
-                    svc.pop("updated_at")
-                done = db.execute("INSERT OR IGNORE INTO services(name, spec, created_at,"
-                                  " updated_at) VALUES (?, ?, ?, ?)",
-                                  (name, _dumps({**svc, "name": name}), created,
-                                   updated)).rowcount
-                if done and record["replaced"]:
-                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
-                               (f"replaced:{name}", _dumps(record["replaced"])))
-            elif bucket == "api_tokens":
-                done = db.execute("INSERT OR IGNORE INTO api_tokens(digest, role, name,"
-                                  " created_at, revoked) VALUES (:digest, :role, :name,"
-                                  " :created_at, :revoked)", record).rowcount
-            elif bucket == "join_tokens":
-                done = db.execute("INSERT OR IGNORE INTO join_tokens(digest, created_at,"
-                                  " expires_at, uses_left, revoked, site) VALUES (:digest,"
-                                  " :created_at, :expires_at, :uses_left, :revoked, :site)",
-                                  {"site": None, **record}).rowcount
-            else:
-                # A launch recorded as sent may have been in the lost view's command queue
-                # only: it is sent again (same command id: JetStream or the edge drops a copy).
-                launch = dict(record["launch"])
-                if launch["status"] == "sent":
-                    launch["status"] = "placing"
-                done = db.execute("INSERT OR IGNORE INTO launches(task_id, spec, agent_id,"
-                                  " command_id, status, excluded, reason, created_at,"
-                                  " updated_at) VALUES (:task_id, :spec, :agent_id,"
-                                  " :command_id, :status, :excluded, :reason, :created_at,"
-                                  " :updated_at)", launch).rowcount
-                task = record.get("task")
-                # An accepted launch's task is the edge's to report (ingest rebuilds it); the
-                # others exist only here: pending, on its way, or killed before placement.
-                if done and task is not None and launch["status"] != "accepted":
-                    db.execute("INSERT OR IGNORE INTO tasks(id, agent_id, name, state,"
-                               " generation, body, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (task["id"], task.get("agent_id") or "", task["name"],
-                                task["state"], task.get("generation", 1), _dumps(task),
-                                launch["updated_at"]))
+            done = _put_state(db, bucket, key, record, verb="INSERT OR IGNORE")
             db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ?", (bucket, key))
-        return bool(done)
+        return done
+
+    def follow_state(self, bucket: str, key: str, record: dict[str, Any] | None) -> None:
+        """A standby's view (core_hub.follower) takes the leader's record as it is now: newer
+        than the view's, or None once the leader deleted it. Marks nothing: a standby writes
+        nothing to KV."""
+        with self.transaction() as db:
+            if record is None:
+                _drop_state(db, bucket, key)
+            else:
+                _put_state(db, bucket, key, record, verb="INSERT OR REPLACE")
+            db.execute("DELETE FROM kv_dirty WHERE bucket = ? AND key = ?", (bucket, key))
 
     # ------------------------------------------------------------ commands on their way
 
@@ -900,3 +872,59 @@ def _token(row: sqlite3.Row) -> dict[str, Any]:
     return {"digest": row["digest"], "created_at": row["created_at"],
             "expires_at": row["expires_at"], "uses_left": row["uses_left"],
             "revoked": bool(row["revoked"]), "site": row["site"]}
+
+
+def _put_state(db: Any, bucket: str, key: str, record: dict[str, Any], *, verb: str) -> bool:
+    """Write one hub-state KV record into the view's rows; ``verb`` says whether a row the
+    view has wins (a restore) or the record does (a standby following the leader)."""
+    if bucket == "services":
+        svc = dict(record["service"])
+        name, created, updated = svc.pop("name"), svc.pop("created_at"), svc.pop("updated_at")
+        done = db.execute(f"{verb} INTO services(name, spec, created_at, updated_at)"
+                          " VALUES (?, ?, ?, ?)",
+                          (name, _dumps({**svc, "name": name}), created, updated)).rowcount
+        if done and record["replaced"]:
+            db.execute(f"{verb} INTO meta(key, value) VALUES (?, ?)",
+                       (f"replaced:{name}", _dumps(record["replaced"])))
+    elif bucket == "api_tokens":
+        done = db.execute(f"{verb} INTO api_tokens(digest, role, name, created_at, revoked)"
+                          " VALUES (:digest, :role, :name, :created_at, :revoked)",
+                          record).rowcount
+    elif bucket == "join_tokens":
+        done = db.execute(f"{verb} INTO join_tokens(digest, created_at, expires_at,"
+                          " uses_left, revoked, site) VALUES (:digest, :created_at,"
+                          " :expires_at, :uses_left, :revoked, :site)",
+                          {"site": None, **record}).rowcount
+    else:
+        # A launch recorded as sent may have been in the lost view's command queue only: it
+        # is sent again (same command id: JetStream or the edge drops a copy).
+        launch = dict(record["launch"])
+        if launch["status"] == "sent" and verb == "INSERT OR IGNORE":
+            launch["status"] = "placing"
+        done = db.execute(f"{verb} INTO launches(task_id, spec, agent_id, command_id, status,"
+                          " excluded, reason, created_at, updated_at) VALUES (:task_id, :spec,"
+                          " :agent_id, :command_id, :status, :excluded, :reason, :created_at,"
+                          " :updated_at)", launch).rowcount
+        task = record.get("task")
+        # An accepted launch's task is the edge's to report (ingest rebuilds it); the others
+        # exist only here: pending, on its way, or killed before placement.
+        if done and task is not None and launch["status"] != "accepted":
+            db.execute(f"{verb} INTO tasks(id, agent_id, name, state, generation, body,"
+                       " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (task["id"], task.get("agent_id") or "", task["name"], task["state"],
+                        task.get("generation", 1), _dumps(task), launch["updated_at"]))
+    return bool(done)
+
+
+def _drop_state(db: Any, bucket: str, key: str) -> None:
+    """Remove the view's rows of a hub-state record the leader deleted."""
+    if bucket == "services":
+        name = bytes.fromhex(key).decode()
+        db.execute("DELETE FROM services WHERE name = ?", (name,))
+        db.execute("DELETE FROM meta WHERE key = ?", (f"replaced:{name}",))
+    elif bucket == "api_tokens":
+        db.execute("DELETE FROM api_tokens WHERE digest = ?", (key,))
+    elif bucket == "join_tokens":
+        db.execute("DELETE FROM join_tokens WHERE digest = ?", (key,))
+    else:
+        db.execute("DELETE FROM launches WHERE task_id = ?", (key,))

@@ -609,14 +609,16 @@ def build_app(
     public_paths: tuple[str, ...] = (),
     limits: ApiLimits | None = None,
     artifact_service: artifacts.ArtifactService | None = None,
+    middlewares: list[Any] | None = None,
 ) -> web.Application:
     """The API app over ``backend``. ``extra_routes`` add role-specific pages (``/``);
-    ``limits`` are the per-token request rate and open-stream cap (defaults: ``ApiLimits()``)."""
+    ``limits`` are the per-token request rate and open-stream cap (defaults: ``ApiLimits()``);
+    ``middlewares`` run after authentication (a hub standby's forwarding of writes)."""
     roles: dict[tuple[str, str], str | None] = {(r.method, r.path): r.role for r in ROUTES}
     for path in public_paths:
         roles[("GET", path)] = None
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[_errors, _auth_middleware(roles)])
+                          middlewares=[_errors, _auth_middleware(roles), *(middlewares or [])])
     app[BACKEND] = backend
     if artifact_service is not None:
         app[artifacts.ARTIFACTS] = artifact_service

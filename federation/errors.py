@@ -96,8 +96,19 @@ class TooManyRequests(OutpostError):
 
 
 class Unavailable(OutpostError):
+    """Not now: NATS, the store or (at a hub standby) the leader cannot be had; with
+    ``retry_after`` (seconds) sent as the ``Retry-After`` header too."""
+
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class InsufficientStorage(OutpostError):

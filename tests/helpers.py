@@ -227,6 +227,17 @@ class HubProcess:
             self.nats_url = nats_file.read_text()
         return self
 
+    def leading(self, timeout: float = 20.0) -> HubProcess:
+        """Wait until this replica serves as the leader (a standby serves too: reads from its
+        own view, writes forwarded to the leader)."""
+        deadline = time.monotonic() + timeout
+        self.serving(timeout)
+        wait_until(lambda: self.proc is not None and (self.proc.poll() is not None or _replica_mode(
+            self) == "leader"), max(1.0, deadline - time.monotonic()), what="hub to lead")
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"hub exited with {self.proc.returncode}: {self.log()}")
+        return self
+
     def log(self) -> str:
         path = self.data_dir.parent / f"{self.data_dir.name}.log"
         return path.read_text() if path.exists() else ""
@@ -384,3 +395,10 @@ def issued_agent_creds(hub_data_dir: Path, seed: bytes, agent_id: str) -> Any:
     jwt = (NatsOperator.load(hub_data_dir).agent_jwt(agent_id, wire.Signer(seed).public)
            if NatsOperator.exists(hub_data_dir) else None)
     return agent_credentials(seed, agent_id, jwt)
+
+
+def _replica_mode(hub: HubProcess) -> str | None:
+    try:
+        return http("GET", hub.url + "/v1/health", timeout=2).body.get("replica")
+    except OSError:
+        return None

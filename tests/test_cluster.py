@@ -129,7 +129,7 @@ def test_hubs_and_edges_ride_out_a_nats_node_and_the_leader_dying(
         # from the R3 streams of the two nodes left.
         if a.proc is not None and a.proc.poll() is None:
             a.stop(signal.SIGKILL)
-        b.serving(timeout=40)
+        b.leading(timeout=40)
 
         def b_sees_all() -> bool:
             tasks = b.api("GET", "/v1/tasks?limit=100").body["items"]

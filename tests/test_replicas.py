@@ -159,11 +159,12 @@ async def test_a_restarted_replica_takes_its_own_lease_back_at_once(
 def _replica(tmp_path: Path, name: str, nats: NatsServer, leader: HubProcess | None = None,
              ) -> HubProcess:
     """A hub process on the shared NATS; a second replica gets the first one's hub key (the
-    one identity agents trust) and nothing else."""
+    one identity agents trust) and admin token (the leader checks a forwarded write's)."""
     data = tmp_path / name
     data.mkdir()
     if leader is not None:
-        shutil.copy2(leader.data_dir / "hub.key", data / "hub.key")
+        for secret in ("hub.key", "admin.token"):
+            shutil.copy2(leader.data_dir / secret, data / secret)
     return HubProcess(data, nats.url, ["--disconnected-after", "2.5", "--unreachable-after",
                                        "4"])
 
@@ -201,7 +202,7 @@ def test_the_standby_takes_over_when_the_leader_is_killed_mid_placement(
         time.sleep(0.4)  # the service reaches KV (0.2 s flushes); placement is under way
         a.stop(signal.SIGKILL)
 
-        b.serving(timeout=30)  # took the lease over (the leader's lease ran out)
+        b.leading(timeout=30)  # took the lease over (the leader's lease ran out)
         assert "took the lease over from" in b.log(), b.log()[-2000:]
         wait_until(lambda: len(_edge_instances(edges, "web")) >= 4, 40,
                    what="the new leader keeps 4 instances of web")
@@ -233,7 +234,7 @@ def test_a_frozen_leader_steps_down_and_sends_nothing_after_the_takeover(
         wait_until(lambda: len(_edge_instances([edge], "web")) == 2, 20, what="2 instances")
         assert a.proc is not None
         a.proc.send_signal(signal.SIGSTOP)  # the stale leader
-        b.serving(timeout=30)
+        b.leading(timeout=30)
         wait_until(lambda: b.api("GET", "/v1/services/web").status == 200, 10,
                    what="the service in the new leader's view")
         # Scale down at the new leader, then wake the old one: it must not act on its term.
@@ -250,5 +251,83 @@ def test_a_frozen_leader_steps_down_and_sends_nothing_after_the_takeover(
     finally:
         if a.proc is not None and a.proc.poll() is None:
             a.proc.send_signal(signal.SIGCONT)
+        a.stop()
+        b.stop()
+
+
+def _soon(read: Callable[[], bool], what: str, within: float = 2.0) -> float:
+    """Seconds until ``read()`` holds at a replica after a write made through another; fails
+    past ``within`` (the goal is 1 s; the margin is for a loaded 2-core CI box)."""
+    started = time.monotonic()
+    wait_until(read, within, what=what)
+    return time.monotonic() - started
+
+
+def test_a_standby_serves_the_whole_api_from_a_live_view_and_forwards_writes(
+        tmp_path: Path, nats_proc: NatsServer,
+        start_agent: Callable[..., AgentProcess]) -> None:
+    a = _replica(tmp_path, "hub-a", nats_proc).start()
+    b = _replica(tmp_path, "hub-b", nats_proc, leader=a).start(wait=False).serving()
+    try:
+        assert b.api("GET", "/v1/health").body["replica"] == "standby"
+        assert a.api("GET", "/v1/health").body["replica"] == "leader"
+        # An enrollment at the leader shows at the standby, live (it was a standby before).
+        edge = joined(start_agent, a, nats_proc, name="edge")
+        agent_id = edge.api("GET", "/v1/info").body["agent_id"]
+        lags = [_soon(lambda: any(x["id"] == agent_id and x["status"] == "online"
+                                  for x in b.api("GET", "/v1/agents").body["items"]),
+                      "the enrolled agent online at the standby", within=10)]
+
+        # A write through the standby goes to the leader, and the standby answers for it.
+        resp = b.api("POST", "/v1/tasks", {"name": "via-b", "command": ["sleep", "60"],
+                                           "kill_timeout": 1,
+                                           "resources": {"cpus": 0.1, "mem_mb": 16}})
+        assert resp.status == 201, resp.body
+        task_id = resp.body["id"]
+        assert a.api("GET", f"/v1/tasks/{task_id}").status == 200  # the leader took it
+        lags.append(_soon(lambda: b.api("GET", f"/v1/tasks/{task_id}").status == 200,
+                          "the forwarded write readable at the standby"))
+        wait_until(lambda: b.api("GET", f"/v1/tasks/{task_id}").body["state"] == "running",
+                   20, what="the edge's report of it at the standby (events, live)")
+        # A write through the leader is readable at the standby within the goal.
+        svc = a.api("POST", "/v1/services", {
+            "name": "web", "instances": 1,
+            "task": {"command": ["sleep", "60"], "kill_timeout": 1,
+                     "resources": {"cpus": 0.1, "mem_mb": 16}}})
+        assert svc.status == 201, svc.body
+        lags.append(_soon(lambda: b.api("GET", "/v1/services/web").status == 200,
+                          "the service at the standby"))
+        # An artifact upload streams through the standby to the leader.
+        blob = os.urandom(300_000)
+        up = b.api("POST", "/v1/artifacts?name=blob&version=1", raw=blob,
+                   headers={"Content-Type": "application/octet-stream"})
+        assert up.status == 201, up.body
+        got = b.api("GET", f"/v1/artifacts/{up.body['digest']}/content")
+        assert got.status == 200 and got.raw == blob
+
+        # The standby checks credentials itself: a bad token never reaches the leader.
+        bad = b.api("POST", "/v1/tasks", {"name": "x", "command": ["true"]}, token="nope")
+        assert bad.status == 401, bad.body
+        # A revocation at the leader reaches the standby's view live.
+        assert a.api("POST", f"/v1/agents/{agent_id}/revoke").status == 200
+        lags.append(_soon(lambda: b.api("GET", f"/v1/agents/{agent_id}").body["revoked"],
+                          "the revocation at the standby"))
+        print("write-to-read lag at the standby (s):", [round(x, 3) for x in lags])
+
+        # The leader dies: writes through the standby get a clear 503 until it leads, then
+        # it takes them itself on the same URL.
+        url = b.url
+        a.stop(signal.SIGKILL)
+        refused = b.api("POST", "/v1/tasks", {"name": "y", "command": ["true"],
+                                              "resources": {"cpus": 0.1, "mem_mb": 16}})
+        assert refused.status == 503 and "error" in refused.body, refused.body
+        assert refused.headers.get("Retry-After") == "1"
+        b.leading(timeout=30)
+        assert b.url == url
+        late = b.api("POST", "/v1/tasks", {"name": "late", "command": ["true"],
+                                           "resources": {"cpus": 0.1, "mem_mb": 16}})
+        assert late.status == 201, late.body
+        assert b.api("GET", f"/v1/tasks/{task_id}").status == 200
+    finally:
         a.stop()
         b.stop()
