@@ -114,11 +114,13 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> HubConfig:
 
 
 def _open_store(data_dir: str) -> Any:
+    from core_hub.follower import refuse_if_standby
     from core_hub.store import HubStore
 
     data = Path(data_dir)
     if not (data / "hub.db").exists():
         raise ConfigError(f"no hub data in {data} (start the hub there first)")
+    refuse_if_standby(data)
     return HubStore(data / "hub.db")
 
 

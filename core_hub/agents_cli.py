@@ -74,10 +74,12 @@ def agents_command(args: argparse.Namespace) -> int:
 
 
 def _open_store(data: Path) -> Any:
+    from core_hub.follower import refuse_if_standby
     from core_hub.store import HubStore
 
     if not (data / "hub.db").exists():
         raise ConfigError(f"no hub data in {data} (start the hub there first)")
+    refuse_if_standby(data)
     return HubStore(data / "hub.db")
 
 

@@ -42,12 +42,14 @@ from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
 from federation import wire
+from federation.datadirlock import DataDirLock, DataDirLocked
+from federation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 VIEW_FILE = "follower.db"
 INGEST_IDLE_S = 3600.0  # the server removes a gone standby's consumer after this
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 20.0  # then serve what is known: the lease waits meanwhile
 _DELETES = ("DEL", "PURGE")
 
 
@@ -172,6 +174,21 @@ class Follower:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
             await asyncio.sleep(1.0)
+
+
+def refuse_if_standby(data_dir: Path) -> None:
+    """The offline CLI (tokens, revocations) writes the view in ``data_dir``; a running
+    standby's is not the leader's and is rebuilt when it takes over, so what the CLI wrote
+    there would be lost: refuse, and say where to run it."""
+    if not (data_dir / VIEW_FILE).exists():
+        return
+    try:
+        DataDirLock(data_dir, "hub").release()
+    except DataDirLocked:
+        raise ConfigError(
+            f"{data_dir} is a standby hub replica's (it follows the leader): run this on the "
+            "leader's data dir (its GET /v1/health says \"replica\": \"leader\")",
+            details={"data_dir": str(data_dir)}) from None
 
 
 def _state_apply(store: HubStore, kind: str) -> Callable[[str, bytes | None], None]:

@@ -264,7 +264,7 @@ class Hub:
                              holder.holder if holder else "another replica",
                              extra={"holder": holder.holder if holder else None})
                     waiting = True
-                    await self._follow(js, signer, ssl_context)
+                await self._follow(js, signer, ssl_context)  # once: a no-op while serving
             except (nats_errors.Error, js_errors.Error, TimeoutError) as exc:
                 log.warning("standby: the lease cannot be read now (%r); trying again", exc)
             await asyncio.sleep(lease.ttl_s / 4)
@@ -287,6 +287,8 @@ class Hub:
             return
         assert self.lease is not None
         cfg = self.config
+        if self.follower is not None:  # an earlier try failed half-way (NATS went away)
+            await _bounded(self.follower.stop(), "stopping the standby's view")
         self.follower = follower = Follower(
             js=js, nc=self.nc, data_dir=cfg.data_dir, replica=self.lease.holder,
             liveness=LivenessSettings(cfg.disconnected_after_s, cfg.unreachable_after_s,

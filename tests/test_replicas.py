@@ -305,6 +305,11 @@ def test_a_standby_serves_the_whole_api_from_a_live_view_and_forwards_writes(
         got = b.api("GET", f"/v1/artifacts/{up.body['digest']}/content")
         assert got.status == 200 and got.raw == blob
 
+        # The offline CLI refuses a running standby's data dir (its view is not the leader's).
+        cli = subprocess.run([sys.executable, "-m", "core_hub", "token", "create", "--data-dir",
+                              str(b.data_dir)], capture_output=True, text=True)
+        assert cli.returncode != 0 and "standby" in cli.stderr, cli
+
         # The standby checks credentials itself: a bad token never reaches the leader.
         bad = b.api("POST", "/v1/tasks", {"name": "x", "command": ["true"]}, token="nope")
         assert bad.status == 401, bad.body
