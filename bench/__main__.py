@@ -13,6 +13,7 @@ from types import ModuleType
 from bench.common import Row, format_table, progress
 
 MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.hub", "bench.artifacts",
+           "bench.sitefetch",
            "bench.oci")
 
 

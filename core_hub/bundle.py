@@ -39,6 +39,7 @@ from federation.errors import ConfigError
 from federation.schemas import NAME_PATTERN
 
 HUB_JS_DOMAIN = "hub"
+SITE_SUBJECTS = "outpost.v1.site.>"  # federation.subjects.SITES_ALL
 DEFAULT_PREFIX = "/opt/outpost"
 DEFAULT_DATA_DIR = "/var/lib/outpost"
 LEAF_LISTEN = "127.0.0.1:4222"
@@ -121,6 +122,10 @@ leafnodes {{
       # hub signed and the leaf's nkey seed; secret: 0600 or 0640), whose permissions let
       # this link carry only the site's agents' subjects.
       urls: [{_q(hub_url)}]{nkey}
+      # The site's agents share artifacts among themselves on these subjects: never over the
+      # uplink, either way.
+      deny_imports: [{_q(SITE_SUBJECTS)}]
+      deny_exports: [{_q(SITE_SUBJECTS)}]
     }}
   ]
 }}
@@ -221,6 +226,8 @@ listen = {_q(listen)}
 nats_url = {_q(nats_url)}
 # One use: spent when the agent enrolls; the agent's key is its credential from then on.
 join_token = {_q(join_token)}
+# Artifacts come from this site's agents that have them, so each crosses the uplink once.
+artifact_site_peers = true
 """
 
 

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tasks", help="tasks not yet ended this agent holds at once (1000)")
     p.add_argument("--artifact-cache-mb", help="most MB the artifact cache holds (2048)")
     p.add_argument("--artifact-rate-kbps", help="cap on artifact fetches in kB/s (0: none)")
+    p.add_argument("--artifact-site-peers", action="store_const", const=True, default=None,
+                   help="get artifacts from this site's agents that have them (behind a leaf)")
     add_api_flags(p)
     p.add_argument("--log-format", help="text | json")
     p.add_argument("--log-level", help="debug | info | warning | error")
@@ -60,6 +62,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
         "labels": parse_pairs(args.label, "label") if args.label else None,
         "cpus": args.cpus, "mem_mb": args.mem_mb, "disk_mb": args.disk_mb,
         "isolation": args.isolation, "stop_tasks_on_exit": args.stop_tasks_on_exit,
+        "artifact_site_peers": args.artifact_site_peers,
         "log_format": args.log_format, "log_level": args.log_level,
         "nats_url": args.nats_url, "join_token": args.join_token,
         "heartbeat_s": args.heartbeat_s, "outbox_max": args.outbox_max,

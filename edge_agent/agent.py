@@ -20,6 +20,7 @@ from edge_agent.isolation import choose
 from edge_agent.oci import OciDriver
 from edge_agent.reserve import Reserve
 from edge_agent.scheduler import Capacity
+from edge_agent.sitepeers import SitePeers
 from edge_agent.staging import Stager
 from edge_agent.status_page import status_page
 from edge_agent.store import Store
@@ -100,6 +101,10 @@ class Agent:
             max_tasks=cfg.max_tasks, faults=faults, loops=loops, reserve=reserve,
             oci=OciDriver.detect(cfg.data_dir, executor.tasks_dir, isolation, base_env))
         self.artifacts = self._artifacts(store)
+        if cfg.artifact_site_peers:
+            stager = self.artifacts.stager
+            stager.peers = SitePeers(agent_id, cfg.site, blob=self.artifacts.cache.path,
+                                     progress=stager.progress)
         supervisor.stager = self.artifacts.stager
         if supervisor.oci is not None:  # images can be artifacts too
             supervisor.oci.stager = self.artifacts.stager
@@ -150,6 +155,8 @@ class Agent:
             CommandApplier(backend), offer=backend.current_offer, nats_key=seed)
         backend.link_status = self.sync.status
         self.sync.rpc_backend = backend
+        if self.artifacts is not None:
+            self.sync.site_peers = self.artifacts.stager.peers
         self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
         self.sync.loops = self.loops
         await self.sync.start()

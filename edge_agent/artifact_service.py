@@ -98,6 +98,7 @@ class EdgeArtifacts:
             Metric("outpost_artifact_fetched_bytes_total", "counter",
                    "Artifact bytes received from the core (a resumed fetch counts again)",
                    [({}, float(s.fetched_bytes))]),
+            *self._peer_metrics(),
             Metric("outpost_artifact_refused_total", "counter",
                    "Artifacts refused (signature, digest, unsafe archive)",
                    [({}, float(s.refused))]),
@@ -105,4 +106,28 @@ class EdgeArtifacts:
                    "Artifacts evicted to make room", [({}, float(self.cache.evicted))]),
             Metric("outpost_artifact_fetch_progress", "gauge",
                    "Fraction fetched of each artifact being fetched", fetching),
+        ]
+
+    def _peer_metrics(self) -> builtins.list[Metric]:
+        peers = self.stager.peers
+        if peers is None:
+            return []
+        st = peers.stats
+        return [
+            Metric("outpost_artifact_peer_received_bytes_total", "counter",
+                   "Artifact bytes received from this site's peers (no uplink byte)",
+                   [({}, float(st["received_bytes"]))]),
+            Metric("outpost_artifact_peer_served_bytes_total", "counter",
+                   "Artifact bytes this agent sent to its site's peers",
+                   [({}, float(st["served_bytes"]))]),
+            Metric("outpost_artifact_peer_fetches_total", "counter",
+                   "Artifact fetches by where the bytes came from",
+                   [({"source": "peer"}, float(st["from_peers"])),
+                    ({"source": "uplink"}, float(st["went_up"]))]),
+            Metric("outpost_artifact_peer_dropped_total", "counter",
+                   "Site peer messages dropped (malformed, or a reply subject not a peer's)",
+                   [({}, float(st["dropped"]))]),
+            Metric("outpost_artifact_peer_given_up_total", "counter",
+                   "Site peers left for the uplink (bad bytes, stalled, gone)",
+                   [({}, float(st["bad_peers"]))]),
         ]

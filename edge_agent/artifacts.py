@@ -54,8 +54,8 @@ class ArtifactCache:
     def _recover(self) -> None:
         """After a crash: drop half-made uploads, rows without a file, files without a row
         (the fetches in ``parts/`` stay: they resume)."""
-        for leftover in self.spool.iterdir():
-            leftover.unlink(missing_ok=True)
+        for leftover in [*self.spool.iterdir(), *self.parts.glob("*.peer")]:
+            leftover.unlink(missing_ok=True)  # a pull from a site peer starts again
         rows = {r["sha256"] for r in self.store.read("SELECT sha256 FROM artifacts")}
         files = {p.name for p in self.blobs.iterdir()}
         with self.store.transaction() as db:

@@ -32,6 +32,8 @@ class AgentConfig(NodeConfig):
     ``artifact_cache_mb``: the most the artifact cache holds (least recently used artifacts no
     task that has not ended uses go first); ``artifact_rate_kbps``: cap on artifact fetches
     from the core (0: none), so a fetch leaves the link to events, heartbeats and commands.
+    ``artifact_site_peers``: get artifacts from the agents of the same site that have them
+    (behind one site leaf node: ``edge_agent/sitepeers.py``), so each crosses the uplink once.
     """
 
     listen: str = "127.0.0.1:7070"
@@ -52,6 +54,7 @@ class AgentConfig(NodeConfig):
     max_tasks: int = 1000
     artifact_cache_mb: int = 2048
     artifact_rate_kbps: int = 0
+    artifact_site_peers: bool = False
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)

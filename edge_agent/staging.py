@@ -8,6 +8,11 @@ asked for, and the fetched bytes hash to its sha256; otherwise ``ArtifactRefused
 reason, and nothing is run. ``ArtifactUnavailable`` means "not now" (core unreachable, not
 pushed yet, cache full of in-use artifacts): the task stays ``staging`` and is retried.
 
+With ``artifact_site_peers`` on (an agent behind a site's leaf node), the bytes come from a
+site peer that has or is fetching the artifact when there is one (``edge_agent/sitepeers.py``):
+a site's agents get it over the uplink once. The manifest still comes from the core, and what a
+peer sends must hash to it like what the core sends.
+
 ``place`` puts a task's artifacts into its sandbox at ``dest`` (a copy with ``mode``, or the
 archive extracted safely: ``edge_agent/extract.py``).
 """
@@ -26,6 +31,7 @@ from typing import Any
 
 from edge_agent.artifacts import ArtifactCache, CacheFull
 from edge_agent.extract import UnsafeArchive, extract
+from edge_agent.sitepeers import SitePeers
 from federation import manifest, objstore
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,8 @@ class Stager:
         self.fetched_bytes = 0  # every byte that came over NATS (resumes show twice)
         self.fetches = 0
         self.refused = 0
+        self.peer_bytes = 0  # bytes got from site peers instead of the uplink
+        self.peers: SitePeers | None = None  # edge_agent/sitepeers.py, when artifact_site_peers
         self._inflight: dict[str, asyncio.Task[Path]] = {}
 
     # ---------------------------------------------------------------- resolve
@@ -150,26 +158,12 @@ class Stager:
             self.cache.make_room(signed.size)
         except CacheFull as exc:
             raise ArtifactUnavailable(exc.message) from None
-        fetcher = objstore.Fetcher(self._link(), rate_kbps=self.rate_kbps)
-        part = self.cache.parts / f"{sha}.part"
         self.fetches += 1
         self.progress[sha] = (0, signed.size)
         try:
-            meta = await fetcher.fetch(sha, part, lambda done, size: self._progress(sha, done,
-                                                                                    size))
-        except objstore.FetchError as exc:
-            if exc.retry:
-                raise ArtifactUnavailable(str(exc)) from None
-            self.refused += 1
-            raise ArtifactRefused(str(exc)) from None
+            part, source = await self._fetch_bytes(sha, signed)
         finally:
-            self.fetched_bytes += fetcher.received
             self.progress.pop(sha, None)
-        if meta.sha256 != signed.sha256 or meta.size != signed.size:
-            part.unlink(missing_ok=True)
-            self.refused += 1
-            raise ArtifactRefused(f"artifact sha256:{sha}: the stored object's digest "
-                                  f"sha256:{meta.sha256} is not the signed manifest's")
         try:
             self.cache.add(part, sha=sha, size=signed.size, name=signed.name,
                            version=signed.version, labels=signed.labels,
@@ -177,9 +171,48 @@ class Stager:
                            manifest=raw)
         except CacheFull as exc:
             raise ArtifactUnavailable(exc.message) from None
-        log.info("artifact %s %s (sha256:%s, %d bytes) fetched and verified", signed.name,
-                 signed.version, sha, signed.size, extra={"digest": sha})
+        log.info("artifact %s %s (sha256:%s, %d bytes) fetched from %s and verified",
+                 signed.name, signed.version, sha, signed.size, source,
+                 extra={"digest": sha, "source": source})
         return self.cache.path(sha)
+
+    async def _fetch_bytes(self, sha: str, signed: manifest.Manifest) -> tuple[Path, str]:
+        """The artifact's bytes in a part file that hashes to the signed sha256: from a site
+        peer if one has it or is fetching it, else over the uplink (resumably)."""
+        def progress(done: int, size: int) -> None:
+            self._progress(sha, done, size)
+
+        peers = self.peers
+        if peers is not None:
+            pulled = self.cache.parts / f"{sha}.peer"
+            if await peers.fetch(sha, signed.size, pulled, progress):
+                self.peer_bytes += signed.size
+                return pulled, "a site peer"
+        try:
+            return await self._fetch_uplink(sha, signed, progress), "the core"
+        finally:
+            if peers is not None:
+                peers.done(sha)
+
+    async def _fetch_uplink(self, sha: str, signed: manifest.Manifest,
+                            progress: Callable[[int, int], None]) -> Path:
+        fetcher = objstore.Fetcher(self._link(), rate_kbps=self.rate_kbps)
+        part = self.cache.parts / f"{sha}.part"
+        try:
+            meta = await fetcher.fetch(sha, part, progress)
+        except objstore.FetchError as exc:
+            if exc.retry:
+                raise ArtifactUnavailable(str(exc)) from None
+            self.refused += 1
+            raise ArtifactRefused(str(exc)) from None
+        finally:
+            self.fetched_bytes += fetcher.received
+        if meta.sha256 != signed.sha256 or meta.size != signed.size:
+            part.unlink(missing_ok=True)
+            self.refused += 1
+            raise ArtifactRefused(f"artifact sha256:{sha}: the stored object's digest "
+                                  f"sha256:{meta.sha256} is not the signed manifest's")
+        return part
 
     def _progress(self, sha: str, done: int, size: int) -> None:
         self.progress[sha] = (done, size)
@@ -255,7 +288,8 @@ class Stager:
                     await job
 
     def metrics(self) -> dict[str, float]:
-        return {"fetched_bytes": self.fetched_bytes, "fetches": self.fetches,
+        return {"fetched_bytes": self.fetched_bytes, "peer_bytes": self.peer_bytes,
+                "fetches": self.fetches,
                 "refused": self.refused, "evicted": self.cache.evicted,
                 "cache_bytes": self.cache.used_bytes(), "fetching": len(self.progress),
                 "updated": time.time()}

@@ -103,6 +103,8 @@ class Sync:
         self.snapshot = snapshot
         self.on_command = on_command
         self.offer = offer
+        # Serves on each connection while it is up (edge_agent/sitepeers.py), when set.
+        self.site_peers: Any = None
         self._nats_key = nats_key  # the identity seed: the agent's NATS nkey once enrolled
         self.rpc_backend: Any = None  # the EdgeBackend live reads are answered from
         # edge_agent.keyrotation.KeyRotation, set by the agent: finishes a pending key rotation.
@@ -326,6 +328,8 @@ class Sync:
 
             rpc = RpcServer(self.nc, self.rpc_backend)
             await rpc.start()
+        if self.site_peers is not None:
+            await self.site_peers.start(self.nc)
         loops = [asyncio.create_task(self._publish_loop(), name="sync-publish"),
                  asyncio.create_task(self._command_loop(), name="sync-commands"),
                  asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat"),
@@ -340,6 +344,8 @@ class Sync:
             await asyncio.gather(*loops, return_exceptions=True)
             if rpc is not None:
                 await rpc.stop()
+            if self.site_peers is not None:
+                await self.site_peers.stop()
 
     def _announce(self) -> None:
         """After (re)connecting: the agent record and a snapshot go out, in seq order."""

@@ -79,8 +79,9 @@ class NatsServer:
     def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1",
                  config_extra: str = "", *, start_timeout_s: float = START_TIMEOUT_S,
                  stop_timeout_s: float = STOP_TIMEOUT_S, tls_cert: Path | None = None,
-                 tls_key: Path | None = None) -> None:
+                 tls_key: Path | None = None, js_domain: str | None = None) -> None:
         self.store_dir = Path(store_dir)
+        self.js_domain = js_domain  # a site leaf reaches this JetStream as $JS.<domain>.API
         self.port = port
         self.host = host
         self.config_extra = config_extra
@@ -259,7 +260,8 @@ class NatsServer:
             f"http: {json.dumps(self.host + ':-1')}",
             f"ports_file_dir: {json.dumps(str(ports_dir))}",
             f"pid_file: {json.dumps(str(self.pid_file))}",
-            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))}"
+            + (f", domain: {json.dumps(self.js_domain)}" if self.js_domain else "") + " }",
             self._tls_block(),
             self.config_extra,
             "",

@@ -12,6 +12,8 @@ before it reaches NATS. The names follow DESIGN.md, "Wire contract":
     outpost.v1.rpcreply.<agent_id>.<ref> the answer to one live read (the only subject besides
                                         its own events and heartbeats an agent may publish to)
     outpost.v1.enroll                   request/reply enrollment
+    outpost.v1.site.<site>.>            one site's agents among themselves
+                                        (edge_agent/sitepeers.py): never over a site's uplink
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ HUB_KV_BUCKETS = (AGENTS_BUCKET, SERVICES_BUCKET, API_TOKENS_BUCKET, JOIN_TOKENS
 EVENTS_ALL = f"{PREFIX}.events.*"
 COMMANDS_ALL = f"{PREFIX}.cmd.*.*"
 HEARTBEATS_ALL = f"{PREFIX}.hb.*"
+SITES_ALL = f"{PREFIX}.site.>"
 
 # identity.py makes ids like "a" + 25 base32 characters; any lowercase alnum token of sane length
 # is accepted so other prefixes (a hub's own key, say) fit too.
 _AGENT_ID = re.compile(r"[a-z0-9]{1,64}")
 _VERB = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _REF = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SITE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # schemas.NAME_PATTERN
 
 
 def validate_agent_id(agent_id: str) -> str:
@@ -105,6 +109,14 @@ def rpc_reply(agent_id: str, ref: str) -> str:
     if not isinstance(ref, str) or not _REF.fullmatch(ref):
         raise Invalid(f"rpc reference {ref!r} is not subject-safe", details={"ref": repr(ref)})
     return f"{PREFIX}.rpcreply.{validate_agent_id(agent_id)}.{ref}"
+
+
+def site_peers(site: str) -> str:
+    """The subject space of one site's agents. Site names may hold dots, which would split the
+    token (site ``a.art`` would share ``a``'s space): they become ``~``, which names never hold."""
+    if not isinstance(site, str) or not _SITE.fullmatch(site):
+        raise Invalid(f"site {site!r} is not a valid site name", details={"site": repr(site)})
+    return f"{PREFIX}.site.{site.replace('.', '~')}"
 
 
 def msg_id(agent_id: str, seq: int) -> str:

@@ -4,17 +4,20 @@ uplink, which a test can cut and restore while both ends stay up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
-import threading
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from federation.natsd import find_binary
-from tests.helpers import wait_until
+from tests.helpers import ROOT, HubProcess, wait_until
 
 
 def free_port() -> int:
@@ -95,81 +98,59 @@ class ConfServer:
         return int((monitor(self.http_port, "/leafz")[1] or {}).get("leafnodes", 0))
 
 
-class Uplink:
-    """A TCP relay from ``port`` to a target port on loopback: the link between a site and the
-    hub. ``cut()`` drops every connection and refuses new ones until ``restore()``."""
+@dataclass
+class SecureHub:
+    """A hub on a nats-server run from ``configs/nats/hub.conf`` with least privilege on, as
+    docs/deploy.md says: ``leaf_port`` is its leafnodes port."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.1)
-        self.port = int(self._server.getsockname()[1])
-        self._up = True
-        self._closed = False
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, name="uplink", daemon=True)
-        self._accepter.start()
+    hub: HubProcess
+    nats: ConfServer
+    leaf_port: int
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not self._up:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
-                t.start()
-                self._threads.append(t)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(src, dst)
+@contextlib.contextmanager
+def secure_hub_with_leafnodes(tmp_path: Path, *hub_args: str) -> Iterator[SecureHub]:
+    hub_dir, auth_file = tmp_path / "hub", tmp_path / "hub" / "nats-auth.conf"
+    pid_file = tmp_path / "hub-nats.pid"
+    made = subprocess.run([sys.executable, "-m", "core_hub", "nats-auth", "--data-dir",
+                           str(hub_dir), "--out", str(auth_file), "--pid-file", str(pid_file)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert made.returncode == 0 and "written" in made.stdout, made.stderr
+    client_port, http_port, leaf_port = free_port(), free_port(), free_port()
+    text = (ROOT / "configs" / "nats" / "hub.conf").read_text()
+    for old, new in (('"0.0.0.0:4222"', f'"127.0.0.1:{client_port}"'),
+                     ('"127.0.0.1:8222"', f'"127.0.0.1:{http_port}"'),
+                     ('"0.0.0.0:7422"', f'"127.0.0.1:{leaf_port}"'),
+                     ('"/var/lib/outpost-nats"', f'"{tmp_path / "hub-nats"}"'),
+                     ('# pid_file: "/var/lib/outpost-nats/nats-server.pid"',
+                      f'pid_file: "{pid_file}"'),
+                     ('# include "../../var/lib/outpost-hub/nats-auth.conf"',
+                      'include "hub/nats-auth.conf"')):
+        text = replace_once(text, old, new)
+    (tmp_path / "hub-nats.conf").write_text(text)
+    nats = ConfServer(tmp_path / "hub-nats.conf", client_port, http_port).start()
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'[hub]\nnats_auth_file = "{auth_file}"\n'
+                        f'nats_pid_file = "{pid_file}"\n')
+    hub = HubProcess(hub_dir, nats.url, ["--config", str(hub_toml), *hub_args])
+    try:
+        hub.start()
+        yield SecureHub(hub, nats, leaf_port)
+    finally:
+        hub.stop()
+        nats.kill()
 
-    def _drop(self, *socks: socket.socket) -> None:
-        for s in socks:
-            with self._lock:
-                self._conns.discard(s)
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
 
-    def cut(self) -> None:
-        self._up = False
-        with self._lock:
-            conns = list(self._conns)
-        self._drop(*conns)
+def site_leaf(tmp_path: Path, name: str, site: str, hub_leaf_port: int,
+              leaf_creds: Path | None) -> ConfServer:
+    """A site's leaf node from the bundle's template, linking to ``hub_leaf_port``; started."""
+    from core_hub import bundle
 
-    def restore(self) -> None:
-        self._up = True
-
-    def close(self) -> None:
-        self._closed = True
-        self.cut()
-        self._accepter.join(5)
-        for t in self._threads:
-            t.join(5)
-        self._server.close()
-
+    port, http = free_port(), free_port()
+    conf = tmp_path / name / "nats-leaf.conf"
+    conf.parent.mkdir()
+    conf.write_text(bundle.leaf_conf(site, f"nats-leaf://127.0.0.1:{hub_leaf_port}",
+                                     data_dir=str(conf.parent), listen=f"127.0.0.1:{port}",
+                                     http=f"127.0.0.1:{http}",
+                                     leaf_creds=str(leaf_creds) if leaf_creds else None))
+    return ConfServer(conf, port, http).start()

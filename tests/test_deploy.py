@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench.relay import Uplink
 from core_hub import bundle
 from federation.natsd import find_binary
-from tests.deploy_support import ConfServer, Uplink, free_port, replace_once
+from tests.deploy_support import ConfServer, free_port, replace_once
 from tests.helpers import ROOT, AgentProcess, HubProcess, converged, joined, wait_until
 
 CONFIGS = ROOT / "configs"
