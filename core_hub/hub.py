@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 3.0
 NATS_RETRY_S = 0.5
 JETSTREAM_SETTLE_S = 60.0  # how long a start waits for streams to elect leaders again
+TAKEOVER_CATCH_UP_S = 20.0  # a new leader waits at most this for its view before answering
 
 
 class Hub:
@@ -185,6 +186,8 @@ class Hub:
         if self.routing is None:
             await self._serve(backend, self.artifacts, ssl_context)
         else:  # a standby that took over: the same socket now answers from the leader's parts
+            # once they know at least what the standby's view did (writes get 503 meanwhile)
+            await ingest.catch_up(TAKEOVER_CATCH_UP_S)
             self._api_backend.target = backend
             self._api_artifacts.target = self.artifacts
             self.routing.mode = LEADER

@@ -50,6 +50,7 @@ event, most of it SQLite's insert and the envelope's Ed25519 check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,30 @@ class Ingest:
         async with asyncio.timeout(timeout_s):
             while not predicate():
                 await self._progress.wait()
+
+    async def catch_up(self, timeout_s: float) -> bool:
+        """Wait until every event the stream holds now is applied (a view rebuilt at a
+        takeover must not answer with less than the standby view it replaces); False, logged,
+        if that takes longer than ``timeout_s``, and then what is applied so far is served."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                info = await self._js.stream_info(subjects.EVENTS_STREAM)
+                target = info.state.last_seq
+                while self.floor < target:
+                    # The last messages may be gone (per-agent limits): the consumer having
+                    # nothing left to deliver or owed also means caught up.
+                    mine = await self._js.consumer_info(subjects.EVENTS_STREAM, self._durable)
+                    if mine.num_pending == 0 and not mine.num_ack_pending:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._progress.wait()
+            return True
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.warning("ingest has not caught up with %s within %.0fs (%r; at seq %d): "
+                        "serving what is applied so far", subjects.EVENTS_STREAM, timeout_s,
+                        exc, self.floor, extra={"stream_seq": self.floor})
+            return False
 
     @property
     def floor(self) -> int:

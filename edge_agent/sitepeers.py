@@ -13,11 +13,13 @@ a few hundred bytes over the uplink) first asks its peers:
                      bytes it has there (from its cache, or from the file it is still writing),
                      none yet, or "gone".
 
-A peer that holds or is fetching it is followed: its bytes are pulled as they arrive, so five
-agents that start together get the artifact at about the speed of one uplink fetch. When
-nobody has it, of the agents asking at once the one with the lowest id goes up alone and the
-others follow it. Asking is symmetric (a peer that asks while another asks answers
-``wanting``), so two agents that start together both see each other.
+A peer that holds it, or fetches it over the uplink, is followed: its bytes are pulled as they
+arrive, so five agents that start together get the artifact at about the speed of one uplink
+fetch. A peer that is itself pulling from another (``pulling``) is not followed, so followers
+never form a ring that waits on itself when the one they follow dies. When nobody has it, of
+the agents asking at once the one with the lowest id goes up alone and the others follow it.
+Asking is symmetric (a peer that asks while another asks answers ``wanting``), so two agents
+that start together both see each other.
 
 Peers are not trusted: what a peer sends is hashed as it is written and must be the signed
 manifest's sha256 and size; a peer that sends bad bytes, nothing for ``STALL_S``, or keeps
@@ -52,7 +54,8 @@ STALL_S = 6.0  # a followed peer with no new byte for this long is given up on
 WAIT_POLL_S = 0.2  # how often to ask again while the peer has no new bytes yet
 GO_UP_AFTER_S = 15.0  # the longest an agent defers to a peer that does not fetch
 _SHA = re.compile(r"[0-9a-f]{64}")
-HAS, FETCHING, WANTING = "has", "fetching", "wanting"
+HAS, FETCHING, PULLING, WANTING = "has", "fetching", "pulling", "wanting"
+STATES = (HAS, FETCHING, PULLING, WANTING)
 
 Progress = Callable[[int, int], None]
 
@@ -66,7 +69,7 @@ class PeerAnswer:
     """One peer's answer to "who has <sha>?"."""
 
     agent: str
-    state: str  # HAS | FETCHING | WANTING
+    state: str  # HAS | FETCHING (over the uplink) | PULLING (from a peer) | WANTING
     have: int  # bytes it holds so far
     size: int
 
@@ -77,7 +80,7 @@ class PeerAnswer:
     @classmethod
     def decode(cls, raw: bytes) -> PeerAnswer:
         d = _object(raw, {"agent", "state", "have", "size"})
-        if not subjects.is_agent_id(d["agent"]) or d["state"] not in (HAS, FETCHING, WANTING):
+        if not subjects.is_agent_id(d["agent"]) or d["state"] not in STATES:
             raise PeerMessageInvalid("answer: bad agent or state")
         if not all(_count(d[k]) for k in ("have", "size")) or d["have"] > d["size"]:
             raise PeerMessageInvalid("answer: have and size must be counts, have <= size")
@@ -138,6 +141,7 @@ class SitePeers:
         self.progress = progress
         self.nc: Any = None
         self.writing: dict[str, Path] = {}  # sha -> the file its fetch writes (uplink or peer)
+        self.going_up: set[str] = set()  # fetches over the uplink (the rest pull from peers)
         self.wanting: set[str] = set()
         self._rivals: dict[str, set[str]] = {}  # sha -> peers seen asking while we ask
         self._replies: dict[str, asyncio.Queue[Any]] = {}
@@ -202,7 +206,8 @@ class SitePeers:
                 return PeerAnswer(self.agent_id, HAS, size, size)
         if sha in self.writing and sha in self.progress:
             have, size = self.progress[sha]
-            return PeerAnswer(self.agent_id, FETCHING, min(have, size), size)
+            state = FETCHING if sha in self.going_up else PULLING
+            return PeerAnswer(self.agent_id, state, min(have, size), size)
         if sha in self.wanting:
             return PeerAnswer(self.agent_id, WANTING, 0, 0)
         return None
@@ -278,11 +283,13 @@ class SitePeers:
             self.wanting.discard(sha)
         self.stats["went_up"] += 1
         self.writing[sha] = part
+        self.going_up.add(sha)
         return False
 
     def done(self, sha: str) -> None:
         """The uplink fetch ``fetch`` sent this agent on has ended (either way)."""
         self.writing.pop(sha, None)
+        self.going_up.discard(sha)
 
     async def _ask(self, sha: str) -> tuple[list[PeerAnswer], set[str]]:
         ref, queue = secrets.token_hex(8), asyncio.Queue[Any]()

@@ -36,8 +36,8 @@ def _metric(agent: AgentProcess, name: str, labels: str = "") -> float:
 
 
 def _site_agents(tmp_path: Path, hub: HubProcess, leaf_port: int, count: int,
-                 start_agent: Callable[..., AgentProcess]) -> tuple[Uplink, Any,
-                                                                   list[AgentProcess]]:
+                 start_agent: Callable[..., AgentProcess],
+                 *args: str) -> tuple[Uplink, Any, list[AgentProcess]]:
     """``count`` agents of one site behind one leaf node whose uplink is a counting relay.
     Each has a bundle's key (the leaf may carry only the agents its bundles made); the last
     bundle's leaf login covers them all."""
@@ -55,7 +55,7 @@ def _site_agents(tmp_path: Path, hub: HubProcess, leaf_port: int, count: int,
         (tmp_path / name).mkdir()
         shutil.copyfile(made.path / "agent.key", tmp_path / name / "agent.key")
         agents.append(joined(start_agent, hub, SimpleNamespace(url=leaf.url), "--site", SITE,
-                             "--artifact-site-peers", name=name))
+                             "--artifact-site-peers", *args, name=name))
     return uplink, leaf, agents
 
 
@@ -207,5 +207,50 @@ def test_a_hostile_site_peer_can_neither_feed_bad_bytes_nor_redirect_answers(
             assert leaked == []
         finally:
             stop.set()
+            uplink.close()
+            leaf.kill()
+
+
+def test_the_site_fetch_survives_the_agent_that_went_up_dying_mid_fetch(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    """Three agents stage one artifact at once; the one that went up for it (its fetch slowed
+    by artifact_rate_kbps) is SIGKILLed half-way. The two that followed it give up on it, one
+    of them goes up, the other follows that one: both end with the verified artifact, and the
+    uplink carried well under three fetches' bytes."""
+    with secure_hub_with_leafnodes(tmp_path, "--disconnected-after", "2.5",
+                                   "--unreachable-after", "4") as secure:
+        hub = secure.hub
+        uplink, leaf, agents = _site_agents(tmp_path, hub, secure.leaf_port, 3, start_agent,
+                                            "--artifact-rate-kbps", "1024")
+        try:
+            payload = os.urandom(4 << 20)
+            up = hub.api("POST", "/v1/artifacts?name=slowapp&version=1", raw=payload)
+            assert up.status == 201, up.body
+            digest = up.body["digest"]
+            before = uplink.carried
+            for agent in agents:
+                assert agent.api("POST", f"/v1/artifacts/{digest}/stage", {}).status == 202
+
+            def went_up() -> list[AgentProcess]:
+                return [a for a in agents if _metric(
+                    a, "outpost_artifact_peer_fetches_total", '{source="uplink"}') >= 1]
+
+            wait_until(lambda: len(went_up()) == 1, 15, what="one agent to go up for it")
+            (first,) = went_up()
+            wait_until(lambda: _metric(first, "outpost_artifact_fetch_progress",
+                                       f'{{digest="{digest}"}}') >= 0.3, 15,
+                       what="the first fetch to be under way")
+            first.kill()
+            rest = [a for a in agents if a is not first]
+            for agent in rest:
+                wait_until(lambda agent=agent: agent.api(  # type: ignore[misc]
+                    "GET", f"/v1/artifacts/{digest}").status == 200, 60,
+                    what="a follower to hold the artifact after its source died")
+                assert agent.api("GET", f"/v1/artifacts/{digest}/content").raw == payload
+            crossed = uplink.carried - before
+            assert crossed < 2.5 * len(payload), f"{crossed / len(payload):.2f}x crossed"
+            assert sum(_metric(a, "outpost_artifact_peer_fetches_total", '{source="uplink"}')
+                       for a in rest) == 1
+        finally:
             uplink.close()
             leaf.kill()
