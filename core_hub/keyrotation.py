@@ -101,11 +101,14 @@ def open_agent_envelope(data: bytes, key: AgentKey | None, agent: str) -> wire.E
     """Verify an event envelope from ``agent`` (on its subject) against what the view knows of
     its keys: the current key, or a retired key for an envelope ending at or below the last
     seq that key signed. Raise ``wire.EnvelopeRejected`` (``unknown_agent`` also for a
-    revoked agent: the caller, knowing the key, names that ``revoked``)."""
-    public = key.public_key if key is not None and not key.revoked else None
+    revoked agent: the caller, knowing the key, names that ``revoked``). A revoked agent's
+    envelopes ending at or below ``key.revoked_after`` (sent before it was revoked, and applied
+    then) still open, for a view rebuilt from the stream."""
+    public = key.public_key if key is not None and (
+        not key.revoked or key.revoked_after > 0) else None
     try:
-        return wire.open_envelope(data, lambda _agent: public, agent,
-                                  kinds=wire.EVENT_ENVELOPE_KINDS)
+        return _not_after_revocation(wire.open_envelope(
+            data, lambda _agent: public, agent, kinds=wire.EVENT_ENVELOPE_KINDS), key, agent)
     except wire.EnvelopeRejected as err:
         if err.reason != "signature" or key is None or not key.retired:
             raise
@@ -116,11 +119,20 @@ def open_agent_envelope(data: bytes, key: AgentKey | None, agent: str) -> wire.E
         except wire.EnvelopeRejected:
             continue
         if env.seq <= until:
-            return env
+            return _not_after_revocation(env, key, agent)
         raise wire.EnvelopeRejected(
             "retired_key", f"envelope {env.first}..{env.seq} from {agent!r} is signed with a "
             f"key retired after seq {until}", agent=agent)
     raise first_error
+
+
+def _not_after_revocation(env: wire.Envelope, key: AgentKey | None,
+                          agent: str) -> wire.Envelope:
+    if key is not None and key.revoked and env.seq > key.revoked_after:
+        raise wire.EnvelopeRejected(
+            "unknown_agent", f"envelope {env.first}..{env.seq} from {agent!r} comes after its "
+            f"revocation (seq {key.revoked_after})", agent=agent)
+    return env
 
 
 def _always(public: bytes) -> Callable[[str], bytes]:

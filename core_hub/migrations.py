@@ -237,4 +237,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE agents ADD COLUMN drivers TEXT NOT NULL DEFAULT '[]';
     """,
+    # 15 (replicas): the last event seq applied from an agent when it was revoked. A view
+    # rebuilt later (a takeover, a deleted view) applies what the agent sent up to there, as
+    # the view that revoked it had, and refuses the rest.
+    """
+    ALTER TABLE agents ADD COLUMN revoked_after_seq INTEGER NOT NULL DEFAULT 0;
+    """,
 )

@@ -57,6 +57,7 @@ class Registry:
                   "resources": agent["resources"], "version": agent["version"],
                   "enrolled_at": agent["enrolled_at"], "revoked": agent["revoked"],
                   "revoked_at": agent["revoked_at"], "retired_keys": agent["retired_keys"],
+                  "revoked_after_seq": agent["revoked_after_seq"],
                   # drained with migrate: services move their instances off it (backend.py)
                   "migrate": bool(self.store.get_meta(f"migrate:{agent_id}"))}
         await self.kv.put(agent_id, wire.pack(record))
@@ -118,7 +119,9 @@ class Registry:
             log.info("agent %s: key rotation restored from the %s bucket", agent_id, BUCKET,
                      extra={"agent_id": agent_id})
         if record.get("revoked") and not agent["revoked"]:
-            self.store.revoke_agent(agent_id, record.get("revoked_at"))
+            after = record.get("revoked_after_seq")  # absent in records from before it
+            self.store.revoke_agent(agent_id, record.get("revoked_at"),
+                                    after if isinstance(after, int) and after >= 0 else 0)
         migrate = bool(self.store.get_meta(f"migrate:{agent_id}"))
         if record.get("migrate") is True and not migrate:
             self.store.set_meta(f"migrate:{agent_id}", "1")

@@ -91,12 +91,15 @@ class AgentKey:
     """What ingest needs per message: the current ``public_key`` (raw 32 bytes), whether the
     agent is ``revoked``, ``applied_seq`` (the last event seq applied from it), and
     ``retired`` (keys it had before rotations, oldest first, each with the last seq it may
-    have signed: an envelope ending at or below that seq may carry that key's signature)."""
+    have signed: an envelope ending at or below that seq may carry that key's signature), and
+    for a revoked agent ``revoked_after`` (the last seq the view had applied from it when it
+    was revoked: a rebuilt view applies envelopes up to there, and none after)."""
 
     public_key: bytes
     revoked: bool
     applied_seq: int
     retired: tuple[tuple[bytes, int], ...] = ()
+    revoked_after: int = 0
 
     def key_for(self, seq: int) -> bytes | None:
         """The retired key that signed an envelope ending at ``seq``, if one may have."""
@@ -167,13 +170,14 @@ class HubStore(Database):
     # ------------------------------------------------------------ agents: registry
 
     def agent_key(self, agent_id: str) -> AgentKey | None:
-        row = self._db.execute("SELECT public_key, revoked, applied_seq, retired_keys FROM agents"
-                               " WHERE id = ?", (agent_id,)).fetchone()
+        row = self._db.execute("SELECT public_key, revoked, applied_seq, retired_keys,"
+                               " revoked_after_seq FROM agents WHERE id = ?",
+                               (agent_id,)).fetchone()
         if row is None:
             return None
         retired = () if row[3] == "[]" else tuple(
             (bytes.fromhex(key), int(until)) for key, until, *_ in json.loads(row[3]))
-        return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]), retired)
+        return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]), retired, int(row[4]))
 
     def nats_revocations(self) -> list[tuple[bytes, float | None, list[tuple[str, float]]]]:
         """(current key, revoked_at if revoked (0.0 when unknown) else None, retired keys as
@@ -237,16 +241,19 @@ class HubStore(Database):
                 db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in fields)}"
                            " WHERE id = ?", (*fields.values(), agent_id))
 
-    def revoke_agent(self, agent_id: str, now: float | None = None) -> bool:
+    def revoke_agent(self, agent_id: str, now: float | None = None,
+                     after_seq: int | None = None) -> bool:
         """Distrust an agent from now on: its events are rejected, it cannot re-enroll, it gets
         no placements, and its status is ``revoked`` for good. Returns False if it already was
-        (revoking twice is harmless); raise NotFound for an unknown id."""
+        (revoking twice is harmless); raise NotFound for an unknown id. ``after_seq`` (default:
+        what this view applied from it) is the last of its events that still counts."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
                 raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
             changed = db.execute(
-                "UPDATE agents SET revoked = 1, status = 'revoked', revoked_at = ?"
-                " WHERE id = ? AND revoked = 0", (now, agent_id)).rowcount
+                "UPDATE agents SET revoked = 1, status = 'revoked', revoked_at = ?,"
+                " revoked_after_seq = COALESCE(?, applied_seq) WHERE id = ? AND revoked = 0",
+                (now, after_seq, agent_id)).rowcount
             db.execute("DELETE FROM offers WHERE agent_id = ?", (agent_id,))
         return bool(changed)
 

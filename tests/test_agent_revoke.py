@@ -192,3 +192,33 @@ def test_a_launch_the_revoked_agent_never_answered_is_placed_again(
         assert spare.task(moved["id"])["state"] == "running"
     finally:
         frozen.kill()  # SIGKILL ends a stopped process too
+
+
+def test_a_rebuilt_view_keeps_what_a_revoked_agent_reported_before_and_nothing_after(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """A view rebuilt from the stream (a deleted view; a standby taking over) must show what
+    the view that revoked the agent showed: its reports up to the revocation, none after."""
+    hub = hub_proc
+    edge = joined(start_agent, hub, nats_proc, name="gone")
+    agent_id = edge.api("GET", "/v1/info").body["agent_id"]
+    before = edge.submit("before", ["sleep", "60"], kill_timeout=1)
+    wait_until(lambda: hub.api("GET", f"/v1/tasks/{before['id']}").body.get("state")
+               == "running", timeout=20, what="the task running at the hub")
+    assert hub.api("POST", f"/v1/agents/{agent_id}/revoke").status == 200
+    after = edge.submit("after", ["true"])  # this NATS has no auth: the edge still publishes
+    edge.wait_state(after["id"], "finished", timeout=15)
+    wait_until(lambda: rejected_revoked(hub) >= 1, timeout=20, what="revoked events counted")
+    hub.stop()
+    for path in hub.data_dir.glob("hub.db*"):
+        path.unlink()
+    hub.start()
+    wait_until(lambda: hub.api("GET", f"/v1/tasks/{before['id']}").status == 200, timeout=20,
+               what="the revoked agent's earlier task in the rebuilt view")
+    shown = hub.api("GET", f"/v1/tasks/{before['id']}").body
+    assert shown["state"] == "unknown", shown
+    assert shown["reason"] == "agent revoked; last reported running", shown
+    wait_until(lambda: rejected_revoked(hub) >= 1, timeout=20,
+               what="the rebuilt view refusing the reports sent after the revocation")
+    assert hub.api("GET", f"/v1/tasks/{after['id']}").status == 404
+    assert agent_at_hub(hub, agent_id)["status"] == "revoked"

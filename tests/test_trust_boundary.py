@@ -34,6 +34,7 @@ import pytest
 
 from federation import subjects, wire
 from federation.streams import AGENTS_BUCKET
+from tests import test_dashboard as dashboard
 from tests.helpers import (
     ROOT,
     AgentProcess,
@@ -45,6 +46,9 @@ from tests.helpers import (
     wait_until,
 )
 from tests.test_nats_auth import client, creds_of, enrolled
+
+# The dashboard tests' chromium fixture (installed with apt when missing).
+chromium_path = dashboard.chromium_path
 
 
 @pytest.fixture
@@ -356,7 +360,8 @@ async def test_one_edge_cannot_flush_the_others_events_out(
 
 
 def test_a_gap_that_does_not_fill_is_reported(
-        start_agent: Callable[..., AgentProcess], nats_proc: Any, tmp_path: Path) -> None:
+        start_agent: Callable[..., AgentProcess], nats_proc: Any, tmp_path: Path,
+        chromium_path: str) -> None:
     """Events JetStream acked but the hub never applied (here: turned over by the per-agent
     quota while the hub was down): the hub says so in /metrics, the log and the agent's
     record the dashboard shows, instead of calling the agent in sync."""
@@ -385,7 +390,7 @@ def test_a_gap_that_does_not_fill_is_reported(
         from playwright.sync_api import expect, sync_playwright
 
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+            browser = pw.chromium.launch(executable_path=chromium_path,
                                          args=["--no-sandbox", "--disable-gpu"])
             try:
                 page = browser.new_page()
