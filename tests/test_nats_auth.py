@@ -398,59 +398,30 @@ def test_a_site_leaf_carries_only_its_agents(
     enrollment, events, commands and logs flow; the leaf carries nothing for other agents and
     no stream management; a leaf without the site's key cannot link at all."""
     import re
-    import subprocess
-    import sys
 
     from core_hub import bundle
-    from tests.deploy_support import ConfServer, free_port, replace_once
-    from tests.helpers import ROOT
+    from tests.deploy_support import ConfServer, secure_hub_with_leafnodes, site_leaf
 
-    hub_dir, auth_file = tmp_path / "hub", tmp_path / "hub" / "nats-auth.conf"
-    pid_file = tmp_path / "hub-nats.pid"
-    made = subprocess.run([sys.executable, "-m", "core_hub", "nats-auth", "--data-dir",
-                           str(hub_dir), "--out", str(auth_file), "--pid-file", str(pid_file)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert made.returncode == 0 and "written" in made.stdout, made.stderr
-    client_port, http_port, leaf_port = free_port(), free_port(), free_port()
-    text = (ROOT / "configs" / "nats" / "hub.conf").read_text()
-    for old, new in (('"0.0.0.0:4222"', f'"127.0.0.1:{client_port}"'),
-                     ('"127.0.0.1:8222"', f'"127.0.0.1:{http_port}"'),
-                     ('"0.0.0.0:7422"', f'"127.0.0.1:{leaf_port}"'),
-                     ('"/var/lib/outpost-nats"', f'"{tmp_path / "hub-nats"}"'),
-                     ('# pid_file: "/var/lib/outpost-nats/nats-server.pid"',
-                      f'pid_file: "{pid_file}"'),
-                     ('# include "../../var/lib/outpost-hub/nats-auth.conf"',
-                      'include "hub/nats-auth.conf"')):
-        text = replace_once(text, old, new)
-    (tmp_path / "hub-nats.conf").write_text(text)
-    servers = [ConfServer(tmp_path / "hub-nats.conf", client_port, http_port).start()]
-    hub_toml = tmp_path / "hub.toml"
-    hub_toml.write_text(f'[hub]\nnats_auth_file = "{auth_file}"\n'
-                        f'nats_pid_file = "{pid_file}"\n')
-    hub = HubProcess(hub_dir, servers[0].url, ["--config", str(hub_toml),
-                                               "--disconnected-after", "2.5",
-                                               "--unreachable-after", "4"])
-    try:
-        hub.start()
+    servers: list[ConfServer] = []
+    with contextlib.ExitStack() as stack:  # leaves killed first, then the hub and its NATS
+        secure = stack.enter_context(secure_hub_with_leafnodes(
+            tmp_path, "--disconnected-after", "2.5", "--unreachable-after", "4"))
+        hub, leaf_port = secure.hub, secure.leaf_port
+        servers.append(secure.nats)
         assert "Authorization Violation" in asyncio.run(refused(servers[0].url, None))
         out = tmp_path / "bundle"
-        bundle.write_bundle(hub_dir, "berlin", out, hub_url=f"nats-leaf://127.0.0.1:{leaf_port}")
+        bundle.write_bundle(hub.data_dir, "berlin", out,
+                            hub_url=f"nats-leaf://127.0.0.1:{leaf_port}")
         assert re.search(r'credentials: "[^"]+/nats-leaf.creds"',
                          (out / "nats-leaf.conf").read_text())
         creds = out / bundle.LEAF_CREDS
         assert creds.stat().st_mode & 0o077 == 0 and "SU" in creds.read_text()
 
         def leaf(name: str, leaf_creds: Path | None) -> ConfServer:
-            port, http = free_port(), free_port()
-            conf = tmp_path / name / "nats-leaf.conf"
-            conf.parent.mkdir()
-            conf.write_text(bundle.leaf_conf("berlin", f"nats-leaf://127.0.0.1:{leaf_port}",
-                                             data_dir=str(conf.parent), listen=f"127.0.0.1:{port}",
-                                             http=f"127.0.0.1:{http}",
-                                             leaf_creds=str(leaf_creds) if leaf_creds else None))
-            server = ConfServer(conf, port, http)
+            server = site_leaf(tmp_path, name, "berlin", leaf_port, leaf_creds)
+            stack.callback(server.kill)
             servers.append(server)
-            return server.start()
+            return server
 
         site = leaf("site", creds)
         wait_until(lambda: servers[0].leafs() == 1, 15, what="the site's leaf linked")
@@ -493,7 +464,3 @@ def test_a_site_leaf_carries_only_its_agents(
         wait_until(lambda: "Authorization Violation" in stranger.log_path.read_text(), 15,
                    what="a leaf without the site's key refused")
         assert servers[0].leafs() == 1
-    finally:
-        hub.stop()
-        for server in servers:
-            server.kill()
