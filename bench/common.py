@@ -154,17 +154,8 @@ class AgentProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url_file = self.data_dir / "agent.url"
         url_file.unlink(missing_ok=True)
-        self.proc = proc = self._spawn()
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                while True:  # a file, not an event: the agent is another process
-                    # Created before it is written: an empty file is not an answer yet.
-                    if _read(url_file) or proc.poll() is not None:
-                        break
-                    await asyncio.sleep(0.005)
-        except TimeoutError:
-            pass
-        self.url = _read(url_file)
+        self.proc = self._spawn()
+        self.url = await url_once_serving(url_file, self.proc, 0.005)
         if not self.url:
             self.stop()
             raise RuntimeError(f"agent did not start; its log:\n{self.log_tail()}")
@@ -198,6 +189,20 @@ class AgentProc:
         """Kill task process groups this agent left, checking each pid is still our wrapper."""
         for pid in wrapper_pids(self.data_dir):
             kill_group(pid)
+
+
+async def url_once_serving(url_file: Path, proc: subprocess.Popen[bytes],
+                           poll_s: float) -> str:
+    """The URL a started agent or hub writes once it serves ("" if it exits or takes longer
+    than START_TIMEOUT): a file, not an event, since it is another process; created before
+    it is written, so an empty file is not an answer yet."""
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            while not _read(url_file) and proc.poll() is None:  # noqa: ASYNC110 (a file)
+                await asyncio.sleep(poll_s)
+    except TimeoutError:
+        pass
+    return _read(url_file)
 
 
 def _read(path: Path) -> str:

@@ -44,12 +44,12 @@ import psutil
 
 from bench.common import (
     ROOT,
-    START_TIMEOUT,
     AgentProc,
     Api,
     Row,
     format_table,
     progress,
+    url_once_serving,
     wait_for,
 )
 from bench.rawjs import PIPELINE, Floors, Message, count_events, floors
@@ -93,16 +93,8 @@ class HubProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url_file = self.data_dir / "hub.url"
         url_file.unlink(missing_ok=True)
-        self.proc = proc = self._spawn()
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                while True:  # a file, not an event: the hub is another process
-                    if _read(url_file) or proc.poll() is not None:
-                        break
-                    await asyncio.sleep(0.01)
-        except TimeoutError:
-            pass
-        self.url = _read(url_file)
+        self.proc = self._spawn()
+        self.url = await url_once_serving(url_file, self.proc, 0.01)
         if not self.url:
             self.stop()
             raise RuntimeError(f"hub did not start; its log:\n{self.log_tail()}")
@@ -138,13 +130,6 @@ class HubProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return ""
 
 
 def _ro(path: Path) -> sqlite3.Connection:
