@@ -84,6 +84,8 @@ class Hub:
     async def start(self) -> None:
         import nats
 
+        import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
+
         cfg = self.config
         ssl_context = None  # loaded first: a bad certificate stops the hub before it starts
         if cfg.tls_cert is not None and cfg.tls_key is not None:
@@ -349,6 +351,8 @@ class Hub:
         """A connection as the set-up user (the hub's own without least privilege); with an
         ``error_cb``, one that keeps trying until the server answers (the hub's start)."""
         import nats
+
+        import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
 
         cfg = self.config
         creds: dict[str, Any] = {}

@@ -433,6 +433,8 @@ async def push_account(nats_url: str, operator: NatsOperator, account_jwt: str,
     revoked user's connections are closed) and its resolver keeps it."""
     import nats
 
+    import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
+
     nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5,
                             name="outpost-hub-system", **(connect_options or {}),
                             **operator.system_credentials().connect_options())

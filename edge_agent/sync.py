@@ -230,6 +230,8 @@ class Sync:
     async def _connect(self, *, enrolling: bool) -> None:
         import nats
 
+        import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
+
         url = redact_url(self.settings.nats_url)
         tries = {"n": 0, "logged": 0.0}
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -322,3 +323,30 @@ def test_a_stalled_link_is_rebuilt_and_events_arrive_once(
         assert "link stalled" in agent.log()
     finally:
         proxy.close()
+
+
+def test_nats_frozen_past_a_heartbeat_round_trip_needs_no_link_rebuild(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """NATS frozen for longer than the heartbeat's round trip waits (2 s), then back: the
+    late PONG must not end nats-py's read loop (federation/natsclient.py), so the link just
+    goes on. Before the fix it went deaf while "connected": the next publish timed out (5 s)
+    and the agent had to reconnect (or, with nothing to publish, wait for the watchdog)."""
+    agent = joined(start_agent, hub_proc, nats_proc)
+    converged(agent, hub_proc)
+    nats_proc.pause()
+    try:
+        time.sleep(4.0)  # a heartbeat's flush times out meanwhile
+    finally:
+        nats_proc.resume()
+    after = agent.submit("after", ["true"])
+    agent.wait_state(after["id"], "finished")
+
+    def drained() -> bool:
+        link = agent.api("GET", "/v1/info").body["link"]
+        return bool(link["connected"]) and link["outbox_depth"] == 0
+    wait_until(drained, 40, what="the events recorded after the freeze acknowledged")
+    converged(agent, hub_proc)
+    link = agent.api("GET", "/v1/info").body["link"]
+    assert (link["publish_errors"], link["reconnects"], link["link_rebuilds"]) == (0, 0, 0), link
+    assert "link stalled" not in agent.log() and "encountered error" not in agent.log()

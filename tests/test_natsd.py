@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
@@ -160,3 +161,38 @@ async def test_stop_while_paused_still_stops(tmp_path: Path) -> None:
     await server.stop()
     assert not server.running
     assert "Server Exiting" in server.log_path.read_text()  # SIGTERM, not the SIGKILL fallback
+
+
+async def test_a_pong_that_comes_after_a_flush_timed_out_leaves_the_client_working(
+        nats_server: NatsServer) -> None:
+    """nats-py 2.16 cancels a timed-out flush's future but leaves it queued; the late PONG
+    then hits ``set_result`` on it (InvalidStateError) and the read loop ends silently, the
+    client saying connected while it reads nothing ever again (the "link stalled while
+    connected" of issue 11). ``federation.natsclient`` makes a late PONG harmless."""
+    from nats.aio.client import __version__ as nats_py
+
+    from federation import natsclient  # what every Outpost process that connects imports
+
+    assert nats_py == natsclient.FIXED_FOR, (
+        "nats-py was upgraded: check whether it still leaves a timed-out flush's future "
+        "queued (federation/natsclient.py), then update FIXED_FOR or drop the fix")
+
+    async with connect(nats_server.url) as nc, connect(nats_server.url) as other:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            await got.put(msg.data)
+
+        await nc.subscribe("late.pong", cb=on_msg)
+        await nc.flush()
+        nats_server.pause()
+        try:
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.flush(timeout=0.3)
+        finally:
+            nats_server.resume()
+        await nc.flush(timeout=5)  # the late PONG, then this one's
+        await other.publish("late.pong", b"still reading")
+        await other.flush()
+        assert nc.is_connected
+        assert await asyncio.wait_for(got.get(), 5) == b"still reading"

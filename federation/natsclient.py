@@ -1,0 +1,46 @@
+"""A fix for nats-py 2.16's client, applied where Outpost imports it.
+
+``Client.flush(timeout)`` sends a PING and waits for its PONG; on a timeout it cancels the
+waiting future but leaves it queued in ``_pongs``. When the PONG does come (a slow server, a
+link that was frozen for a moment), ``_process_pong`` calls ``set_result`` on the cancelled
+future, the InvalidStateError ends the client's read loop, and the client stays "connected"
+while it never reads again: no message, no PubAck, no PONG. That was the agents' "link
+stalled while NATS says connected" (issue 11), which the watchdog in ``edge_agent/sync.py``
+only papered over by rebuilding the link. PONGs answer PINGs in order, so a PONG still takes
+its own queued future off, and only sets a result if nobody gave up on it.
+
+Applied once, at import of this module (``federation/__init__.py`` imports it, so every agent,
+hub and CLI process has it); checked against the pinned version so an upgrade that changes
+the method is noticed by ``tests/test_natsd.py`` rather than silently patched wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+FIXED_FOR = "2.16.0"  # the nats-py version this was written against (pyproject.toml pins it)
+
+
+async def _process_pong(self: Any) -> None:
+    """A PONG answers the oldest PING: its future gets the result unless it was abandoned."""
+    if self._pongs:
+        future = self._pongs.pop(0)
+        if not future.done():
+            future.set_result(True)
+        self._pongs_received += 1
+        self._pings_outstanding = 0
+
+
+def apply() -> None:
+    if getattr(Client._process_pong, "__outpost_fixed__", False):
+        return
+    _process_pong.__outpost_fixed__ = True  # type: ignore[attr-defined]
+    Client._process_pong = _process_pong  # type: ignore[method-assign]
+
+
+apply()
