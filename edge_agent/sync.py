@@ -56,7 +56,9 @@ ENROLL_RETRY_S = (60.0, 600.0)  # a refused join token: retry after 1 min, doubl
 UNREACHABLE_LOG_S = 10.0  # at most one "cannot reach NATS" line per this many seconds
 # The link watchdog: heartbeats are confirmed by a round trip (flush); none for this many
 # intervals (at least STALL_MIN_S), or unshipped events with no publish answered for
-# STALL_PUBLISH_S, while NATS says connected, and the link is rebuilt.
+# STALL_PUBLISH_S, while NATS says connected, and the link is rebuilt. (A path that stops
+# forwarding without closing; a timed-out flush no longer kills nats-py's read loop:
+# federation/natsclient.py.)
 STALL_INTERVALS = 3
 STALL_MIN_S = 10.0
 STALL_PUBLISH_S = 3 * PUBLISH_TIMEOUT
