@@ -1,33 +1,41 @@
 """``make bench-scale``: a simulated fleet against a real hub, embedded NATS, least privilege.
 
 Each simulated agent is the real ``edge_agent.sync.Sync`` on its own SQLite store and its own
-NATS connection with its own nkey: real enrollment (one at a time, as a fleet joining), signed
-event batches, heartbeats every 2 s, command reads, offers every 15 s and a snapshot of 5 tasks
-per agent. Only the task runtime is left out (tasks are rows, not processes). All agents run in
-this process's event loop; the hub and its nats-server are their own processes.
+NATS connection with its own nkey (``bench.fleetworker.SimAgent``): real enrollment (one at a
+time, as a fleet joining), signed event batches, heartbeats every ``BENCH_HEARTBEAT_S`` (2 s),
+command reads, offers every 15 s and a snapshot of 5 tasks per agent. Only the task runtime is
+left out (tasks are rows, not processes). One Python process saturates a core at about 3,000
+such agents, so the fleet runs in ``BENCH_WORKERS`` worker processes (``python -m
+bench.fleetworker``, default one per 1,000 agents), each driven over its stdin/stdout; the hub
+and its nats-server are their own processes. Worker 0 enrolls its share one agent after
+another, then worker 1, and so on, while the agents already enrolled keep running.
 
 Reported, each next to the raw limit measured in the same run (like with like):
 - enrollment cost at the 10th and at the last enrollment (raw: one core-NATS request/reply to
-  a trivial responder on the same server);
+  a trivial responder on a bare server of the same binary);
 - hub CPU in steady state (raw: one core), nats-server RSS (raw: the same server binary with
   the same number of plain connections and no auth, measured in this run);
+- the simulator's own CPU (all workers) and the whole box's, against the box's cores: when they
+  are near the box's cores, the figures measure the simulator, not the hub;
 - API p99 of ``GET /v1/agents?limit=100`` and ``GET /v1/tasks`` (raw: a trivial aiohttp JSON
   handler in its own process, same clients);
 - agents wrongly unreachable (raw: 0), and a command (drain) to every agent: how many applied.
 
-``BENCH_AGENTS`` (default 1000) sets the fleet size; ``BENCH_STEADY_S`` the steady window.
+``BENCH_AGENTS`` (default 1000) sets the fleet size; ``BENCH_STEADY_S`` the steady window;
+``BENCH_WORKERS`` the simulator's processes; ``BENCH_HEARTBEAT_S`` the agents' heartbeat period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,75 +44,42 @@ import nats
 import psutil
 
 from bench.common import ROOT, Row, format_table, percentile, progress
+from bench.fleetworker import TASKS_PER_AGENT, SimAgent, raise_nofile
 from bench.hub import EmbeddedHub
-from edge_agent.store import Store
-from edge_agent.sync import Sync, SyncSettings
-from federation import wire
-from federation.identity import id_from_public_key, load_or_create_key
-from federation.messages import Command
-from federation.natsd import NatsServer
+from federation.natsd import NatsServer, _http_get
+
+__all__ = ["SimAgent", "run_fleet"]  # SimAgent: bench.storm takes it from here
 
 FleetRow = functools.partial(Row, area="fleet")
-TASKS_PER_AGENT = 5
 API_SAMPLES = 200
+AGENTS_PER_WORKER = 1000
+RAW_CONNS_PER_PROC = 2500  # the raw helper's plain connections per process
+DEFAULT_HEARTBEAT_S = 2.0  # the issue's figure, and SyncSettings' default
 
 
-@dataclass
-class SimAgent:
-    """One simulated edge: the real Sync on a real store; commands are recorded, not run."""
+class FleetHub(EmbeddedHub):
+    """``EmbeddedHub`` whose liveness thresholds follow the agents' heartbeat: the hub's
+    defaults (disconnected after 5 s, unreachable after 10 s) are 2.5 and 5 heartbeats of the
+    default 2 s; with a slower heartbeat the same multiples are passed, as an operator running
+    such a fleet would, or every agent would show not online between two heartbeats."""
 
-    index: int
-    data_dir: Path
-    nats_url: str
-    token: str
-    commands: list[str] = field(default_factory=list)
-    sync: Sync | None = None
-    store: Store | None = None
+    def __init__(self, data_dir: Path, heartbeat_s: float) -> None:
+        super().__init__(data_dir)
+        scale = heartbeat_s / DEFAULT_HEARTBEAT_S
+        self.disconnected_after_s = 5.0 * scale
+        self.unreachable_after_s = 10.0 * scale
+        self.extra = [] if scale == 1 else [
+            "--disconnected-after", f"{self.disconnected_after_s:g}",
+            "--unreachable-after", f"{self.unreachable_after_s:g}"]
 
-    async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        seed, public = load_or_create_key(self.data_dir / "agent.key")
-        self.store = store = Store(self.data_dir / "agent.db")
-        store.agent_id = id_from_public_key(public)
-        store.site = f"site-{self.index % 40:02d}"
-        now = time.time()
-        tasks = [{"id": f"{store.agent_id}{t:06d}", "name": f"svc-{t}",
-                  "command": ["sleep", "600"], "state": "running", "origin": "edge",
-                  "generation": 1, "restarts": 0, "created_at": now, "updated_at": now,
-                  "resources": {"cpus": 0.1, "mem_mb": 32, "disk_mb": 0}}
-                 for t in range(TASKS_PER_AGENT)]
-        record = {"id": store.agent_id, "name": f"sim-{self.index}", "site": store.site,
-                  "labels": {"zone": "sim"},
-                  "resources": {"cpus": 4, "mem_mb": 4096, "disk_mb": 0},
-                  "used": {"cpus": 0.5, "mem_mb": 160, "disk_mb": 0}, "status": "online",
-                  "version": "sim", "isolation": "none", "last_seen": now}
-
-        def offer() -> dict[str, Any]:
-            t = time.time()
-            return {"id": f"{store.agent_id}:{store.last_event_seq()}",
-                    "agent_id": store.agent_id, "site": store.site, "labels": {"zone": "sim"},
-                    "cpus": 3.5, "mem_mb": 3936, "disk_mb": 0, "used": record["used"],
-                    "created_at": t, "expires_at": t + 30}
-
-        def on_command(command: Command) -> tuple[str, str | None, dict[str, Any]]:
-            self.commands.append(command.KIND)  # a typed command (federation/messages.py)
-            return "applied", None, {}
-
-        self.sync = Sync(SyncSettings(self.nats_url, self.token, heartbeat_s=2.0,
-                                      version="sim"),
-                         store, wire.Signer(seed), lambda: {**record, "last_seen": time.time()},
-                         lambda: {"tasks": tasks}, on_command, offer=offer, nats_key=seed)
-        await self.sync.start()
-
-    @property
-    def enrolled(self) -> bool:
-        return self.sync is not None and self.sync.hub_key is not None and self.sync.connected
-
-    async def stop(self) -> None:
-        if self.sync is not None:
-            await self.sync.stop()
-        if self.store is not None:
-            self.store.close()
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_")}
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(  # EmbeddedHub's command line, plus self.extra
+                [sys.executable, "-m", "core_hub", "run", "--data-dir", str(self.data_dir),
+                 "--embedded-nats", "--nats-port", "0", "--listen", "127.0.0.1:0",
+                 "--rate-limit", "1000000", "--rate-burst", "1000000", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
 def _token(hub: EmbeddedHub, uses: int) -> str:
@@ -127,20 +102,86 @@ def _pss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_full_info().pss) / (1 << 20)
 
 
-async def raw_nats_rss_mb(n: int, base: Path) -> float:
-    """RSS of a bare nats-server (no auth) holding ``n`` plain client connections."""
+# Holds argv[2] plain nats.py connections (no credentials) to argv[1]; says how many once all
+# are up, closes them when its stdin closes.
+_RAW_HOLDER = """
+import asyncio, os, resource, sys
+import nats
+
+async def hold():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    url, n = sys.argv[1], int(sys.argv[2])
+    conns = []
+    for start in range(0, n, 100):
+        conns += await asyncio.gather(*(nats.connect(url, max_reconnect_attempts=0)
+                                        for _ in range(start, min(n, start + 100))))
+    print(len(conns), flush=True)
+    loop = asyncio.get_running_loop()
+    eof = loop.create_future()
+    loop.add_reader(0, lambda: os.read(0, 1) or eof.done() or eof.set_result(None))
+    await eof
+    await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+asyncio.run(hold())
+"""
+
+
+async def _varz(port: int) -> dict[str, Any]:
+    try:
+        body = json.loads(await _http_get("127.0.0.1", port, "/varz"))
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _hub_nats_monitor_port(hub: EmbeddedHub, natsd: int) -> int:
+    """The monitoring port of the hub's own nats-server, from its ports file (0 if none)."""
+    for ports_file in (hub.data_dir / "nats" / "ports").glob(f"*_{natsd}.ports"):
+        try:
+            return int(json.loads(ports_file.read_text())["monitoring"][0].rsplit(":", 1)[1])
+        except (ValueError, KeyError, IndexError):
+            return 0
+    return 0
+
+
+async def raw_nats_rss_mb(n: int, base: Path) -> tuple[float, int]:
+    """RSS of a bare nats-server (no auth) holding ``n`` plain client connections, and how many
+    connections that server counted (``/varz``). The connections are held by helper processes
+    of ``RAW_CONNS_PER_PROC`` each, so no client process runs short of descriptors or CPU."""
     server = NatsServer(base / "raw-nats")
     await server.start()
-    conns = []
+    holders: list[asyncio.subprocess.Process] = []
     try:
-        for start in range(0, n, 100):
-            conns += await asyncio.gather(*(nats.connect(server.url) for _ in
-                                            range(start, min(n, start + 100))))
+        for start in range(0, n, RAW_CONNS_PER_PROC):
+            holders.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RAW_HOLDER, server.url,
+                str(min(RAW_CONNS_PER_PROC, n - start)), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, cwd=ROOT))
+        held = 0
+        for holder in holders:
+            assert holder.stdout is not None
+            line = await asyncio.wait_for(holder.stdout.readline(), 300)
+            if not line:
+                raise RuntimeError("a raw connection holder exited before connecting")
+            held += int(line)
         await asyncio.sleep(1.0)
         assert server.pid is not None
-        return float(psutil.Process(server.pid).memory_info().rss) / (1 << 20)
+        counted = int((await _varz(server.monitor_port)).get("connections", -1))
+        if held != n or counted != n:
+            progress(f"raw nats: {held} connections held, server counts {counted}, wanted {n}")
+        return float(psutil.Process(server.pid).memory_info().rss) / (1 << 20), counted
     finally:
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        for holder in holders:
+            if holder.stdin is not None:
+                holder.stdin.close()
+        for holder in holders:
+            try:
+                await asyncio.wait_for(holder.wait(), 30)
+            except TimeoutError:
+                holder.kill()
+                await holder.wait()
         await server.stop()
 
 
@@ -185,71 +226,239 @@ async def statuses(url: str, token: str) -> dict[str, str]:
     return out
 
 
-async def run_fleet(n: int, steady_s: float, base: Path) -> list[Row]:
-    hub = await EmbeddedHub(base / "hub").start()
-    agents: list[SimAgent] = []
+class FleetWorker:
+    """One ``python -m bench.fleetworker`` and its share ``first .. first + count - 1``."""
+
+    def __init__(self, index: int, first: int, count: int) -> None:
+        self.index, self.first, self.count = index, first, count
+        self.proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self, nats_url: str, token: str, base: Path, heartbeat_s: float) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.fleetworker", "--nats", nats_url, "--token", token,
+            "--base", str(base), "--heartbeat-s", str(heartbeat_s),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+            limit=1 << 24)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def call(self, op: str, within: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """One request, its one reply; RuntimeError on an error reply or a dead worker."""
+        assert self.proc is not None and self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        async with self._lock:
+            self.proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), within)
+        if not line:
+            raise RuntimeError(f"worker {self.index} exited (op {op})")
+        reply = json.loads(line)
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            raise RuntimeError(f"worker {self.index}, op {op}: {reply}")
+        return reply
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        # Not through call(): a request cut off mid-flight (Ctrl-C during enroll) may still
+        # have its reply coming; the worker cuts that enroll short, answers it, then stops.
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(b'{"op": "stop"}\n')
+            await self.proc.stdin.drain()
+            async with asyncio.timeout(120):
+                while line := await self.proc.stdout.readline():
+                    if b'"stopped"' in line:
+                        break
+        except (TimeoutError, OSError, ValueError) as exc:
+            progress(f"worker {self.index} stop: {exc!r}")
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            progress(f"worker {self.index} did not exit; killing it")
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def _shares(n: int, workers: int) -> list[tuple[int, int]]:
+    """(first, count) of each worker: contiguous, as even as can be."""
+    out, first = [], 0
+    for w in range(workers):
+        count = n // workers + (1 if w < n % workers else 0)
+        out.append((first, count))
+        first += count
+    return out
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _count_in(path: Path, needle: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(needle)
+    except FileNotFoundError:
+        return 0
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole box has been busy (all cores, all processes)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                 + getattr(t, "softirq", 0.0))
+
+
+async def _sum_state(workers: list[FleetWorker]) -> dict[str, float]:
+    """Counts summed over the workers; the event-loop lag of the worst worker."""
+    states = await asyncio.gather(*(w.call("state") for w in workers))
+    keys = ("agents", "enrolled", "connected", "link_rebuilds", "reconnects")
+    out = {k: float(sum(st[k] for st in states)) for k in keys}
+    for k in ("loop_lag_p99_ms", "loop_lag_max_ms"):
+        out[k] = float(max(st[k] for st in states))
+    return out
+
+
+async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None = None,
+                    heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> list[Row]:
+    soft, hard = raise_nofile()
+    progress(f"RLIMIT_NOFILE {soft}/{hard} here (the hub and its nats-server inherit it)")
+    n_workers = max(1, min(n, workers or math.ceil(n / AGENTS_PER_WORKER)))
+    cores = os.cpu_count() or 1
+    fleet_hub = FleetHub(base / "hub", heartbeat_s)
+    hub = await fleet_hub.start()
+    fleet: list[FleetWorker] = []
     rows: list[Row] = []
+    nats_log = hub.data_dir / "nats" / "nats-server.log"
     try:
         natsd = _natsd_pid(hub)
+        nats_nofile = psutil.Process(natsd).rlimit(psutil.RLIMIT_NOFILE)
+        progress(f"hub's nats-server RLIMIT_NOFILE {nats_nofile[0]}/{nats_nofile[1]}")
+        if nats_nofile[0] < n + 1000:
+            progress(f"WARNING: nats-server may run out of descriptors for {n} agents")
         token = _token(hub, n)
         raw_rtt = await _raw_rtt(base)
+        fleet = [FleetWorker(w, first, count)
+                 for w, (first, count) in enumerate(_shares(n, n_workers))]
+        await asyncio.gather(*(w.start(hub.nats_url, token, base / "agents", heartbeat_s)
+                               for w in fleet))
+        progress(f"{n_workers} simulator workers, heartbeat {heartbeat_s} s")
         enroll_ms: list[float] = []
+        failed: list[int] = []
         t_all = time.perf_counter()
-        for i in range(n):  # a fleet joining: one enrollment after another
-            agent = SimAgent(i, base / "agents" / f"a{i}", hub.nats_url, token)
-            t0 = time.perf_counter()
-            await agent.start()
-            while not agent.enrolled:  # noqa: ASYNC110 (another process answers)
-                await asyncio.sleep(0.002)
-            enroll_ms.append((time.perf_counter() - t0) * 1000)
-            agents.append(agent)
-            if (i + 1) % 250 == 0:
-                progress(f"{i + 1}/{n} enrolled, last {enroll_ms[-1]:.0f} ms")
+        for w in fleet:  # a fleet joining: one enrollment after another, worker after worker
+            reply = await w.call("enroll", within=w.count * 130 + 60, count=w.count,
+                                 **{"from": w.first})
+            enroll_ms += reply["enroll_ms"]
+            failed += reply["failed"]
+            progress(f"worker {w.index}: agents {w.first}..{w.first + w.count - 1} enrolled "
+                     f"({len(enroll_ms)}/{n}), last {enroll_ms[-1]:.0f} ms")
         enroll_total = time.perf_counter() - t_all
         progress(f"steady state for {steady_s:.0f} s")
         await asyncio.sleep(5.0)  # the last joiners' snapshots and offers land
+        before = await _sum_state(fleet)
         hub_p = psutil.Process(hub.pid)
-        cpu0, t0 = sum(hub_p.cpu_times()[:2]), time.perf_counter()
+        sim_pids = [w.pid for w in fleet]
+        cpu0, nats0, sim0, box0, t0 = (sum(hub_p.cpu_times()[:2]), _cpu_s([natsd]),
+                                       _cpu_s(sim_pids), _busy_s(), time.perf_counter())
         await asyncio.sleep(steady_s)
-        hub_cpu = 100 * (sum(hub_p.cpu_times()[:2]) - cpu0) / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        hub_cpu = 100 * (sum(hub_p.cpu_times()[:2]) - cpu0) / elapsed
+        nats_cpu = 100 * (_cpu_s([natsd]) - nats0) / elapsed
+        sim_cpu = 100 * (_cpu_s(sim_pids) - sim0) / elapsed
+        box_cpu = 100 * (_busy_s() - box0) / elapsed
+        after = await _sum_state(fleet)
         nats_rss = float(psutil.Process(natsd).memory_info().rss) / (1 << 20)
         hub_pss = _pss_mb(hub.pid) + _pss_mb(natsd)
+        monitor = _hub_nats_monitor_port(hub, natsd)
+        nats_conns = int((await _varz(monitor)).get("connections", -1)) if monitor else -1
         agents_p99 = await api_p99_ms(hub.url, hub.token, "/v1/agents?limit=100")
         tasks_p99 = await api_p99_ms(hub.url, hub.token, "/v1/tasks")
         seen = await statuses(hub.url, hub.token)
         wrong = sum(1 for s in seen.values() if s != "online")
         progress("a drain command to every agent")
+        ids = [i for w in fleet for i in (await w.call("ids"))["ids"] if i is not None]
         async with aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {hub.token}"}) as session:
             t_cmd = time.perf_counter()
-            for agent in agents:
-                assert agent.store is not None
-                async with session.post(f"{hub.url}/v1/agents/{agent.store.agent_id}/drain",
+            for agent_id in ids:
+                async with session.post(f"{hub.url}/v1/agents/{agent_id}/drain",
                                         json={}) as resp:
                     await resp.read()
+        progress(f"{len(ids)} drains sent in {time.perf_counter() - t_cmd:.1f} s; waiting "
+                 "up to 60 s for them to be applied")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sum(  # noqa: ASYNC110 (a poll)
-                bool(a.commands) for a in agents) < n:
-            await asyncio.sleep(0.1)
+        while True:
+            counts = await asyncio.gather(*(w.call("commands") for w in fleet))
+            if sum(c["with_commands"] for c in counts) >= n or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         cmd_s = time.perf_counter() - t_cmd
-        applied = sum(a.commands.count("drain") == 1 for a in agents)
-        raw_rss = await raw_nats_rss_mb(n, base)
+        applied = sum(c["drained_once"] for c in counts)
+        progress(f"{sum(c['with_commands'] for c in counts)} agents applied a command, "
+                 f"{applied} exactly one drain")
+        raw_rss, raw_counted = await raw_nats_rss_mb(n, base)
         raw_api = await trivial_p99_ms()
         k10 = min(9, n - 1)
+        first100 = percentile(enroll_ms[:100], 50)
+        last100 = percentile(enroll_ms[-100:], 50)
+        rebuilds = after["link_rebuilds"] - before["link_rebuilds"]
+        reconnects = after["reconnects"] - before["reconnects"]
         rows = [
+            FleetRow("simulator", f"{n} agents in {n_workers} worker processes, heartbeat "
+                     f"every {heartbeat_s:g} s", raw_what=f"box: {cores} CPU cores"),
+            FleetRow("hub liveness thresholds", f"disconnected after "
+                     f"{fleet_hub.disconnected_after_s:g} s, unreachable after "
+                     f"{fleet_hub.unreachable_after_s:g} s",
+                     raw_what="hub defaults x heartbeat / 2 s"),
+            FleetRow(f"agents enrolled (of {n})", float(n - len(failed)), "agents", float(n),
+                     "every agent", f"{n}", not failed, digits=0),
             FleetRow(f"enrollment #{k10 + 1} (connect, enroll, reconnect as itself)",
                      enroll_ms[k10], "ms", raw_rtt, "one core-NATS request/reply, bare server",
                      digits=1),
             FleetRow(f"enrollment #{n} (the last)", enroll_ms[-1], "ms", raw_rtt,
                      "one core-NATS request/reply, bare server",
                      f"about #{k10 + 1}'s", enroll_ms[-1] <= 2 * enroll_ms[k10] + 5, digits=1),
+            FleetRow("enrollment p50 of the last 100", last100, "ms", raw_rtt,
+                     "one core-NATS request/reply, bare server",
+                     f"about the first 100's ({first100:.1f} ms)", last100 <= 2 * first100 + 5,
+                     digits=1),
             FleetRow(f"enrolling all {n}, one after another", enroll_total, "s", None,
                      "", digits=1),
             FleetRow(f"hub CPU, steady state ({steady_s:.0f} s, {n} agents)", hub_cpu,
                      "% core", 100.0, "one core", "< 1 core", hub_cpu < 100, digits=0),
+            FleetRow("nats-server CPU, same window", nats_cpu, "% core", 100.0, "one core",
+                     digits=0),
+            FleetRow(f"simulator CPU, same window ({n_workers} workers)", sim_cpu, "% core",
+                     100.0 * cores, f"the box's {cores} cores", digits=0),
+            FleetRow("box CPU, same window (every process)", box_cpu, "% core",
+                     100.0 * cores, f"the box's {cores} cores", digits=0),
+            FleetRow("simulator link rebuilds / reconnects, same window",
+                     f"{rebuilds:.0f} / {reconnects:.0f}",
+                     raw_what=f"since start {after['link_rebuilds']:.0f} / "
+                              f"{after['reconnects']:.0f}; at the window's end "
+                              f"{after['enrolled']:.0f} enrolled, {after['connected']:.0f} "
+                              "connected", goal="0 / 0",
+                     met=rebuilds == 0 and reconnects == 0),
+            FleetRow("simulator event-loop lag, same window (worst worker)",
+                     f"p99 {after['loop_lag_p99_ms']:.0f} ms, max "
+                     f"{after['loop_lag_max_ms']:.0f} ms",
+                     raw_what="how late a 0.1 s sleep wakes in a worker"),
             FleetRow(f"nats-server RSS, {n} agents, least privilege", nats_rss, "MB", raw_rss,
-                     f"same nats-server, {n} plain connections, no auth", "< 2048 MB",
-                     nats_rss < 2048, digits=0),
+                     f"same nats-server, {raw_counted} plain connections, no auth",
+                     "< 2048 MB", nats_rss < 2048, digits=0),
+            FleetRow("nats-server client connections (/varz)", float(nats_conns), "conns",
+                     float(n), "one per agent", digits=0),
             FleetRow("hub + nats-server PSS", hub_pss, "MB", None, "", digits=0),
             FleetRow("GET /v1/agents?limit=100 p99", agents_p99, "ms",
                      raw_api, "trivial aiohttp JSON handler, own process", "< 100 ms",
@@ -257,23 +466,23 @@ async def run_fleet(n: int, steady_s: float, base: Path) -> list[Row]:
             FleetRow(f"GET /v1/tasks p99 ({n * TASKS_PER_AGENT} tasks)", tasks_p99, "ms",
                      raw_api, "trivial aiohttp JSON handler, own process", "< 100 ms",
                      tasks_p99 < 100, digits=1),
-            FleetRow("agents wrongly not online", float(wrong), "agents", None, "0",
-                     "0", wrong == 0, digits=0),
+            FleetRow(f"agents wrongly not online (of {len(seen)} listed)", float(wrong),
+                     "agents", None, "0", "0", wrong == 0 and len(seen) == n, digits=0),
             FleetRow(f"drain to every agent: applied once (of {n})", float(applied),
                      "agents", float(n), "every agent", f"{n}", applied == n, digits=0),
             FleetRow("drain to every agent: sent and applied", cmd_s, "s", None, "", digits=1),
         ]
+        rows.append(FleetRow("hub's nats-server log: warnings / slow consumers",
+                             f"{_count_in(nats_log, '[WRN]')} / "
+                             f"{_count_in(nats_log, 'Slow Consumer')}"))
         print(format_table(rows), flush=True)  # before the fleet stops: a slow stop loses none
     finally:
         progress("stopping the fleet")
-        for start in range(0, len(agents), 100):
-            await asyncio.gather(*(asyncio.wait_for(a.stop(), 10)
-                                   for a in agents[start:start + 100]), return_exceptions=True)
+        await asyncio.gather(*(w.stop() for w in fleet), return_exceptions=True)
         t_stop = time.perf_counter()
         hub.stop(timeout=60)
         stop_s = time.perf_counter() - t_stop
         log = hub.log_path.read_text() if hub.log_path.exists() else ""
-        nats_log = (hub.data_dir / "nats" / "nats-server.log")
         clean = nats_log.exists() and nats_log.read_text().rstrip().endswith("Server Exiting..")
         rows.append(FleetRow("hub stop (SIGTERM) to exit, nats-server included", stop_s, "s",
                              None, "", "clean JetStream shutdown",
@@ -307,8 +516,11 @@ async def _raw_rtt(base: Path) -> float:
 def main() -> int:
     n = int(os.environ.get("BENCH_AGENTS", "1000"))
     steady = float(os.environ.get("BENCH_STEADY_S", "30"))
+    workers = int(os.environ.get("BENCH_WORKERS", "0")) or None
+    heartbeat = float(os.environ.get("BENCH_HEARTBEAT_S", str(DEFAULT_HEARTBEAT_S)))
     with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp:
-        rows = asyncio.run(run_fleet(n, steady, Path(tmp)))
+        rows = asyncio.run(run_fleet(n, steady, Path(tmp), workers=workers,
+                                     heartbeat_s=heartbeat))
     print(format_table(rows[-1:]))
     return 0
 
