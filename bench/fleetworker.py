@@ -17,7 +17,8 @@ parent over stdin/stdout, one JSON object a line, one reply per request, in orde
 - ``{"op": "ids"}``: ``ids``, the agent ids in index order;
 - ``{"op": "commands"}``: ``drained_once`` (agents that applied exactly one drain) and
   ``with_commands`` (agents that applied any command);
-- ``{"op": "stop"}``: stop every agent, reply, exit.
+- ``{"op": "stop"}``: stop every agent (``stop_late``: not stopped within 10 s, left to the
+  exit), reply, exit.
 
 A line that is not such a request (bad JSON, unknown op, a missing, extra or mistyped field)
 gets ``{"ok": false, "error": "..."}`` and the worker carries on. Progress goes to stderr; stdout
@@ -48,6 +49,7 @@ from federation.messages import Command
 TASKS_PER_AGENT = 5
 ENROLL_TIMEOUT_S = 120.0  # one enrollment that takes longer than this is reported as failed
 STOP_BATCH = 100
+STOP_WAIT_S = 10.0
 LAG_TICK_S = 0.1
 
 
@@ -251,13 +253,17 @@ class Worker:
                 "with_commands": sum(bool(a.commands) for a in self.agents)}
 
     async def stop(self) -> dict[str, Any]:
-        errors = 0
+        """Stop the agents, ``STOP_BATCH`` at a time, each batch given ``STOP_WAIT_S``. Not
+        ``wait_for``: ``Sync.stop`` swallows the CancelledError of its own wait, so a cancelled
+        stop may not return; an agent not stopped in time is left to the process's exit."""
+        errors = late = 0
         for start in range(0, len(self.agents), STOP_BATCH):
-            results = await asyncio.gather(
-                *(asyncio.wait_for(a.stop(), 10) for a in self.agents[start:start + STOP_BATCH]),
-                return_exceptions=True)
-            errors += sum(isinstance(r, BaseException) for r in results)
-        return {"stopped": len(self.agents), "stop_errors": errors}
+            tasks = [asyncio.ensure_future(a.stop())
+                     for a in self.agents[start:start + STOP_BATCH]]
+            done, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            late += len(pending)
+            errors += sum(t.exception() is not None for t in done if not t.cancelled())
+        return {"stopped": len(self.agents), "stop_errors": errors, "stop_late": late}
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
@@ -336,6 +342,10 @@ async def serve(worker: Worker, out: IO[str]) -> None:
         stopped = req["op"] == "stop"
     lines.cancel()
     lag.cancel()
+    out.flush()
+    sys.stderr.flush()
+    # Agents stopped late still hold tasks; asyncio.run would wait on them at exit.
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
