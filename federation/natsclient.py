@@ -9,19 +9,18 @@ stalled while NATS says connected" (issue 11), which the watchdog in ``edge_agen
 only papered over by rebuilding the link. PONGs answer PINGs in order, so a PONG still takes
 its own queued future off, and only sets a result if nobody gave up on it.
 
-Applied once, at import of this module (``federation/__init__.py`` imports it, so every agent,
-hub and CLI process has it); checked against the pinned version so an upgrade that changes
-the method is noticed by ``tests/test_natsd.py`` rather than silently patched wrong.
+Applied once, at import of this module, which every place that opens a NATS connection
+imports first (``edge_agent/sync.py``, ``core_hub/hub.py``, ``core_hub/natsauth.py``; the
+``outpost`` CLI speaks HTTP only and does not pay for importing nats-py). The pinned version
+is checked by ``tests/test_natsd.py``, so an upgrade gets this re-checked rather than
+silently patched wrong.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from nats.aio.client import Client
-
-log = logging.getLogger(__name__)
 
 FIXED_FOR = "2.16.0"  # the nats-py version this was written against (pyproject.toml pins it)
 
