@@ -253,9 +253,8 @@ class Worker:
                 "with_commands": sum(bool(a.commands) for a in self.agents)}
 
     async def stop(self) -> dict[str, Any]:
-        """Stop the agents, ``STOP_BATCH`` at a time, each batch given ``STOP_WAIT_S``. Not
-        ``wait_for``: ``Sync.stop`` swallows the CancelledError of its own wait, so a cancelled
-        stop may not return; an agent not stopped in time is left to the process's exit."""
+        """Stop the agents, ``STOP_BATCH`` at a time, each batch given ``STOP_WAIT_S``; an
+        agent not stopped in time is left to the process's exit, not cancelled halfway."""
         errors = late = 0
         for start in range(0, len(self.agents), STOP_BATCH):
             tasks = [asyncio.ensure_future(a.stop())

@@ -28,6 +28,7 @@ from core_hub.store import HubStore
 from federation import messages, wire
 from federation.commandlog import CommandLog
 from federation.errors import NotFound
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ class Commander:
         self._loop = asyncio.create_task(self._run(), name="command-sender")
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
         await self.publish_queued()  # the hub bounds how long; what is left goes at next start
 
     async def publish_queued(self) -> int:

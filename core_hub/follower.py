@@ -44,6 +44,7 @@ from core_hub.store import HubStore
 from federation import wire
 from federation.datadirlock import DataDirLock, DataDirLocked
 from federation.errors import ConfigError
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,7 @@ class Follower:
                  self.applied, extra={"applied": self.applied})
 
     async def stop(self) -> None:
-        for task in self._watches:
-            task.cancel()
-        for task in self._watches:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_loops(*self._watches)
         self._watches.clear()
         for part in reversed(self._parts):
             with contextlib.suppress(Exception):

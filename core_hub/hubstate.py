@@ -17,7 +17,6 @@ on a fresh view then restores from the buckets every record the view lacks, befo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +25,7 @@ import orjson
 
 from core_hub.store import HubStore
 from federation import subjects
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class StateMirror:
 
     async def stop(self) -> None:
         """Stop the loop, then write what is still marked (the hub bounds how long)."""
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
         await self.flush()
 
     async def _run(self) -> None:

@@ -42,6 +42,7 @@ import orjson
 
 from federation import subjects
 from federation.errors import OutpostError
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ class Lease:
         self._loop = asyncio.create_task(self._run(), name="lease")
 
     async def stop(self, *, release: bool = True) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
         if release and self.held:
             # Hand over at once rather than after a TTL (fenced: a lease we already lost is
             # left alone).

@@ -39,6 +39,7 @@ from typing import Any
 
 from core_hub.store import HubStore
 from federation import subjects, wire
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ class Liveness:
         self._loop = asyncio.create_task(self._sweep_loop(), name="liveness")
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

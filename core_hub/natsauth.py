@@ -50,7 +50,6 @@ and includes it in the server's config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ from typing import Any
 from core_hub.store import HubStore
 from federation import natsjwt, objstore, subjects
 from federation.errors import OutpostError
+from federation.loopguard import stop_loops
 from federation.natscreds import (
     AGENT_INBOX_ROOT,
     ENROLL_INBOX_PREFIX,
@@ -529,10 +529,7 @@ class NatsAuth:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_loops(task)
 
     async def run(self) -> None:
         """Until cancelled: refresh when a rotated-away key's grace ends."""

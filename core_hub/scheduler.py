@@ -22,6 +22,7 @@ from core_hub.commands import Commander
 from core_hub.placement import NoPlacement, Offer, Placer
 from core_hub.store import HubStore
 from federation import __version__
+from federation.loopguard import stop_loops
 from federation.messages import MessageInvalid
 from federation.schemas import REVISION_LABEL
 
@@ -57,10 +58,7 @@ class CoreScheduler:
         self._loop = asyncio.create_task(self._tick_loop(), name="core-scheduler")
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
 
     # ------------------------------------------------------------ submit
 

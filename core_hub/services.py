@@ -24,7 +24,6 @@ Each instance is an ordinary core-placed task named after the service and labell
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -37,6 +36,7 @@ from core_hub.scheduler import CoreScheduler
 from core_hub.store import HubStore
 from federation.artifactrefs import task_artifact_refs
 from federation.errors import Conflict, NotFound
+from federation.loopguard import stop_loops
 from federation.schemas import REVISION_LABEL
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ class Services:
         self._loop = asyncio.create_task(self._tick_loop(), name="services")
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        await stop_loops(self._loop)
 
     # ------------------------------------------------------------ API
 

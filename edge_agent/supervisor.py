@@ -27,7 +27,7 @@ from edge_agent.scheduler import Capacity, admit, free_capacity
 from edge_agent.staging import ArtifactRefused, ArtifactUnavailable, Stager
 from edge_agent.store import Store
 from federation.errors import Conflict, Invalid
-from federation.loopguard import LoopGuard
+from federation.loopguard import LoopGuard, stop_loops
 from federation.outside import disk_full, outside_error
 from federation.schemas import TERMINAL_STATES
 
@@ -89,10 +89,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         self.stopping = True
-        if self._ticker:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        await stop_loops(self._ticker)
         for task in self.health_tasks.values():
             task.cancel()
         if self.stop_tasks_on_exit:

@@ -26,7 +26,7 @@ from federation import messages, subjects, wire
 from federation.commandlog import CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
-from federation.loopguard import LoopGuard
+from federation.loopguard import LoopGuard, stop_loops
 from federation.natscreds import agent_credentials, enroll_credentials, token_account
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,7 @@ class Sync:
         self._bound = asyncio.create_task(self._bound_loop(), name="sync-outbox-bound")
 
     async def stop(self) -> None:
-        for task in (self._main, self._bound):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_loops(self._main, self._bound)
         await self._close()
 
     async def _bound_loop(self) -> None:

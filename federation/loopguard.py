@@ -71,3 +71,21 @@ def parse_inject(text: str) -> dict[str, int]:
         name, _, count = part.partition(":")
         out[name] = int(count) if count.isdigit() else 1
     return out
+
+
+async def stop_loops(*tasks: asyncio.Task[object] | None) -> None:
+    """Cancel the loops' tasks and wait until they have ended.
+
+    Unlike ``task.cancel(); with suppress(CancelledError): await task``, a cancellation of the
+    caller itself is not swallowed with the loops' own: ``wait_for(part.stop(), t)`` really
+    ends after ``t`` (the hub bounds every part's stop, an agent its sync's). A loop that ended
+    with an error raises it here, as awaiting it would."""
+    live = [task for task in tasks if task is not None]
+    for task in live:
+        task.cancel()
+    if not live:
+        return
+    await asyncio.wait(live)
+    for task in live:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
