@@ -17,8 +17,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m core_hub demo
 
+# The suite in TEST_WORKERS processes (pytest-xdist), whole files per worker (module fixtures
+# start a hub once): most of a test is waiting on real processes, so two halve the time here.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

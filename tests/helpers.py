@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -30,6 +32,30 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float =
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+APT_LOCK = Path("/tmp/outpost-tests-apt.lock")
+
+
+def apt_install(packages: list[str], ready: Callable[[], bool], budget_s: float) -> None:
+    """``apt-get install`` ``packages`` unless ``ready()`` (after an ``apt-get update`` if the
+    first try fails), within ``budget_s``. One test process at a time (the suite runs in
+    several): the others wait on a lock, then find the packages there."""
+    if ready() or shutil.which("apt-get") is None:
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    deadline = time.monotonic() + budget_s
+    with APT_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for step in (["install", "-y", *packages], ["update"], ["install", "-y", *packages]):
+            left = deadline - time.monotonic()
+            if left <= 0 or ready():
+                return
+            try:  # dpkg's own lock too: wait for it rather than fail (another apt, say)
+                subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={int(left)}", *step],
+                               capture_output=True, timeout=left, env=env, check=False)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import apt_install
+
 APPLETS = ("sh", "sleep", "cat", "ps", "ls", "echo", "head", "dd", "httpd", "id", "touch", "wc",
            "grep", "true", "tail", "mkdir", "kill", "wget", "hostname", "ip")
 TOOLS = ("runc", "umoci", "skopeo", "busybox")
@@ -30,9 +32,7 @@ def ensure_tools() -> None:
     """The tools, installed with apt where missing (as the browser tests do), else a skip."""
     if not missing_tools():
         return
-    if shutil.which("apt-get") is not None:
-        subprocess.run(["apt-get", "install", "-y", "runc", "umoci", "skopeo", "busybox-static"],
-                       capture_output=True, check=False, timeout=600)
+    apt_install(["runc", "umoci", "skopeo", "busybox-static"], lambda: not missing_tools(), 600)
     if missing_tools():
         pytest.skip(f"container tools missing and apt cannot install them: {missing_tools()}")
 

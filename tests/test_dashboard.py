@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from urllib.parse import quote
 import pytest
 
 from federation.natsd import NatsServer
-from tests.helpers import ROOT, AgentProcess, HubProcess, kill_group, wait_until
+from tests.helpers import ROOT, AgentProcess, HubProcess, apt_install, kill_group, wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -61,17 +60,7 @@ OFFLINE_NOISE = (r"Failed to load resource: the server responded with a status o
 def chromium_path() -> str:
     """Debian's chromium; installed with apt-get (after an update if the first try fails) once
     per session if it is missing, within INSTALL_BUDGET_S."""
-    if not os.path.exists(CHROMIUM) and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        deadline = time.monotonic() + INSTALL_BUDGET_S
-        for step in (["install", "-y", "chromium"], ["update"], ["install", "-y", "chromium"]):
-            left = deadline - time.monotonic()
-            if left <= 0 or os.path.exists(CHROMIUM):
-                break
-            try:
-                subprocess.run(["apt-get", *step], capture_output=True, timeout=left, env=env)
-            except (subprocess.TimeoutExpired, OSError):
-                pass
+    apt_install(["chromium"], lambda: os.path.exists(CHROMIUM), INSTALL_BUDGET_S)
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing and `apt-get install -y chromium` (with and without "
                     "`apt-get update`) did not install it")

@@ -263,8 +263,15 @@ async def test_revoking_through_the_hub_api_closes_the_agents_nats_link(
     b, b_id = enrolled(start_agent, secure_hub, "b")
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/drain").status in (200, 202)
     async with client(secure_hub.nats_url, hub_nats_creds(secure_hub.data_dir)) as hub:
-        await hub.nc.jetstream(timeout=5).get_last_msg(  # b's drain command is stored
-            subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
+        jsm = hub.nc.jetstream(timeout=5)
+        for _ in range(100):  # b's drain command is stored (the hub's sender publishes it)
+            try:
+                await jsm.get_last_msg(subjects.COMMANDS_STREAM, subjects.commands_of(b_id))
+                break
+            except nats.js.errors.NotFoundError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("b's drain command never reached the commands stream")
     assert secure_hub.api("POST", f"/v1/agents/{b_id}/revoke").status == 200
     wait_until(lambda: agent_nkeys(secure_hub, b_id) == [], 5, what="b's link closed")
     assert "Authorization Violation" in await refused(secure_hub.nats_url, creds_of(b, b_id))
