@@ -55,8 +55,8 @@ class SyncSettings:
 ENROLL_RETRY_S = (60.0, 600.0)  # a refused join token: retry after 1 min, doubling to 10
 UNREACHABLE_LOG_S = 10.0  # at most one "cannot reach NATS" line per this many seconds
 # The link watchdog: heartbeats are confirmed by a round trip (flush); none for this many
-# intervals (at least STALL_MIN_S), or unshipped events with no publish answered for
-# STALL_PUBLISH_S, while NATS says connected, and the link is rebuilt. (A path that stops
+# intervals (at least STALL_MIN_S), or a publish left without an answer for STALL_PUBLISH_S,
+# while NATS says connected, and the link is rebuilt. (A path that stops
 # forwarding without closing; a timed-out flush no longer kills nats-py's read loop:
 # federation/natsclient.py.)
 STALL_INTERVALS = 3
@@ -115,7 +115,10 @@ class Sync:
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
         self.connected = False
-        self._beat_ok = self._publish_answered = time.monotonic()  # watchdog marks
+        # The watchdog's marks: the last heartbeat round trip, and since when the oldest
+        # publish still without an answer has waited (None: none waits).
+        self._beat_ok = time.monotonic()
+        self._unanswered_since: float | None = None
         self.last_error: dict[str, Any] | None = None  # shown in /v1/info link
         self.nc: Any = None
         self.js: Any = None
@@ -267,7 +270,7 @@ class Sync:
             **self._tls())
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
-        self._beat_ok = self._publish_answered = time.monotonic()
+        self._beat_ok, self._unanswered_since = time.monotonic(), None
         log.info("connected to %s", redact_url(self.settings.nats_url),
                  extra={"agent": self.agent_id})
 
@@ -364,10 +367,13 @@ class Sync:
                 until = await self._rotate()
                 rows = [row for row in rows if row["seq"] <= until]
             if not rows:
+                self._unanswered_since = None  # nothing waits for an answer
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.store.wait_for_change(), 1.0)
                 continue
             batches = self._batches(floor, rows)
+            if self._unanswered_since is None:
+                self._unanswered_since = time.monotonic()
             # An id only this agent can make (wire.batch_msg_id): another edge cannot make the
             # stream drop this agent's batches as duplicates of its own messages.
             sends = [self.js.publish(subjects.events(self.agent_id), data, headers={
@@ -376,7 +382,7 @@ class Sync:
                      for first, last, _, data in batches]
             results = await asyncio.gather(*sends, return_exceptions=True)
             if any(not isinstance(r, TimeoutError) for r in results):
-                self._publish_answered = time.monotonic()  # answered, even if with an error
+                self._unanswered_since = None  # answered, even if with an error
             for (first, last, count, _), result in zip(batches, results, strict=True):
                 if isinstance(result, BaseException):
                     self.stats["publish_errors"] += 1
@@ -553,7 +559,7 @@ class Sync:
             await asyncio.sleep(beat)
             now = time.monotonic()
             if not self.connected:  # nats.py is reconnecting by itself: not a stall
-                self._beat_ok = self._publish_answered = now
+                self._beat_ok, self._unanswered_since = now, None
                 continue
             why = self.stalled(now)
             if why is not None:
@@ -567,9 +573,11 @@ class Sync:
         quiet = now - self._beat_ok
         if quiet > max(STALL_INTERVALS * self.settings.heartbeat_s, STALL_MIN_S):
             return f"no heartbeat went through for {quiet:.0f} s"
-        unanswered = now - self._publish_answered
-        if unanswered > STALL_PUBLISH_S and self.store.outbox_depth()[0] > 0:
-            return f"no publish answered for {unanswered:.0f} s with events to ship"
+        # Counted from the oldest publish still waiting, not from the last answer: an event
+        # recorded after a quiet spell is not a stall while its PubAck is on its way.
+        since = self._unanswered_since
+        if since is not None and now - since > STALL_PUBLISH_S:
+            return f"no publish answered for {now - since:.0f} s"
         return None
 
     def status(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -350,3 +351,37 @@ def test_nats_frozen_past_a_heartbeat_round_trip_needs_no_link_rebuild(
     link = agent.api("GET", "/v1/info").body["link"]
     assert (link["publish_errors"], link["reconnects"], link["link_rebuilds"]) == (0, 0, 0), link
     assert "link stalled" not in agent.log() and "encountered error" not in agent.log()
+
+
+def test_an_event_after_a_quiet_spell_is_not_taken_for_a_stalled_link(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """An idle agent publishes only its offer refresh (every 15 s). The watchdog measured "no
+    publish answered" from the last answer instead of from the oldest publish still waiting
+    for one, so an event recorded about 15 s after the last answer counted as stalled while
+    its PubAck was on its way (a slow uplink; under the reconnect storm bench, thousands of
+    rebuilds). Here NATS freezes 5.5 s, from 11.5 s after an answered publish: the publish in
+    flight is 5.5 s old, not 17 s, and the link is not rebuilt."""
+    agent = joined(start_agent, hub_proc, nats_proc)
+    converged(agent, hub_proc)
+
+    def link() -> dict[str, Any]:
+        return dict(agent.api("GET", "/v1/info").body["link"])
+
+    before = link()["published_batches"]
+    wait_until(lambda: link()["published_batches"] > before, 20, interval=0.02,
+               what="the next offer refresh answered")
+    answered = link()["published_batches"]
+    time.sleep(11.5)
+    assert link()["published_batches"] == answered, "the agent was not idle"
+    nats_proc.pause()
+    try:
+        quiet = agent.submit("after-a-quiet-spell", ["true"])
+        time.sleep(5.5)
+    finally:
+        nats_proc.resume()
+    agent.wait_state(quiet["id"], "finished")
+    wait_until(lambda: link()["outbox_depth"] == 0, 40, what="the task's events acknowledged")
+    converged(agent, hub_proc)
+    assert (link()["link_rebuilds"], link()["reconnects"]) == (0, 0), link()
+    assert "link stalled" not in agent.log()
