@@ -78,6 +78,7 @@ from core_hub.store import (
 )
 from federation import messages, subjects
 from federation.errors import Invalid
+from federation.loopguard import stop_loops
 from federation.schemas import AGENT_STATUSES, TASK_STATES
 from federation.wire import Envelope, EnvelopeRejected, Event
 
@@ -205,12 +206,7 @@ class Ingest:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_loops(task)
         await self._unbind()
         self._verifier.shutdown(wait=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from edge_agent.staging import ArtifactRefused, ArtifactUnavailable, Stager
 from federation.backend import Metric, Page
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,7 @@ class EdgeArtifacts:
             log.warning("stage of sha256:%s: %s", sha, exc, extra={"digest": sha})
 
     async def stop(self) -> None:
-        for job in list(self._staging):
-            job.cancel()
-        await asyncio.gather(*self._staging, return_exceptions=True)
+        await stop_loops(*self._staging, errors=False)
         await self.stager.stop()
 
     def metrics(self) -> builtins.list[Metric]:

@@ -18,6 +18,7 @@ from typing import Any
 from edge_agent.backend import EdgeBackend
 from federation import subjects, wire
 from federation.errors import OutpostError
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,7 @@ class RpcServer:
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for task in list(self.streams.values()):
-            task.cancel()
-        await asyncio.gather(*self.streams.values(), return_exceptions=True)
+        await stop_loops(*self.streams.values(), errors=False)
 
     async def _on_cancel(self, msg: Any) -> None:
         with contextlib.suppress(ValueError, AttributeError):

@@ -33,6 +33,7 @@ from edge_agent.artifacts import ArtifactCache, CacheFull
 from edge_agent.extract import UnsafeArchive, extract
 from edge_agent.sitepeers import SitePeers
 from federation import manifest, objstore
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,7 @@ class Stager:
 
     async def stop(self) -> None:
         """Cancel fetches under way (their progress files stay: the next start resumes)."""
-        jobs = list(self._inflight.values())
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
+        await stop_loops(*self._inflight.values(), errors=False)
 
     async def _manifest(self, key: str, what: str) -> tuple[manifest.Manifest, bytes]:
         nc = self._link()

@@ -95,10 +95,7 @@ class Supervisor:
         if self.stop_tasks_on_exit:
             kills = [self._kill_process(tid) for tid in list(self.executor.running)]
             await asyncio.gather(*kills, return_exceptions=True)
-        for task in list(self.background):
-            task.cancel()
-        await asyncio.gather(*self.background, *self.health_tasks.values(),
-                             return_exceptions=True)
+        await stop_loops(*self.background, *self.health_tasks.values(), errors=False)
         self.executor.detach_all()
 
     def free(self) -> Capacity:

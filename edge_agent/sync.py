@@ -342,9 +342,7 @@ class Sync:
             for task in done:
                 task.result()
         finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await stop_loops(*loops, errors=False)
             if rpc is not None:
                 await rpc.stop()
             if self.site_peers is not None:

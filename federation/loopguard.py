@@ -73,19 +73,39 @@ def parse_inject(text: str) -> dict[str, int]:
     return out
 
 
-async def stop_loops(*tasks: asyncio.Task[object] | None) -> None:
+RECANCEL_S = 0.1  # how often stop_loops cancels again a loop that is still running
+STOP_GRACE_S = 1.0  # how long a cancelled stop_loops still waits for its loops to end
+
+
+async def stop_loops(*tasks: asyncio.Task[object] | None, errors: bool = True) -> None:
     """Cancel the loops' tasks and wait until they have ended.
 
-    Unlike ``task.cancel(); with suppress(CancelledError): await task``, a cancellation of the
-    caller itself is not swallowed with the loops' own: ``wait_for(part.stop(), t)`` really
-    ends after ``t`` (the hub bounds every part's stop, an agent its sync's). A loop that ended
-    with an error raises it here, as awaiting it would."""
-    live = [task for task in tasks if task is not None]
+    A loop still running is cancelled again every ``RECANCEL_S``: Python 3.11's
+    ``asyncio.wait_for`` swallows a cancel that lands as its inner future completes, and a
+    ``while True`` loop around it then goes on as if never told to stop (a 1,000-agent fleet
+    hung in its stop). A cancellation of the caller itself is not swallowed (as ``cancel();
+    with suppress(CancelledError): await task`` did, so ``wait_for(part.stop(), t)`` never
+    ended after ``t``): it is raised once the loops have ended, or after ``STOP_GRACE_S`` at
+    the latest, so a stop nested in a cancelled stop still finishes its loops first.
+    With ``errors``, a loop that ended with an error raises it here, as awaiting it would."""
+    pending = {task for task in tasks if task is not None}
+    live = list(pending)
+    clock = asyncio.get_running_loop().time
+    cancelled: asyncio.CancelledError | None = None
+    give_up = 0.0
+    while pending:
+        for task in pending:
+            task.cancel()
+        try:
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        except asyncio.CancelledError as exc:
+            if cancelled is None:
+                cancelled, give_up = exc, clock() + STOP_GRACE_S
+            pending = {task for task in pending if not task.done()}
+        if cancelled is not None and clock() >= give_up:
+            raise cancelled
+    if cancelled is not None:
+        raise cancelled
     for task in live:
-        task.cancel()
-    if not live:
-        return
-    await asyncio.wait(live)
-    for task in live:
-        if not task.cancelled() and (error := task.exception()) is not None:
+        if errors and not task.cancelled() and (error := task.exception()) is not None:
             raise error
