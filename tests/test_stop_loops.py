@@ -86,18 +86,19 @@ async def test_an_agent_sync_stop_can_be_cancelled(tmp_path: Path) -> None:
         store.close()
 
 
+async def _waiting_for_each(futures: list[asyncio.Future[None]]) -> None:
+    """A loop that waits, under ``wait_for``, for one new future after another."""
+    while True:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        futures.append(future)
+        await asyncio.wait_for(future, 3600)
+
+
 async def test_a_loop_whose_wait_for_swallowed_the_cancel_is_still_stopped() -> None:
     """Python 3.11's ``asyncio.wait_for`` returns the result, and drops the cancel, when its
     inner future completes in the same tick as the cancel: the loop around it goes on."""
     futures: list[asyncio.Future[None]] = []
-
-    async def looping() -> None:
-        while True:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            futures.append(future)
-            await asyncio.wait_for(future, 3600)
-
-    task = asyncio.create_task(looping())
+    task = asyncio.create_task(_waiting_for_each(futures))
     await asyncio.sleep(0)
     futures[-1].set_result(None)  # completes as the stop's cancel lands
     await asyncio.wait_for(stop_loops(task), 10)
@@ -113,14 +114,8 @@ async def test_a_stop_nested_in_a_cancelled_stop_still_ends_its_loops() -> None:
     futures: list[asyncio.Future[None]] = []
     inner_task: list[asyncio.Task[None]] = []
 
-    async def inner() -> None:
-        while True:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            futures.append(future)
-            await asyncio.wait_for(future, 3600)
-
     async def link() -> None:
-        inner_task.append(asyncio.create_task(inner()))
+        inner_task.append(asyncio.create_task(_waiting_for_each(futures)))
         try:
             await asyncio.sleep(3600)
         finally:
