@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,13 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.natsd import find_binary
-from tests.helpers import ROOT, HubProcess, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import ROOT, HubProcess, free_port, wait_until
 
 
 def replace_once(text: str, old: str, new: str) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +34,36 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float =
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+# Ports a test names itself (a demo, a cluster's routes) come from below Linux's ephemeral range
+# (32768-60999), where bind(("", 0)) and every outgoing connection take theirs: a port picked
+# with bind(0) and released could be taken by another test process's connection before use.
+FIXED_PORTS = (20000, 32000)
+
+
+_HANDED_OUT: set[int] = set()  # this process never hands the same port out twice
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports, free now, outside the ephemeral range (see FIXED_PORTS)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(*FIXED_PORTS)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 APT_LOCK = Path("/tmp/outpost-tests-apt.lock")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,25 +14,15 @@ import nats
 import pytest
 
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, joined, wait_until
+from tests.helpers import AgentProcess, HubProcess, free_ports, joined, wait_until
 
 HUB_ARGS = ["--disconnected-after", "2.5", "--unreachable-after", "4", "--log-level", "debug"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """Three nats-servers routed into one JetStream cluster (each its own store)."""
-    routes = _free_ports(3)
+    routes = free_ports(3)
     nodes = []
     for i, port in enumerate(routes):
         others = ", ".join(f'"nats://127.0.0.1:{p}"' for p in routes if p != port)

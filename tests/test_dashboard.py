@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,15 @@ from urllib.parse import quote
 import pytest
 
 from federation.natsd import NatsServer
-from tests.helpers import ROOT, AgentProcess, HubProcess, apt_install, kill_group, wait_until
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    apt_install,
+    free_port,
+    kill_group,
+    wait_until,
+)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -166,12 +173,6 @@ class Fleet:
         return out.stdout.strip().splitlines()[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """NATS, a hub on a fixed port (the page must find it again after a restart) and two
@@ -181,7 +182,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     asyncio.run(nats.start())
     hub = HubProcess(root / "hub", nats.url, ["--disconnected-after", "2.5", "--unreachable-after",
                                               str(UNREACHABLE_AFTER),
-                                              "--listen", f"127.0.0.1:{_free_port()}"])
+                                              "--listen", f"127.0.0.1:{free_port()}"])
     agents: dict[str, AgentProcess] = {}
     try:
         hub.start()

@@ -10,13 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, http, pid_alive, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import ROOT, free_port, http, pid_alive, wait_until
 
 
 def _ours(tmp_path: Path) -> list[str]:
@@ -40,7 +34,7 @@ def _hub_pid(tmp_path: Path) -> int | None:
 def _two_free_ports() -> int:
     """A port P with P + 1 free too (the demo's two edges)."""
     while True:
-        port = _free_port()
+        port = free_port()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
@@ -50,10 +44,10 @@ def _two_free_ports() -> int:
 
 
 def test_demo_starts_a_fleet_and_stops_cleanly(tmp_path: Path) -> None:
-    port, edge_port = _free_port(), _two_free_ports()
+    port, edge_port = free_port(), _two_free_ports()
     demo = subprocess.Popen(
         [sys.executable, "-m", "core_hub", "demo", "--dir", str(tmp_path), "--listen",
-         f"127.0.0.1:{port}", "--nats-port", str(_free_port()), "--web-port", str(_free_port()),
+         f"127.0.0.1:{port}", "--nats-port", str(free_port()), "--web-port", str(free_port()),
          "--edge-port", str(edge_port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
