@@ -311,7 +311,8 @@ class Ingest:
             self._maybe_prune()
 
     def _maybe_prune(self) -> None:
-        """Every ``history_prune_s``: trim the histories that grew to their newest rows."""
+        """Every ``history_prune_s``: trim the histories that grew to their newest rows, and
+        the placement change log to its newest rows."""
         now = time.monotonic()
         if now - self._pruned_at >= self._history_prune_s:
             self._pruned_at = now
@@ -319,6 +320,8 @@ class Ingest:
             dropped = self._store.prune_history(touched) if touched else 0
             if dropped:
                 log.debug("pruned %d task history rows", dropped)
+            if changes := self._store.prune_placement_changes():
+                log.debug("pruned %d placement change rows", changes)
 
     async def _settle(self, outcomes: list[tuple[Msg, Outcome]]) -> None:
         for msg, outcome in outcomes:
@@ -345,10 +348,11 @@ class Ingest:
         owed, high = set(self._owed), self._high
         try:
             with self._store.transaction():
+                chunk = _Chunk(self._keys_of(msgs))
                 waiting: list[tuple[Msg, Envelope]] = []
-                for msg, opened in self._verified(msgs):
+                for msg, opened in self._verified(msgs, chunk.keys):
                     env = self._open(msg, opened, delta)
-                    outcome = Outcome.ACK if env is None else self._apply(env, delta)
+                    outcome = Outcome.ACK if env is None else self._apply(env, chunk, delta)
                     if outcome is Outcome.GAP:
                         assert env is not None
                         waiting.append((msg, env))
@@ -357,7 +361,7 @@ class Ingest:
                 while waiting:
                     still = []
                     for msg, env in waiting:
-                        outcome = self._apply(env, delta)
+                        outcome = self._apply(env, chunk, delta)
                         if outcome is Outcome.GAP:
                             still.append((msg, env))
                         else:
@@ -374,7 +378,9 @@ class Ingest:
                         owed.add(seq)
                 for msg, env in waiting:
                     delta.gaps += 1
-                    self._log_wait(msg, env)
+                    self._log_wait(msg, env, chunk.applied_seq(env.agent))
+                self._store.set_applied_seqs(
+                    (seq, ts, agent) for agent, (seq, ts) in chunk.seen.items())
                 floor = min(owed) - 1 if owed else high
                 if floor != self._store.stream_seq:
                     self._store.set_stream_seq(floor)
@@ -394,25 +400,24 @@ class Ingest:
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
-    def _verified(self, msgs: list[Msg]) -> Iterator[tuple[Msg, _Opened]]:
-        """Each message with what verifying it gave, in order. The Ed25519 checks run on the
-        verifier thread a slice ahead of the caller's apply (libsodium releases the GIL, so
-        they use the other core); a slice's keys are read here first, inside the caller's
+    def _verified(self, msgs: list[Msg], keys: dict[str, AgentKey | None],
+                  ) -> Iterator[tuple[Msg, _Opened]]:
+        """Each message with what verifying it against ``keys`` gave, in order. The Ed25519
+        checks run on the verifier thread a slice ahead of the caller's apply (libsodium
+        releases the GIL, so they use the other core). The keys were read inside the caller's
         transaction, so each check sees the keys the apply does (nothing else on this loop
         runs until the commit, and other writers wait for it)."""
         slices = [msgs[at:at + size] for at, size in _slices(len(msgs))]
-        futures = [self._verifier.submit(_open_all, part, self._keys_of(part))
-                   for part in slices]
+        futures = [self._verifier.submit(_open_all, part, keys) for part in slices]
         for part, future in zip(slices, futures, strict=True):
             yield from zip(part, future.result(), strict=True)
 
     def _keys_of(self, msgs: list[Msg]) -> dict[str, AgentKey | None]:
-        keys: dict[str, AgentKey | None] = {}
-        for msg in msgs:
-            agent = _agent_of(msg.subject)
-            if agent is not None and agent not in keys:
-                keys[agent] = self._store.agent_key(agent)
-        return keys
+        """The key of every agent the messages' subjects name (None if unknown), in one
+        read."""
+        agents = {agent for msg in msgs if (agent := _agent_of(msg.subject)) is not None}
+        known = self._store.agent_keys(agents)
+        return {agent: known.get(agent) for agent in agents}
 
     def _open(self, msg: Msg, opened: _Opened, delta: IngestStats) -> Envelope | None:
         """The verified envelope, or None after counting and logging why it is rejected."""
@@ -432,10 +437,9 @@ class Ingest:
         log.warning("rejected an event envelope (%s): %s", reason, message,
                     extra={"reason": reason, "agent_id": agent})
 
-    def _log_wait(self, msg: Msg, env: Envelope) -> None:
-        applied = self._store.agent_key(env.agent)
+    def _log_wait(self, msg: Msg, env: Envelope, applied: int) -> None:
         extra = {"agent_id": env.agent, "first": env.first, "seq": env.seq,
-                 "applied_seq": applied.applied_seq if applied else None}
+                 "applied_seq": applied}
         if msg.metadata.num_delivered >= _WARN_REDELIVERIES:
             log.warning("agent %s: envelope %d..%d still waits for earlier events", env.agent,
                         env.first, env.seq, extra=extra)
@@ -445,10 +449,8 @@ class Ingest:
 
     # ------------------------------------------------------------ one envelope
 
-    def _apply(self, env: Envelope, delta: IngestStats) -> Outcome:
-        key = self._store.agent_key(env.agent)
-        assert key is not None  # open_envelope found its key
-        applied = key.applied_seq
+    def _apply(self, env: Envelope, chunk: _Chunk, delta: IngestStats) -> Outcome:
+        applied = chunk.applied_seq(env.agent)
         if env.seq <= applied:
             delta.duplicates += 1
             return Outcome.ACK
@@ -461,12 +463,12 @@ class Ingest:
         try:
             with self._store.savepoint():
                 self._apply_events(env.agent, events, delta)
-                self._store.set_applied_seq(env.agent, env.seq, env.ts)
         except Exception:
             log.exception("agent %s: applying envelope %d..%d failed", env.agent, env.first,
                           env.seq, extra={"agent_id": env.agent, "seq": env.seq})
             delta.apply_errors += 1
             return Outcome.ERROR
+        chunk.applied(env.agent, env.seq, env.ts)
         delta.applied_envelopes += 1
         return Outcome.ACK
 
@@ -596,6 +598,29 @@ class Ingest:
         delta.bad_events += 1
         log.warning("agent %s: skipped malformed %s event %d", agent, event.kind, event.seq,
                     extra={"agent_id": agent, "seq": event.seq, "kind": event.kind})
+
+
+class _Chunk:
+    """What one chunk's transaction knows about its agents: their keys as read at its start,
+    and the seqs it has applied since (written to ``agents`` once, before the commit)."""
+
+    __slots__ = ("keys", "seen")
+
+    def __init__(self, keys: dict[str, AgentKey | None]) -> None:
+        self.keys = keys
+        self.seen: dict[str, tuple[int, float]] = {}  # agent -> (applied seq, latest ts)
+
+    def applied_seq(self, agent: str) -> int:
+        seen = self.seen.get(agent)
+        if seen is not None:
+            return seen[0]
+        key = self.keys[agent]
+        assert key is not None  # open_envelope found its key
+        return key.applied_seq
+
+    def applied(self, agent: str, seq: int, ts: float) -> None:
+        before = self.seen.get(agent)
+        self.seen[agent] = (seq, ts if before is None else max(ts, before[1]))
 
 
 # What verifying one message gave: its envelope, or (agent or None if the subject names

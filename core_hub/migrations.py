@@ -243,4 +243,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE agents ADD COLUMN revoked_after_seq INTEGER NOT NULL DEFAULT 0;
     """,
+    # 16 (fleet scale): the agents whose offer or status changed, in order, written by
+    # triggers (so by every writer: ingest, liveness, the API, another process). The
+    # scheduler reads what is new each pass instead of every agent and offer; rows are pruned
+    # behind it (``meta.placement_changes_pruned``).
+    """
+    CREATE TABLE placement_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id TEXT NOT NULL
+    );
+    CREATE TRIGGER offer_added AFTER INSERT ON offers
+        BEGIN INSERT INTO placement_changes(agent_id) VALUES (NEW.agent_id); END;
+    CREATE TRIGGER offer_changed AFTER UPDATE ON offers
+        BEGIN INSERT INTO placement_changes(agent_id) VALUES (NEW.agent_id); END;
+    CREATE TRIGGER offer_removed AFTER DELETE ON offers
+        BEGIN INSERT INTO placement_changes(agent_id) VALUES (OLD.agent_id); END;
+    CREATE TRIGGER agent_status_changed AFTER UPDATE OF status, revoked ON agents
+        WHEN OLD.status IS NOT NEW.status OR OLD.revoked IS NOT NEW.revoked
+        BEGIN INSERT INTO placement_changes(agent_id) VALUES (NEW.id); END;
+    CREATE TRIGGER agent_removed AFTER DELETE ON agents
+        BEGIN INSERT INTO placement_changes(agent_id) VALUES (OLD.id); END;
+    """,
 )

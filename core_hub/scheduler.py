@@ -46,6 +46,7 @@ class CoreScheduler:
         self.placer = Placer()
         self._offer_ids: dict[str, tuple[Any, str]] = {}
         self._revoked: set[str] = set()
+        self._changes_at: int | None = None  # the last placement change taken in
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.placed = 0
@@ -176,9 +177,21 @@ class CoreScheduler:
                                           "finished_at": now, "updated_at": now}, now)
 
     def _refresh_offers(self, now: float) -> None:
-        """Bring the placer's offers up to date. Every pass reads only each agent's status and
-        offer id (no JSON decoded); a body is read and decoded only for an offer that changed,
-        so a quiet fleet costs a pass two narrow scans, not a decode of every agent."""
+        """Bring the placer's offers up to date with what changed since the last pass: the
+        agents the view's ``placement_changes`` names (its triggers see every writer). The
+        first pass, and one that finds the changes it needs pruned, reads every agent's
+        status and offer id instead (no JSON decoded)."""
+        changes = None if self._changes_at is None else self.store.placement_changes(
+            self._changes_at)
+        if changes is None:
+            self._changes_at = self.store.last_placement_change()
+            self._refresh_all()
+            return
+        self._changes_at, agents = changes
+        for agent in agents:
+            self._refresh_agent(agent)
+
+    def _refresh_all(self) -> None:
         statuses: dict[str, str] = {}
         revoked: set[str] = set()
         for agent_id, status, is_revoked in self.store.agent_statuses():
@@ -188,17 +201,39 @@ class CoreScheduler:
                 statuses[agent_id] = status
         self._revoked = revoked
         for agent, offer_id in self.store.offer_ids():
-            if agent not in statuses:
-                continue
-            key = (offer_id, statuses[agent])
-            if self._offer_ids.get(agent, (None, ""))[0] != key:
-                body = self.store.offer_of(agent)
-                if body is None:  # gone since the scan
-                    continue
-                self._offer_ids[agent] = (key, statuses[agent])
-                self.placer.update_offer(Offer.from_body(body, status=statuses[agent]))
-                self._offers_version += 1
+            if agent in statuses:
+                self._take_offer(agent, offer_id, statuses[agent])
         for agent in set(self._offer_ids) - set(statuses):
+            self._drop(agent)
+
+    def _refresh_agent(self, agent: str) -> None:
+        state = self.store.placement_state(agent)
+        if state is None or state[1]:  # gone, or revoked: nothing is placed on it again
+            if state is None:
+                self._revoked.discard(agent)
+            else:
+                self._revoked.add(agent)
+            self._drop(agent)
+            return
+        status, _, offer_id = state
+        self._revoked.discard(agent)
+        if offer_id is not None:
+            self._take_offer(agent, offer_id, status)
+
+    def _take_offer(self, agent: str, offer_id: Any, status: str) -> None:
+        """Give the placer the agent's stored offer, unless it has this one already."""
+        key = (offer_id, status)
+        if self._offer_ids.get(agent, (None, ""))[0] == key:
+            return
+        body = self.store.offer_of(agent)
+        if body is None:  # gone since the scan
+            return
+        self._offer_ids[agent] = (key, status)
+        self.placer.update_offer(Offer.from_body(body, status=status))
+        self._offers_version += 1
+
+    def _drop(self, agent: str) -> None:
+        if agent in self._offer_ids:
             self.placer.remove(agent)
             del self._offer_ids[agent]
             self._offers_version += 1

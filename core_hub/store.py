@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,9 @@ _MAX_DEPTH = 254
 # The writer checkpoints the WAL itself only past this many pages (16 MB); see HubStore.
 _WAL_SAFETY_PAGES = 4096
 _LOOP_BUSY_MS = 50
+_CACHE_KIB = 65536
+_CHANGES_PRUNED = "placement_changes_pruned"  # meta: change rows up to here are gone
+_CHANGES_KEEP = 100_000
 
 
 def _dumps(value: Any) -> str:
@@ -119,6 +122,12 @@ class HubStore(Database):
         # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
         # the WAL stays bounded even if the thread falls behind.
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
+        # Ingest's working set (every live task, its indexes, the agents) stays in memory:
+        # with SQLite's default 2 MB each chunk re-read pages it had just written. Each
+        # envelope is applied in a savepoint, whose page copies (the sub-journal) go to a
+        # temp file unless temp_store is memory: a write() per page first touched.
+        self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        self._db.execute("PRAGMA temp_store=MEMORY")
         if loop_writer:
             # The hub writes from its event loop: a lock another process holds (a CLI
             # command's write, or one frozen mid-write) may stall the loop this long at most,
@@ -170,14 +179,22 @@ class HubStore(Database):
     # ------------------------------------------------------------ agents: registry
 
     def agent_key(self, agent_id: str) -> AgentKey | None:
-        row = self._db.execute("SELECT public_key, revoked, applied_seq, retired_keys,"
-                               " revoked_after_seq FROM agents WHERE id = ?",
+        row = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM agents WHERE id = ?",
                                (agent_id,)).fetchone()
-        if row is None:
-            return None
-        retired = () if row[3] == "[]" else tuple(
-            (bytes.fromhex(key), int(until)) for key, until, *_ in json.loads(row[3]))
-        return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]), retired, int(row[4]))
+        return None if row is None else _agent_key(row)
+
+    def agent_keys(self, agent_ids: Collection[str]) -> dict[str, AgentKey]:
+        """``agent_key`` of each of ``agent_ids`` that is known, in one query per
+        ``_IN_LIMIT`` ids (ingest reads a chunk's keys at once, not one query per envelope)."""
+        ids = list(agent_ids)
+        out: dict[str, AgentKey] = {}
+        for at in range(0, len(ids), _IN_LIMIT):
+            part = ids[at:at + _IN_LIMIT]
+            marks = ", ".join("?" * len(part))
+            for row in self._db.execute(f"SELECT {_KEY_COLUMNS}, id FROM agents"
+                                        f" WHERE id IN ({marks})", part):
+                out[row[5]] = _agent_key(row)
+        return out
 
     def nats_revocations(self) -> list[tuple[bytes, float | None, list[tuple[str, float]]]]:
         """(current key, revoked_at if revoked (0.0 when unknown) else None, retired keys as
@@ -281,9 +298,14 @@ class HubStore(Database):
     # ------------------------------------------------------------ agents: applying events
 
     def set_applied_seq(self, agent_id: str, seq: int, seen_ts: float) -> None:
-        self._db.execute(
+        self.set_applied_seqs([(seq, seen_ts, agent_id)])
+
+    def set_applied_seqs(self, rows: Iterable[tuple[int, float, str]]) -> None:
+        """(applied seq, seen ts, agent id) for each agent: its envelopes up to that seq are
+        applied; it was seen at that ts (if later than what is known)."""
+        self._db.executemany(
             "UPDATE agents SET applied_seq = ?, last_seen = MAX(COALESCE(last_seen, 0), ?)"
-            " WHERE id = ?", (seq, seen_ts, agent_id))
+            " WHERE id = ?", rows)
 
     def set_last_seen(self, agent_id: str, ts: float) -> None:
         self._db.execute("UPDATE agents SET last_seen = MAX(COALESCE(last_seen, 0), ?)"
@@ -666,7 +688,47 @@ class HubStore(Database):
     def offer_of(self, agent_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT body FROM offers WHERE agent_id = ?",
                                (agent_id,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else dict(orjson.loads(row[0]))
+
+    def placement_changes(self, after: int) -> tuple[int, set[str]] | None:
+        """(last change seq, the agents whose offer or status changed after ``after``), or
+        None if changes after ``after`` were pruned (the reader must read everything again).
+        ``placement_changes(0)`` before any pass gives the seq to start from."""
+        pruned = int(self.get_meta(_CHANGES_PRUNED) or 0)
+        if after < pruned:
+            return None
+        agents: set[str] = set()
+        last = after
+        for seq, agent in self._db.execute(
+                "SELECT seq, agent_id FROM placement_changes WHERE seq > ? ORDER BY seq",
+                (after,)):
+            agents.add(agent)
+            last = seq
+        return last, agents
+
+    def last_placement_change(self) -> int:
+        row = self._db.execute("SELECT max(seq) FROM placement_changes").fetchone()
+        return int(row[0] or 0)
+
+    def prune_placement_changes(self, keep: int = _CHANGES_KEEP) -> int:
+        """Drop all but the newest ``keep`` change rows; returns how many went. A reader
+        further behind than that reads everything again (``placement_changes`` says so)."""
+        with self.transaction() as db:
+            floor = self.last_placement_change() - keep
+            if floor <= int(self.get_meta(_CHANGES_PRUNED) or 0):
+                return 0
+            gone = db.execute("DELETE FROM placement_changes WHERE seq <= ?",
+                              (floor,)).rowcount
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
+                       " DO UPDATE SET value = excluded.value", (_CHANGES_PRUNED, str(floor)))
+        return int(gone)
+
+    def placement_state(self, agent_id: str) -> tuple[str, bool, Any] | None:
+        """(status, revoked, offer id or None) of one agent, or None if it is not known."""
+        row = self._db.execute(
+            "SELECT a.status, a.revoked, json_extract(o.body, '$.id') FROM agents a"
+            " LEFT JOIN offers o ON o.agent_id = a.id WHERE a.id = ?", (agent_id,)).fetchone()
+        return None if row is None else (str(row[0]), bool(row[1]), row[2])
 
     def agent_statuses(self) -> list[tuple[str, str, bool]]:
         """(id, status, revoked) of every agent: the narrow read of a scheduler pass."""
@@ -861,6 +923,17 @@ class _Checkpointer:
                     return
         finally:
             db.close()
+
+
+_KEY_COLUMNS = "public_key, revoked, applied_seq, retired_keys, revoked_after_seq"
+_IN_LIMIT = 500  # ids per IN (...) list, well under SQLite's bound on parameters
+
+
+def _agent_key(row: Sequence[Any]) -> AgentKey:
+    """The ``AgentKey`` of a row starting with ``_KEY_COLUMNS``."""
+    retired = () if row[3] == "[]" else tuple(
+        (bytes.fromhex(key), int(until)) for key, until, *_ in json.loads(row[3]))
+    return AgentKey(bytes(row[0]), bool(row[1]), int(row[2]), retired, int(row[4]))
 
 
 def _agent(row: sqlite3.Row) -> dict[str, Any]:
