@@ -31,11 +31,13 @@ _PUBLIC = ("id", "state", "exit_code", "reason", "origin", "generation", "restar
 
 
 class Store(Database):
-    """Tasks and events on disk. ``changed`` is set whenever an event is appended."""
+    """Tasks and events on disk. ``commits`` counts committed transactions;
+    ``wait_for_change`` waits for the next."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, MIGRATIONS, "edge store")
         self._waiters: set[asyncio.Future[None]] = set()
+        self.commits = 0
         self.agent_id = ""
         self.site = ""
         # With federation on: events after this seq are not yet acked by JetStream and must not
@@ -43,6 +45,7 @@ class Store(Database):
         self.publish_floor: int | None = None
 
     def _committed(self) -> None:
+        self.commits += 1
         self._wake()
 
     # ------------------------------------------------------------ meta

@@ -36,6 +36,12 @@ MAX_BATCH_BYTES = 400_000
 IN_FLIGHT = 16
 PUBLISH_TIMEOUT = 5.0
 OFFER_REFRESH_S = 15.0  # offers live 30 s at the core; renew them well before
+# An idle agent's loops wait for the store's next commit (every event is one) and look again
+# only this often without one: a Pi-class box, or a simulator of thousands of agents, does
+# not spend a query and a timer per loop per second on an outbox that has not changed.
+IDLE_RECHECK_S = 30.0
+ROTATION_RECHECK_S = 1.0  # while a key rotation waits for the hub: retry that soon
+BOUND_EVERY_S = 1.0  # the outbox bound is checked at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +151,21 @@ class Sync:
         await self._close()
 
     async def _bound_loop(self) -> None:
-        """Keep the outbox within ``outbox_max``, link or no link (it grows most when down)."""
+        """Keep the outbox within ``outbox_max``, link or no link (it grows most when down):
+        checked after commits (only they grow it), at most every ``BOUND_EVERY_S``."""
         while True:
+            seen = self.store.commits
             with self.loops.guard("sync-outbox-bound"):
                 self.bound_outbox()
-            await self.loops.pause("sync-outbox-bound", 1.0)
+            await self.loops.pause("sync-outbox-bound", BOUND_EVERY_S)
+            if self.store.commits == seen:  # nothing committed since the check: wait for it
+                await self._until_change(IDLE_RECHECK_S)
+
+    async def _until_change(self, timeout_s: float) -> None:
+        """Return after the store's next commit, or after ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.store.wait_for_change()
 
     def bound_outbox(self) -> None:
         depth, _ = self.store.outbox_depth()
@@ -366,8 +382,8 @@ class Sync:
                 rows = [row for row in rows if row["seq"] <= until]
             if not rows:
                 self._unanswered_since = None  # nothing waits for an answer
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.store.wait_for_change(), 1.0)
+                pending = self.rotation is not None and self.rotation.pending()
+                await self._until_change(ROTATION_RECHECK_S if pending else IDLE_RECHECK_S)
                 continue
             batches = self._batches(floor, rows)
             if self._unanswered_since is None:
