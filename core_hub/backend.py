@@ -87,7 +87,7 @@ class CoreBackend:
     async def list_tasks(self, query: TaskQuery) -> Page:
         agent_ids = None
         if query.site:
-            agent_ids = [a["id"] for a in self.store.list_agents(site=query.site)]
+            agent_ids = self.store.agent_ids_at(query.site)
         unreachable = self._unreachable()
         wanted = set(query.states)
         if "unknown" in wanted:  # 'unknown' is derived: ask for what the edge last reported
@@ -248,14 +248,13 @@ class CoreBackend:
 
     def metrics(self) -> list[Metric]:
         counts = self.store.count_tasks_by_state()
-        agents = self.store.list_agents()
+        agents = self.store.count_agents_by_status()
         stats = self.ingest_stats.as_dict()
         return [
             Metric("outpost_tasks", "gauge", "Tasks in the fleet view by state",
                    [({"state": s}, float(counts.get(s, 0))) for s in TASK_STATES]),
             Metric("outpost_agents", "gauge", "Agents by status",
-                   [({"status": s}, float(sum(a["status"] == s for a in agents)))
-                    for s in AGENT_STATUSES]),
+                   [({"status": s}, float(agents.get(s, 0))) for s in AGENT_STATUSES]),
             Metric("outpost_ingest_events_total", "counter", "Events applied to the view",
                    [({}, float(stats.get("applied_events", 0)))]),
             Metric("outpost_ingest_duplicates_total", "counter", "Duplicate envelopes ignored",

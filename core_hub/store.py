@@ -675,6 +675,16 @@ class HubStore(Database):
             "SELECT id, CASE WHEN revoked THEN 'revoked' ELSE status END FROM agents"
             " WHERE status = 'unreachable' OR revoked = 1")}
 
+    def count_agents_by_status(self) -> dict[str, int]:
+        """Agents by status, counted in SQL (a ``/metrics`` scrape decodes no agent)."""
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT status, count(*) FROM agents GROUP BY status")}
+
+    def agent_ids_at(self, site: str) -> list[str]:
+        """The ids of the agents enrolled at ``site`` (none decoded)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM agents WHERE site = ? ORDER BY id", (site,))]
+
     def count_tasks_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(
             "SELECT state, count(*) FROM tasks GROUP BY state")}

@@ -104,6 +104,9 @@ def test_revoke_a_running_agent(start_agent: Callable[..., AgentProcess], hub_pr
     shown = hub.api("GET", f"/v1/tasks/{before['id']}").body
     assert shown["state"] == "unknown" and shown["reason"] == "agent revoked; last reported running"
     assert agent_at_hub(hub, agent_id)["status"] == "revoked"
+    metrics = hub.api("GET", "/metrics").raw.decode()
+    assert 'outpost_agents{status="revoked"} 1.0' in metrics, metrics
+    assert 'outpost_agents{status="online"} 0.0' in metrics, metrics
 
     # No placements, no drain; revoking again is harmless.
     placed = hub.api("POST", "/v1/tasks", {"name": "nowhere", "command": ["true"]})
