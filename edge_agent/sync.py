@@ -23,7 +23,7 @@ from typing import Any
 
 from edge_agent.store import Store
 from federation import messages, subjects, wire
-from federation.commandlog import CommandReader
+from federation.commandlog import POLL_S, CommandReader
 from federation.errors import OutpostError
 from federation.log import redact_url
 from federation.loopguard import LoopGuard, stop_loops
@@ -35,7 +35,18 @@ MAX_BATCH_EVENTS = 1000
 MAX_BATCH_BYTES = 400_000
 IN_FLIGHT = 16
 PUBLISH_TIMEOUT = 5.0
-OFFER_REFRESH_S = 15.0  # offers live 30 s at the core; renew them well before
+# An offer shipped to the core lives OFFER_LIFETIME_S, or OFFER_LIFETIME_HEARTBEATS heartbeats
+# if longer, and is renewed once half of that has passed. Offers are looked at once per
+# heartbeat, so a renewal lands at most half a lifetime plus one heartbeat after the last:
+# before it expires. (A fixed 30 s with 30 s heartbeats left an agent without an offer at the
+# core for part of every cycle, and all of it at 45 s.)
+OFFER_LIFETIME_S = 30.0
+OFFER_LIFETIME_HEARTBEATS = 3
+
+
+def offer_lifetime(heartbeat_s: float) -> float:
+    """Seconds an offer shipped by an agent heartbeating every ``heartbeat_s`` stays usable."""
+    return max(OFFER_LIFETIME_S, OFFER_LIFETIME_HEARTBEATS * heartbeat_s)
 # An idle agent's loops wait for the store's next commit (every event is one) and look again
 # only this often without one: a Pi-class box, or a simulator of thousands of agents, does
 # not spend a query and a timer per loop per second on an outbox that has not changed.
@@ -70,6 +81,25 @@ STALL_MIN_S = 10.0
 STALL_PUBLISH_S = 3 * PUBLISH_TIMEOUT
 NATS_AUTH = "nats_auth"  # store meta: "jwt" (the hub issued user JWTs) or "none"
 CLOSE_TIMEOUT_S = 2.0  # nats.py's close drains into the socket, with no bound of its own
+# nats.py's own PINGs: never more often than the heartbeat, whose flush is already a round
+# trip the watchdog checks. A fixed 3 s ping cost an idle agent with 30 s heartbeats ten
+# round trips per heartbeat (bytes on a metered uplink; at fleet size, a third of an idle
+# agent's CPU and 3,000+ PINGs/s at the server per 10,000 agents).
+PING_MIN_S = 3.0
+PING_OUTSTANDING = 2
+# Commands: the wake-up (a core-NATS message per command) is lost only while the link is down,
+# and a reconnect wakes the reader, so the safety tick can follow the heartbeat's pace.
+COMMAND_POLL_HEARTBEATS = 2
+
+
+def ping_interval(heartbeat_s: float) -> float:
+    """Seconds between nats.py's PINGs for an agent that heartbeats every ``heartbeat_s``."""
+    return max(PING_MIN_S, heartbeat_s)
+
+
+def command_poll(heartbeat_s: float) -> float:
+    """Seconds between the command reader's safety ticks (see ``CommandReader``)."""
+    return max(POLL_S, COMMAND_POLL_HEARTBEATS * heartbeat_s)
 
 
 def _jwt_meta(public: bytes) -> str:
@@ -120,6 +150,7 @@ class Sync:
         self.loops = LoopGuard()  # the agent's, shared with the supervisor (one metric)
         self._last_offer: tuple[Any, ...] | None = None
         self._last_offer_at = 0.0
+        self._commands: CommandReader | None = None  # the running reader, woken on reconnect
         self.connected = False
         # The watchdog's marks: the last heartbeat round trip, and since when the oldest
         # publish still without an answer has waited (None: none waits).
@@ -258,6 +289,8 @@ class Sync:
         async def _reconnected() -> None:
             self.connected = True
             self.stats["reconnects"] += 1
+            if self._commands is not None:  # a command's wake-up may have come while away
+                self._commands.wake()
             self._announce()
 
         async def _error(exc: Exception) -> None:
@@ -277,7 +310,8 @@ class Sync:
         self.nc = await nats.connect(
             servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
             connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
-            ping_interval=3, max_outstanding_pings=2, allow_reconnect=True,
+            ping_interval=ping_interval(self.settings.heartbeat_s),
+            max_outstanding_pings=PING_OUTSTANDING, allow_reconnect=True,
             # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
             # with no bound: on a stalled socket, forever (heartbeats and pings included).
             flush_timeout=PUBLISH_TIMEOUT,
@@ -470,8 +504,13 @@ class Sync:
 
         reader = CommandReader(self.nc, self.js, self.agent_id,
                                int(self.store.get_meta("command_number") or 0), apply,
-                               self._command_applied)
-        await reader.run()
+                               self._command_applied,
+                               poll_s=command_poll(self.settings.heartbeat_s))
+        self._commands = reader
+        try:
+            await reader.run()
+        finally:
+            self._commands = None
 
     def _command_applied(self, data: bytes) -> bool:
         """Whether this envelope's command id is recorded as applied (forged ones: treated as
@@ -543,10 +582,13 @@ class Sync:
         key = None if offer is None else (offer["cpus"], offer["mem_mb"], offer["disk_mb"],
                                           tuple(offer.get("artifacts") or ()))
         now = time.monotonic()
-        if key != self._last_offer or now - self._last_offer_at > OFFER_REFRESH_S:
+        lifetime = offer_lifetime(self.settings.heartbeat_s)
+        if key != self._last_offer or now - self._last_offer_at > lifetime / 2:
             self._last_offer, self._last_offer_at = key, now
             if offer is not None:
-                self.store.append_event("offer", offer)
+                created = float(offer.get("created_at") or time.time())
+                self.store.append_event("offer", {**offer, "created_at": created,
+                                                  "expires_at": created + lifetime})
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -17,7 +17,9 @@ but the messages themselves:
   a form whose subject names the message, so NATS permissions can limit an agent to its own
   subjects (the body form of direct get names the subject in JSON, out of the permissions'
   reach). A core-NATS subscription on its own subjects wakes it when a command arrives while it
-  is online; a slow tick (``POLL_S``) covers a lost wake-up (``CommandReader``).
+  is online; its owner wakes it again on a reconnect (a wake-up sent while the link was down
+  is lost), and a slow tick (``POLL_S`` or more) covers any other lost wake-up
+  (``CommandReader``).
 
 Guarantee 3 holds: the commands wait in the stream (limits retention, ``commands_max_age_s``)
 for an edge that is away, it applies them in number order, once (the command id is recorded
@@ -140,6 +142,10 @@ class CommandReader:
                 await sub.unsubscribe()
 
     async def _woken(self, _msg: Any) -> None:
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look at the log now (the link came back: a wake-up may have been missed)."""
         self._wake.set()
 
     async def catch_up(self) -> None:

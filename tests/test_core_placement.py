@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,3 +129,28 @@ def test_no_double_placement_across_a_hub_restart(fleet: dict[str, AgentProcess]
         holders = [n for n, a in fleet.items()
                    if a.api("GET", f"/v1/tasks/{task_id}").status == 200]
         assert len(holders) == 1, (task_id, holders)
+
+
+def test_an_agent_with_slow_heartbeats_keeps_a_live_offer_between_them(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess],
+        nats_proc: NatsServer) -> None:
+    """An agent looks at its offer once per heartbeat: with 45 s heartbeats, an offer that
+    lived a fixed 30 s left the core without one from 30 s to 45 s of every cycle, and work
+    submitted then waited for the next heartbeat."""
+    hub = HubProcess(tmp_path / "slowhub", nats_proc.url,
+                     ["--disconnected-after", "120", "--unreachable-after", "240"]).start()
+    try:
+        agent = joined(start_agent, hub, nats_proc, "--heartbeat", "45")
+        agent_id = agent.api("GET", "/v1/info").body["agent_id"]
+
+        def offered() -> dict[str, Any] | None:
+            return next((o for o in hub.api("GET", "/v1/offers").body["items"]
+                         if o["agent_id"] == agent_id), None)
+
+        first = wait_until(offered, timeout=15, what="the agent's first offer")
+        time.sleep(max(0.0, first["created_at"] + 33 - time.time()))  # before heartbeat 2
+        assert offered() is not None, "the agent's offer expired between two heartbeats"
+        task = submit(hub, "between-heartbeats")
+        assert running_on(hub, task["id"], timeout=8)["agent_id"] == agent_id
+    finally:
+        hub.stop()

@@ -25,6 +25,7 @@ from tests.helpers import (
     publish_command,
     wait_until,
 )
+from tests.tcp_proxy import TcpProxy
 
 
 def churn(agent: AgentProcess, n: int) -> list[str]:
@@ -116,6 +117,32 @@ def test_kill_command_waits_for_a_disconnected_edge(start_agent: Callable[..., A
     agent.start()
     time.sleep(1.0)
     assert command_results(hub_proc.data_dir) == results
+
+
+def test_a_command_sent_while_the_link_was_cut_is_applied_as_it_returns(
+        start_agent: Callable[..., AgentProcess], hub_proc: HubProcess,
+        nats_proc: NatsServer) -> None:
+    """With 40 s heartbeats the command reader's safety tick is 80 s: the command whose
+    wake-up was lost while the link was cut is read at the reconnect, not at the tick."""
+    proxy = TcpProxy("127.0.0.1", nats_proc.port).start()
+    try:
+        agent = joined(start_agent, hub_proc, proxy, "--heartbeat", "40")
+        task = agent.submit("victim", ["sleep", "300"], kill_timeout=1)
+        pid = agent.wait_state(task["id"], "running")["pid"]
+        converged(agent, hub_proc)
+        proxy.cut()
+        wait_until(lambda: not agent.api("GET", "/v1/info").body["link"]["connected"],
+                   timeout=10, what="the agent sees its link down")
+        resp = hub_proc.api("DELETE", f"/v1/tasks/{task['id']}")
+        assert resp.status == 202, resp.body
+        time.sleep(1.0)  # stored in the stream; the wake-up went nowhere
+        assert pid_alive(pid)
+        proxy.restore()
+        agent.wait_state(task["id"], "killed", timeout=30)
+        assert not pid_alive(pid)
+        converged(agent, hub_proc)
+    finally:
+        proxy.close()
 
 
 def test_an_expired_command_is_reported_not_applied(start_agent: Callable[..., AgentProcess],
