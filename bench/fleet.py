@@ -46,6 +46,7 @@ import psutil
 from bench.common import ROOT, Row, format_table, percentile, progress
 from bench.fleetworker import TASKS_PER_AGENT, SimAgent, raise_nofile
 from bench.hub import EmbeddedHub
+from edge_agent.sync import command_poll
 from federation.natsd import NatsServer, _http_get
 
 __all__ = ["SimAgent", "run_fleet"]  # SimAgent: bench.storm takes it from here
@@ -54,6 +55,8 @@ FleetRow = functools.partial(Row, area="fleet")
 API_SAMPLES = 200
 AGENTS_PER_WORKER = 1000
 RAW_CONNS_PER_PROC = 2500  # the raw helper's plain connections per process
+DRAIN_WAIT_S = 60.0  # after the last drain is sent, plus one command tick of the agents
+DRAINS_IN_FLIGHT = 16  # drain requests the bench keeps open at once, as an operator script would
 DEFAULT_HEARTBEAT_S = 2.0  # the issue's figure, and SyncSettings' default
 
 
@@ -226,6 +229,60 @@ async def statuses(url: str, token: str) -> dict[str, str]:
     return out
 
 
+ENROLL_METRICS = ("outpost_enrollments_total", "outpost_enrollment_seconds_total",
+                  "outpost_enrollment_cpu_seconds_total")
+
+
+async def enroll_counters(url: str, token: str) -> tuple[float, float, float]:
+    """The hub's (enrollments answered, seconds from request to reply, CPU seconds) so far."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
+            session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = dict.fromkeys(ENROLL_METRICS, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("outpost_enrollments_total{") and 'result="ok"' in name:
+            found["outpost_enrollments_total"] = float(value)
+        elif name in found:
+            found[name] = float(value)
+    return (found[ENROLL_METRICS[0]], found[ENROLL_METRICS[1]], found[ENROLL_METRICS[2]])
+
+
+async def commands_queued(url: str, token: str) -> float:
+    """The hub's ``outpost_commands_queued``: commands not yet stored by JetStream."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
+            session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "outpost_commands_queued":
+            return float(value)
+    return -1.0
+
+
+def hub_enroll_rows(shares: list[tuple[float, float, float]],
+                    fleet: list[FleetWorker]) -> list[Row]:
+    """The hub's time per enrollment in the first and the last worker's share: the hub's own
+    cost beside the wall-clock rows, which also count the box's load and the simulator."""
+    def per(share: tuple[float, float, float]) -> tuple[float, float]:
+        count = max(share[0], 1.0)
+        return 1000 * share[1] / count, 1000 * share[2] / count
+
+    if not shares:
+        return []
+    (w0, c0), (w1, c1) = per(shares[0]), per(shares[-1])
+    last = fleet[-1]
+    return [
+        FleetRow(f"hub: request to reply per enrollment, agents {last.first}.."
+                 f"{last.first + last.count - 1}", w1, "ms", w0,
+                 f"the same, agents 0..{fleet[0].count - 1}", digits=2),
+        FleetRow(f"hub: its own CPU per enrollment, agents {last.first}.."
+                 f"{last.first + last.count - 1}", c1, "ms", c0,
+                 f"the same, agents 0..{fleet[0].count - 1}",
+                 "about the first share's", c1 <= 1.5 * c0 + 0.2, digits=2),
+    ]
+
+
 class FleetWorker:
     """One ``python -m bench.fleetworker`` and its share ``first .. first + count - 1``."""
 
@@ -356,9 +413,14 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
         enroll_ms: list[float] = []
         failed: list[int] = []
         t_all = time.perf_counter()
+        # The hub's own time per enrollment, per worker's share: (count, wall s, CPU s).
+        hub_shares: list[tuple[float, float, float]] = []
         for w in fleet:  # a fleet joining: one enrollment after another, worker after worker
+            mark = await enroll_counters(hub.url, hub.token)
             reply = await w.call("enroll", within=w.count * 130 + 60, count=w.count,
                                  **{"from": w.first})
+            hub_shares.append(tuple(b - a for a, b in zip(  # type: ignore[misc]
+                mark, await enroll_counters(hub.url, hub.token), strict=True)))
             enroll_ms += reply["enroll_ms"]
             failed += reply["failed"]
             progress(f"worker {w.index}: agents {w.first}..{w.first + w.count - 1} enrolled "
@@ -386,18 +448,25 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
         tasks_p99 = await api_p99_ms(hub.url, hub.token, "/v1/tasks")
         seen = await statuses(hub.url, hub.token)
         wrong = sum(1 for s in seen.values() if s != "online")
+        # A wake-up lost on the way is made up by the agent's command tick: wait that too.
+        drain_wait = DRAIN_WAIT_S + command_poll(heartbeat_s)
         progress("a drain command to every agent")
         ids = [i for w in fleet for i in (await w.call("ids"))["ids"] if i is not None]
         async with aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {hub.token}"}) as session:
             t_cmd = time.perf_counter()
-            for agent_id in ids:
-                async with session.post(f"{hub.url}/v1/agents/{agent_id}/drain",
-                                        json={}) as resp:
+            in_flight = asyncio.Semaphore(DRAINS_IN_FLIGHT)
+
+            async def drain(agent_id: str) -> None:
+                async with in_flight, session.post(f"{hub.url}/v1/agents/{agent_id}/drain",
+                                                   json={}) as resp:
                     await resp.read()
-        progress(f"{len(ids)} drains sent in {time.perf_counter() - t_cmd:.1f} s; waiting "
-                 "up to 60 s for them to be applied")
-        deadline = time.monotonic() + 60
+
+            await asyncio.gather(*(drain(agent_id) for agent_id in ids))
+        progress(f"{len(ids)} drains sent ({DRAINS_IN_FLIGHT} at a time) in "
+                 f"{time.perf_counter() - t_cmd:.1f} s; waiting up to {drain_wait:.0f} s for "
+                 "them to be applied")
+        deadline = time.monotonic() + drain_wait
         while True:
             counts = await asyncio.gather(*(w.call("commands") for w in fleet))
             if sum(c["with_commands"] for c in counts) >= n or time.monotonic() > deadline:
@@ -406,7 +475,8 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
         cmd_s = time.perf_counter() - t_cmd
         applied = sum(c["drained_once"] for c in counts)
         progress(f"{sum(c['with_commands'] for c in counts)} agents applied a command, "
-                 f"{applied} exactly one drain")
+                 f"{applied} exactly one drain; {await commands_queued(hub.url, hub.token):.0f}"
+                 " commands still queued at the hub")
         raw_rss, raw_counted = await raw_nats_rss_mb(n, base)
         raw_api = await trivial_p99_ms()
         k10 = min(9, n - 1)
@@ -435,6 +505,7 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
                      digits=1),
             FleetRow(f"enrolling all {n}, one after another", enroll_total, "s", None,
                      "", digits=1),
+            *hub_enroll_rows(hub_shares, fleet),
             FleetRow(f"hub CPU, steady state ({steady_s:.0f} s, {n} agents)", hub_cpu,
                      "% core", 100.0, "one core", "< 1 core", hub_cpu < 100, digits=0),
             FleetRow("nats-server CPU, same window", nats_cpu, "% core", 100.0, "one core",
@@ -470,7 +541,8 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
                      "agents", None, "0", "0", wrong == 0 and len(seen) == n, digits=0),
             FleetRow(f"drain to every agent: applied once (of {n})", float(applied),
                      "agents", float(n), "every agent", f"{n}", applied == n, digits=0),
-            FleetRow("drain to every agent: sent and applied", cmd_s, "s", None, "", digits=1),
+            FleetRow(f"drain to every agent: sent ({DRAINS_IN_FLIGHT} at a time) and applied",
+                     cmd_s, "s", None, "", digits=1),
         ]
         rows.append(FleetRow("hub's nats-server log: warnings / slow consumers",
                              f"{_count_in(nats_log, '[WRN]')} / "

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from core_hub.commands import Commander
+from core_hub.enroll import EnrollmentStats
 from core_hub.feed import fleet_events, recent_after
 from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
@@ -47,8 +48,10 @@ class CoreBackend:
                  js: Any, ingest_stats: Any, scheduler: CoreScheduler, nc: Any,
                  services: Services,
                  on_agent_change: Callable[[str], Awaitable[None]] | None = None,
-                 replies_dropped: Callable[[], int] = lambda: 0) -> None:
+                 replies_dropped: Callable[[], int] = lambda: 0,
+                 enrollments: EnrollmentStats | None = None) -> None:
         self.nc = nc
+        self.enrollments = enrollments or EnrollmentStats()
         self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects
         # The hub's hook after an agent's trust changes (registry, NATS credentials).
         self.on_agent_change = on_agent_change
@@ -292,4 +295,14 @@ class CoreBackend:
                    [({}, float(self.scheduler.placed))]),
             Metric("outpost_liveness_errors_total", "counter", "Liveness passes that failed",
                    [({}, float(self.liveness.errors))]),
+            Metric("outpost_enrollments_total", "counter",
+                   "Enrollment and key rotation requests answered, by result",
+                   [({"result": "ok"}, float(self.enrollments.answered)),
+                    ({"result": "refused"}, float(self.enrollments.refused))]),
+            Metric("outpost_enrollment_seconds_total", "counter",
+                   "Time from an enrollment request to its reply, summed (registry write "
+                   "included)", [({}, self.enrollments.wall_s)]),
+            Metric("outpost_enrollment_cpu_seconds_total", "counter",
+                   "The hub's own CPU time answering enrollments, summed",
+                   [({}, self.enrollments.cpu_s)]),
         ]

@@ -46,6 +46,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,19 @@ class JoinTokens:
         return digest
 
 
+@dataclass(slots=True)
+class EnrollmentStats:
+    """What answering enrollments has cost this hub (``/metrics``), so whether an enrollment
+    costs more as the fleet grows is measured at the hub, apart from the box's load:
+    ``wall_s`` from a request's arrival to its reply, the registry write included; ``cpu_s``
+    the hub's own work in them (the event loop thread's CPU time outside that write)."""
+
+    answered: int = 0
+    refused: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
 class Enroller:
     """Answers enrollment requests on ``subjects.ENROLL`` (core NATS, queue group ``queue`` so
     one of several hub replicas answers each)."""
@@ -212,6 +226,7 @@ class Enroller:
         self._rotations = KeyRotations(store, clock=clock)
         self._sub: Subscription | None = None
         self.dropped = 0  # requests whose reply subject was outside the requester's inbox
+        self.stats = EnrollmentStats()
         # Called after each successful enrollment or key rotation, before the reply (the hub
         # saves the agent to its JetStream registry there).
         self.on_enrolled: Callable[[str], Awaitable[None]] | None = None
@@ -243,7 +258,9 @@ class Enroller:
                         "requester's inbox", subjects.ENROLL, (msg.reply or "")[:200],
                         extra={"reply": (msg.reply or "")[:200], "agent_id": requester})
             return
+        started, cpu = time.perf_counter(), time.thread_time()
         reply, fresh_token = self._handle(msg.data)
+        cpu = time.thread_time() - cpu
         if reply["ok"] and self.on_enrolled is not None:
             try:  # durable beyond this hub's file before the agent is told it may send
                 await self.on_enrolled(reply["agent_id"])
@@ -253,11 +270,21 @@ class Enroller:
                     await self._forget(reply["agent_id"], fresh_token)
                 reply = {"ok": False, "code": "unavailable",
                          "error": "the hub could not record the enrollment; retry"}
+        signing = time.thread_time()
         if reply["ok"] and self.issue_jwt is not None:
             key = self._store.agent_key(reply["agent_id"])
             if key is not None:
                 reply["nats_jwt"] = self.issue_jwt(reply["agent_id"], key.public_key)
-        await msg.respond(wire.pack(reply))
+        packed = wire.pack(reply)
+        cpu += time.thread_time() - signing
+        await msg.respond(packed)
+        stats = self.stats
+        if reply["ok"]:
+            stats.answered += 1
+        else:
+            stats.refused += 1
+        stats.wall_s += time.perf_counter() - started
+        stats.cpu_s += cpu
 
     async def _forget(self, agent_id: str, token_digest: str) -> None:
         """Undo a new enrollment whose NATS-side set-up failed: the agent row goes and the

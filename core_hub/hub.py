@@ -179,6 +179,7 @@ class Hub:
         backend = CoreBackend(store=store, commander=commander, liveness=liveness, js=js,
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
                               replies_dropped=lambda: enroller.dropped,
+                              enrollments=enroller.stats,
                               services=services, on_agent_change=self._after_agent_change)
         self.artifacts = CoreArtifacts(
             js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",

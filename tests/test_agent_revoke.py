@@ -107,6 +107,12 @@ def test_revoke_a_running_agent(start_agent: Callable[..., AgentProcess], hub_pr
     metrics = hub.api("GET", "/metrics").raw.decode()
     assert 'outpost_agents{status="revoked"} 1.0' in metrics, metrics
     assert 'outpost_agents{status="online"} 0.0' in metrics, metrics
+    # The enrollment was answered and timed at the hub (bench.fleet reads these per share).
+    enrolled = re.search(r'^outpost_enrollments_total\{result="ok"\} (\S+)$', metrics, re.M)
+    assert enrolled and float(enrolled.group(1)) >= 1, metrics
+    for name in ("outpost_enrollment_seconds_total", "outpost_enrollment_cpu_seconds_total"):
+        spent = re.search(rf"^{name} (\S+)$", metrics, re.M)
+        assert spent and float(spent.group(1)) > 0, metrics
 
     # No placements, no drain; revoking again is harmless.
     placed = hub.api("POST", "/v1/tasks", {"name": "nowhere", "command": ["true"]})
