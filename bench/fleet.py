@@ -457,12 +457,18 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
             t_cmd = time.perf_counter()
             in_flight = asyncio.Semaphore(DRAINS_IN_FLIGHT)
 
+            answers: dict[int, int] = {}
+
             async def drain(agent_id: str) -> None:
                 async with in_flight, session.post(f"{hub.url}/v1/agents/{agent_id}/drain",
                                                    json={}) as resp:
-                    await resp.read()
+                    body = await resp.read()
+                answers[resp.status] = answers.get(resp.status, 0) + 1
+                if resp.status // 100 != 2 and answers[resp.status] <= 3:
+                    progress(f"drain of {agent_id}: {resp.status} {body[:300]!r}")
 
             await asyncio.gather(*(drain(agent_id) for agent_id in ids))
+        progress(f"drain answers by HTTP status: {answers}")
         progress(f"{len(ids)} drains sent ({DRAINS_IN_FLIGHT} at a time) in "
                  f"{time.perf_counter() - t_cmd:.1f} s; waiting up to {drain_wait:.0f} s for "
                  "them to be applied")
@@ -474,6 +480,9 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
             await asyncio.sleep(0.5)
         cmd_s = time.perf_counter() - t_cmd
         applied = sum(c["drained_once"] for c in counts)
+        for c in counts:
+            for agent in c.get("without", []):
+                progress(f"no command applied: {json.dumps(agent, default=str)[:600]}")
         progress(f"{sum(c['with_commands'] for c in counts)} agents applied a command, "
                  f"{applied} exactly one drain; {await commands_queued(hub.url, hub.token):.0f}"
                  " commands still queued at the hub")

@@ -264,4 +264,34 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER agent_removed AFTER DELETE ON agents
         BEGIN INSERT INTO placement_changes(agent_id) VALUES (OLD.id); END;
     """,
+    # 17 (fleet scale): an enrollment looks its key and name up through indexes. It scanned
+    # every agent twice (the name, and the key among every agent's retired keys, a JSON list
+    # parsed per row): the hub's own CPU per enrollment went from 1.9 ms over the first 1,000
+    # agents to 11.4 ms over the last 1,000 of 10,000. Retired keys get a table of their own,
+    # kept by triggers from ``agents.retired_keys`` (so by every writer, a rebuild too).
+    """
+    CREATE INDEX agents_by_name ON agents(name, revoked, enrolled_at);
+    CREATE INDEX agents_by_public_key ON agents(public_key);
+    CREATE TABLE retired_agent_keys (
+        public_key_hex TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        PRIMARY KEY (public_key_hex, agent_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX retired_agent_keys_by_agent ON retired_agent_keys(agent_id);
+    INSERT OR IGNORE INTO retired_agent_keys(public_key_hex, agent_id)
+        SELECT json_extract(k.value, '$[0]'), a.id FROM agents a, json_each(a.retired_keys) k;
+    CREATE TRIGGER retired_keys_added AFTER INSERT ON agents
+        BEGIN
+            INSERT OR IGNORE INTO retired_agent_keys(public_key_hex, agent_id)
+                SELECT json_extract(value, '$[0]'), NEW.id FROM json_each(NEW.retired_keys);
+        END;
+    CREATE TRIGGER retired_keys_changed AFTER UPDATE OF retired_keys ON agents
+        BEGIN
+            DELETE FROM retired_agent_keys WHERE agent_id = OLD.id;
+            INSERT OR IGNORE INTO retired_agent_keys(public_key_hex, agent_id)
+                SELECT json_extract(value, '$[0]'), NEW.id FROM json_each(NEW.retired_keys);
+        END;
+    CREATE TRIGGER retired_keys_removed AFTER DELETE ON agents
+        BEGIN DELETE FROM retired_agent_keys WHERE agent_id = OLD.id; END;
+    """,
 )

@@ -211,8 +211,8 @@ class HubStore(Database):
         """The id of the agent whose current or a retired key is ``public_key``, if any (a key
         belongs to one agent, ever)."""
         row = self._db.execute(
-            "SELECT id FROM agents WHERE public_key = ? OR EXISTS (SELECT 1 FROM"
-            " json_each(agents.retired_keys) k WHERE json_extract(k.value, '$[0]') = ?)",
+            "SELECT id FROM agents WHERE public_key = ? UNION ALL"
+            " SELECT agent_id FROM retired_agent_keys WHERE public_key_hex = ? LIMIT 1",
             (public_key, public_key.hex())).fetchone()
         return None if row is None else str(row[0])
 
