@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence" (the number is taken)
 MAX_CONFLICTS = 8
 POLL_S = 10.0
+# A wake-up can outrun the store: the server routes the hub's publish to the agent's
+# subscription and to the stream, which stores it on its own. A reader woken for number n
+# that finds less reads again after 50 ms, doubling up to 1 s, for at most STORE_WAIT_S.
+STORE_WAIT_S = 5.0
+STORE_RETRY_S = (0.05, 1.0)
 
 
 async def newest(js: Any, agent_id: str) -> tuple[int, bytes | None]:
@@ -120,13 +126,16 @@ class CommandReader:
     """The agent's side: reads its own log from ``position`` (the last number it applied)."""
 
     def __init__(self, nc: Any, js: Any, agent_id: str, position: int, apply: Apply,
-                 is_applied: IsApplied, *, poll_s: float = POLL_S) -> None:
+                 is_applied: IsApplied, *, poll_s: float = POLL_S,
+                 store_wait_s: float = STORE_WAIT_S) -> None:
         self.nc, self.js, self.agent_id = nc, js, agent_id
         self.position = position
         self.apply = apply
         self.is_applied = is_applied
         self.poll_s = poll_s
+        self.store_wait_s = store_wait_s
         self._wake = asyncio.Event()
+        self._woken_for = 0  # the highest number a wake-up named, until it is read
 
     async def run(self) -> None:
         """Until cancelled (or the link fails): catch up, then wait for a wake-up or the tick."""
@@ -134,6 +143,7 @@ class CommandReader:
         try:
             while True:
                 self._wake.clear()
+                await self._until_stored()
                 await self.catch_up()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -141,8 +151,27 @@ class CommandReader:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _woken(self, _msg: Any) -> None:
+    async def _woken(self, msg: Any) -> None:
+        with contextlib.suppress(Exception):  # a wake-up on an odd subject still wakes
+            self._woken_for = max(self._woken_for, subjects.command_number(msg.subject))
         self._wake.set()
+
+    async def _until_stored(self) -> None:
+        """Wait (bounded) until the stream holds the number a wake-up named, so the catch-up
+        that follows does not find the stream a moment behind the wake-up and sleep until
+        the tick. A number that never comes (forged, or never stored) is given up on."""
+        wanted, self._woken_for = self._woken_for, 0
+        if wanted <= self.position:
+            return
+        delay, deadline = STORE_RETRY_S[0], time.monotonic() + self.store_wait_s
+        while (await newest(self.js, self.agent_id))[0] < wanted:
+            if time.monotonic() >= deadline:
+                log.info("command %d was announced but is not in the stream after %.0f s; "
+                         "reading what is there", wanted, self.store_wait_s,
+                         extra={"agent": self.agent_id})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_S[1])
 
     def wake(self) -> None:
         """Look at the log now (the link came back: a wake-up may have been missed)."""
