@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 24 * 3600.0
 RETRY_S = 0.5  # after a failed publish; NATS' own request timeout bounds each try
+SENDING_AGENTS = 32  # agents whose queued commands are published at the same time
 
 
 class Commander:
@@ -87,20 +88,38 @@ class Commander:
         await self.publish_queued()  # the hub bounds how long; what is left goes at next start
 
     async def publish_queued(self) -> int:
-        """Publish the queue in order, each row deleted once JetStream stored it; returns how
-        many went out. Raises on the first one NATS does not take (the rest wait)."""
-        done = 0
+        """Publish the queue, each agent's commands in their order, each row deleted once
+        JetStream stored it; returns how many went out. Different agents' commands go out
+        side by side (SENDING_AGENTS at once): one at a time, a drain to 10,000 agents was
+        two NATS round trips per agent end to end (58 s on a loaded 2-core box). An agent
+        whose command NATS does not take sends nothing more of this pass (its order holds);
+        the others' sent rows are kept sent, and the first error is raised afterwards."""
+        sent_before = self.sent
         while rows := self.store.queued_commands():
             if self.before_send is not None:
                 await self.before_send()
             if self.fence is not None:  # a replica that lost the lease sends nothing more
                 await self.fence()
+            by_agent: dict[str, list[tuple[int, str, bytes]]] = {}
             for row_id, command_id, agent_id, data in rows:
+                by_agent.setdefault(agent_id, []).append((row_id, command_id, data))
+            slots = asyncio.Semaphore(SENDING_AGENTS)
+            results = await asyncio.gather(
+                *(self._send_in_order(agent, queued, slots) for agent, queued in by_agent.items()),
+                return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return self.sent - sent_before
+
+    async def _send_in_order(self, agent_id: str, queued: list[tuple[int, str, bytes]],
+                             slots: asyncio.Semaphore) -> None:
+        """One agent's queued commands, one after another, each row dropped once stored."""
+        async with slots:
+            for row_id, command_id, data in queued:
                 await self.log.append(agent_id, data, command_id)
                 self.store.drop_command(row_id)
                 self.sent += 1
-                done += 1
-        return done
 
     async def _run(self) -> None:
         failing = False
