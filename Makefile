@@ -29,8 +29,8 @@ bench: $(STAMP)
 
 # A simulated fleet (real agent sync code) against a real hub: BENCH_AGENTS=3000 make bench-scale
 # (BENCH_STEADY_S: steady window; BENCH_WORKERS: simulator processes, default one per 1,000
-# agents; BENCH_HEARTBEAT_S: the agents' heartbeat, default 2; 10,000 agents need more than 2
-# cores for the simulator: docs/scaling.md); then the reconnect storm (BENCH_STORM_AGENTS,
+# agents; BENCH_HEARTBEAT_S: the agents' heartbeat, default 2; 10,000 agents fit this 2-core
+# box at BENCH_HEARTBEAT_S=30: docs/scaling.md); then the reconnect storm (BENCH_STORM_AGENTS,
 # BENCH_STORM_EVENTS).
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.fleet
