@@ -229,35 +229,25 @@ async def statuses(url: str, token: str) -> dict[str, str]:
     return out
 
 
-ENROLL_METRICS = ("outpost_enrollments_total", "outpost_enrollment_seconds_total",
-                  "outpost_enrollment_cpu_seconds_total")
+async def hub_metrics(url: str, token: str) -> dict[str, float]:
+    """The hub's ``/metrics`` samples by name, labels included (``name{k="v"}``)."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
+            session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name and not name.startswith("#"):
+            samples[name] = float(value)
+    return samples
 
 
 async def enroll_counters(url: str, token: str) -> tuple[float, float, float]:
     """The hub's (enrollments answered, seconds from request to reply, CPU seconds) so far."""
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
-            session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    found = dict.fromkeys(ENROLL_METRICS, 0.0)
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name.startswith("outpost_enrollments_total{") and 'result="ok"' in name:
-            found["outpost_enrollments_total"] = float(value)
-        elif name in found:
-            found[name] = float(value)
-    return (found[ENROLL_METRICS[0]], found[ENROLL_METRICS[1]], found[ENROLL_METRICS[2]])
-
-
-async def commands_queued(url: str, token: str) -> float:
-    """The hub's ``outpost_commands_queued``: commands not yet stored by JetStream."""
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
-            session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == "outpost_commands_queued":
-            return float(value)
-    return -1.0
+    samples = await hub_metrics(url, token)
+    return (samples.get('outpost_enrollments_total{result="ok"}', 0.0),
+            samples.get("outpost_enrollment_seconds_total", 0.0),
+            samples.get("outpost_enrollment_cpu_seconds_total", 0.0))
 
 
 def hub_enroll_rows(shares: list[tuple[float, float, float]],
@@ -416,11 +406,11 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
         # The hub's own time per enrollment, per worker's share: (count, wall s, CPU s).
         hub_shares: list[tuple[float, float, float]] = []
         for w in fleet:  # a fleet joining: one enrollment after another, worker after worker
-            mark = await enroll_counters(hub.url, hub.token)
+            (n0, wall0, cpu0) = await enroll_counters(hub.url, hub.token)
             reply = await w.call("enroll", within=w.count * 130 + 60, count=w.count,
                                  **{"from": w.first})
-            hub_shares.append(tuple(b - a for a, b in zip(  # type: ignore[misc]
-                mark, await enroll_counters(hub.url, hub.token), strict=True)))
+            (n1, wall1, cpu1) = await enroll_counters(hub.url, hub.token)
+            hub_shares.append((n1 - n0, wall1 - wall0, cpu1 - cpu0))
             enroll_ms += reply["enroll_ms"]
             failed += reply["failed"]
             progress(f"worker {w.index}: agents {w.first}..{w.first + w.count - 1} enrolled "
@@ -484,7 +474,8 @@ async def run_fleet(n: int, steady_s: float, base: Path, *, workers: int | None 
             for agent in c.get("without", []):
                 progress(f"no command applied: {json.dumps(agent, default=str)[:600]}")
         progress(f"{sum(c['with_commands'] for c in counts)} agents applied a command, "
-                 f"{applied} exactly one drain; {await commands_queued(hub.url, hub.token):.0f}"
+                 f"{applied} exactly one drain; "
+                 f"{(await hub_metrics(hub.url, hub.token)).get('outpost_commands_queued', -1):.0f}"
                  " commands still queued at the hub")
         raw_rss, raw_counted = await raw_nats_rss_mb(n, base)
         raw_api = await trivial_p99_ms()

@@ -249,14 +249,14 @@ class Worker:
                         for a in self.agents]}
 
     def commands(self) -> dict[str, Any]:
-        missing = [a for a in self.agents if not a.commands and a.sync is not None][:5]
+        missing = [a.sync for a in self.agents if not a.commands and a.sync is not None][:5]
         return {"drained_once": sum(a.commands.count("drain") == 1 for a in self.agents),
                 "with_commands": sum(bool(a.commands) for a in self.agents),
                 # A few agents that applied none, and what their link says (why not).
-                "without": [{"agent": a.sync.agent_id, "connected": a.sync.connected,
-                             "command_number": a.sync.store.get_meta("command_number"),
-                             "stats": dict(a.sync.stats), "status": a.sync.status()}
-                            for a in missing if a.sync is not None]}
+                "without": [{"agent": sync.agent_id, "connected": sync.connected,
+                             "command_number": sync.store.get_meta("command_number"),
+                             "stats": dict(sync.stats), "status": sync.status()}
+                            for sync in missing]}
 
     async def stop(self) -> dict[str, Any]:
         """Stop the agents, ``STOP_BATCH`` at a time, each batch given ``STOP_WAIT_S``; an

@@ -143,8 +143,8 @@ class CommandReader:
         try:
             while True:
                 self._wake.clear()
-                await self._until_stored()
-                await self.catch_up()
+                announced, self._woken_for = self._woken_for, 0
+                await self.catch_up(announced)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
         finally:
@@ -156,30 +156,34 @@ class CommandReader:
             self._woken_for = max(self._woken_for, subjects.command_number(msg.subject))
         self._wake.set()
 
-    async def _until_stored(self) -> None:
-        """Wait (bounded) until the stream holds the number a wake-up named, so the catch-up
-        that follows does not find the stream a moment behind the wake-up and sleep until
-        the tick. A number that never comes (forged, or never stored) is given up on."""
-        wanted, self._woken_for = self._woken_for, 0
-        if wanted <= self.position:
-            return
+    async def _newest(self, announced: int) -> tuple[int, bytes | None]:
+        """The newest command, waiting (bounded) for ``announced``, the number a wake-up
+        named: the stream can be a moment behind the wake-up, and a catch-up that found it
+        so would sleep until the tick. A number that never comes (forged, or never stored)
+        is given up on and what the stream holds is read."""
+        top, data = await newest(self.js, self.agent_id)
+        if announced <= self.position:
+            return top, data
         delay, deadline = STORE_RETRY_S[0], time.monotonic() + self.store_wait_s
-        while (await newest(self.js, self.agent_id))[0] < wanted:
+        while top < announced:
             if time.monotonic() >= deadline:
                 log.info("command %d was announced but is not in the stream after %.0f s; "
-                         "reading what is there", wanted, self.store_wait_s,
+                         "reading what is there", announced, self.store_wait_s,
                          extra={"agent": self.agent_id})
-                return
+                break
             await asyncio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_S[1])
+            top, data = await newest(self.js, self.agent_id)
+        return top, data
 
     def wake(self) -> None:
         """Look at the log now (the link came back: a wake-up may have been missed)."""
         self._wake.set()
 
-    async def catch_up(self) -> None:
-        """Apply every command after ``position`` up to the newest, in number order."""
-        top, data = await newest(self.js, self.agent_id)
+    async def catch_up(self, announced: int = 0) -> None:
+        """Apply every command after ``position`` up to the newest, in number order
+        (``announced``: a number a wake-up named, see ``_newest``)."""
+        top, data = await self._newest(announced)
         if top == 0 or data is None:
             return
         if top <= self.position:
