@@ -63,7 +63,8 @@ IngestRow = functools.partial(Row, area="ingest")
 
 class SimAgent:
     """An agent's key, id and event log: task bodies move pending -> running -> finished, a
-    new task after each finish, as the edge's store writes them."""
+    new task after each finish, as the edge's store writes them (``Store.to_api``: the spec,
+    the state columns, ``healthy``, and the agent's own id and site)."""
 
     def __init__(self, index: int, rng: random.Random) -> None:
         self.index = index
@@ -92,7 +93,8 @@ class SimAgent:
                     "kill_timeout": 10, "state": "pending", "exit_code": None,
                     "reason": None, "origin": "core", "generation": 1, "restarts": 0,
                     "pid": None, "created_at": now, "updated_at": now, "started_at": None,
-                    "finished_at": None}
+                    "finished_at": None, "healthy": None, "agent_id": self.agent_id,
+                    "site": self.site}
             self.live.append(task)
             return dict(task)
         task = self.live[self.rng.randrange(len(self.live))]
