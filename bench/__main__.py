@@ -12,9 +12,8 @@ from types import ModuleType
 
 from bench.common import Row, format_table, progress
 
-MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.hub", "bench.artifacts",
-           "bench.sitefetch",
-           "bench.oci")
+MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.ingest_apply", "bench.hub",
+           "bench.artifacts", "bench.sitefetch", "bench.oci")
 
 
 def _load(name: str) -> ModuleType | None:
