@@ -554,7 +554,7 @@ class Ingest:
         """The fields of an ``agent`` event to apply: never its name, site or resources, which
         stay as enrolled; a claim of others is refused (counted, logged)."""
         fields = _agent_fields(body)
-        enrolled = self._store.get_agent(agent)
+        enrolled = self._store.enrollment(agent)
         for name in ("name", "site"):
             claimed = fields.pop(name, None)
             if claimed is not None and claimed != enrolled[name]:
@@ -568,7 +568,7 @@ class Ingest:
                     delta: IngestStats) -> bool:
         """True if the offer stays within the agent's enrollment (its site; free and used
         amounts no larger than enrolled); the stored offer names the enrolled site."""
-        enrolled = self._store.get_agent(agent)
+        enrolled = self._store.enrollment(agent)
         site = body.get("site", enrolled["site"])
         if site != enrolled["site"]:  # counted; the offer stands for the enrolled site
             self._refuse(delta, agent, event, "offer_site", site, enrolled["site"])

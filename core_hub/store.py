@@ -44,15 +44,8 @@ AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox", "drivers")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 # Nesting orjson.dumps writes (it refuses 255 levels): a stored task body is never deeper.
 _MAX_DEPTH = 254
-# The writer checkpoints the WAL itself only past this many pages (128 MB): under a steady
-# ingest the WAL never empties (each checkpoint on the thread overlaps the next commit), so this
-# is how often the event loop pays for a copy and two fsyncs. At 16 MB it did so every ~9
-# commits; see _Checkpointer for what that cost.
-_WAL_SAFETY_PAGES = 32768
-# The checkpointer thread copies the WAL back at most this often. Each checkpoint copies every
-# page written since the one before, and ingest rewrites the same index pages in every commit:
-# checkpoints every 50 ms copied most pages once per commit.
-_CHECKPOINT_EVERY_S = 0.5
+# The writer checkpoints the WAL itself only past this many pages (16 MB); see HubStore.
+_WAL_SAFETY_PAGES = 4096
 _LOOP_BUSY_MS = 50
 _CACHE_KIB = 65536
 _CHANGES_PRUNED = "placement_changes_pruned"  # meta: change rows up to here are gone
@@ -537,6 +530,16 @@ class HubStore(Database):
             raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
         return _agent(row)
 
+    def enrollment(self, agent_id: str) -> dict[str, Any]:
+        """What the agent enrolled as (``name``, ``site``, ``resources``), which ingest checks
+        every agent record and offer against: those columns only, not ``get_agent``'s whole
+        decoded row (3 % of the hub at steady state, an offer each few seconds per agent)."""
+        row = self._db.execute("SELECT name, site, resources FROM agents WHERE id = ?",
+                               (agent_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"agent {agent_id!r} not found", details={"agent": agent_id})
+        return {"name": row[0], "site": row[1], "resources": json.loads(row[2])}
+
     def list_agents(self, *, site: str | None = None) -> list[dict[str, Any]]:
         if site is None:
             rows = self._db.execute("SELECT * FROM agents ORDER BY id").fetchall()
@@ -899,7 +902,7 @@ class _Checkpointer:
     sqlite3 releases the GIL while SQLite works, so the copy runs on another core. The
     owner calls ``close()``, which waits for a checkpoint under way."""
 
-    def __init__(self, path: Path, interval_s: float = _CHECKPOINT_EVERY_S) -> None:
+    def __init__(self, path: Path, interval_s: float = 0.05) -> None:
         self._path = path
         self._interval_s = interval_s
         self._wake = threading.Event()
