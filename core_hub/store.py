@@ -44,8 +44,15 @@ AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox", "drivers")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 # Nesting orjson.dumps writes (it refuses 255 levels): a stored task body is never deeper.
 _MAX_DEPTH = 254
-# The writer checkpoints the WAL itself only past this many pages (16 MB); see HubStore.
-_WAL_SAFETY_PAGES = 4096
+# The writer checkpoints the WAL itself only past this many pages (128 MB): under a steady
+# ingest the WAL never empties (each checkpoint on the thread overlaps the next commit), so this
+# is how often the event loop pays for a copy and two fsyncs. At 16 MB it did so every ~9
+# commits; see _Checkpointer for what that cost.
+_WAL_SAFETY_PAGES = 32768
+# The checkpointer thread copies the WAL back at most this often. Each checkpoint copies every
+# page written since the one before, and ingest rewrites the same index pages in every commit:
+# checkpoints every 50 ms copied most pages once per commit.
+_CHECKPOINT_EVERY_S = 0.5
 _LOOP_BUSY_MS = 50
 _CACHE_KIB = 65536
 _CHANGES_PRUNED = "placement_changes_pruned"  # meta: change rows up to here are gone
@@ -902,7 +909,7 @@ class _Checkpointer:
     sqlite3 releases the GIL while SQLite works, so the copy runs on another core. The
     owner calls ``close()``, which waits for a checkpoint under way."""
 
-    def __init__(self, path: Path, interval_s: float = 0.05) -> None:
+    def __init__(self, path: Path, interval_s: float = _CHECKPOINT_EVERY_S) -> None:
         self._path = path
         self._interval_s = interval_s
         self._wake = threading.Event()
