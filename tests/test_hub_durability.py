@@ -25,6 +25,7 @@ from tests.helpers import (
     http,
     joined,
     pid_alive,
+    task_states,
     wait_until,
 )
 
@@ -218,9 +219,16 @@ def test_a_deleted_view_keeps_a_drain_with_migrate(
     b = start_agent("--nats", nats_proc.url, "--join-token", join, "--heartbeat", "0.5",
                     "--site", "beta", name="b")
     b_id = b.api("GET", "/v1/info").body["agent_id"]
-    moved = wait_until(lambda: (t := hub_proc.api(
-        "GET", "/v1/tasks?name=shop&state=running").body["items"]) and all(
-        x["agent_id"] == b_id for x in t) and t, timeout=40,
-        what="the instance moved to b, the original stopped")
+    try:
+        moved = wait_until(lambda: (t := hub_proc.api(
+            "GET", "/v1/tasks?name=shop&state=running").body["items"]) and all(
+            x["agent_id"] == b_id for x in t) and t, timeout=40,
+            what="the instance moved to b, the original stopped")
+    except AssertionError as err:  # once seen in a full run, never alone: say what was where
+        shop = [(x["id"], (x.get("agent_id") or "-")[:8], x["state"]) for x in hub_proc.api(
+            "GET", "/v1/tasks?name=shop").body["items"]]
+        raise AssertionError(f"{err}\nshop's tasks at the core: {shop} (a {a_id[:8]}, "
+                             f"b {b_id[:8]}); on a: {task_states(a)}; on b: {task_states(b)}"
+                             f"\nhub log tail:\n{hub_proc.log()[-4000:]}") from None
     assert len(moved) == 1 and moved[0]["id"] != original["id"]
     wait_until(lambda: not pid_alive(pid), timeout=20, what="the original's process gone")
