@@ -3,8 +3,8 @@ enrollment leaves no ghost agent, and the embedded nats-server still stops clean
 
 A real hub with its embedded NATS and least privilege. The first 1,000 agents are written into
 the hub's view before it starts (the rows enrollment writes; enrolling them one by one through
-the hub costs minutes, the known quadratic NATS auth reload, docs/scaling.md); the agents past
-1,000 enroll through the real responder. Each agent then reads its own commands as a raw
+the hub would add about 25 s to the suite, docs/scaling.md); the agents past 1,000 enroll
+through the real responder. Each agent then reads its own commands as a raw
 nats-py client with its own credentials, through the agent's real reader
 (``federation.commandlog.CommandReader``).
 """
