@@ -313,6 +313,31 @@ class Api:
                     yield ident, kind, json.loads(line[6:])
 
 
+# ---------------------------------------------------------------- the hub's metrics
+
+
+async def hub_metrics(url: str, token: str) -> dict[str, float]:
+    """The hub's ``/metrics`` samples by name, labels included (``name{k="v"}``)."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
+            session.get(f"{url}/metrics") as resp:
+        resp.raise_for_status()
+        text = await resp.text()
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name and not line.startswith("#"):
+            samples[name] = float(value)
+    return samples
+
+
+def rejected_envelopes(samples: dict[str, float]) -> str:
+    """The hub's ``outpost_ingest_rejected_total`` samples as one cell ("0" if none): a bench
+    whose traffic the hub refused is not measuring ingest."""
+    rejected = [f"{name} {value:g}" for name, value in sorted(samples.items())
+                if name.startswith("outpost_ingest_rejected_total")]
+    return ", ".join(rejected) if rejected else "0"
+
+
 # ---------------------------------------------------------------- the table
 
 

@@ -48,7 +48,9 @@ from bench.common import (
     Api,
     Row,
     format_table,
+    hub_metrics,
     progress,
+    rejected_envelopes,
     url_once_serving,
     wait_for,
 )
@@ -306,12 +308,7 @@ async def run_drain(base: Path, nats_url: str, natsd_pid: int) -> Drain:
                                     (got_msg.headers or {}).get("Nats-Msg-Id", f"m{seq}"),
                                     count_events(data)))
         run.hub_tasks = int(_scalar(hub_db, "SELECT count(*) FROM tasks"))
-        async with Api(hub.url, hub.token) as hub_api:
-            async with hub_api.session.get(hub.url + "/metrics") as resp:
-                metrics = await resp.text()
-        rejected = [line for line in metrics.splitlines()
-                    if line.startswith("outpost_ingest_rejected_total")]
-        run.rejected = ", ".join(rejected) if rejected else "0"
+        run.rejected = rejected_envelopes(await hub_metrics(hub.url, hub.token))
         return run
     finally:
         if hub_db is not None:

@@ -43,7 +43,7 @@ import aiohttp
 import nats
 import psutil
 
-from bench.common import ROOT, Row, format_table, percentile, progress
+from bench.common import ROOT, Row, format_table, hub_metrics, percentile, progress
 from bench.fleetworker import TASKS_PER_AGENT, SimAgent, raise_nofile
 from bench.hub import EmbeddedHub
 from edge_agent.sync import command_poll
@@ -227,19 +227,6 @@ async def statuses(url: str, token: str) -> dict[str, str]:
             out.update({a["id"]: a["status"] for a in body["items"]})
             cursor = body["next_cursor"]
     return out
-
-
-async def hub_metrics(url: str, token: str) -> dict[str, float]:
-    """The hub's ``/metrics`` samples by name, labels included (``name{k="v"}``)."""
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session, \
-            session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    samples = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name and not name.startswith("#"):
-            samples[name] = float(value)
-    return samples
 
 
 async def enroll_counters(url: str, token: str) -> tuple[float, float, float]:

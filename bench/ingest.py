@@ -36,7 +36,7 @@ from typing import Any
 import nats
 import psutil
 
-from bench.common import Row, format_table, progress
+from bench.common import Row, format_table, hub_metrics, progress, rejected_envelopes
 from bench.federation import HubProc
 from bench.rawjs import Floors, Message, floors
 from federation import subjects, wire
@@ -221,24 +221,13 @@ async def hub_ingest(hub: HubProc, natsd_pid: int, total: int) -> Ingested:
         out.nats_cpu = _cpu_s(natsd_pid) - cpu_nats
         assert db is not None
         out.tasks = int(db.execute("SELECT count(*) FROM tasks").fetchone()[0])
-        async with hub_session(hub) as session:
-            async with session.get(hub.url + "/metrics") as resp:
-                metrics = await resp.text()
-        rejected = [line for line in metrics.splitlines()
-                    if line.startswith("outpost_ingest_rejected_total")]
-        out.rejected = ", ".join(rejected) if rejected else "0"
+        out.rejected = rejected_envelopes(await hub_metrics(hub.url, hub.token))
         return out
     finally:
         if db is not None:
             db.close()
         if not start.done():
             start.cancel()
-
-
-def hub_session(hub: HubProc) -> Any:
-    import aiohttp
-
-    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {hub.token}"})
 
 
 def rows(raw: Floors, run: Ingested, total: int) -> list[Row]:
