@@ -10,13 +10,18 @@ backoff and drains its outbox. Reported:
 - the time from the restart until the hub's view has applied every agent's events (goal:
   30 s), beside the raw limit measured in the same run on the same messages: a fresh JetStream
   consumer fetching and acking everything the storm put in ``OUTPOST_EVENTS``;
-- the peak RSS of the hub and of its nats-server while the storm lasts, sampled every 0.2 s.
+- the peak RSS of the hub and of its nats-server while the storm lasts, sampled every 0.2 s;
+- what the hub's API answers in while it lasts: ``GET /v1/agents?limit=100`` and
+  ``GET /v1/tasks`` timed from a process of their own (``bench.apiprobe``; this one runs the
+  fleet), beside the same probe's GETs of an aiohttp server that serves the hub's own
+  ``/v1/tasks`` page, timed in turn with them on the same loaded box: the raw limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import sqlite3
 import sys
@@ -27,9 +32,9 @@ from pathlib import Path
 import nats
 import psutil
 
-from bench.common import Row, format_table, progress
+from bench.common import ROOT, Row, format_table, percentile, progress
 from bench.fleet import SimAgent, _natsd_pid, _token
-from bench.hub import EmbeddedHub
+from bench.hub import _TRIVIAL_SERVER, EmbeddedHub
 from core_hub.natsauth import hub_login
 from edge_agent.store import Store
 from federation import subjects
@@ -105,9 +110,86 @@ async def _stream_last_seq(hub: EmbeddedHub) -> int:
         await nc.close()
 
 
+AGENTS_PAGE, TASKS_PAGE = "/v1/agents?limit=100", "/v1/tasks"
+
+
+class ApiProbe:
+    """``bench.apiprobe`` timing the hub's API and, in turn with it, an aiohttp server that
+    serves the hub's ``/v1/tasks`` page as it was before the storm (the raw limit)."""
+
+    def __init__(self, hub: EmbeddedHub, base: Path) -> None:
+        self.hub, self.base = hub, base
+        self.trivial: asyncio.subprocess.Process | None = None
+        self.probe: asyncio.subprocess.Process | None = None
+        self.trivial_url = ""
+
+    async def start(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.hub.token}"}) as session, \
+                session.get(self.hub.url + TASKS_PAGE) as resp:
+            resp.raise_for_status()
+            page = self.base / "tasks-page.json"
+            page.write_bytes(await resp.read())
+        self.trivial = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _TRIVIAL_SERVER, str(page), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+        assert self.trivial.stdout is not None
+        port = int(await asyncio.wait_for(self.trivial.stdout.readline(), 20))
+        self.trivial_url = f"http://127.0.0.1:{port}{TASKS_PAGE}"
+        self.probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.apiprobe", self.hub.token,
+            self.hub.url + AGENTS_PAGE, self.hub.url + TASKS_PAGE, self.trivial_url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+
+    async def stop(self) -> dict[str, dict[str, object]]:
+        """End both processes; the probe's figures by path (``trivial`` for the raw one)."""
+        found: dict[str, dict[str, object]] = {}
+        if self.probe is not None and self.probe.stdin is not None:
+            self.probe.stdin.close()
+            out, _ = await asyncio.wait_for(self.probe.communicate(), 90)
+            by_url = json.loads(out) if out.strip() else {}
+            found = {"trivial" if url == self.trivial_url else url[len(self.hub.url):]: got
+                     for url, got in by_url.items()}
+        if self.trivial is not None and self.trivial.stdin is not None:
+            self.trivial.stdin.close()
+            await asyncio.wait_for(self.trivial.wait(), 10)
+        return found
+
+    def kill(self) -> None:
+        """End whatever still runs (a storm that failed before ``stop``)."""
+        for proc in (self.probe, self.trivial):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+
+
+def api_rows(found: dict[str, dict[str, object]]) -> list[StormRow]:
+    """p99 of each hub path beside the trivial server's, from the same probe rounds."""
+    def ms(path: str, q: float) -> float | None:
+        seconds = found.get(path, {}).get("seconds") or []
+        return 1000 * percentile(seconds, q) if seconds else None  # type: ignore[arg-type]
+
+    raw = ms("trivial", 99)
+    rows = []
+    for path in (AGENTS_PAGE, TASKS_PAGE):
+        got = found.get(path, {})
+        seconds = got.get("seconds") or []
+        p99 = ms(path, 99)
+        rows.append(StormRow(
+            f"  API p99 during the storm, GET {path}", p99 if p99 is not None else "no answer",
+            "ms", raw, "the same probe's GETs of an aiohttp server with the hub's /v1/tasks "
+                       "page, in turn with these", digits=1))
+        rows.append(StormRow(
+            f"    its p50 and max ({len(seconds)} GETs, errors {got.get('errors') or 0})",
+            f"{ms(path, 50) or 0:.1f} ms / {ms(path, 100) or 0:.1f} ms"))
+    return rows
+
+
 async def run_storm(n: int, events: int, base: Path) -> list[Row]:
     hub = await EmbeddedHub(base / "hub").start()
     agents: list[SimAgent] = []
+    probe = ApiProbe(hub, base)
     try:
         natsd = _natsd_pid(hub)
         token = _token(hub, n)
@@ -131,6 +213,7 @@ async def run_storm(n: int, events: int, base: Path) -> list[Row]:
         db_path = hub.data_dir / "hub.db"
         hub_p, nats_p = psutil.Process(hub.pid), psutil.Process(natsd)
         peak_hub, peak_nats = _rss_mb(hub.pid), _rss_mb(natsd)
+        await probe.start()
         progress("storm: every agent back at once")
         t0 = time.perf_counter()
         starting = asyncio.gather(*(a.start() for a in agents))
@@ -144,6 +227,7 @@ async def run_storm(n: int, events: int, base: Path) -> list[Row]:
                 done_s = time.perf_counter() - t0
                 break
         await starting
+        found = await probe.stop()
         applied = _applied(db_path)
         behind = sum(applied.get(agent, 0) < seq for agent, seq in targets.items())
         total = n * events
@@ -162,10 +246,12 @@ async def run_storm(n: int, events: int, base: Path) -> list[Row]:
             StormRow("  peak hub RSS during the storm", peak_hub, "MB", None, "", digits=0),
             StormRow("  peak nats-server RSS during the storm", peak_nats, "MB", None, "",
                      digits=0),
+            *api_rows(found),
         ]
         print(format_table(rows), flush=True)
         return rows
     finally:
+        probe.kill()
         progress("storm: stopping the fleet")
         for start in range(0, len(agents), 100):
             await asyncio.gather(*(asyncio.wait_for(a.stop(), 10)
