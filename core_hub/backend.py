@@ -27,6 +27,7 @@ from core_hub.store import HubStore
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound, Unavailable
+from federation.loopwatch import LoopWatch
 from federation.outside import mapped
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import AGENT_STATUSES, TASK_STATES, TERMINAL_STATES
@@ -49,8 +50,10 @@ class CoreBackend:
                  services: Services,
                  on_agent_change: Callable[[str], Awaitable[None]] | None = None,
                  replies_dropped: Callable[[], int] = lambda: 0,
-                 enrollments: EnrollmentStats | None = None) -> None:
+                 enrollments: EnrollmentStats | None = None,
+                 loop_watch: LoopWatch | None = None) -> None:
         self.nc = nc
+        self.loop_watch = loop_watch
         self.enrollments = enrollments or EnrollmentStats()
         self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects
         # The hub's hook after an agent's trust changes (registry, NATS credentials).
@@ -305,4 +308,5 @@ class CoreBackend:
             Metric("outpost_enrollment_cpu_seconds_total", "counter",
                    "The hub's own CPU time answering enrollments, summed",
                    [({}, self.enrollments.cpu_s)]),
+            *(self.loop_watch.metrics() if self.loop_watch is not None else []),
         ]

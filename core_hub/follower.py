@@ -45,6 +45,7 @@ from federation import wire
 from federation.datadirlock import DataDirLock, DataDirLocked
 from federation.errors import ConfigError
 from federation.loopguard import stop_loops
+from federation.loopwatch import LoopWatch
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class Follower:
 
     def __init__(self, *, js: Any, nc: Any, data_dir: Path, replica: str,
                  liveness: LivenessSettings, signer: wire.Signer,
-                 setup_connection: Callable[..., Any]) -> None:
+                 setup_connection: Callable[..., Any],
+                 loop_watch: LoopWatch | None = None) -> None:
         self.js = js
+        self.loop_watch = loop_watch
         self.nc = nc
         self.data_dir = data_dir
         self.replica = replica
@@ -107,7 +110,8 @@ class Follower:
         services = Services(store, scheduler, commander)
         self.backend = CoreBackend(store=store, commander=commander, liveness=liveness,
                                    js=self.js, ingest_stats=ingest.stats, scheduler=scheduler,
-                                   nc=self.nc, services=services)
+                                   nc=self.nc, services=services,
+                                   loop_watch=self.loop_watch)
         self.artifacts = CoreArtifacts(
             js=self.js, nc=self.nc, store=store, signer=self.signer,
             spool_dir=self.data_dir / "spool", setup_connection=self.setup_connection,

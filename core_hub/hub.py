@@ -46,6 +46,7 @@ from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import load_or_create_key, load_or_create_token
 from federation.log import redact_url
+from federation.loopwatch import LoopWatch
 from federation.streams import ensure_hub_buckets, ensure_streams
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Hub:
         self.routing: ReplicaRouting | None = None  # set once this replica served as a standby
         self._api_backend: Switch | None = None
         self._api_artifacts: Switch | None = None
+        self.loop_watch = LoopWatch()
 
     async def start(self) -> None:
         import nats
@@ -87,6 +89,7 @@ class Hub:
         import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
 
         cfg = self.config
+        self.loop_watch.start()
         ssl_context = None  # loaded first: a bad certificate stops the hub before it starts
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             from federation.tls import server_context
@@ -180,7 +183,8 @@ class Hub:
                               ingest_stats=ingest.stats, scheduler=scheduler, nc=self.nc,
                               replies_dropped=lambda: enroller.dropped,
                               enrollments=enroller.stats,
-                              services=services, on_agent_change=self._after_agent_change)
+                              services=services, on_agent_change=self._after_agent_change,
+                              loop_watch=self.loop_watch)
         self.artifacts = CoreArtifacts(
             js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",
             setup_connection=self._setup_connection,
@@ -299,7 +303,8 @@ class Hub:
             js=js, nc=self.nc, data_dir=cfg.data_dir, replica=self.lease.holder,
             liveness=LivenessSettings(cfg.disconnected_after_s, cfg.unreachable_after_s,
                                       cfg.max_unreachable_per_s, cfg.sync_gap_after_s),
-            signer=signer, setup_connection=self._setup_connection)
+            signer=signer, setup_connection=self._setup_connection,
+            loop_watch=self.loop_watch)
         await follower.start()
         assert follower.backend is not None
         self.routing = routing = ReplicaRouting(self.lease.holder, self.lease.leader_url)
@@ -476,6 +481,7 @@ class Hub:
             self.store.close()
         if self.natsd is not None:
             await self.natsd.stop()
+        await self.loop_watch.stop()
         if self.lock is not None:
             self.lock.release()
         log.info("hub stopped")

@@ -113,6 +113,9 @@ def test_revoke_a_running_agent(start_agent: Callable[..., AgentProcess], hub_pr
     for name in ("outpost_enrollment_seconds_total", "outpost_enrollment_cpu_seconds_total"):
         spent = re.search(rf"^{name} (\S+)$", metrics, re.M)
         assert spent and float(spent.group(1)) > 0, metrics
+    # The hub watches its own event loop (federation/loopwatch.py).
+    for name in ("outpost_event_loop_stalls_total", "outpost_event_loop_stall_seconds_max"):
+        assert re.search(rf"^{name} \S+$", metrics, re.M), metrics
 
     # No placements, no drain; revoking again is harmless.
     placed = hub.api("POST", "/v1/tasks", {"name": "nowhere", "command": ["true"]})
