@@ -202,19 +202,10 @@ async def api_p99_ms(url: str, token: str, path: str) -> float:
 
 
 async def trivial_p99_ms() -> float:
-    from bench.hub import _TRIVIAL_SERVER
+    from bench.hub import trivial_server
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _TRIVIAL_SERVER, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, cwd=ROOT)
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        return await api_p99_ms(f"http://127.0.0.1:{port}", "x" * 32, "/v1/tasks")
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        await proc.wait()
+    async with trivial_server() as (url, _pid):
+        return await api_p99_ms(url, "x" * 32, "/v1/tasks")
 
 
 async def statuses(url: str, token: str) -> dict[str, str]:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,15 +320,17 @@ def same_page(db_path: Path, out: Path) -> Path:
     return out
 
 
-async def measure_trivial(page: Path) -> Load:
-    progress(f"trivial aiohttp handler: {CLIENTS} clients, {MEASURE_S:.0f} s")
+@contextlib.asynccontextmanager
+async def trivial_server(page: Path | None = None) -> AsyncIterator[tuple[str, int]]:
+    """``_TRIVIAL_SERVER`` in its own process (serving ``page``, or an empty list), as its
+    ``http://127.0.0.1:<port>`` and pid; ended by closing its stdin."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _TRIVIAL_SERVER, str(page), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+        sys.executable, "-c", _TRIVIAL_SERVER, *([str(page)] if page is not None else []),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        return await measure(f"http://127.0.0.1:{port}/v1/tasks", "x" * 32, proc.pid)
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -336,6 +339,12 @@ async def measure_trivial(page: Path) -> Load:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def measure_trivial(page: Path) -> Load:
+    progress(f"trivial aiohttp handler: {CLIENTS} clients, {MEASURE_S:.0f} s")
+    async with trivial_server(page) as (url, pid):
+        return await measure(f"{url}/v1/tasks", "x" * 32, pid)
 
 
 def list_rows(hub: Load, raw: Load, in_view: int) -> list[Row]:

@@ -13,13 +13,15 @@ backoff and drains its outbox. Reported:
 - the peak RSS of the hub and of its nats-server while the storm lasts, sampled every 0.2 s;
 - what the hub's API answers in while it lasts: ``GET /v1/agents?limit=100`` and
   ``GET /v1/tasks`` timed from a process of their own (``bench.apiprobe``; this one runs the
-  fleet), beside the same probe's GETs of an aiohttp server that serves the hub's own
-  ``/v1/tasks`` page, timed in turn with them on the same loaded box: the raw limit.
+  fleet), beside the same probe's GETs of an aiohttp server that serves a page like the hub's
+  ``/v1/tasks`` (``bench.hub.same_page``: 100 task bodies from its view), timed in turn with
+  them on the same loaded box: the raw limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -34,7 +36,7 @@ import psutil
 
 from bench.common import ROOT, Row, format_table, percentile, progress
 from bench.fleet import SimAgent, _natsd_pid, _token
-from bench.hub import _TRIVIAL_SERVER, EmbeddedHub
+from bench.hub import EmbeddedHub, same_page, trivial_server
 from core_hub.natsauth import hub_login
 from edge_agent.store import Store
 from federation import subjects
@@ -115,29 +117,19 @@ AGENTS_PAGE, TASKS_PAGE = "/v1/agents?limit=100", "/v1/tasks"
 
 class ApiProbe:
     """``bench.apiprobe`` timing the hub's API and, in turn with it, an aiohttp server that
-    serves the hub's ``/v1/tasks`` page as it was before the storm (the raw limit)."""
+    serves a page like the hub's ``/v1/tasks`` from its view before the storm (the raw
+    limit)."""
 
     def __init__(self, hub: EmbeddedHub, base: Path) -> None:
         self.hub, self.base = hub, base
-        self.trivial: asyncio.subprocess.Process | None = None
+        self.trivial = contextlib.AsyncExitStack()
         self.probe: asyncio.subprocess.Process | None = None
         self.trivial_url = ""
 
     async def start(self) -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self.hub.token}"}) as session, \
-                session.get(self.hub.url + TASKS_PAGE) as resp:
-            resp.raise_for_status()
-            page = self.base / "tasks-page.json"
-            page.write_bytes(await resp.read())
-        self.trivial = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _TRIVIAL_SERVER, str(page), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, cwd=ROOT)
-        assert self.trivial.stdout is not None
-        port = int(await asyncio.wait_for(self.trivial.stdout.readline(), 20))
-        self.trivial_url = f"http://127.0.0.1:{port}{TASKS_PAGE}"
+        page = same_page(self.hub.data_dir / "hub.db", self.base / "tasks-page.json")
+        url, _pid = await self.trivial.enter_async_context(trivial_server(page))
+        self.trivial_url = url + TASKS_PAGE
         self.probe = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.apiprobe", self.hub.token,
             self.hub.url + AGENTS_PAGE, self.hub.url + TASKS_PAGE, self.trivial_url,
@@ -152,16 +144,15 @@ class ApiProbe:
             by_url = json.loads(out) if out.strip() else {}
             found = {"trivial" if url == self.trivial_url else url[len(self.hub.url):]: got
                      for url, got in by_url.items()}
-        if self.trivial is not None and self.trivial.stdin is not None:
-            self.trivial.stdin.close()
-            await asyncio.wait_for(self.trivial.wait(), 10)
+        await self.trivial.aclose()
         return found
 
-    def kill(self) -> None:
+    async def close(self) -> None:
         """End whatever still runs (a storm that failed before ``stop``)."""
-        for proc in (self.probe, self.trivial):
-            if proc is not None and proc.returncode is None:
-                proc.kill()
+        if self.probe is not None and self.probe.returncode is None:
+            self.probe.kill()
+            await self.probe.wait()
+        await self.trivial.aclose()
 
 
 def api_rows(found: dict[str, dict[str, object]]) -> list[StormRow]:
@@ -178,8 +169,8 @@ def api_rows(found: dict[str, dict[str, object]]) -> list[StormRow]:
         p99 = ms(path, 99)
         rows.append(StormRow(
             f"  API p99 during the storm, GET {path}", p99 if p99 is not None else "no answer",
-            "ms", raw, "the same probe's GETs of an aiohttp server with the hub's /v1/tasks "
-                       "page, in turn with these", digits=1))
+            "ms", raw, "the same probe's GETs, in turn with these, of an aiohttp server "
+                       "with a /v1/tasks page from the hub's view", digits=1))
         rows.append(StormRow(
             f"    its p50 and max ({len(seconds)} GETs, errors {got.get('errors') or 0})",
             f"{ms(path, 50) or 0:.1f} ms / {ms(path, 100) or 0:.1f} ms"))
@@ -251,7 +242,7 @@ async def run_storm(n: int, events: int, base: Path) -> list[Row]:
         print(format_table(rows), flush=True)
         return rows
     finally:
-        probe.kill()
+        await probe.close()
         progress("storm: stopping the fleet")
         for start in range(0, len(agents), 100):
             await asyncio.gather(*(asyncio.wait_for(a.stop(), 10)

@@ -13,7 +13,6 @@ metric.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import threading
@@ -21,6 +20,7 @@ import time
 import traceback
 
 from federation.backend import Metric
+from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,7 @@ class LoopWatch:
     async def stop(self) -> None:
         self._done.set()
         ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        await stop_loops(ticker)
         if self._thread is not None:
             self._thread.join(timeout=1.0)
             self._thread = None
