@@ -30,6 +30,7 @@ from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import id_from_public_key, load_or_create_key, load_or_create_token
 from federation.loopguard import LoopGuard
+from federation.loopwatch import LoopWatch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class Agent:
         self.lock: DataDirLock | None = None
         self.loops = LoopGuard()
         self.artifacts: EdgeArtifacts | None = None
+        # On a Raspberry-Pi-class box a slow SD card can hold the loop, and with it the
+        # supervisor's tick, the API and the link: such a stall is logged with its stack.
+        self.loop_watch = LoopWatch()
 
     def _artifacts(self, store: Store) -> EdgeArtifacts:
         """The artifact cache and its stager: fetches go over the link's connection while
@@ -74,6 +78,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        self.loop_watch.start()
         ssl_context = None  # loaded first: a bad certificate stops the agent before anything runs
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             from federation.tls import server_context
@@ -111,7 +116,7 @@ class Agent:
         await supervisor.start()
         backend = EdgeBackend(agent_id=agent_id, name=cfg.name, site=cfg.site,
                               labels=cfg.labels, isolation=isolation.name, store=store,
-                              supervisor=supervisor)
+                              supervisor=supervisor, loop_watch=self.loop_watch)
         backend.extra_metrics = self.artifacts.metrics
         backend.held_artifacts = self.artifacts.cache.held
         backend.stage_artifact = self.artifacts.stage_ahead
@@ -173,6 +178,7 @@ class Agent:
             self.supervisor.executor.isolation.close()
         if self.store is not None:
             self.store.close()
+        await self.loop_watch.stop()
         if self.lock is not None:
             self.lock.release()
         log.info("edge agent stopped")

@@ -16,6 +16,7 @@ from edge_agent.supervisor import Supervisor
 from federation import __version__, history
 from federation.backend import Metric, Page, StreamEvent, TaskQuery
 from federation.errors import Conflict, NotFound
+from federation.loopwatch import LoopWatch
 from federation.outside import mapped
 from federation.pagination import decode_cursor
 from federation.schemas import TASK_STATES, TERMINAL_STATES
@@ -57,7 +58,8 @@ class EdgeBackend:
     role = "edge"
 
     def __init__(self, *, agent_id: str, name: str, site: str, labels: dict[str, str],
-                 isolation: str, store: Store, supervisor: Supervisor) -> None:
+                 isolation: str, store: Store, supervisor: Supervisor,
+                 loop_watch: LoopWatch | None = None) -> None:
         self.agent_id = agent_id
         self.name = name
         self.site = site
@@ -65,6 +67,7 @@ class EdgeBackend:
         self.isolation = isolation
         self.store = store
         self.supervisor = supervisor
+        self.loop_watch = loop_watch
         self.started = time.time()
         self.link_status: Callable[[], dict[str, Any]] = lambda: {"enabled": False}
         self.extra_metrics: Callable[[], list[Metric]] | None = None  # the artifact cache's
@@ -273,6 +276,7 @@ class EdgeBackend:
                    [({}, float(self.store.last_event_seq()))]),
             *self._outbox_metrics(),
             self.supervisor.loops.metric(EDGE_LOOPS),
+            *(self.loop_watch.metrics() if self.loop_watch is not None else []),
             *(self.extra_metrics() if self.extra_metrics is not None else []),
         ]
 

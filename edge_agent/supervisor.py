@@ -444,6 +444,7 @@ class Supervisor:
 
     async def _tick_loop(self) -> None:
         last_rotate = last_prune = time.monotonic()
+        self.faults.hold_the_loop()
         while True:
             await self.loops.pause("supervisor-tick", TICK)
             with self.loops.guard("supervisor-tick"):
