@@ -5,10 +5,11 @@
 its raw floors) move by 15-35 % between runs, so a change worth 10-20 % to the view cannot be
 told from noise there. This one takes NATS and the other processes out: the same 1,000 agents'
 signed batches of 1-10 events (``bench.ingest.SimAgent``), enrolled straight into a real
-``HubStore`` on disk, go through ``Ingest._process`` in the hub's fetch-sized slices (256
-messages, cut into the same 1 MB transactions), with its verifier thread and the store's
-checkpointer thread running as in the hub. Each message carries the JetStream reply subject a
-fetch would give it (stream seq, delivery count); nothing is acked (no server). The raw limit
+``HubStore`` on disk, go through ``Ingest.apply_chunk`` in the hub's fetch-sized slices (256
+messages, cut into transactions as the hub cuts them: ``Ingest.chunks``), with its verifier
+thread and the store's checkpointer thread running as in the hub. Each message carries the
+JetStream reply subject a fetch would give it (stream seq, delivery count); nothing is acked
+(no server). The raw limit
 is the per-message work any ingest must do, on one thread, on the same messages:
 ``wire.open_envelope`` against the agent's key and one ``orjson.loads`` per event body.
 
@@ -30,11 +31,10 @@ from nats.aio.msg import Msg
 from bench.common import Row, format_table, progress
 from bench.ingest import AGENTS, BATCHES, SimAgent, fleet_traffic
 from bench.rawjs import Message, verifier
-from core_hub.ingest import Ingest, _chunks
+from core_hub.ingest import Ingest
 from core_hub.store import HubStore
 
 FETCH = 256  # Ingest's default batch
-CHUNK_BYTES = 1 << 20  # Ingest's default max_chunk_bytes
 
 ApplyRow = functools.partial(Row, area="ingest apply")
 
@@ -86,9 +86,12 @@ def _run() -> list[Row]:
             ingest = Ingest(None, store)  # type: ignore[arg-type]  # _process needs no server
             progress(f"ingest apply: {len(fetched)} msgs ({total} events) into the view")
             t0, main0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
-            for at in range(0, len(fetched), FETCH):
-                for chunk in _chunks(fetched[at:at + FETCH], CHUNK_BYTES):
-                    ingest._process(chunk)
+            for start in range(0, len(fetched), FETCH):
+                fetch, at = fetched[start:start + FETCH], 0
+                while at < len(fetch):  # as Ingest._run cuts a fetch
+                    chunk = ingest.chunks.take(fetch, at)
+                    at += len(chunk)
+                    ingest.apply_chunk(chunk)
             wall = time.perf_counter() - t0
             main, proc = time.thread_time() - main0, time.process_time() - proc0
             applied, wal = ingest.stats.applied_events, _size(Path(tmp) / "hub.db-wal")

@@ -12,12 +12,14 @@ the agent's seqs ``first..seq`` and is judged against the agent's ``applied_seq`
   JetStream redelivers it later, apply nothing.
 - otherwise apply the events with ``seq > applied``, set ``applied_seq = seq``, ack.
 
-Messages are fetched in batches (``batch``, 256 by default) and applied a chunk (up to 1 MB of
-envelopes) per SQLite transaction, each envelope in its own savepoint, then acked after the
-commit. So an envelope's events, its ``applied_seq`` and ``meta.stream_seq`` commit together (a
-crash before the commit loses nothing: the messages are redelivered), and a chunk costs one
-commit, not one per message. Envelopes out of order inside one chunk are put in order there,
-without a nak.
+Messages are fetched in batches (``batch``, 256 by default) and applied a chunk per SQLite
+transaction, each envelope in its own savepoint, then acked after the commit. A chunk is as
+many envelopes as the view applies in about 100 ms at the rate it applied the last ones (at
+most 1 MB), and the event loop runs between chunks: the API waits for one chunk at most,
+whatever the fetch holds. So an envelope's events, its ``applied_seq`` and
+``meta.stream_seq`` commit together (a crash before the commit loses nothing: the messages
+are redelivered), and a chunk costs one commit, not one per message. Envelopes out of order
+inside one chunk are put in order there, without a nak.
 
 ``meta.stream_seq`` is the stream sequence below which *every* message has been dealt with, not
 simply the last one applied: a nak'd envelope is still owed, so the floor stops just below it.
@@ -93,8 +95,15 @@ _WARN_REDELIVERIES = 20
 # The pause between two chunks of one fetch, for everything else on the event loop: the API,
 # heartbeats, NATS pings. A real (timed) sleep rather than sleep(0): the loop then runs
 # whatever became ready, and what that schedules in turn (a request's handler after its
-# read), before the next chunk, not one step of it per chunk. ~0.1 % of a 1 MB chunk.
+# read), before the next chunk, not one step of it per chunk. ~0.5 % of a 100 ms chunk.
 _BETWEEN_CHUNKS_S = 0.0005
+# How long one chunk's transaction may hold the loop, about: what an API request waits at most
+# for ingest. 1 MB of a reconnect storm's 50-event envelopes took ~0.3 s, and held the API
+# that long, when chunks were bounded by bytes alone. Not less: each commit costs ~3 ms more
+# than its events (the B-tree pages every chunk rewrites), and at 50 ms a fetch of small
+# batches became four or five chunks and ingest ~20 % slower (bench.ingest_apply).
+CHUNK_BUDGET_S = 0.1
+MIN_CHUNK_BYTES = 16 << 10  # below this a chunk's fixed costs (keys read, commit) dominate
 _TASK_STATES = frozenset(TASK_STATES)
 # Statuses an agent may report about itself; ``revoked`` is the core's word only.
 _AGENT_SAYS = frozenset(AGENT_STATUSES) - {"revoked"}
@@ -153,15 +162,17 @@ class Ingest:
     same for an envelope whose apply failed, and the pause after a failed fetch. A fetch is
     applied in transactions of at most ``max_chunk_bytes`` of envelopes, with the event loop
     given back between them, so a fetch of big batches does not hold the loop (and the single
-    writer) for seconds. Every
-    ``history_prune_s`` the task histories that grew are cut back to their newest rows.
+    writer) for seconds; within that bound a chunk takes what applies in about
+    ``chunk_budget_s`` (``ChunkSizer``). Every ``history_prune_s`` the task histories that grew
+    are cut back to their newest rows.
     """
 
     def __init__(self, js: JetStreamContext, store: HubStore, *, durable: str = DURABLE,
                  batch: int = 256, fetch_timeout_s: float = 1.0, gap_delay_s: float = 0.5,
                  max_gap_delay_s: float = 30.0, error_delay_s: float = 1.0,
                  ack_wait_s: float = 30.0, max_ack_pending: int = 50_000,
-                 max_chunk_bytes: int = 1 << 20,
+                 max_chunk_bytes: int = 1 << 20, chunk_budget_s: float = CHUNK_BUDGET_S,
+                 min_chunk_bytes: int = MIN_CHUNK_BYTES,
                  history_prune_s: float = HISTORY_PRUNE_S,
                  inactive_threshold_s: float | None = None) -> None:
         self._js = js
@@ -178,7 +189,7 @@ class Ingest:
         self._error_delay_s = error_delay_s
         self._ack_wait_s = ack_wait_s
         self._max_ack_pending = max_ack_pending
-        self._max_chunk_bytes = max_chunk_bytes
+        self.chunks = ChunkSizer(chunk_budget_s, min_chunk_bytes, max_chunk_bytes)
         self.stats = IngestStats()
         self._claims_logged: set[tuple[str, str, str]] = set()  # refused claims, logged once
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -312,12 +323,22 @@ class Ingest:
             # A fetch may mix redeliveries with new messages: stream order is seq order more
             # often, so fewer envelopes have to wait.
             msgs.sort(key=lambda msg: msg.metadata.sequence.stream)
-            for n, chunk in enumerate(_chunks(msgs, self._max_chunk_bytes)):
-                if n:  # acks do not suspend: without this the chunks of a fetch (9 MB in
+            at = 0
+            while at < len(msgs):
+                if at:  # acks do not suspend: without this the chunks of a fetch (9 MB in
                     # a reconnect storm) ran back to back, the loop held for seconds
                     await asyncio.sleep(_BETWEEN_CHUNKS_S)
-                await self._settle(self._process(chunk))
+                chunk = self.chunks.take(msgs, at)
+                at += len(chunk)
+                await self._settle(self.apply_chunk(chunk))
             self._maybe_prune()
+
+    def apply_chunk(self, chunk: list[Msg]) -> list[tuple[Msg, Outcome]]:
+        """``_process`` one chunk, and learn from how long it took how big the next may be."""
+        started = time.perf_counter()
+        outcomes = self._process(chunk)
+        self.chunks.observe(sum(len(msg.data) for msg in chunk), time.perf_counter() - started)
+        return outcomes
 
     def _maybe_prune(self) -> None:
         """Every ``history_prune_s``: trim the histories that grew to their newest rows, and
@@ -609,6 +630,53 @@ class Ingest:
                     extra={"agent_id": agent, "seq": event.seq, "kind": event.kind})
 
 
+class ChunkSizer:
+    """How many bytes of envelopes the next transaction takes: what the view applies in about
+    ``budget_s`` at the rate it applied the last chunks, within ``min_bytes..max_bytes``.
+
+    Bytes alone do not bound the time: a byte of a 50-event envelope costs the view about
+    three times a byte of a small batch. The rate is a moving average, so one chunk slowed by
+    a busy box shrinks the next ones only a little."""
+
+    __slots__ = ("budget_s", "min_bytes", "max_bytes", "_seconds_per_byte")
+    _WEIGHT = 0.3  # of the newest chunk in the average
+
+    def __init__(self, budget_s: float, min_bytes: int, max_bytes: int) -> None:
+        if budget_s <= 0 or min_bytes < 1 or max_bytes < 1:
+            raise ValueError("chunk budget and byte bounds must be positive")
+        self.budget_s = budget_s
+        self.max_bytes = max_bytes
+        self.min_bytes = min(min_bytes, max_bytes)
+        self._seconds_per_byte: float | None = None  # none measured yet
+
+    def limit(self) -> int:
+        """The byte bound of the next chunk (before any is measured: the smallest)."""
+        if self._seconds_per_byte is None:
+            return self.min_bytes
+        if self._seconds_per_byte <= 0:
+            return self.max_bytes
+        fits = int(self.budget_s / self._seconds_per_byte)
+        return max(self.min_bytes, min(self.max_bytes, fits))
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        """A chunk of ``nbytes`` took ``seconds`` to apply."""
+        if nbytes <= 0:
+            return
+        rate = max(seconds, 0.0) / nbytes
+        before = self._seconds_per_byte
+        self._seconds_per_byte = rate if before is None else (
+            before + self._WEIGHT * (rate - before))
+
+    def take(self, msgs: list[Msg], at: int) -> list[Msg]:
+        """The next chunk of ``msgs`` from ``at``: at least one message, then as many more as
+        stay within ``limit()`` bytes."""
+        limit, size, end = self.limit(), len(msgs[at].data), at + 1
+        while end < len(msgs) and size + len(msgs[end].data) <= limit:
+            size += len(msgs[end].data)
+            end += 1
+        return msgs[at:end]
+
+
 class _Chunk:
     """What one chunk's transaction knows about its agents: their keys as read at its start,
     and the seqs it has applied since (written to ``agents`` once, before the commit)."""
@@ -668,19 +736,6 @@ def _open_all(msgs: list[Msg], keys: dict[str, AgentKey | None]) -> list[_Opened
         except EnvelopeRejected as err:
             out.append((agent, err, key is not None))
     return out
-
-
-def _chunks(msgs: list[Msg], max_bytes: int) -> list[list[Msg]]:
-    """``msgs`` in order, cut into runs of at most ``max_bytes`` (at least one message each)."""
-    chunks: list[list[Msg]] = []
-    size = 0
-    for msg in msgs:
-        if not chunks or size + len(msg.data) > max_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(msg)
-        size += len(msg.data)
-    return chunks
 
 
 # ------------------------------------------------------------ body checks

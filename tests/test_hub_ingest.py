@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from core_hub.ingest import LOST_REASON, Ingest
+from core_hub.ingest import LOST_REASON, ChunkSizer, Ingest
 from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.identity import id_from_public_key
@@ -552,3 +553,67 @@ async def test_the_event_loop_runs_between_the_chunks_of_one_fetch(hub: Hub) -> 
     assert hub.store.stream_seq == last == envelopes
     between = sorted(floor for floor in seen if 0 < floor < last)
     assert len(between) >= 6, f"the loop ran only at floors {sorted(seen)}"
+
+
+async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> None:
+    """Bytes alone did not bound how long a chunk holds the loop: 1 MB of a storm's 50-event
+    envelopes took ~0.3 s, and every API request waited that long (``bench.storm``'s p99
+    200-230 ms). A chunk now takes what applies in ``chunk_budget_s`` at the rate measured so
+    far. With a budget no envelope fits in, each chunk is the smallest allowed (here one
+    envelope), though the whole backlog would fit in one 1 MB chunk: the loop runs between
+    (nearly) every two envelopes, and every event is still applied once."""
+    a = Edge(1)
+    a.enroll(hub.store)
+    envelopes = 30
+    for n in range(envelopes):
+        last = await hub.publish(a, a.batch(*(reported(a, f"t{n}-{i}", "running")
+                                              for i in range(4))))
+    size = len(a.batch(*(reported(a, f"probe-{i}", "running") for i in range(4))))
+    seen: set[int] = set()
+
+    async def note_floor() -> None:
+        while True:
+            seen.add(ingest.floor)
+            await asyncio.sleep(0)
+
+    async with ingesting(hub, chunk_budget_s=1e-9, min_chunk_bytes=size) as ingest:
+        assert ingest.chunks.max_bytes >= envelopes * size * 2  # all of it in one, by bytes
+        watcher = asyncio.create_task(note_floor())
+        try:
+            await caught_up(ingest, hub, last)
+        finally:
+            watcher.cancel()
+    assert hub.store.stream_seq == last == envelopes
+    assert ingest.stats.applied_events == envelopes * 4 and ingest.stats.duplicates == 0
+    between = sorted(floor for floor in seen if 0 < floor < last)
+    assert len(between) >= envelopes // 2, f"the loop ran only at floors {sorted(seen)}"
+
+
+def _msgs(*sizes: int) -> list[Msg]:
+    return [Msg(None, subject="x", data=b"e" * size) for size in sizes]  # type: ignore[arg-type]
+
+
+def test_the_chunk_sizer_follows_the_measured_apply_rate() -> None:
+    sizer = ChunkSizer(budget_s=0.05, min_bytes=16 << 10, max_bytes=1 << 20)
+    assert sizer.limit() == 16 << 10  # nothing measured: start small
+    sizer.observe(1 << 20, 0.3)  # a storm's 1 MB took 0.3 s
+    assert sizer.limit() == int(0.05 / (0.3 / (1 << 20)))  # ~170 kB: 50 ms at that rate
+    for _ in range(30):  # small batches, ten times cheaper per byte
+        sizer.observe(100_000, 0.003)
+    assert sizer.limit() == 1 << 20  # never past max_bytes
+    sizer.observe(100_000, 10.0)  # one chunk stalled by a busy box
+    assert 16 << 10 <= sizer.limit() < 1 << 20  # smaller, never under min_bytes
+    for _ in range(30):
+        sizer.observe(100_000, 0.003)
+    assert sizer.limit() == 1 << 20  # and back
+
+
+def test_the_chunk_sizer_takes_at_least_one_message_and_stays_within_its_limit() -> None:
+    sizer = ChunkSizer(budget_s=0.05, min_bytes=100, max_bytes=1000)
+    msgs = _msgs(40, 40, 30, 5000, 10, 10)
+    assert [len(m.data) for m in sizer.take(msgs, 0)] == [40, 40]  # 110 would pass 100
+    assert [len(m.data) for m in sizer.take(msgs, 2)] == [30]
+    assert [len(m.data) for m in sizer.take(msgs, 3)] == [5000]  # alone, too big as it is
+    assert [len(m.data) for m in sizer.take(msgs, 4)] == [10, 10]
+    with pytest.raises(ValueError):
+        ChunkSizer(budget_s=0, min_bytes=1, max_bytes=1)
