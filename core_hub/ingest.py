@@ -103,6 +103,8 @@ _BETWEEN_CHUNKS_S = 0.0005
 # than its events (the B-tree pages every chunk rewrites), and at 50 ms a fetch of small
 # batches became four or five chunks and ingest ~20 % slower (bench.ingest_apply).
 CHUNK_BUDGET_S = 0.1
+# Waiting for the checkpointer to copy the whole WAL (HubStore.wal_wants_draining).
+_WAL_DRAIN_TRIES, _WAL_DRAIN_MAX_S, _WAL_DRAIN_POLL_S = 3, 2.0, 0.002
 MIN_CHUNK_BYTES = 16 << 10  # below this a chunk's fixed costs (keys read, commit) dominate
 _TASK_STATES = frozenset(TASK_STATES)
 # Statuses an agent may report about itself; ``revoked`` is the core's word only.
@@ -328,10 +330,27 @@ class Ingest:
                 if at:  # acks do not suspend: without this the chunks of a fetch (9 MB in
                     # a reconnect storm) ran back to back, the loop held for seconds
                     await asyncio.sleep(_BETWEEN_CHUNKS_S)
+                if self._store.wal_wants_draining:
+                    await self._let_the_wal_restart()
                 chunk = self.chunks.take(msgs, at)
                 at += len(chunk)
                 await self._settle(self.apply_chunk(chunk))
             self._maybe_prune()
+
+    async def _let_the_wal_restart(self) -> None:
+        """Hold the next write, the loop free, until the store's checkpointer has copied the
+        whole WAL (then the next commit starts it again), rather than let it grow to where the
+        writer copies it on the loop. A commit by another writer in the meantime spoils a
+        checkpoint: a few are tried, then ingest goes on (the writer's safety net remains)."""
+        store, since = self._store, time.monotonic()
+        for _ in range(_WAL_DRAIN_TRIES):
+            ticket = store.drain_wal_requested()
+            while (drained := store.wal_drained(ticket)) is None:
+                if time.monotonic() - since > _WAL_DRAIN_MAX_S:
+                    return
+                await asyncio.sleep(_WAL_DRAIN_POLL_S)
+            if drained:
+                return
 
     def apply_chunk(self, chunk: list[Msg]) -> list[tuple[Msg, Outcome]]:
         """``_process`` one chunk, and learn from how long it took how big the next may be."""

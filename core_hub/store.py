@@ -9,9 +9,9 @@ crash at any point (DESIGN.md, guarantee 2).
 Only this module writes SQL. Callers hand it checked values (ingest validates event bodies,
 enrollment validates requests); read helpers return plain dicts ready for the API.
 
-A thread of the store's own copies the WAL back into the database file (``_Checkpointer``, a
-second connection that only checkpoints and never writes rows), so the writer does not stall
-on that copy and its fsyncs after its commits.
+A thread of the store's own copies the WAL back into the database file
+(``core_hub.checkpointer``, a second connection that only checkpoints and never writes rows),
+so the writer does not stall on that copy and its fsyncs after its commits.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from core_hub.checkpointer import Checkpointer
 from core_hub.migrations import MIGRATIONS
 from federation.backend import TaskQuery
 from federation.errors import BadRequest, NotFound
@@ -44,11 +44,14 @@ AGENT_JSON_FIELDS = ("labels", "resources", "used", "outbox", "drivers")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 # Nesting orjson.dumps writes (it refuses 255 levels): a stored task body is never deeper.
 _MAX_DEPTH = 254
-# The writer checkpoints the WAL itself only past this many pages (128 MB): under a steady
-# ingest the WAL never empties (each checkpoint on the thread overlaps the next commit), so this
-# is how often the event loop pays for a copy and two fsyncs. At 16 MB it did so every ~9
-# commits; see _Checkpointer for what that cost.
+# The writer checkpoints the WAL itself only past this many pages (128 MB), a safety net: under
+# a steady ingest each checkpoint on the thread overlaps the next commit, so without the drain
+# below the WAL never started again, and the event loop paid for a copy and two fsyncs every
+# 128 MB (100-190 ms each; at 16 MB it did so every ~9 commits).
 _WAL_SAFETY_PAGES = 32768
+# Past this many pages (64 MB) ingest holds its next write until the checkpointer has copied
+# the whole WAL, so that the WAL starts again before the writer's own mark above is reached.
+_WAL_DRAIN_PAGES = 16384
 # The checkpointer thread copies the WAL back at most this often. Each checkpoint copies every
 # page written since the one before, and ingest rewrites the same index pages in every commit:
 # checkpoints every 50 ms copied most pages once per commit.
@@ -122,13 +125,17 @@ class AgentKey:
 class HubStore(Database):
     """The fleet view on disk at ``path``; ``close()`` when done."""
 
-    def __init__(self, path: Path, *, loop_writer: bool = False) -> None:
+    def __init__(self, path: Path, *, loop_writer: bool = False,
+                 wal_safety_pages: int = _WAL_SAFETY_PAGES,
+                 wal_drain_pages: int = _WAL_DRAIN_PAGES,
+                 checkpoint_every_s: float = _CHECKPOINT_EVERY_S) -> None:
         super().__init__(path, MIGRATIONS, "hub store")
+        self.wal_drain_pages = wal_drain_pages
         # The WAL is copied back into the database by a _Checkpointer thread, not by the writer
         # after its commits: ingest then never stalls on that copy and its fsyncs (~0.4 s per
         # 100k task events). Past _WAL_SAFETY_PAGES the writer still checkpoints itself, so
         # the WAL stays bounded even if the thread falls behind.
-        self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={int(wal_safety_pages)}")
         # Ingest's working set (every live task, its indexes, the agents) stays in memory:
         # with SQLite's default 2 MB each chunk re-read pages it had just written. Each
         # envelope is applied in a savepoint, whose page copies (the sub-journal) go to a
@@ -141,7 +148,7 @@ class HubStore(Database):
             # not the 5 s those processes wait for the hub. The write fails instead (503 at
             # the API, a retry on the loop's next pass): heartbeats and reads go on.
             self._db.execute(f"PRAGMA busy_timeout={_LOOP_BUSY_MS}")
-        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer = Checkpointer(self.path, checkpoint_every_s)
 
     def close(self) -> None:
         self._checkpointer.close()
@@ -149,6 +156,18 @@ class HubStore(Database):
 
     def _committed(self) -> None:
         self._checkpointer.poke()
+
+    @property
+    def wal_wants_draining(self) -> bool:
+        """True once the WAL (as the checkpointer last found it) is past ``wal_drain_pages``:
+        a writer that can wait should, with ``drain_wal_requested`` and ``wal_drained``."""
+        return self._checkpointer.wal_frames >= self.wal_drain_pages
+
+    def drain_wal_requested(self) -> int:
+        return self._checkpointer.drain_requested()
+
+    def wal_drained(self, ticket: int) -> bool | None:
+        return self._checkpointer.drained(ticket)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -901,55 +920,6 @@ class HubStore(Database):
     def drop_command(self, row_id: int) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM command_outbox WHERE id = ?", (row_id,))
-
-
-class _Checkpointer:
-    """Checkpoints (PASSIVE: it never blocks the writer or readers) a WAL database on its own
-    connection in its own thread, when poked after a commit, at most every ``interval_s``.
-    sqlite3 releases the GIL while SQLite works, so the copy runs on another core. The
-    owner calls ``close()``, which waits for a checkpoint under way."""
-
-    def __init__(self, path: Path, interval_s: float = _CHECKPOINT_EVERY_S) -> None:
-        self._path = path
-        self._interval_s = interval_s
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hub-store-checkpoint",
-                                        daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        self._wake.set()
-
-    def close(self) -> None:
-        self._closing.set()
-        self._wake.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            db = sqlite3.connect(self._path, isolation_level=None)
-        except sqlite3.Error as err:  # then the writer's safety net checkpoints
-            log.warning("no WAL checkpoints for %s: %s", self._path, err)
-            return
-        failing = False
-        try:
-            while True:
-                self._wake.wait()
-                if self._closing.is_set():
-                    return
-                self._wake.clear()
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    failing = False
-                except sqlite3.Error as err:  # say so once, retry on the next commit
-                    if not failing:
-                        log.warning("WAL checkpoint of %s failed: %s", self._path, err)
-                    failing = True
-                if self._closing.wait(self._interval_s):
-                    return
-        finally:
-            db.close()
 
 
 _KEY_COLUMNS = "public_key, revoked, applied_seq, retired_keys, revoked_after_seq"

@@ -8,9 +8,11 @@ progress (the view's stream floor), never on a sleep.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
@@ -587,6 +589,58 @@ async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> No
     assert ingest.stats.applied_events == envelopes * 4 and ingest.stats.duplicates == 0
     between = sorted(floor for floor in seen if 0 < floor < last)
     assert len(between) >= envelopes // 2, f"the loop ran only at floors {sorted(seen)}"
+
+
+def wal_frames(db_path: Path) -> int:
+    """``mxFrame`` of the WAL-index header in the ``-shm`` file (sqlite.org/walformat.html):
+    how many frames the WAL holds now, 0 right after it started again."""
+    with open(f"{db_path}-shm", "rb") as shm:
+        shm.seek(16)
+        return int.from_bytes(shm.read(4), sys.byteorder)
+
+
+async def test_a_sustained_ingest_lets_the_wal_start_again_off_the_event_loop(
+        hub: Hub, tmp_path: Path) -> None:
+    """A PASSIVE checkpoint on the store's thread copies the frames there are when it starts,
+    and under a sustained ingest a commit always landed meanwhile, so the WAL never started
+    again: it grew to the writer's safety mark, and each 128 MB the writer checkpointed on the
+    event loop (commits of 100-190 ms, every API request waiting). Here, with the marks scaled
+    down (safety 600 pages, drain 150), ingest must hold its writes while the thread copies
+    the whole WAL once it is past the drain mark: the WAL starts again each time, never near
+    the safety mark, and every event is applied once."""
+    path = tmp_path / "small-wal.db"
+    store = HubStore(path, wal_safety_pages=600, wal_drain_pages=150, checkpoint_every_s=0.01)
+    small = Hub(hub.js, store, tmp_path)
+    a = Edge(1)
+    a.enroll(store)
+    envelopes, per = 40, 10
+    for n in range(envelopes):
+        last = await hub.publish(a, a.batch(*(
+            reported(a, f"t{n}-{i}", "running", command=["echo", "x" * 2000])
+            for i in range(per))))
+    size = len(a.batch(*(reported(a, f"p{i}", "running", command=["echo", "x" * 2000])
+                         for i in range(per))))
+    frames: list[int] = []
+
+    async def note_wal() -> None:
+        while True:
+            frames.append(wal_frames(path))
+            await asyncio.sleep(0)
+
+    try:
+        async with ingesting(small, max_chunk_bytes=size) as ingest:  # an envelope a chunk
+            watcher = asyncio.create_task(note_wal())
+            try:
+                await caught_up(ingest, small, last)
+            finally:
+                watcher.cancel()
+        assert ingest.stats.applied_events == envelopes * per and ingest.stats.duplicates == 0
+        assert len(store.list_tasks()) == envelopes * per
+    finally:
+        store.close()
+    assert max(frames) < 600, f"the WAL reached {max(frames)} frames: the writer checkpointed"
+    restarts = sum(1 for before, after in itertools.pairwise(frames) if after < before)
+    assert restarts >= 2, f"the WAL started again {restarts} times; frames seen {frames[::50]}"
 
 
 def _msgs(*sizes: int) -> list[Msg]:
