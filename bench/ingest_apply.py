@@ -86,7 +86,7 @@ def _run() -> list[Row]:
             ingest = Ingest(None, store)  # type: ignore[arg-type]  # _process needs no server
             progress(f"ingest apply: {len(fetched)} msgs ({total} events) into the view")
             t0, main0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
-            asyncio.run(_apply_all(ingest, store, fetched))
+            asyncio.run(_apply_all(ingest, fetched))
             wall = time.perf_counter() - t0
             main, proc = time.thread_time() - main0, time.process_time() - proc0
             applied, wal = ingest.stats.applied_events, _size(Path(tmp) / "hub.db-wal")
@@ -106,14 +106,13 @@ def _run() -> list[Row]:
     ]
 
 
-async def _apply_all(ingest: Ingest, store: HubStore, fetched: list[Msg]) -> None:
+async def _apply_all(ingest: Ingest, fetched: list[Msg]) -> None:
     """Every message, a fetch at a time, as ``Ingest._run`` applies a fetch: cut into chunks,
     the WAL let start again when it asks to be (no acks: there is no server)."""
     for start in range(0, len(fetched), FETCH):
         fetch, at = fetched[start:start + FETCH], 0
         while at < len(fetch):
-            if store.wal_wants_draining:
-                await ingest._let_the_wal_restart()
+            await ingest.before_chunk()
             chunk = ingest.chunks.take(fetch, at)
             at += len(chunk)
             ingest.apply_chunk(chunk)

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Checkpoints the WAL database at ``path`` from ``start`` (the constructor) to
-    ``close()``, which waits for a checkpoint under way."""
+    """Checkpoints the WAL database at ``path`` from its construction until ``close()``, which
+    waits for a checkpoint under way."""
 
     def __init__(self, path: Path, interval_s: float) -> None:
         self._path = path

@@ -105,6 +105,7 @@ _BETWEEN_CHUNKS_S = 0.0005
 CHUNK_BUDGET_S = 0.1
 # Waiting for the checkpointer to copy the whole WAL (HubStore.wal_wants_draining).
 _WAL_DRAIN_TRIES, _WAL_DRAIN_MAX_S, _WAL_DRAIN_POLL_S = 3, 2.0, 0.002
+_WAL_DRAIN_BACKOFF_S = 10.0
 MIN_CHUNK_BYTES = 16 << 10  # below this a chunk's fixed costs (keys read, commit) dominate
 _TASK_STATES = frozenset(TASK_STATES)
 # Statuses an agent may report about itself; ``revoked`` is the core's word only.
@@ -192,6 +193,7 @@ class Ingest:
         self._ack_wait_s = ack_wait_s
         self._max_ack_pending = max_ack_pending
         self.chunks = ChunkSizer(chunk_budget_s, min_chunk_bytes, max_chunk_bytes)
+        self._drain_after = 0.0  # monotonic: no WAL drain before (one just failed)
         self.stats = IngestStats()
         self._claims_logged: set[tuple[str, str, str]] = set()  # refused claims, logged once
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -330,12 +332,16 @@ class Ingest:
                 if at:  # acks do not suspend: without this the chunks of a fetch (9 MB in
                     # a reconnect storm) ran back to back, the loop held for seconds
                     await asyncio.sleep(_BETWEEN_CHUNKS_S)
-                if self._store.wal_wants_draining:
-                    await self._let_the_wal_restart()
+                await self.before_chunk()
                 chunk = self.chunks.take(msgs, at)
                 at += len(chunk)
                 await self._settle(self.apply_chunk(chunk))
             self._maybe_prune()
+
+    async def before_chunk(self) -> None:
+        """What a chunk waits for: the WAL to start again, once it is long."""
+        if self._store.wal_wants_draining and time.monotonic() >= self._drain_after:
+            await self._let_the_wal_restart()
 
     async def _let_the_wal_restart(self) -> None:
         """Hold the next write, the loop free, until the store's checkpointer has copied the
@@ -347,10 +353,17 @@ class Ingest:
             ticket = store.drain_wal_requested()
             while (drained := store.wal_drained(ticket)) is None:
                 if time.monotonic() - since > _WAL_DRAIN_MAX_S:
-                    return
+                    break
                 await asyncio.sleep(_WAL_DRAIN_POLL_S)
             if drained:
                 return
+            if drained is None:
+                break
+        # Not drained (other writers, or a checkpointer that stopped answering): no more
+        # waiting for a while, so that ingest never waits before every chunk.
+        log.info("the WAL could not be drained in %.1fs; not waiting for it for %.0fs",
+                 time.monotonic() - since, _WAL_DRAIN_BACKOFF_S)
+        self._drain_after = time.monotonic() + _WAL_DRAIN_BACKOFF_S
 
     def apply_chunk(self, chunk: list[Msg]) -> list[tuple[Msg, Outcome]]:
         """``_process`` one chunk, and learn from how long it took how big the next may be."""
