@@ -13,7 +13,7 @@ import os
 import shutil
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,49 +524,14 @@ async def test_commits_reach_the_database_file_without_the_writer_checkpointing(
     wait_until(lambda: in_file() == {"t1"}, interval=0.02, what="t1 in the database file")
 
 
-async def test_the_event_loop_runs_between_the_chunks_of_one_fetch(hub: Hub) -> None:
-    """A backlog of big envelopes (a reconnect storm) comes in fetches of many 1 MB chunks;
-    each chunk is one transaction, so that the API, heartbeats and NATS pings wait for one
-    chunk at most. They waited for the whole fetch: the chunks ran back to back without
-    giving the loop back (acks do not suspend), and ``bench.storm`` saw
-    ``GET /v1/agents`` take up to 4 s. Here, a task that notes the ingest's floor each time
-    it runs must see the floor at the end of (nearly) every chunk of one fetch."""
+async def floors_seen_while_ingesting(hub: Hub, envelopes: int,
+                                      options: Callable[[int], dict[str, Any]],
+                                      ) -> tuple[Ingest, list[int]]:
+    """Ingest a backlog of ``envelopes`` 4-event envelopes with ``options(size of one)``, while
+    a task notes the ingest's floor each time the loop runs it; the ingest and the floors seen
+    strictly between none and all."""
     a = Edge(1)
     a.enroll(hub.store)
-    envelopes = 40
-    for n in range(envelopes):
-        last = await hub.publish(a, a.batch(*(reported(a, f"t{n}-{i}", "running")
-                                              for i in range(4))))
-    size = len(a.batch(reported(a, "probe", "running"))) * 4  # one envelope, about
-    seen: set[int] = set()
-
-    async def note_floor() -> None:
-        while True:
-            seen.add(ingest.floor)
-            await asyncio.sleep(0)
-
-    # Chunks of about 4 envelopes: about 10 chunks, in one fetch of the whole backlog.
-    async with ingesting(hub, max_chunk_bytes=4 * size) as ingest:
-        watcher = asyncio.create_task(note_floor())
-        try:
-            await caught_up(ingest, hub, last)
-        finally:
-            watcher.cancel()
-    assert hub.store.stream_seq == last == envelopes
-    between = sorted(floor for floor in seen if 0 < floor < last)
-    assert len(between) >= 6, f"the loop ran only at floors {sorted(seen)}"
-
-
-async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> None:
-    """Bytes alone did not bound how long a chunk holds the loop: 1 MB of a storm's 50-event
-    envelopes took ~0.3 s, and every API request waited that long (``bench.storm``'s p99
-    200-230 ms). A chunk now takes what applies in ``chunk_budget_s`` at the rate measured so
-    far. With a budget no envelope fits in, each chunk is the smallest allowed (here one
-    envelope), though the whole backlog would fit in one 1 MB chunk: the loop runs between
-    (nearly) every two envelopes, and every event is still applied once."""
-    a = Edge(1)
-    a.enroll(hub.store)
-    envelopes = 30
     for n in range(envelopes):
         last = await hub.publish(a, a.batch(*(reported(a, f"t{n}-{i}", "running")
                                               for i in range(4))))
@@ -578,8 +543,7 @@ async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> No
             seen.add(ingest.floor)
             await asyncio.sleep(0)
 
-    async with ingesting(hub, chunk_budget_s=1e-9, min_chunk_bytes=size) as ingest:
-        assert ingest.chunks.max_bytes >= envelopes * size * 2  # all of it in one, by bytes
+    async with ingesting(hub, **options(size)) as ingest:
         watcher = asyncio.create_task(note_floor())
         try:
             await caught_up(ingest, hub, last)
@@ -587,8 +551,33 @@ async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> No
             watcher.cancel()
     assert hub.store.stream_seq == last == envelopes
     assert ingest.stats.applied_events == envelopes * 4 and ingest.stats.duplicates == 0
-    between = sorted(floor for floor in seen if 0 < floor < last)
-    assert len(between) >= envelopes // 2, f"the loop ran only at floors {sorted(seen)}"
+    return ingest, sorted(floor for floor in seen if 0 < floor < last)
+
+
+async def test_the_event_loop_runs_between_the_chunks_of_one_fetch(hub: Hub) -> None:
+    """A backlog of big envelopes (a reconnect storm) comes in fetches of many chunks; each
+    chunk is one transaction, so that the API, heartbeats and NATS pings wait for one chunk at
+    most. They waited for the whole fetch: the chunks ran back to back without giving the
+    loop back (acks do not suspend), and ``bench.storm`` saw ``GET /v1/agents`` take up to
+    4 s. Here the loop must run at the end of (nearly) every chunk of one fetch."""
+    # Chunks of about 4 envelopes: about 10 chunks, in one fetch of the whole backlog.
+    _, between = await floors_seen_while_ingesting(
+        hub, 40, lambda size: {"max_chunk_bytes": 4 * size})
+    assert len(between) >= 6, f"the loop ran only at floors {between}"
+
+
+async def test_a_chunk_takes_what_applies_within_its_time_budget(hub: Hub) -> None:
+    """Bytes alone did not bound how long a chunk holds the loop: 1 MB of a storm's 50-event
+    envelopes took ~0.3 s, and every API request waited that long (``bench.storm``'s p99
+    200-230 ms). A chunk now takes what applies in ``chunk_budget_s`` at the rate measured so
+    far. With a budget no envelope fits in, each chunk is the smallest allowed (here one
+    envelope), though the whole backlog would fit in one 1 MB chunk: the loop runs between
+    (nearly) every two envelopes, and every event is still applied once."""
+    envelopes = 30
+    ingest, between = await floors_seen_while_ingesting(
+        hub, envelopes, lambda size: {"chunk_budget_s": 1e-9, "min_chunk_bytes": size})
+    assert ingest.chunks.max_bytes == 1 << 20  # all of it in one chunk, by bytes
+    assert len(between) >= envelopes // 2, f"the loop ran only at floors {between}"
 
 
 def wal_frames(db_path: Path) -> int:
