@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from federation.natsd import NatsServer
 from tests.helpers import (
@@ -77,9 +78,17 @@ def test_a_deleted_view_keeps_services_tokens_and_pending_tasks(
     b = start_agent("--nats", nats_proc.url, "--join-token", join, "--heartbeat", "0.5",
                     "--site", "beta", name="b")
     b_id = b.api("GET", "/v1/info").body["agent_id"]
-    placed = wait_until(lambda: (t := hub_proc.api(
-        "GET", f"/v1/tasks/{pending.body['id']}").body)["state"] == "running" and t,
-        timeout=30, what="the restored pending task placed and running")
+    try:
+        placed = wait_until(lambda: (t := hub_proc.api(
+            "GET", f"/v1/tasks/{pending.body['id']}").body)["state"] == "running" and t,
+            timeout=30, what="the restored pending task placed and running")
+    except AssertionError as err:  # once seen in a full run, never alone: say what was where
+        core = hub_proc.api("GET", f"/v1/tasks/{pending.body['id']}").body
+        b_row = hub_proc.api("GET", f"/v1/agents/{b_id}").body
+        raise AssertionError(
+            f"{err}\nthe task at the core: {core}\nb at the core: {b_row}\n"
+            f"launches: {_launches(hub_proc.data_dir)}\non b: {task_states(b)}"
+            f"\nhub log tail:\n{hub_proc.log()[-6000:]}") from None
     assert placed["agent_id"] == b_id
     # Still managed: deleting the service stops the instance it started before the rebuild.
     assert hub_proc.api("DELETE", "/v1/services/web").status == 202
@@ -121,6 +130,14 @@ def test_a_hung_nats_never_blocks_the_api(start_agent: Callable[..., AgentProces
                                   if r[0] == killed.body["command_id"]],
                          timeout=10, what="the kill's result")
     assert results == [(killed.body["command_id"], "applied")]
+
+
+def _launches(hub_dir: Path) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True)
+    try:
+        return list(db.execute("SELECT task_id, agent_id, status, reason FROM launches"))
+    finally:
+        db.close()
 
 
 def _results(hub_dir: Path) -> list[tuple[str, str]]:
