@@ -103,10 +103,11 @@ _BETWEEN_CHUNKS_S = 0.0005
 # than its events (the B-tree pages every chunk rewrites), and at 50 ms a fetch of small
 # batches became four or five chunks and ingest ~20 % slower (bench.ingest_apply).
 CHUNK_BUDGET_S = 0.1
-# Waiting for the checkpointer to copy the whole WAL (HubStore.wal_wants_draining).
+MIN_CHUNK_BYTES = 16 << 10  # below this a chunk's fixed costs (keys read, commit) dominate
+# Waiting for the checkpointer to copy the whole WAL (HubStore.wal_wants_draining); after a
+# drain that did not complete, ingest stops waiting for one this long.
 _WAL_DRAIN_TRIES, _WAL_DRAIN_MAX_S, _WAL_DRAIN_POLL_S = 3, 2.0, 0.002
 _WAL_DRAIN_BACKOFF_S = 10.0
-MIN_CHUNK_BYTES = 16 << 10  # below this a chunk's fixed costs (keys read, commit) dominate
 _TASK_STATES = frozenset(TASK_STATES)
 # Statuses an agent may report about itself; ``revoked`` is the core's word only.
 _AGENT_SAYS = frozenset(AGENT_STATUSES) - {"revoked"}

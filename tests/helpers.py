@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -34,6 +35,20 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float =
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def wait_until_async(cond: Callable[[], Any], within: float = 10.0,
+                           interval: float = 0.05, what: str = "condition") -> Any:
+    """``wait_until`` for a coroutine test whose condition is a state of this event loop (a
+    client's connection): the loop must run between polls for the state to move."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {within}s waiting for {what} (last: {last!r})")
 
 
 # Ports a test names itself (a demo, a cluster's routes) come from below Linux's ephemeral range
@@ -183,8 +198,18 @@ class AgentProcess:
         assert resp.status == 200, resp.body
         return resp.body
 
+    def task_if_here(self, task_id: str) -> dict[str, Any] | None:
+        """The task, or None while this agent has not got it yet (a launch from the core is
+        on its way: asking at once may find nothing)."""
+        resp = self.api("GET", f"/v1/tasks/{task_id}")
+        if resp.status == 404:
+            return None
+        assert resp.status == 200, resp.body
+        return resp.body
+
     def wait_state(self, task_id: str, *states: str, timeout: float = 10.0) -> dict[str, Any]:
-        return wait_until(lambda: (t := self.task(task_id))["state"] in states and t,
+        return wait_until(lambda: (t := self.task_if_here(task_id)) is not None
+                          and t["state"] in states and t,
                           timeout, what=f"task {task_id} in {states}")
 
 

@@ -113,9 +113,9 @@ def test_events_print_offers_and_results_readably(
     a, _, _, _ = two_sites(start_agent, hub_proc, nats_proc)
     task_id = ok(hub_cli(hub_proc, "tasks", "run", "nap", "--site", "alpha", "--", "sleep",
                          "60")).strip()
-    wait_until(lambda: a.task(task_id)["state"] == "running", timeout=20, what="running")
+    a.wait_state(task_id, "running", timeout=20)
     ok(hub_cli(hub_proc, "tasks", "kill", task_id))
-    wait_until(lambda: a.task(task_id)["state"] == "killed", timeout=20, what="killed")
+    a.wait_state(task_id, "killed", timeout=20)
     proc = subprocess.Popen([*CLI, "--url", hub_proc.url, "--token", hub_proc.token,
                              "events", "--after", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())

@@ -26,7 +26,7 @@ from federation.natscreds import (
     user_nkey,
 )
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, wait_until
+from tests.helpers import AgentProcess, HubProcess, wait_until, wait_until_async
 from tests.test_nats_auth import client, creds_of, enrolled, refused
 
 
@@ -121,7 +121,8 @@ async def test_a_real_server_takes_the_operators_accounts_and_users_and_a_revoca
         async with client(server.url, creds) as me:
             store.revoke_agent(agent_id, now=1.0e9 * 2)
             assert await auth.refresh() is True
-            wait_until(lambda: me.nc.is_closed, 5, what="the revoked user disconnected")
+            await wait_until_async(lambda: me.nc.is_closed, 5,
+                                   what="the revoked user disconnected")
         assert "Authorization Violation" in await refused(server.url, creds)
         assert await auth.refresh() is False  # nothing more to revoke
     finally:
