@@ -28,6 +28,10 @@ class HubConfig(NodeConfig):
     # on the same host, the server's pid file (the hub then reloads it after each change).
     nats_auth_file: Path | None = None
     nats_pid_file: Path | None = None
+    # How long an agent's NATS user JWT is valid; the agent renews its own at half of it
+    # (core_hub/renewal.py), and a key revoked or rotated away leaves the account's
+    # revocations once every JWT issued for it has expired.
+    agent_jwt_ttl_s: float = 7 * 86400.0
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
@@ -62,6 +66,8 @@ class HubConfig(NodeConfig):
                       "unset with embedded_nats (it keeps its own, under data_dir/nats)")
         if self.nats_pid_file is not None and self.nats_auth_file is None:
             self._bad("nats_pid_file", str(self.nats_pid_file), "only with nats_auth_file")
+        if not 10.0 <= self.agent_jwt_ttl_s <= 366 * 86400.0:
+            self._bad("agent_jwt_ttl_s", self.agent_jwt_ttl_s, "10 s to 366 days")
         if not 0 < self.disconnected_after_s < self.unreachable_after_s:
             self._bad("unreachable_after_s", self.unreachable_after_s,
                       "more than disconnected_after_s, both above 0")

@@ -28,8 +28,9 @@ revocation means the key is distrusted, and the edge must enroll a new key.
 
 The agent id is ``identity.id_from_public_key``; the hub's own key is ``<data_dir>/hub.key``.
 A key belongs to one agent, ever: a key that is (or was, before a rotation) another agent's
-cannot enroll. Key rotation requests (``op: rotate``, see ``keyrotation.py``) arrive on the same
-subject, so an agent needs no other permission to rotate, and get the same replies.
+cannot enroll. Key rotation requests (``op: rotate``, see ``keyrotation.py``) and requests for a
+fresh NATS user JWT (``op: renew``, see ``renewal.py``) arrive on the same subject, so an agent
+needs no other permission for them, and get the same replies.
 
 Replies go only into the requester's own inbox space (``natscreds.reply_in_inbox``): the enroll
 user's ``_INBOX_ENROLL.>``, or ``_INBOX.<agent_id>.>`` of the agent the request names. Any other
@@ -55,6 +56,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from core_hub.keyrotation import KeyRotations, is_rotation
+from core_hub.renewal import is_renewal, renew
 from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.errors import (
@@ -323,6 +325,8 @@ class Enroller:
                 decoded = None  # _parse says why
             if is_rotation(decoded):
                 return self._rotations.rotate(decoded), None
+            if is_renewal(decoded):
+                return renew(self._store, decoded), None
         request = _parse(data)
         public = request["public_key"]
         agent_id = id_from_public_key(public)
@@ -368,7 +372,7 @@ def _requester(data: bytes) -> str | None:
         return None
     if not isinstance(request, dict):
         return None
-    if is_rotation(request):
+    if is_rotation(request) or is_renewal(request):
         agent_id = request.get("agent_id")
         return agent_id if subjects.is_agent_id(agent_id) else None
     public = request.get("public_key")

@@ -429,7 +429,8 @@ class Hub:
                         cfg.nats_url)
             return
         operator = NatsOperator.load(cfg.data_dir)
-        self.nats_auth = NatsAuth(path, store, operator, self._push_account)
+        self.nats_auth = NatsAuth(path, store, operator, self._push_account,
+                                  agent_jwt_ttl_s=cfg.agent_jwt_ttl_s)
         record_managed(cfg.data_dir, path, cfg.data_dir / "nats" / "nats-server.pid"
                        if cfg.embedded_nats else cfg.nats_pid_file,
                        None if cfg.embedded_nats else cfg.nats_url)

@@ -45,6 +45,14 @@ connections at once. ``refresh_offline`` does the same from another process (the
 include covers a server that is down). With ``--embedded-nats`` this is on by default; for an
 external NATS the operator sets ``nats_auth_file``, writes it with ``outpost-hub nats-auth``
 and includes it in the server's config.
+
+Agent JWTs expire (``agent_jwt_ttl_s``, 7 days by default); the agent renews its own at half
+of that (core_hub/renewal.py, edge_agent/jwtrenewal.py). So a key leaves the revocations once
+every JWT issued for it has expired: it became the agent's key after the hub began issuing
+expiring JWTs (``AgentJwtExpiry``, ``nats-agent-jwts.json``) and was revoked or rotated away
+longer ago than the longest lifetime since, plus ``JWT_CLOCK_SKEW_S``. Without that the list
+only grew: past ~11,000 entries the account JWT is over 1 MB, nats-server's max payload, and
+then no push reaches the server and a server restarted with it refuses its config.
 """
 
 from __future__ import annotations
@@ -188,6 +196,14 @@ RESOLVER_DIR = "jwt"  # beside the auth file: the server's full resolver keeps a
 ACCOUNT_NAME = "OUTPOST"
 MAX_CONTROL_LINE = 65536  # bytes; nats-server's default (4 KB) is less than the hub's JWT
 FAR_FUTURE = 2**31 - 1  # a revocation with no known time: every JWT of that key, ever
+# Agent user JWTs expire (an agent renews its own: core_hub/renewal.py), so a revoked or
+# rotated-away key can leave the account's revocations once every JWT issued for it has
+# expired. Without that the list only grows: at ~93 bytes an entry the account JWT passes
+# nats-server's 1 MB max payload near 11,000 entries, and then no revocation can be pushed.
+AGENT_JWT_TTL_S = 7 * 86400.0
+AGENT_JWTS_FILE = "nats-agent-jwts.json"  # since when agent JWTs expire, their longest lifetime
+JWT_CLOCK_SKEW_S = 3600.0  # kept this much longer: the server's clock may be behind the hub's
+PRUNE_EVERY_S = 3600.0  # how often the hub drops revocations whose JWTs have all expired
 
 
 def _load_or_create_seed(path: Path, kind: str) -> str:
@@ -271,9 +287,12 @@ class NatsOperator:
         return self.user_jwt(leaf, f"leaf-{site}", site_permissions(agent_ids),
                              connection_types=("LEAFNODE",))
 
-    def agent_jwt(self, agent_id: str, public_key: bytes) -> str:
-        """The user JWT an agent connects with: its identity key, its own subjects only."""
-        return self.user_jwt(user_nkey(public_key), agent_id, agent_permissions(agent_id))
+    def agent_jwt(self, agent_id: str, public_key: bytes, *,
+                  expires: float | None = None) -> str:
+        """The user JWT an agent connects with: its identity key, its own subjects only,
+        refused by the server after ``expires`` (unix seconds) if given."""
+        return natsjwt.user_jwt(self.account_seed, user_nkey(public_key), agent_id,
+                                agent_permissions(agent_id), expires=expires)
 
     def hub_credentials(self, *, setup: bool = False) -> NatsCredentials:
         """The hub's run-time user (or its set-up user), JWT made now from today's rules."""
@@ -323,17 +342,71 @@ def _public(seed: bytes) -> bytes:
     return bytes(SigningKey(seed).verify_key)
 
 
+@dataclass(frozen=True, slots=True)
+class AgentJwtExpiry:
+    """Since when (``since``, unix seconds) every agent JWT this hub issues expires, and the
+    longest lifetime any of them got since (``max_ttl_s``). A key that became an agent's key
+    before ``since`` may hold a JWT that never expires: its revocation is kept for good."""
+
+    since: float
+    max_ttl_s: float
+
+
+def agent_jwt_expiry(data_dir: Path) -> AgentJwtExpiry | None:
+    """What ``record_agent_jwt_ttl`` wrote, or None (never written, or unreadable: then no
+    revocation is dropped, which is always safe)."""
+    path = Path(data_dir) / AGENT_JWTS_FILE
+    try:
+        record = json.loads(path.read_text())
+        since, ttl = record["expiring_since"], record["max_ttl_s"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("%s is unreadable (%s): every revocation is kept", path, exc)
+        return None
+    if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in (since, ttl)):
+        log.warning("%s holds bad values: every revocation is kept", path)
+        return None
+    return AgentJwtExpiry(float(since), float(ttl))
+
+
+def record_agent_jwt_ttl(data_dir: Path, ttl_s: float, now: float) -> AgentJwtExpiry:
+    """Note, before any JWT with it is issued, that agent JWTs now live ``ttl_s``. The first
+    record's time is ``since``; a longer lifetime raises ``max_ttl_s``, a shorter one leaves it
+    (JWTs issued before still live that long)."""
+    current = agent_jwt_expiry(data_dir)
+    wanted = (AgentJwtExpiry(now, ttl_s) if current is None
+              else AgentJwtExpiry(current.since, max(current.max_ttl_s, ttl_s)))
+    if wanted != current:
+        write_auth_file(Path(data_dir) / AGENT_JWTS_FILE, json.dumps(
+            {"expiring_since": wanted.since, "max_ttl_s": wanted.max_ttl_s}) + "\n")
+    return wanted
+
+
 def revocations(store: HubStore, data_dir: Path | None, now: float) -> dict[str, int]:
     """Who the OUTPOST account refuses: every revoked agent's keys, keys rotated away from
     more than ``ROTATION_GRACE_S`` ago, and site leaf keys a newer bundle replaced. Values are
-    unix times (that user's JWTs issued at or before it are refused)."""
+    unix times (that user's JWTs issued at or before it are refused).
+
+    A key is left out once every JWT issued for it has expired: it became the agent's key
+    after agent JWTs began to expire (``AgentJwtExpiry.since``), and the last JWT it can have
+    had (issued at the latest when it was revoked or rotated away) is past its lifetime."""
+    expiry = agent_jwt_expiry(data_dir) if data_dir is not None else None
+
+    def all_expired(became_current: float, last_issued: float) -> bool:
+        return (expiry is not None and 0 < expiry.since <= became_current and last_issued > 0
+                and last_issued + expiry.max_ttl_s + JWT_CLOCK_SKEW_S < now)
+
     out: dict[str, int] = {}
-    for public_key, revoked_at, retired in store.nats_revocations():
-        if revoked_at is not None:
+    for public_key, revoked_at, retired, enrolled_at in store.nats_revocations():
+        # Each key's time as the agent's key began at enrollment or at the rotation before.
+        timeline = sorted(retired, key=lambda key: key[1])
+        began = [enrolled_at, *(rotated_at for _hex, rotated_at in timeline)]
+        if revoked_at is not None and not all_expired(began[-1], revoked_at):
             out[user_nkey(public_key)] = math.ceil(revoked_at) if revoked_at else FAR_FUTURE
-        for old_hex, rotated_at in retired:
+        for (old_hex, rotated_at), start in zip(timeline, began, strict=False):
             ends = (rotated_at or 0) + ROTATION_GRACE_S
-            if revoked_at is not None or ends <= now:
+            if (revoked_at is not None or ends <= now) and not all_expired(start, rotated_at):
                 out[user_nkey(bytes.fromhex(old_hex))] = FAR_FUTURE
     if data_dir is not None:
         for leaf in retired_leaves(data_dir):
@@ -344,7 +417,8 @@ def revocations(store: HubStore, data_dir: Path | None, now: float) -> dict[str,
 def next_grace_end(store: HubStore, now: float) -> float | None:
     """When the next rotated-away key's grace ends (monotonic-free unix seconds), if any."""
     ends = [(rotated_at or 0) + ROTATION_GRACE_S
-            for _key, revoked_at, retired in store.nats_revocations() if revoked_at is None
+            for _key, revoked_at, retired, _enrolled in store.nats_revocations()
+            if revoked_at is None
             for _old, rotated_at in retired if (rotated_at or 0) + ROTATION_GRACE_S > now]
     return min(ends) if ends else None
 
@@ -460,12 +534,17 @@ class NatsAuth:
 
     def __init__(self, path: Path, store: HubStore, operator: NatsOperator,
                  push: Callable[[str], Awaitable[None]] | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 agent_jwt_ttl_s: float | None = None) -> None:
         self.path = Path(path)
         self.store = store
         self.operator = operator
         self.push = push
         self.clock = clock
+        # None: agent JWTs that never expire (then no revocation is ever dropped).
+        self.agent_jwt_ttl_s = agent_jwt_ttl_s
+        if agent_jwt_ttl_s is not None:
+            record_agent_jwt_ttl(operator.data_dir, agent_jwt_ttl_s, clock())
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one re-sign-and-push at a time
         self._revoked: dict[str, int] | None = None
@@ -475,8 +554,10 @@ class NatsAuth:
         return self.operator.data_dir / ACCOUNT_JWT_FILE
 
     def issue(self, agent_id: str, public_key: bytes) -> str:
-        """The user JWT for an agent just enrolled or rotated to ``public_key``."""
-        return self.operator.agent_jwt(agent_id, public_key)
+        """The user JWT for an agent just enrolled, rotated to ``public_key`` or renewing."""
+        ttl = self.agent_jwt_ttl_s
+        return self.operator.agent_jwt(agent_id, public_key,
+                                       expires=None if ttl is None else self.clock() + ttl)
 
     def current_account_jwt(self) -> str | None:
         try:
@@ -532,11 +613,16 @@ class NatsAuth:
         await stop_loops(task)
 
     async def run(self) -> None:
-        """Until cancelled: refresh when a rotated-away key's grace ends."""
+        """Until cancelled: refresh when a rotated-away key's grace ends, and every
+        ``PRUNE_EVERY_S`` (revocations whose JWTs have all expired leave the account)."""
+        pruned_at = time.monotonic()
         while True:
             due = next_grace_end(self.store, self.clock())
             await asyncio.sleep(1.0 if due is None else max(0.0, due - self.clock()) + 0.01)
-            if due is not None and due <= self.clock():
+            prune = time.monotonic() - pruned_at >= PRUNE_EVERY_S
+            if prune:
+                pruned_at = time.monotonic()
+            if prune or (due is not None and due <= self.clock()):
                 try:
                     await self.refresh()
                 except Exception:  # the next change or tick tries again

@@ -222,16 +222,17 @@ class HubStore(Database):
                 out[row[5]] = _agent_key(row)
         return out
 
-    def nats_revocations(self) -> list[tuple[bytes, float | None, list[tuple[str, float]]]]:
+    def nats_revocations(self) -> list[tuple[bytes, float | None, list[tuple[str, float]],
+                                             float]]:
         """(current key, revoked_at if revoked (0.0 when unknown) else None, retired keys as
-        (hex, rotated at)) of every agent that is revoked or has rotated: what the NATS
-        account must refuse (``core_hub/natsauth.revocations``)."""
+        (hex, rotated at), enrolled_at) of every agent that is revoked or has rotated: what
+        the NATS account must refuse (``core_hub/natsauth.revocations``)."""
         rows = self._db.execute(
-            "SELECT public_key, revoked, revoked_at, retired_keys FROM agents"
+            "SELECT public_key, revoked, revoked_at, retired_keys, enrolled_at FROM agents"
             " WHERE revoked = 1 OR retired_keys != '[]'").fetchall()
         return [(bytes(row[0]), float(row[2] or 0.0) if row[1] else None,
                  [(str(k[0]), float(k[2]) if len(k) > 2 and k[2] is not None else 0.0)
-                  for k in json.loads(row[3] or "[]")]) for row in rows]
+                  for k in json.loads(row[3] or "[]")], float(row[4] or 0.0)) for row in rows]
 
     def agent_with_key(self, public_key: bytes) -> str | None:
         """The id of the agent whose current or a retired key is ``public_key``, if any (a key

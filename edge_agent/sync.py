@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.jwtrenewal import RETRY_S as RENEW_RETRY_S
+from edge_agent.jwtrenewal import SLEEP_MAX_S as RENEW_SLEEP_MAX_S
+from edge_agent.jwtrenewal import JwtLifetime, jwt_account
 from edge_agent.store import Store
 from federation import messages, subjects, wire
 from federation.commandlog import POLL_S, CommandReader
@@ -118,6 +121,15 @@ class EnrollmentRefused(OutpostError):
 
 class KeyRotated(Exception):  # noqa: N818 (a signal to reconnect, not a failure)
     """Raised out of the serve loops once the hub has taken the agent's new key."""
+
+
+class JwtRenewed(Exception):  # noqa: N818 (a signal to reconnect, not a failure)
+    """Raised out of the serve loops once the hub has issued a new user JWT."""
+
+
+class JwtExpired(Exception):  # noqa: N818 (a signal to renew through the enroll login)
+    """Raised out of the serve loops when the link is down and its JWT has expired: the
+    server refuses it, so reconnecting with it would fail for good."""
 
 
 # Applies one verified command synchronously (inside the store transaction that records it):
@@ -225,9 +237,15 @@ class Sync:
                 # Not enrolled, or enrolled before the hub issued user JWTs: enroll (again;
                 # an enrolled key re-enrolls without using up a token) to get one.
                 enrolling = self.hub_key is None or self.store.get_meta(NATS_AUTH) is None
-                await self._connect(enrolling=enrolling)
-                if enrolling:
-                    await self._enroll()
+                # Offline for longer than its JWT lives: ask for a new one as the enroll user.
+                lifetime = None if enrolling else JwtLifetime.of(self._jwt())
+                renewing = lifetime is not None and lifetime.expired(time.time())
+                if renewing:
+                    log.info("NATS credentials expired; renewing them through the enroll "
+                             "login", extra={"agent": self.agent_id})
+                await self._connect(enrolling=enrolling or renewing)
+                if enrolling or renewing:
+                    await (self._enroll() if enrolling else self._renew())
                     # The enroll user may do nothing else: come back as this agent.
                     await self._close()
                     await self._connect(enrolling=False)
@@ -241,6 +259,16 @@ class Sync:
             except KeyRotated:  # the NATS user is the identity key: come back as the new one
                 log.info("key rotated; reconnecting with the new key",
                          extra={"agent": self.agent_id})
+                await self._close()
+                continue
+            except JwtRenewed:
+                log.info("NATS credentials renewed; reconnecting with them",
+                         extra={"agent": self.agent_id})
+                await self._close()
+                continue
+            except JwtExpired:
+                log.warning("NATS credentials expired while the link was down",
+                            extra={"agent": self.agent_id})
                 await self._close()
                 continue
             except EnrollmentRefused as exc:
@@ -336,11 +364,65 @@ class Sync:
         """Who this connection is to NATS (federation/natscreds.py): the public enroll user
         before enrollment, then the agent's own nkey (its identity key)."""
         if enrolling:
-            return enroll_credentials(token_account(self.settings.join_token)).connect_options()
+            # The account is the join token's; an enrolled agent renewing may have no token
+            # any more: its JWT's issuer is the same account.
+            account = token_account(self.settings.join_token) or jwt_account(self._jwt())
+            return enroll_credentials(account).connect_options()
         if self._nats_key is None:
             return {}
-        jwt = self.store.get_meta(_jwt_meta(wire.Signer(self._nats_key).public))
-        return agent_credentials(self._nats_key, self.agent_id, jwt).connect_options()
+        return agent_credentials(self._nats_key, self.agent_id, self._jwt()).connect_options()
+
+    def _jwt(self) -> str | None:
+        """The user JWT of the key this agent connects to NATS as, if the hub issued one."""
+        if self._nats_key is None:
+            return None
+        return self.store.get_meta(_jwt_meta(wire.Signer(self._nats_key).public))
+
+    async def _renew(self) -> None:
+        """Ask the hub for a new user JWT for the key this agent connects as, and keep it.
+        Raise EnrollmentRefused if the hub says no (a revoked agent), OutpostError on a
+        garbled answer, or whatever the request raises."""
+        assert self._nats_key is not None
+        signer = wire.Signer(self._nats_key)
+        reply = await self.nc.request(subjects.ENROLL, wire.renew_request(signer, self.agent_id),
+                                      timeout=5)
+        answer = wire.unpack(reply.data)
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error") if isinstance(answer, dict) else "not a map"
+            raise EnrollmentRefused(f"NATS credentials renewal refused by the core: {error}")
+        jwt = answer.get("nats_jwt")
+        if answer.get("agent_id") != self.agent_id or not isinstance(jwt, str) or not jwt:
+            raise OutpostError("the core's renewal answer is not for this agent's key")
+        self.store.set_meta(_jwt_meta(signer.public), jwt)
+        log.info("NATS credentials renewed", extra={"agent": self.agent_id})
+
+    async def _renew_loop(self) -> None:
+        """While connected: renew the user JWT at half its lifetime, then reconnect with it
+        (JwtRenewed). While nats.py is reconnecting on its own: once the JWT has expired,
+        reconnecting cannot work; give the link back to ``_run`` to renew (JwtExpired)."""
+        while True:
+            lifetime = JwtLifetime.of(self._jwt())
+            if lifetime is None:  # never expires (or no auth): nothing to do on this link
+                return
+            now = time.time()
+            if now < lifetime.renew_at:  # woken now and then: the wall clock may jump
+                await asyncio.sleep(min(lifetime.renew_at - now, RENEW_SLEEP_MAX_S))
+                continue
+            if not self.connected:
+                if lifetime.expired(now):
+                    raise JwtExpired()
+                await asyncio.sleep(min(RENEW_RETRY_S, max(lifetime.expires_at - now, 0.1)))
+                continue
+            try:
+                await self._renew()
+            except Exception as exc:  # no answer, a refusal: try again, the JWT still works
+                self._note_error(f"NATS credentials not renewed: {exc}", RENEW_RETRY_S)
+                log.warning("NATS credentials not renewed, will retry: %r", exc,
+                            extra={"agent": self.agent_id})
+                await asyncio.sleep(min(RENEW_RETRY_S,
+                                        max((lifetime.expires_at - time.time()) / 4, 0.5)))
+                continue
+            raise JwtRenewed()
 
     def _keep_jwt(self, public: bytes, answer: dict[str, Any]) -> None:
         """Keep the user JWT the hub issued for ``public`` (none: a NATS without auth)."""
@@ -386,7 +468,8 @@ class Sync:
         loops = [asyncio.create_task(self._publish_loop(), name="sync-publish"),
                  asyncio.create_task(self._command_loop(), name="sync-commands"),
                  asyncio.create_task(self._heartbeat_loop(), name="sync-heartbeat"),
-                 asyncio.create_task(self._watchdog_loop(), name="sync-watchdog")]
+                 asyncio.create_task(self._watchdog_loop(), name="sync-watchdog"),
+                 asyncio.create_task(self._renew_loop(), name="sync-renew")]
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:

@@ -177,11 +177,12 @@ def user_scope(signing_key: str, role: str, perms: Mapping[str, Any] | None,
 def user_jwt(account_seed: str, user: str, name: str, perms: Mapping[str, Any] | None, *,
              connection_types: Iterable[str] = ("STANDARD",),
              issuer_account: str | None = None, scoped: bool = False,
-             now: float | None = None) -> str:
+             now: float | None = None, expires: float | None = None) -> str:
     """A user JWT for the public nkey ``user``, signed by ``account_seed`` (the account's key,
     or one of its signing keys with ``issuer_account`` naming the account). Never a bearer
     token: the user must sign the server's nonce with its own key. ``scoped``: signed by a
-    scoped signing key, so it carries no permissions of its own."""
+    scoped signing key, so it carries no permissions of its own. ``expires``: unix seconds
+    after which the server refuses it (and closes a connection made with it)."""
     if not user.startswith(_LEAD[USER]):
         raise NatsJwtError("a user JWT's subject is a user nkey (U...)")
     nats: dict[str, Any] = {"type": USER, "version": 2}
@@ -192,7 +193,10 @@ def user_jwt(account_seed: str, user: str, name: str, perms: Mapping[str, Any] |
                      "allowed_connection_types": list(connection_types)})
     if issuer_account is not None:
         nats["issuer_account"] = issuer_account
-    return encode({"sub": user, "name": name, "nats": nats}, account_seed, now=now)
+    claims: dict[str, Any] = {"sub": user, "name": name, "nats": nats}
+    if expires is not None:
+        claims["exp"] = int(expires)
+    return encode(claims, account_seed, now=now)
 
 
 def creds(jwt: str, seed: str) -> str:

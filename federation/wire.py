@@ -326,6 +326,26 @@ def rotate_proof_ok(request: dict[str, Any]) -> bool:
             and verify(request["new_public_key"], request["new_sig"], signed))
 
 
+# The fields of a renewal request (a fresh NATS user JWT for the agent's current key), in the
+# order they are signed by that key.
+RENEW_FIELDS = ("op", "agent_id", "public_key")
+
+
+def renew_request(signer: Signer, agent_id: str) -> bytes:
+    """An agent's request (sent to ``subjects.ENROLL``) for a new user JWT for its current key
+    ``signer``: the one it has expires. ``sig`` proves the key is held. A replayed request
+    gets nobody anything: the JWT is no bearer token, the server wants the key's signature."""
+    request: dict[str, Any] = {"op": "renew", "agent_id": agent_id, "public_key": signer.public}
+    request["sig"] = signer.sign(pack(request))
+    return pack(request)
+
+
+def renew_proof_ok(request: dict[str, Any]) -> bool:
+    """True if ``request['sig']`` signs the renewal's fields with ``request['public_key']``."""
+    signed = pack({key: request[key] for key in RENEW_FIELDS})
+    return verify(request["public_key"], request["sig"], signed)
+
+
 def _batch_problem(body: Any, seq: int) -> str | None:
     """Why ``body`` is not a valid batch ending at ``seq``, or None if it is."""
     if not isinstance(body, dict) or body.keys() != {"first", "events"}:

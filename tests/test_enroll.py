@@ -226,3 +226,25 @@ async def test_an_enrollment_reads_no_whole_agents_table(nats_server: NatsServer
         with store.transaction():
             store._db.execute("DELETE FROM agents WHERE id = ?", (owner,))
         assert store.agent_with_key(rotated_to.public) is None
+
+
+async def test_a_renewal_is_answered_only_for_the_agents_own_current_key(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """``op: renew`` (a fresh NATS user JWT, core_hub/renewal.py) from the public enroll
+    login: it proves the agent's current key, or it gets nothing."""
+    async with hub(nats_server.url, tmp_path, Clock()) as (ask, store, tokens, hub_key):
+        agent_id = (await ask(request(tokens.create_token(ttl_s=60))))["agent_id"]
+        assert await ask(wire.renew_request(EDGE, agent_id)) == {
+            "ok": True, "agent_id": agent_id, "hub_public_key": hub_key.public}
+        # Another key claiming the agent, or the agent's key with another's signature.
+        refused(await ask(wire.renew_request(OTHER, agent_id)), "forbidden",
+                "not agent")
+        forged = wire.unpack(wire.renew_request(OTHER, agent_id))
+        forged["public_key"] = EDGE.public
+        refused(await ask(wire.pack(forged)), "unauthorized", "renewal proof failed")
+        refused(await ask(wire.pack({**forged, "extra": 1})), "invalid", "fields")
+        refused(await ask(wire.renew_request(OTHER, id_from_public_key(OTHER.public))),
+                "not_found", "not enrolled")
+        # Revoked: no JWT any more, whatever it signs.
+        store.revoke_agent(agent_id, now=1.0)
+        refused(await ask(wire.renew_request(EDGE, agent_id)), "forbidden", "revoked")

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from core_hub.natsauth import AUTH_FILE_NAME, NatsAuth, NatsOperator, push_account
+from core_hub.natsauth import (
+    AUTH_FILE_NAME,
+    NatsAuth,
+    NatsOperator,
+    push_account,
+    record_agent_jwt_ttl,
+)
 from core_hub.store import HubStore
 from federation import natsjwt, subjects
 from federation.natscreds import (
@@ -178,3 +185,94 @@ def test_an_enrollment_changes_no_server_config_and_its_agent_speaks_only_for_it
         asyncio.run(as_b())
     finally:
         hub.stop()
+
+
+def _revoked_fleet(store: HubStore, count: int, *, enrolled_at: float,
+                   revoked_at: float) -> None:
+    """``count`` agents enrolled and revoked at those times (one transaction)."""
+    from nacl.signing import SigningKey
+
+    from federation.identity import id_from_public_key
+
+    with store.transaction():
+        for i in range(count):
+            public = bytes(SigningKey.generate().verify_key)
+            agent_id = id_from_public_key(public)
+            store.enroll_agent(agent_id, public, name=f"gone-{i}", site="s", labels={},
+                               resources={}, version="", now=enrolled_at)
+            store.revoke_agent(agent_id, now=revoked_at)
+
+
+async def test_a_revocation_still_reaches_the_server_after_twelve_thousand_others(
+        operator_server: tuple[NatsOperator, NatsServer, NatsAuth, HubStore]) -> None:
+    """Each revoked (or rotated-away) key is an entry of the account JWT, ~93 bytes. Kept for
+    good, 12,000 of them make the account JWT 1.1 MB, over nats-server's 1 MB max payload:
+    the push fails, and the next agent revoked keeps its live connection. Agent JWTs expire
+    (``agent_jwt_ttl_s``), so an entry whose JWTs have all expired leaves the account."""
+    operator, server, auth, store = operator_server
+    now = time.time()
+    day = 86400.0
+    # A hub that has issued expiring JWTs (1 day) for a month; 12,000 agents revoked 10 days
+    # ago, every JWT of theirs long expired; 5 revoked an hour ago, still within a JWT's life.
+    record_agent_jwt_ttl(operator.data_dir, day, now - 30 * day)
+    _revoked_fleet(store, 12_000, enrolled_at=now - 20 * day, revoked_at=now - 10 * day)
+    _revoked_fleet(store, 5, enrolled_at=now - 20 * day, revoked_at=now - 3600)
+    auth.write()
+    await server.start()
+    try:
+        seed, agent_id, public = _agent(store, "live")
+        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        async with client(server.url, creds) as me:
+            store.revoke_agent(agent_id, now=time.time())
+            assert await auth.refresh() is True
+            await wait_until_async(lambda: me.nc.is_closed, 5,
+                                   what="the revoked user disconnected")
+        assert "Authorization Violation" in await refused(server.url, creds)
+    finally:
+        await server.stop()
+    kept = natsjwt.decode(auth.current_account_jwt() or "", kind="account")["nats"][
+        "revocations"]
+    assert len(kept) == 6, "the 5 recent revocations and the new one; none of the 12,000"
+
+
+def test_a_revoked_key_leaves_the_account_only_once_its_jwts_have_all_expired(
+        tmp_path: Path) -> None:
+    from core_hub.natsauth import JWT_CLOCK_SKEW_S, ROTATION_GRACE_S, revocations
+
+    store = HubStore(tmp_path / "hub.db")
+    day, now = 86400.0, time.time()
+    try:
+        assert revocations(store, tmp_path, now) == {}
+        _revoked_fleet(store, 1, enrolled_at=now - 40 * day, revoked_at=now - 20 * day)
+        legacy = set(revocations(store, tmp_path, now))
+        assert len(legacy) == 1, "no record: JWTs may never expire, every revocation is kept"
+        record_agent_jwt_ttl(tmp_path, day, now - 30 * day)
+        assert set(revocations(store, tmp_path, now)) == legacy, \
+            "enrolled before JWTs expired: it may hold one that never does; kept for good"
+        edge = now - day - JWT_CLOCK_SKEW_S
+        _revoked_fleet(store, 1, enrolled_at=now - 29 * day, revoked_at=edge + 60)
+        recent = set(revocations(store, tmp_path, now)) - legacy
+        assert len(recent) == 1, "its last JWT (issued by its revocation) may still live"
+        _revoked_fleet(store, 1, enrolled_at=now - 29 * day, revoked_at=edge - 60)
+        assert set(revocations(store, tmp_path, now)) == legacy | recent
+        # A key rotated away: gone once its JWTs (issued before the rotation) have expired.
+        seed, agent_id, first = _agent(store, "rotating")
+        with store.transaction() as db:  # enrolled after JWTs began to expire
+            db.execute("UPDATE agents SET enrolled_at = ? WHERE id = ?", (now - 29 * day,
+                                                                          agent_id))
+        from nacl.signing import SigningKey
+
+        second = bytes(SigningKey.generate().verify_key)
+        store.rotate_agent_key(agent_id, first, second, 0, now - 10)
+        assert user_nkey(first) not in revocations(store, tmp_path, now), "within its grace"
+        assert user_nkey(first) in revocations(store, tmp_path, now - 10 + ROTATION_GRACE_S)
+        later = now + day + JWT_CLOCK_SKEW_S + 60
+        assert user_nkey(first) not in revocations(store, tmp_path, later)
+        assert user_nkey(second) not in revocations(store, tmp_path, later), "not revoked"
+        # A longer lifetime later raises the bound; a shorter one never lowers it.
+        record_agent_jwt_ttl(tmp_path, 3 * day, now)
+        record_agent_jwt_ttl(tmp_path, 60.0, now)
+        assert user_nkey(first) in revocations(store, tmp_path, later)
+        assert len(set(revocations(store, tmp_path, now)) - legacy) == 2
+    finally:
+        store.close()
