@@ -145,15 +145,16 @@ class Follower:
             watcher = None
             try:
                 kv = await self.js.key_value(bucket)
+                if (await kv.status()).values == 0:
+                    ready.set()
                 watcher = await kv.watchall()
                 while True:
                     try:
                         entry = await watcher.updates(timeout=30.0)
                     except nats_errors.TimeoutError:
                         continue
-                    if entry is None:  # the bucket's current values are all in
-                        ready.set()
-                        continue
+                    if entry is None:  # nats-py's marker comes too early at times
+                        continue  # (federation/kvsnapshot.py): the server's count decides
                     value = None if entry.operation in _DELETES else entry.value
                     try:
                         apply(entry.key, value)
@@ -162,6 +163,8 @@ class Follower:
                         self.errors += 1
                         log.exception("standby: could not apply %s key %r", bucket,
                                       entry.key[:80])
+                    if entry.delta == 0:  # the bucket's current values are all in
+                        ready.set()
             except asyncio.CancelledError:
                 raise
             except (nats_errors.Error, js_errors.Error, OSError, TimeoutError) as exc:

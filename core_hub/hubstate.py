@@ -25,6 +25,7 @@ import orjson
 
 from core_hub.store import HubStore
 from federation import subjects
+from federation.kvsnapshot import current_entries
 from federation.loopguard import stop_loops
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,9 @@ class StateMirror:
         many. Run after ``flush`` (so the view's own unsent changes win) and before serving."""
         restored: dict[str, int] = {}
         for kind, kv in self.kv.items():
-            watcher = await kv.watchall(ignore_deletes=True)
-            try:
-                while (entry := await watcher.updates(timeout=10.0)) is not None:
-                    if entry.value and self.store.restore_state(kind, entry.key,
-                                                                orjson.loads(entry.value)):
-                        restored[kind] = restored.get(kind, 0) + 1
-            finally:
-                await watcher.stop()
+            for key, entry in (await current_entries(kv)).items():
+                if self.store.restore_state(kind, key, orjson.loads(entry.value)):
+                    restored[kind] = restored.get(kind, 0) + 1
         if restored:
             log.info("restored hub state from JetStream KV: %s",
                      ", ".join(f"{n} {kind}" for kind, n in restored.items()),

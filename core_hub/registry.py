@@ -26,6 +26,7 @@ from typing import Any
 
 from core_hub.store import HubStore
 from federation import subjects, wire
+from federation.kvsnapshot import current_entries
 from federation.streams import AGENTS_BUCKET
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,13 @@ class Registry:
         """Enroll into the view every agent the bucket knows and the view does not, and
         reconcile revocations and key rotations for those both know; returns how many agents
         were new to the view."""
-        watcher = await self.kv.watchall(ignore_deletes=True)
         records: dict[str, dict[str, Any]] = {}
-        try:
-            while (entry := await watcher.updates(timeout=10.0)) is not None:
-                if entry.value:
-                    record = _record(entry.key, entry.value)
-                    if record is None:
-                        self.skipped += 1
-                    else:
-                        records[entry.key] = record
-        finally:
-            await watcher.stop()
+        for key, entry in (await current_entries(self.kv)).items():
+            record = _record(key, entry.value)
+            if record is None:
+                self.skipped += 1
+            else:
+                records[key] = record
         restored = 0
         for agent_id, record in records.items():
             if self.store.agent_key(agent_id) is None:
