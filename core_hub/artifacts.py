@@ -28,6 +28,7 @@ from core_hub.store import HubStore
 from federation import manifest, objstore
 from federation.backend import Page
 from federation.errors import Conflict, NotFound, Unavailable
+from federation.kvsnapshot import current_entries
 from federation.pagination import decode_cursor, encode_cursor
 from federation.schemas import TERMINAL_STATES
 from federation.wire import Signer
@@ -126,20 +127,10 @@ class CoreArtifacts:
         return {**m.to_json(), "origin": "core", "signed": True}
 
     async def _all(self) -> builtins.list[manifest.Manifest]:
-        from nats.js.errors import NoKeysError
-
-        kv = await self._bucket()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
-        found = []
-        for key in keys:
-            if key.startswith("d."):
-                got = await self._manifest(key)
-                if got is not None:
-                    found.append(got[0])
-        return found
+        # Not kv.keys(): nats-py's watcher may end before its first key (kvsnapshot.py).
+        entries = await current_entries(await self._bucket())
+        return [manifest.open_signed(entry.value, self.signer.public)
+                for key, entry in sorted(entries.items()) if key.startswith("d.")]
 
     async def list(self, name: str | None, limit: int, cursor: str | None) -> Page:
         c = decode_cursor(cursor, n=str, v=str, s=str)

@@ -145,7 +145,8 @@ class Follower:
             watcher = None
             try:
                 kv = await self.js.key_value(bucket)
-                if (await kv.status()).values == 0:
+                state = (await kv.status()).stream_info.state
+                if state.messages == 0:
                     ready.set()
                 watcher = await kv.watchall()
                 while True:
@@ -163,7 +164,7 @@ class Follower:
                         self.errors += 1
                         log.exception("standby: could not apply %s key %r", bucket,
                                       entry.key[:80])
-                    if entry.delta == 0:  # the bucket's current values are all in
+                    if entry.revision >= state.last_seq:  # the bucket's values then are in
                         ready.set()
             except asyncio.CancelledError:
                 raise
