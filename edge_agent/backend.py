@@ -292,6 +292,10 @@ class EdgeBackend:
                    [({}, float(link["outbox_oldest_age_s"] or 0.0))]),
             Metric("outpost_link_connected", "gauge", "1 while connected to the core's NATS",
                    [({}, 1.0 if link["connected"] else 0.0)]),
+            *([Metric("outpost_link_credentials_expiry_timestamp_seconds", "gauge",
+                      "When the agent's NATS user JWT expires (it renews it at half its life)",
+                      [({}, float(link["credentials_expire_at"]))])]
+              if link.get("credentials_expire_at") else []),
             Metric("outpost_outbox_published_events_total", "counter",
                    "Events the core's JetStream acked", [({}, float(link["published_events"]))]),
             Metric("outpost_link_rebuilds_total", "counter",

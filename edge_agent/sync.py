@@ -721,7 +721,10 @@ class Sync:
 
     def status(self) -> dict[str, Any]:
         depth, age = self.store.outbox_depth()
+        lifetime = JwtLifetime.of(self._jwt())
         return {"enabled": True, "connected": self.connected, "enrolled": self.hub_key is not None,
                 "nats_url": self.settings.nats_url, "outbox_depth": depth,
                 "outbox_oldest_age_s": age, "acked_seq": self.store.publish_floor,
+                # When its NATS user JWT expires (None: it never does); renewed at half.
+                "credentials_expire_at": None if lifetime is None else lifetime.expires_at,
                 "last_error": self.last_error, **self.stats}

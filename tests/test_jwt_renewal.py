@@ -60,6 +60,10 @@ def test_a_running_agent_renews_its_jwt_and_keeps_working_past_its_first_one(
     wait_until(renewed_past_the_first, timeout=4 * TTL_S, interval=0.2,
                what="two renewals, and the first JWT expired")
     wait_until(lambda: _online(hub, agent_id), timeout=10, what="the agent online")
+    link = agent.api("GET", "/v1/info").body["link"]
+    assert link["credentials_expire_at"] > time.time()
+    metrics = agent.api("GET", "/metrics").raw.decode()
+    assert "outpost_link_credentials_expiry_timestamp_seconds" in metrics
     assert len(agent_nkeys(hub, agent_id)) == 1, "one connection, the renewed one"
     # Work placed from the core still reaches it, and its report comes back.
     placed = hub.api("POST", "/v1/tasks", {"name": "late", "command": ["true"],
