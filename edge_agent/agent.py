@@ -15,7 +15,7 @@ from edge_agent.artifacts import ArtifactCache
 from edge_agent.backend import EdgeBackend
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor, boot_id
-from edge_agent.faults import Faults
+from edge_agent.faults import NO_FAULTS, Faults
 from edge_agent.isolation import choose
 from edge_agent.oci import OciDriver
 from edge_agent.reserve import Reserve
@@ -53,6 +53,7 @@ class Agent:
         self.backend: EdgeBackend | None = None
         self.lock: DataDirLock | None = None
         self.loops = LoopGuard()
+        self.faults = NO_FAULTS
         self.artifacts: EdgeArtifacts | None = None
         # On a Raspberry-Pi-class box a slow SD card can hold the loop, and with it the
         # supervisor's tick, the API and the link: such a stall is logged with its stack.
@@ -98,7 +99,7 @@ class Agent:
                             log_max_bytes=cfg.log_max_bytes, log_keep=cfg.log_keep)
         reserve = Reserve(cfg.data_dir / "reserve")
         reserve.ensure()
-        faults = Faults.from_env(self.env)
+        self.faults = faults = Faults.from_env(self.env)
         self.loops = loops = LoopGuard(faults.loop_errors)
         self.supervisor = supervisor = Supervisor(
             store, executor, Capacity(cfg.cpus, cfg.mem_mb, cfg.disk_mb), boot_id(),
@@ -164,6 +165,7 @@ class Agent:
             self.sync.site_peers = self.artifacts.stager.peers
         self.sync.rotation = KeyRotation(cfg.data_dir, self.store)
         self.sync.loops = self.loops
+        self.sync.clock = self.faults.wall_clock
         await self.sync.start()
 
     async def stop(self) -> None:

@@ -20,17 +20,25 @@ class Faults:
     ``loop_errors``: loop name -> how many of its first passes raise
     (``OUTPOST_FAULT_LOOP_ERRORS=supervisor-tick:2,sync-heartbeat:1``);
     ``hold_loop_s``: the supervisor's first tick holds the event loop that long, as a slow
-    SQLite write on a worn SD card would (``OUTPOST_FAULT_HOLD_LOOP_S=1.5``)."""
+    SQLite write on a worn SD card would (``OUTPOST_FAULT_HOLD_LOOP_S=1.5``);
+    ``clock_behind_s``: the link judges its NATS JWT's lifetime by a wall clock this far
+    behind, as a box with no RTC has before NTP (``OUTPOST_FAULT_CLOCK_BEHIND_S=30``)."""
 
     stop_after_spawn: bool = False
     loop_errors: dict[str, int] = field(default_factory=dict)
     hold_loop_s: float = 0.0
+    clock_behind_s: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Faults:
         return cls(stop_after_spawn=env.get("OUTPOST_FAULT_STOP_AFTER_SPAWN") == "1",
                    loop_errors=parse_inject(env.get("OUTPOST_FAULT_LOOP_ERRORS", "")),
-                   hold_loop_s=_seconds(env.get("OUTPOST_FAULT_HOLD_LOOP_S", "")))
+                   hold_loop_s=_seconds(env.get("OUTPOST_FAULT_HOLD_LOOP_S", "")),
+                   clock_behind_s=_seconds(env.get("OUTPOST_FAULT_CLOCK_BEHIND_S", "")))
+
+    def wall_clock(self) -> float:
+        """Unix seconds as this box's clock says (``clock_behind_s`` behind the real one)."""
+        return time.time() - self.clock_behind_s
 
     def after_spawn(self) -> None:
         if self.stop_after_spawn:

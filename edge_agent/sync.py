@@ -128,8 +128,18 @@ class JwtRenewed(Exception):  # noqa: N818 (a signal to reconnect, not a failure
 
 
 class JwtExpired(Exception):  # noqa: N818 (a signal to renew through the enroll login)
-    """Raised out of the serve loops when the link is down and its JWT has expired: the
-    server refuses it, so reconnecting with it would fail for good."""
+    """Raised out of the serve loops when the link is down and its JWT has expired (by this
+    box's clock, or the server refused it): reconnecting with it would fail for good."""
+
+
+class LoginRefused(Exception):  # noqa: N818 (a signal to renew through the enroll login)
+    """Raised out of the first connect when the server refuses the agent's expiring JWT: by
+    the server's clock it may have expired though this box's clock, behind, says not."""
+
+
+def _refuses_login(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication expired" in text
 
 
 # Applies one verified command synchronously (inside the store transaction that records it):
@@ -172,6 +182,10 @@ class Sync:
         self.nc: Any = None
         self.js: Any = None
         self.hub_key: bytes | None = None
+        # This box's wall clock, for its JWT's lifetime (a test sets one that runs behind).
+        self.clock: Callable[[], float] = time.time
+        # Set when the server refused the agent's expiring JWT: renew through the enroll login.
+        self._login_refused = asyncio.Event()
         self.stats = {"published_events": 0, "published_batches": 0, "publish_errors": 0,
                       "commands_applied": 0, "commands_rejected": 0, "reconnects": 0,
                       "link_rebuilds": 0,
@@ -239,7 +253,8 @@ class Sync:
                 enrolling = self.hub_key is None or self.store.get_meta(NATS_AUTH) is None
                 # Offline for longer than its JWT lives: ask for a new one as the enroll user.
                 lifetime = None if enrolling else JwtLifetime.of(self._jwt())
-                renewing = lifetime is not None and lifetime.expired(time.time())
+                renewing = lifetime is not None and (lifetime.expired(self.clock())
+                                                     or self._login_refused.is_set())
                 if renewing:
                     log.info("NATS credentials expired; renewing them through the enroll "
                              "login", extra={"agent": self.agent_id})
@@ -270,6 +285,11 @@ class Sync:
                 log.warning("NATS credentials expired while the link was down",
                             extra={"agent": self.agent_id})
                 await self._close()
+                continue
+            except LoginRefused:  # renewed on the next pass, through the enroll login
+                await self._close()
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 15.0)
                 continue
             except EnrollmentRefused as exc:
                 delay = self._refused(exc, delay)
@@ -304,7 +324,7 @@ class Sync:
         return wait
 
     async def _connect(self, *, enrolling: bool) -> None:
-        import nats
+        from nats.aio.client import Client
 
         import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
 
@@ -325,6 +345,17 @@ class Sync:
             log.debug("nats: %s", exc)
             if self.connected:
                 return
+            if (not enrolling and _refuses_login(exc)
+                    and JwtLifetime.of(self._jwt()) is not None):
+                # nats-py would retry the same JWT for ever: renew it instead (a revoked
+                # agent is told no there, and backs off).
+                if not self._login_refused.is_set():
+                    log.warning("NATS refused this agent's login (%s); its credentials may "
+                                "have expired by the server's clock: renewing them", exc,
+                                extra={"agent": self.agent_id})
+                self._login_refused.set()
+                if connecting:  # out of nats-py's first-connect loop; a reconnect's loop
+                    raise LoginRefused()  # is left by the renew loop (JwtExpired)
             # nats.py retries the first connect (and reconnects) by itself: say so, at a rate.
             tries["n"] += 1
             now = time.monotonic()
@@ -335,17 +366,26 @@ class Sync:
                 log.warning("%s (attempt %d; retrying every second)", reason, tries["n"],
                             extra={"agent": self.agent_id})
 
-        self.nc = await nats.connect(
-            servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
-            connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
-            ping_interval=ping_interval(self.settings.heartbeat_s),
-            max_outstanding_pings=PING_OUTSTANDING, allow_reconnect=True,
-            # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
-            # with no bound: on a stalled socket, forever (heartbeats and pings included).
-            flush_timeout=PUBLISH_TIMEOUT,
-            disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
-            **self._credentials(enrolling),
-            **self._tls())
+        connecting = True
+        nc = Client()
+        try:
+            await nc.connect(
+                servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
+                connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
+                ping_interval=ping_interval(self.settings.heartbeat_s),
+                max_outstanding_pings=PING_OUTSTANDING, allow_reconnect=True,
+                # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
+                # with no bound: on a stalled socket, forever (heartbeats and pings included).
+                flush_timeout=PUBLISH_TIMEOUT,
+                disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
+                **self._credentials(enrolling),
+                **self._tls())
+        except BaseException:  # LoginRefused, or cancelled: leave no socket behind
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+            raise
+        connecting = False
+        self.nc = nc
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         self.connected = True
         self._beat_ok, self._unanswered_since = time.monotonic(), None
@@ -394,6 +434,7 @@ class Sync:
         if answer.get("agent_id") != self.agent_id or not isinstance(jwt, str) or not jwt:
             raise OutpostError("the core's renewal answer is not for this agent's key")
         self.store.set_meta(_jwt_meta(signer.public), jwt)
+        self._login_refused.clear()
         log.info("NATS credentials renewed", extra={"agent": self.agent_id})
 
     async def _renew_loop(self) -> None:
@@ -404,14 +445,16 @@ class Sync:
             lifetime = JwtLifetime.of(self._jwt())
             if lifetime is None:  # never expires (or no auth): nothing to do on this link
                 return
-            now = time.time()
-            if now < lifetime.renew_at:  # woken now and then: the wall clock may jump
-                await asyncio.sleep(min(lifetime.renew_at - now, RENEW_SLEEP_MAX_S))
-                continue
-            if not self.connected:
-                if lifetime.expired(now):
-                    raise JwtExpired()
-                await asyncio.sleep(min(RENEW_RETRY_S, max(lifetime.expires_at - now, 0.1)))
+            now, refused = self.clock(), self._login_refused.is_set()
+            if not self.connected and (refused or lifetime.expired(now)):
+                raise JwtExpired()
+            if not self.connected or (now < lifetime.renew_at and not refused):
+                # Woken now and then (the wall clock may jump), and by a refused login.
+                wait = (min(lifetime.renew_at - now, RENEW_SLEEP_MAX_S) if now < lifetime.renew_at
+                        else min(RENEW_RETRY_S, max(lifetime.expires_at - now, 0.1)))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._login_refused.wait()
                 continue
             try:
                 await self._renew()
@@ -420,7 +463,7 @@ class Sync:
                 log.warning("NATS credentials not renewed, will retry: %r", exc,
                             extra={"agent": self.agent_id})
                 await asyncio.sleep(min(RENEW_RETRY_S,
-                                        max((lifetime.expires_at - time.time()) / 4, 0.5)))
+                                        max((lifetime.expires_at - self.clock()) / 4, 0.5)))
                 continue
             raise JwtRenewed()
 
