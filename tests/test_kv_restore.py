@@ -24,7 +24,7 @@ from federation.streams import ensure_hub_buckets
 from tests.nats_fixtures import connect
 
 AGENTS = 50
-ROUNDS = 100
+ROUNDS = 80
 AT_ONCE = 4
 
 
