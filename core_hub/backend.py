@@ -51,9 +51,12 @@ class CoreBackend:
                  on_agent_change: Callable[[str], Awaitable[None]] | None = None,
                  replies_dropped: Callable[[], int] = lambda: 0,
                  enrollments: EnrollmentStats | None = None,
-                 loop_watch: LoopWatch | None = None) -> None:
+                 loop_watch: LoopWatch | None = None,
+                 nats_account: Callable[[], tuple[int, int]] | None = None) -> None:
         self.nc = nc
         self.loop_watch = loop_watch
+        # (revocations, bytes) of the NATS account JWT, with least privilege (natsauth.py).
+        self.nats_account = nats_account
         self.enrollments = enrollments or EnrollmentStats()
         self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects
         # The hub's hook after an agent's trust changes (registry, NATS credentials).
@@ -309,4 +312,17 @@ class CoreBackend:
                    "The hub's own CPU time answering enrollments, summed",
                    [({}, self.enrollments.cpu_s)]),
             *(self.loop_watch.metrics() if self.loop_watch is not None else []),
+            *self._nats_account_metrics(),
         ]
+
+    def _nats_account_metrics(self) -> list[Metric]:
+        if self.nats_account is None:
+            return []
+        revocations, size = self.nats_account()
+        return [
+            Metric("outpost_nats_account_revocations", "gauge",
+                   "Keys the NATS account refuses (revoked agents, keys rotated away)",
+                   [({}, float(revocations))]),
+            Metric("outpost_nats_account_jwt_bytes", "gauge",
+                   "Size of the NATS account JWT; an update must fit nats-server's max "
+                   "payload (1 MB by default)", [({}, float(size))])]

@@ -204,6 +204,8 @@ AGENT_JWT_TTL_S = 7 * 86400.0
 AGENT_JWTS_FILE = "nats-agent-jwts.json"  # since when agent JWTs expire, their longest lifetime
 JWT_CLOCK_SKEW_S = 3600.0  # kept this much longer: the server's clock may be behind the hub's
 PRUNE_EVERY_S = 3600.0  # how often the hub drops revocations whose JWTs have all expired
+# nats-server's default max payload, which an account update must fit in; warned of at 3/4.
+ACCOUNT_JWT_LIMIT = 1 << 20
 
 
 def _load_or_create_seed(path: Path, kind: str) -> str:
@@ -548,6 +550,8 @@ class NatsAuth:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one re-sign-and-push at a time
         self._revoked: dict[str, int] | None = None
+        # (revocations, bytes) of the account JWT as last written: /metrics.
+        self.account_stats: tuple[int, int] = (0, 0)
 
     @property
     def account_jwt_path(self) -> Path:
@@ -589,7 +593,14 @@ class NatsAuth:
         if changed:
             log.info("NATS account re-signed: %d users revoked", len(wanted),
                      extra={"path": str(self.account_jwt_path), "revoked": len(wanted)})
+            if len(current) > ACCOUNT_JWT_LIMIT * 3 // 4:
+                log.warning("the NATS account JWT is %d bytes (%d revocations): at %d, "
+                            "nats-server's max payload, no revocation reaches the server; "
+                            "a shorter agent_jwt_ttl_s lets revoked keys leave sooner",
+                            len(current), len(wanted), ACCOUNT_JWT_LIMIT,
+                            extra={"bytes": len(current), "revoked": len(wanted)})
         self._revoked = wanted
+        self.account_stats = (len(wanted), len(current))
         return changed
 
     async def refresh(self) -> bool:

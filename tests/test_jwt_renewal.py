@@ -64,6 +64,9 @@ def test_a_running_agent_renews_its_jwt_and_keeps_working_past_its_first_one(
     assert link["credentials_expire_at"] > time.time()
     metrics = agent.api("GET", "/metrics").raw.decode()
     assert "outpost_link_credentials_expiry_timestamp_seconds" in metrics
+    hub_metrics = hub.api("GET", "/metrics").raw.decode()
+    assert "outpost_nats_account_revocations 0" in hub_metrics, hub_metrics[-2000:]
+    assert "outpost_nats_account_jwt_bytes" in hub_metrics
     assert len(agent_nkeys(hub, agent_id)) == 1, "one connection, the renewed one"
     # Work placed from the core still reaches it, and its report comes back.
     placed = hub.api("POST", "/v1/tasks", {"name": "late", "command": ["true"],

@@ -233,6 +233,23 @@ async def test_a_revocation_still_reaches_the_server_after_twelve_thousand_other
     kept = natsjwt.decode(auth.current_account_jwt() or "", kind="account")["nats"][
         "revocations"]
     assert len(kept) == 6, "the 5 recent revocations and the new one; none of the 12,000"
+    assert auth.account_stats == (6, len(auth.current_account_jwt() or ""))
+
+
+def test_an_account_jwt_near_the_servers_max_payload_is_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    operator = NatsOperator.load(tmp_path / "hub")
+    store = HubStore(tmp_path / "hub" / "hub.db")
+    try:
+        auth = NatsAuth(tmp_path / "auth.conf", store, operator)
+        _revoked_fleet(store, 9_000, enrolled_at=time.time() - 60, revoked_at=time.time())
+        with caplog.at_level("WARNING", logger="core_hub.natsauth"):
+            assert auth.write() is True
+        revoked, size = auth.account_stats
+        assert revoked == 9_000 and size > 3 * (1 << 20) // 4
+        assert "no revocation reaches the server" in caplog.text
+    finally:
+        store.close()
 
 
 def test_a_revoked_key_leaves_the_account_only_once_its_jwts_have_all_expired(
