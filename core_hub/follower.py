@@ -44,6 +44,7 @@ from core_hub.store import HubStore
 from federation import wire
 from federation.datadirlock import DataDirLock, DataDirLocked
 from federation.errors import ConfigError
+from federation.kvsnapshot import values_end
 from federation.loopguard import stop_loops
 from federation.loopwatch import LoopWatch
 
@@ -145,8 +146,8 @@ class Follower:
             watcher = None
             try:
                 kv = await self.js.key_value(bucket)
-                state = (await kv.status()).stream_info.state
-                if state.messages == 0:
+                end = await values_end(kv)
+                if end == 0:
                     ready.set()
                 watcher = await kv.watchall()
                 while True:
@@ -164,7 +165,7 @@ class Follower:
                         self.errors += 1
                         log.exception("standby: could not apply %s key %r", bucket,
                                       entry.key[:80])
-                    if entry.revision >= state.last_seq:  # the bucket's values then are in
+                    if entry.revision >= end:  # the bucket's values then are in
                         ready.set()
             except asyncio.CancelledError:
                 raise

@@ -185,8 +185,8 @@ class Hub:
                               enrollments=enroller.stats,
                               services=services, on_agent_change=self._after_agent_change,
                               loop_watch=self.loop_watch,
-                              nats_account=None if self.nats_auth is None
-                              else lambda: self.nats_auth.account_stats)  # type: ignore[union-attr]
+                              nats_account=None if (auth := self.nats_auth) is None
+                              else lambda: auth.account_stats)
         self.artifacts = CoreArtifacts(
             js=js, nc=self.nc, store=store, signer=signer, spool_dir=cfg.data_dir / "spool",
             setup_connection=self._setup_connection,

@@ -200,7 +200,7 @@ FAR_FUTURE = 2**31 - 1  # a revocation with no known time: every JWT of that key
 # rotated-away key can leave the account's revocations once every JWT issued for it has
 # expired. Without that the list only grows: at ~93 bytes an entry the account JWT passes
 # nats-server's 1 MB max payload near 11,000 entries, and then no revocation can be pushed.
-AGENT_JWT_TTL_S = 7 * 86400.0
+# The lifetime is the hub's setting ``agent_jwt_ttl_s``.
 AGENT_JWTS_FILE = "nats-agent-jwts.json"  # since when agent JWTs expire, their longest lifetime
 JWT_CLOCK_SKEW_S = 3600.0  # kept this much longer: the server's clock may be behind the hub's
 PRUNE_EVERY_S = 3600.0  # how often the hub drops revocations whose JWTs have all expired
@@ -280,9 +280,10 @@ class NatsOperator:
                                    revocations=revocations, now=max(time.time(), after + 1))
 
     def user_jwt(self, user: str, name: str, perms: dict[str, Any], *,
-                 connection_types: Iterable[str] = ("STANDARD",)) -> str:
+                 connection_types: Iterable[str] = ("STANDARD",),
+                 expires: float | None = None) -> str:
         return natsjwt.user_jwt(self.account_seed, user, name, perms,
-                                connection_types=connection_types)
+                                connection_types=connection_types, expires=expires)
 
     def leaf_jwt(self, leaf: str, site: str, agent_ids: Iterable[str]) -> str:
         """A site leaf node's user JWT: leaf connections only, its agents' subjects."""
@@ -293,8 +294,8 @@ class NatsOperator:
                   expires: float | None = None) -> str:
         """The user JWT an agent connects with: its identity key, its own subjects only,
         refused by the server after ``expires`` (unix seconds) if given."""
-        return natsjwt.user_jwt(self.account_seed, user_nkey(public_key), agent_id,
-                                agent_permissions(agent_id), expires=expires)
+        return self.user_jwt(user_nkey(public_key), agent_id, agent_permissions(agent_id),
+                             expires=expires)
 
     def hub_credentials(self, *, setup: bool = False) -> NatsCredentials:
         """The hub's run-time user (or its set-up user), JWT made now from today's rules."""

@@ -19,14 +19,20 @@ import nats.errors
 _DELETES = frozenset({"DEL", "PURGE"})
 
 
+async def values_end(kv: Any) -> int:
+    """The revision a watch started now has all the bucket's current values at (0: it holds
+    none): the stream's last sequence."""
+    state = (await kv.status()).stream_info.state
+    return int(state.last_seq) if state.messages else 0
+
+
 async def current_entries(kv: Any, *, timeout_s: float = 10.0) -> dict[str, Any]:
     """Key -> ``KeyValue.Entry`` of each key with a value now (deleted and purged ones left
     out). Raise nats' TimeoutError if the server stops sending for ``timeout_s`` before the
     values end."""
-    state = (await kv.status()).stream_info.state
-    if state.messages == 0:
+    last = await values_end(kv)
+    if last == 0:
         return {}
-    last = state.last_seq
     watcher = await kv.watchall()
     entries: dict[str, Any] = {}
     caught_up = False  # the server said nothing more was pending
