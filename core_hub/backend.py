@@ -21,6 +21,7 @@ from core_hub.enroll import EnrollmentStats
 from core_hub.feed import fleet_events, recent_after
 from core_hub.forward import forward_logs
 from core_hub.liveness import Liveness
+from core_hub.natsauth import AccountStats
 from core_hub.scheduler import CoreScheduler
 from core_hub.services import Services
 from core_hub.store import HubStore
@@ -52,7 +53,7 @@ class CoreBackend:
                  replies_dropped: Callable[[], int] = lambda: 0,
                  enrollments: EnrollmentStats | None = None,
                  loop_watch: LoopWatch | None = None,
-                 nats_account: Callable[[], tuple[int, int]] | None = None) -> None:
+                 nats_account: Callable[[], AccountStats] | None = None) -> None:
         self.nc = nc
         self.loop_watch = loop_watch
         # (revocations, bytes) of the NATS account JWT, with least privilege (natsauth.py).
@@ -318,11 +319,15 @@ class CoreBackend:
     def _nats_account_metrics(self) -> list[Metric]:
         if self.nats_account is None:
             return []
-        revocations, size = self.nats_account()
+        stats = self.nats_account()
         return [
             Metric("outpost_nats_account_revocations", "gauge",
                    "Keys the NATS account refuses (revoked agents, keys rotated away)",
-                   [({}, float(revocations))]),
+                   [({}, float(stats.revocations))]),
             Metric("outpost_nats_account_jwt_bytes", "gauge",
                    "Size of the NATS account JWT; an update must fit nats-server's max "
-                   "payload (1 MB by default)", [({}, float(size))])]
+                   "payload (1 MB by default)", [({}, float(stats.jwt_bytes))]),
+            Metric("outpost_nats_account_push_pending", "gauge",
+                   "1 while nats-server lacks the account as last signed (a failed push, "
+                   "retried): revoked boxes keep their connections until it lands",
+                   [({}, float(stats.push_pending))])]

@@ -358,9 +358,7 @@ class Hub:
     async def _setup_connection(self, error_cb: Any = None) -> Any:
         """A connection as the set-up user (the hub's own without least privilege); with an
         ``error_cb``, one that keeps trying until the server answers (the hub's start)."""
-        import nats
-
-        import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
+        from federation.natsclient import connect_once
 
         cfg = self.config
         creds: dict[str, Any] = {}
@@ -369,7 +367,7 @@ class Hub:
         retry: dict[str, Any] = (
             {"max_reconnect_attempts": -1, "reconnect_time_wait": NATS_RETRY_S,
              "error_cb": error_cb} if error_cb is not None else {"allow_reconnect": False})
-        return await nats.connect(self.nats_url, name="outpost-hub-setup", connect_timeout=5,
+        return await connect_once(self.nats_url, name="outpost-hub-setup", connect_timeout=5,
                                   **retry, **_nats_tls(cfg, self.nats_url), **creds)
 
     async def _after_agent_change(self, agent_id: str) -> None:
@@ -458,12 +456,10 @@ class Hub:
         assert self.store is not None
         self.nats_auth.store = self.store  # a replica that took over has a fresh view
         self.nats_auth.write()
-        jwt = self.nats_auth.current_account_jwt()
-        if jwt is not None:
-            try:
-                await self._push_account(jwt)
-            except Exception as exc:
-                log.warning("could not push the NATS account at start: %r", exc)
+        try:
+            await self.nats_auth.push_to_server()
+        except Exception as exc:  # noqa: BLE001 (owed: its loop retries until the server has it)
+            log.warning("could not push the NATS account at start: %r", exc)
         await self.nats_auth.start()
         self.parts.append(self.nats_auth)
 

@@ -204,6 +204,7 @@ FAR_FUTURE = 2**31 - 1  # a revocation with no known time: every JWT of that key
 AGENT_JWTS_FILE = "nats-agent-jwts.json"  # since when agent JWTs expire, their longest lifetime
 JWT_CLOCK_SKEW_S = 3600.0  # kept this much longer: the server's clock may be behind the hub's
 PRUNE_EVERY_S = 3600.0  # how often the hub drops revocations whose JWTs have all expired
+PUSH_RETRY_S = (1.0, 30.0)  # a failed account push is retried after 1 s, doubling up to 30 s
 # nats-server's default max payload, which an account update must fit in; warned of at 3/4.
 ACCOUNT_JWT_LIMIT = 1 << 20
 
@@ -508,11 +509,9 @@ async def push_account(nats_url: str, operator: NatsOperator, account_jwt: str,
                        connect_options: dict[str, Any] | None = None) -> None:
     """Hand the server an updated account JWT as the system user: it applies it at once (a
     revoked user's connections are closed) and its resolver keeps it."""
-    import nats
+    from federation.natsclient import connect_once
 
-    import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
-
-    nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5,
+    nc = await connect_once(nats_url, allow_reconnect=False, connect_timeout=5,
                             name="outpost-hub-system", **(connect_options or {}),
                             **operator.system_credentials().connect_options())
     try:
@@ -523,6 +522,17 @@ async def push_account(nats_url: str, operator: NatsOperator, account_jwt: str,
             raise NatsAuthError(f"nats-server refused the account update: {answer['error']}")
     finally:
         await nc.close()
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStats:
+    """The OUTPOST account as last signed, for /metrics: how many keys it refuses, its size
+    (it must fit nats-server's max payload), and whether the server still lacks it (a push
+    that failed and is being retried: until then revoked boxes keep their connections)."""
+
+    revocations: int = 0
+    jwt_bytes: int = 0
+    push_pending: bool = False
 
 
 class NatsAuth:
@@ -551,8 +561,10 @@ class NatsAuth:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one re-sign-and-push at a time
         self._revoked: dict[str, int] | None = None
-        # (revocations, bytes) of the account JWT as last written: /metrics.
-        self.account_stats: tuple[int, int] = (0, 0)
+        # The account JWT the server last took from us (None: not known to have any). The file
+        # is written before the push, so "the file changed" cannot tell a push is still owed.
+        self._on_server: str | None = None
+        self._stats = (0, 0)  # (revocations, bytes) of the account JWT as last written
 
     @property
     def account_jwt_path(self) -> Path:
@@ -601,19 +613,41 @@ class NatsAuth:
                             len(current), len(wanted), ACCOUNT_JWT_LIMIT,
                             extra={"bytes": len(current), "revoked": len(wanted)})
         self._revoked = wanted
-        self.account_stats = (len(wanted), len(current))
+        self._stats = (len(wanted), len(current))
         return changed
 
+    @property
+    def push_pending(self) -> bool:
+        """True while the running server has not taken the account JWT as last written."""
+        return self.push is not None and self.current_account_jwt() != self._on_server
+
+    @property
+    def account_stats(self) -> AccountStats:
+        return AccountStats(*self._stats, push_pending=self.push_pending)
+
     async def refresh(self) -> bool:
-        """After an agent is revoked or re-keyed (or a rotation's grace ended): re-sign and
-        push the account if its revocations changed. True if anything changed."""
+        """After an agent is revoked or re-keyed (or a rotation's grace ended): re-sign the
+        account if its revocations changed, and push it unless the server already has it (a
+        failed push is owed until one succeeds). True if the account's revocations changed."""
         async with self._lock:
             changed = self.write()
-            if changed and self.push is not None:
-                jwt = self.current_account_jwt()
-                assert jwt is not None
-                await self.push(jwt)
+            await self._push_owed()
         return changed
+
+    async def push_to_server(self) -> None:
+        """At the hub's start: the server gets the account as the store says it now (its
+        preload may be older: revocations made while the hub was down)."""
+        async with self._lock:
+            self._on_server = None
+            await self._push_owed()
+
+    async def _push_owed(self) -> None:
+        jwt = self.current_account_jwt()
+        if self.push is None or jwt is None or jwt == self._on_server:
+            return
+        await self.push(jwt)
+        self._on_server = jwt
+        log.info("NATS account pushed to the server", extra={"bytes": len(jwt)})
 
     async def start(self) -> None:
         """Start ``run`` as a task this object owns (``stop`` ends it)."""
@@ -625,20 +659,32 @@ class NatsAuth:
         await stop_loops(task)
 
     async def run(self) -> None:
-        """Until cancelled: refresh when a rotated-away key's grace ends, and every
-        ``PRUNE_EVERY_S`` (revocations whose JWTs have all expired leave the account)."""
+        """Until cancelled: refresh when a rotated-away key's grace ends, every
+        ``PRUNE_EVERY_S`` (revocations whose JWTs have all expired leave the account), and
+        while a push is owed, with a doubling back-off (``PUSH_RETRY_S``)."""
         pruned_at = time.monotonic()
+        retry_s, retry_at = PUSH_RETRY_S[0], 0.0
         while True:
             due = next_grace_end(self.store, self.clock())
-            await asyncio.sleep(1.0 if due is None else max(0.0, due - self.clock()) + 0.01)
+            await asyncio.sleep(1.0 if due is None
+                                else min(1.0, max(0.0, due - self.clock()) + 0.01))
             prune = time.monotonic() - pruned_at >= PRUNE_EVERY_S
             if prune:
                 pruned_at = time.monotonic()
-            if prune or (due is not None and due <= self.clock()):
-                try:
-                    await self.refresh()
-                except Exception:  # the next change or tick tries again
-                    log.exception("NATS account refresh failed")
+            owed = self.push_pending
+            if owed and time.monotonic() < retry_at:
+                owed = False
+            if not (prune or owed or (due is not None and due <= self.clock())):
+                continue
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 (kept owed: retried after the back-off)
+                log.warning("NATS account refresh failed, retrying in %.0f s: %r", retry_s,
+                            exc, extra={"retry_s": retry_s})
+                retry_at = time.monotonic() + retry_s
+                retry_s = min(retry_s * 2, PUSH_RETRY_S[1])
+            else:
+                retry_s, retry_at = PUSH_RETRY_S[0], 0.0
 
 
 def refresh_offline(data_dir: Path) -> bool:

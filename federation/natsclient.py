@@ -1,4 +1,5 @@
-"""A fix for nats-py 2.16's client, applied where Outpost imports it.
+"""Fixes for nats-py 2.16's client: a late PONG (patched at import, below) and the socket of
+a failed connect (``connect_once``, for the hub's one-job connections).
 
 ``Client.flush(timeout)`` sends a PING and waits for its PONG; on a timeout it cancels the
 waiting future but leaves it queued in ``_pongs``. When the PONG does come (a slow server, a
@@ -18,6 +19,7 @@ silently patched wrong.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nats.aio.client import Client
@@ -43,3 +45,22 @@ def apply() -> None:
 
 
 apply()
+
+
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def connect_once(url: str, **options: Any) -> Client:
+    """A connection for one job (no reconnects unless ``options`` ask for them). nats-py
+    leaves the socket of a connect that failed (a server that accepts but never answers, a
+    refused login) open until garbage collection; this closes it before re-raising."""
+    nc = Client()
+    try:
+        await nc.connect(url, **options)
+    except BaseException:
+        try:
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 (the connect's own error is the one to report)
+            pass
+        raise
+    return nc

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from federation.natsd import NatsServer
-from tests.helpers import AgentProcess, HubProcess, kill_group
+from tests.helpers import AgentProcess, HubProcess, free_port, kill_group
 from tests.nats_fixtures import nats_server
 
 __all__ = ["nats_server"]
@@ -63,8 +63,10 @@ def agent(start_agent: Callable[..., AgentProcess]) -> AgentProcess:
 @pytest.fixture
 def nats_proc(tmp_path: Path) -> Iterator[NatsServer]:
     """A real nats-server for tests that drive processes synchronously: ``kill()``, ``pause()``
-    and ``resume()`` directly, ``asyncio.run(nats_proc.start())`` to bring it back."""
-    server = NatsServer(tmp_path / "nats")
+    and ``resume()`` directly, ``asyncio.run(nats_proc.start())`` to bring it back. Its port is
+    outside the ephemeral range: a restart reuses it, and in that range an outgoing connection
+    (an agent's reconnect) may hold it as its local port meanwhile."""
+    server = NatsServer(tmp_path / "nats", port=free_port())
     asyncio.run(server.start())
     try:
         yield server

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import io
 import json
 import os
 import random
@@ -335,11 +337,17 @@ class HubProcess:
                 self.proc.wait()
 
     def join_token(self, uses: int = 10) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "core_hub", "token", "create", "--data-dir",
-             str(self.data_dir), "--ttl", "3600", "--uses", str(uses)],
-            capture_output=True, text=True, cwd=ROOT, check=True)
-        return out.stdout.strip()
+        """A join token from ``outpost-hub token create``, run in this process: the same
+        code against the hub's data dir, without a second of interpreter start per agent
+        (tests/test_cli_hub.py runs the command itself)."""
+        from core_hub.__main__ import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["token", "create", "--data-dir", str(self.data_dir), "--ttl", "3600",
+                         "--uses", str(uses)])
+        assert code == 0, f"token create exited with {code}"
+        return out.getvalue().strip()
 
     def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
         kw.setdefault("token", self.token)

@@ -17,11 +17,14 @@ import pytest
 from nats.aio.client import Client
 
 from federation.natsd import NatsServer
+from tests.helpers import free_port
 
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats")
+    """A real nats-server; its port is outside the ephemeral range, so a restart gets it back
+    (``tests.helpers.FIXED_PORTS``)."""
+    server = NatsServer(tmp_path / "nats", port=free_port())
     await server.start()
     try:
         yield server

@@ -19,6 +19,7 @@ import pytest
 
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
+    AccountStats,
     NatsAuth,
     NatsOperator,
     push_account,
@@ -233,7 +234,7 @@ async def test_a_revocation_still_reaches_the_server_after_twelve_thousand_other
     kept = natsjwt.decode(auth.current_account_jwt() or "", kind="account")["nats"][
         "revocations"]
     assert len(kept) == 6, "the 5 recent revocations and the new one; none of the 12,000"
-    assert auth.account_stats == (6, len(auth.current_account_jwt() or ""))
+    assert auth.account_stats == AccountStats(6, len(auth.current_account_jwt() or ""))
 
 
 def test_an_account_jwt_near_the_servers_max_payload_is_warned_of(
@@ -245,8 +246,8 @@ def test_an_account_jwt_near_the_servers_max_payload_is_warned_of(
         _revoked_fleet(store, 9_000, enrolled_at=time.time() - 60, revoked_at=time.time())
         with caplog.at_level("WARNING", logger="core_hub.natsauth"):
             assert auth.write() is True
-        revoked, size = auth.account_stats
-        assert revoked == 9_000 and size > 3 * (1 << 20) // 4
+        stats = auth.account_stats
+        assert stats.revocations == 9_000 and stats.jwt_bytes > 3 * (1 << 20) // 4
         assert "no revocation reaches the server" in caplog.text
     finally:
         store.close()
@@ -293,3 +294,53 @@ def test_a_revoked_key_leaves_the_account_only_once_its_jwts_have_all_expired(
         assert len(set(revocations(store, tmp_path, now)) - legacy) == 2
     finally:
         store.close()
+
+
+async def test_a_revocation_whose_push_failed_still_reaches_the_server(
+        operator_server: tuple[NatsOperator, NatsServer, NatsAuth, HubStore]) -> None:
+    """The account file is written before the push: a push that failed (the server did not
+    answer) left the file saying "revoked" and the server not knowing it, and every later
+    refresh (the admin's "revoke again", the hub's own tick) saw nothing to change. The
+    revoked box kept its NATS connection until the hub restarted."""
+    operator, server, auth, store = operator_server
+    await server.start()
+    try:
+        seed, agent_id, public = _agent(store, "stolen")
+        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        async with client(server.url, creds) as me:
+            store.revoke_agent(agent_id, now=time.time())
+            server.pause()  # the push's connect times out
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await auth.refresh()
+            finally:
+                server.resume()
+            assert not me.nc.is_closed
+            assert auth.push_pending and auth.account_stats.push_pending
+            # "Revoke again to retry" (the API's 503 says so): this refresh pushes, though
+            # the account file already says "revoked".
+            assert await auth.refresh() is False
+            await wait_until_async(lambda: me.nc.is_closed, 5,
+                                   what="the revoked user disconnected")
+            assert not auth.push_pending
+        assert "Authorization Violation" in await refused(server.url, creds)
+        # And without anyone asking: the hub's own loop retries a failed push.
+        seed, agent_id, public = _agent(store, "stolen-too")
+        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        async with client(server.url, creds) as me:
+            store.revoke_agent(agent_id, now=time.time())
+            server.pause()
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await auth.refresh()
+            finally:
+                server.resume()
+            await auth.start()
+            try:
+                await wait_until_async(lambda: me.nc.is_closed, 15,
+                                       what="the revoked user disconnected by the retry")
+            finally:
+                await auth.stop()
+        assert "Authorization Violation" in await refused(server.url, creds)
+    finally:
+        await server.stop()
