@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--disconnected-after", dest="disconnected_after_s")
     run.add_argument("--agent-jwt-ttl", dest="agent_jwt_ttl_s",
                      help="seconds an agent's NATS user JWT is valid (it renews at half)")
+    run.add_argument("--enroll-rate", dest="enroll_rate_per_s",
+                     help="enrollment requests answered per second (the rest are shed)")
+    run.add_argument("--enroll-burst", dest="enroll_burst",
+                     help="enrollment requests answered at once after a quiet spell")
     run.add_argument("--log-format")
     run.add_argument("--log-level")
     add_api_flags(run)
@@ -107,8 +111,8 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> HubConfig:
     file = load_toml(args.config, section="hub")
     flags: dict[str, Any] = {k: getattr(args, k) for k in (
         "data_dir", "listen", "nats_url", "embedded_nats", "nats_port", "unreachable_after_s",
-        "disconnected_after_s", "agent_jwt_ttl_s", "log_format", "log_level", "nats_tls_cert",
-        "nats_tls_key", *API_FLAGS)}
+        "disconnected_after_s", "agent_jwt_ttl_s", "enroll_rate_per_s", "enroll_burst",
+        "log_format", "log_level", "nats_tls_cert", "nats_tls_key", *API_FLAGS)}
     if "data_dir" not in file and not args.data_dir and "OUTPOST_DATA_DIR" not in env:
         raise ConfigError("data_dir: required (--data-dir, $OUTPOST_DATA_DIR or the config file)")
     return build_settings(HubConfig, file=file, env=env, flags=flags,

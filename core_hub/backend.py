@@ -306,6 +306,9 @@ class CoreBackend:
                    "Enrollment and key rotation requests answered, by result",
                    [({"result": "ok"}, float(self.enrollments.answered)),
                     ({"result": "refused"}, float(self.enrollments.refused))]),
+            Metric("outpost_enrollment_requests_shed_total", "counter",
+                   "Enrollment requests never read: over enroll_rate_per_s, or queued so long "
+                   "their sender gave up", [({}, float(self.enrollments.shed))]),
             Metric("outpost_enrollment_seconds_total", "counter",
                    "Time from an enrollment request to its reply, summed (registry write "
                    "included)", [({}, self.enrollments.wall_s)]),

@@ -32,6 +32,10 @@ class HubConfig(NodeConfig):
     # (core_hub/renewal.py), and a key revoked or rotated away leaves the account's
     # revocations once every JWT issued for it has expired.
     agent_jwt_ttl_s: float = 7 * 86400.0
+    # The enrollment subject is open to the public enroll login: the hub answers this many
+    # requests a second (bursts of enroll_burst) and sheds the rest unread (core_hub/enroll.py).
+    enroll_rate_per_s: float = 100.0
+    enroll_burst: int = 200
     disconnected_after_s: float = 5.0
     unreachable_after_s: float = 10.0
     max_unreachable_per_s: int = 20
@@ -68,6 +72,10 @@ class HubConfig(NodeConfig):
             self._bad("nats_pid_file", str(self.nats_pid_file), "only with nats_auth_file")
         if not 10.0 <= self.agent_jwt_ttl_s <= 366 * 86400.0:
             self._bad("agent_jwt_ttl_s", self.agent_jwt_ttl_s, "10 s to 366 days")
+        if not 1.0 <= self.enroll_rate_per_s <= 100_000:
+            self._bad("enroll_rate_per_s", self.enroll_rate_per_s, "1 to 100000 a second")
+        if not 1 <= self.enroll_burst <= 100_000:
+            self._bad("enroll_burst", self.enroll_burst, "1 to 100000")
         if not 0 < self.disconnected_after_s < self.unreachable_after_s:
             self._bad("unreachable_after_s", self.unreachable_after_s,
                       "more than disconnected_after_s, both above 0")

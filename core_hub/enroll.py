@@ -37,10 +37,20 @@ user's ``_INBOX_ENROLL.>``, or ``_INBOX.<agent_id>.>`` of the agent the request 
 reply subject (a JetStream API call, another agent's subjects, a KV key) would have the hub
 publish there with its own rights, so such a request is dropped unanswered and unapplied,
 counted in ``Enroller.dropped`` (``outpost_replies_dropped_total``) and logged.
+
+The subject is open to anyone with the public enroll login, so the hub answers at most
+``rate_per_s`` requests a second (``enroll_rate_per_s``, bursts of ``enroll_burst``) and
+queues at most ``BACKLOG_S`` seconds of them; the rest, and any that waited so long their
+sender gave up, are shed unread (``outpost_enrollment_requests_shed_total``). A full backlog
+also takes the hub's interest off the subject until a quarter of it is left, so the server
+stops delivering a flood at all. An edge whose request was shed, or that found no responder
+meanwhile, retries after its back-off, like one whose reply was lost. Refusals and
+drops are logged through ``federation.log.Throttled``, not one line per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -65,17 +75,25 @@ from federation.errors import (
     Invalid,
     NotFound,
     OutpostError,
+    TooManyRequests,
     Unauthorized,
 )
 from federation.identity import id_from_public_key, load_or_create_key
+from federation.limits import TokenBuckets
+from federation.log import Throttled
+from federation.loopguard import stop_loops
 from federation.natscreds import TOKEN_ACCOUNT_SEP, reply_in_inbox
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
+throttled = Throttled(log)
 
 TOKEN_PREFIX = "opj_"
 QUEUE = "outpost-hub"
 MAX_REQUEST_BYTES = 16 << 10
+ENROLL_RATE_PER_S = 100.0  # requests answered per second (HubConfig.enroll_rate_per_s)
+ENROLL_BURST = 200
+BACKLOG_S = 4.0  # queued at most this many seconds' worth; an edge waits 5 s for its reply
 REQUEST_FIELDS = ("token", "public_key", "name", "site", "labels", "resources", "version")
 RESOURCE_KEYS = frozenset({"cpus", "mem_mb", "disk_mb"})
 _MIN_PREFIX = 6
@@ -208,6 +226,7 @@ class EnrollmentStats:
 
     answered: int = 0
     refused: int = 0
+    shed: int = 0  # over the enroll rate, or waited past BACKLOG_S: never read
     wall_s: float = 0.0
     cpu_s: float = 0.0
 
@@ -218,8 +237,15 @@ class Enroller:
 
     def __init__(self, nc: Client, store: HubStore, tokens: JoinTokens,
                  hub_public_key: bytes, *, queue: str = QUEUE,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 rate_per_s: float = ENROLL_RATE_PER_S, burst: int = ENROLL_BURST) -> None:
         self._nc = nc
+        self._rate = TokenBuckets(rate_per_s, burst)
+        self._backlog: asyncio.Queue[tuple[Msg, float]] = asyncio.Queue(
+            maxsize=max(16, int(rate_per_s * BACKLOG_S)))
+        self._worker: asyncio.Task[None] | None = None
+        self._interest = asyncio.Lock()  # subscribing and unsubscribing, one at a time
+        self._pausing: asyncio.Task[None] | None = None
         self._store = store
         self._tokens = tokens
         self._hub_public_key = bytes(hub_public_key)
@@ -240,25 +266,85 @@ class Enroller:
         self.issue_jwt: Callable[[str, bytes], str] | None = None
 
     async def start(self) -> None:
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(subjects.ENROLL, queue=self._queue,
-                                                 cb=self._on_request)
-            # Make sure the server knows the subscription before start() returns, so a request
-            # sent right after (from another connection) finds a responder.
-            await self._nc.flush()
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(), name="enroller")
+            await self._listen()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        worker, self._worker = self._worker, None
+        pausing, self._pausing = self._pausing, None
+        await stop_loops(worker, pausing)
+        async with self._interest:
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
+                await sub.unsubscribe()
+
+    async def _listen(self) -> None:
+        async with self._interest:
+            if self._sub is None and self._worker is not None:
+                self._sub = await self._nc.subscribe(subjects.ENROLL, queue=self._queue,
+                                                     cb=self._arrived)
+                # The server knows the subscription before this returns, so a request sent
+                # right after (from another connection) finds a responder.
+                await self._nc.flush()
+
+    async def _pause(self) -> None:
+        """A full backlog: stop listening, so the server stops sending (a flood then costs
+        this hub nothing; requests meanwhile get "no responders" and their edges retry)."""
+        async with self._interest:
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
+                await sub.unsubscribe()
+                throttled.warning("pause", "enrollment requests paused: %d queued",
+                                  self._backlog.qsize(), extra={"queued": self._backlog.qsize()})
+
+    async def _arrived(self, msg: Msg) -> None:
+        """Queue a request, or shed it unread if the backlog is full (and stop listening
+        until it has drained)."""
+        try:
+            self._backlog.put_nowait((msg, time.monotonic()))
+        except asyncio.QueueFull:
+            self._shed()
+            if self._sub is not None and self._pausing is None:
+                self._pausing = asyncio.create_task(self._pause(), name="enroll-pause")
+
+    def _shed(self) -> None:
+        self.stats.shed += 1
+        throttled.warning("shed", "enrollment requests shed: %d so far (over %g a second, or "
+                          "queued past %g s)", self.stats.shed, self._rate.rate, BACKLOG_S,
+                          extra={"shed": self.stats.shed})
+
+    async def _work(self) -> None:
+        """Answer queued requests one at a time, at most at the enroll rate."""
+        while True:
+            msg, arrived = await self._backlog.get()
+            while True:
+                try:
+                    self._rate.take("enroll")
+                    break
+                except TooManyRequests as over:
+                    await asyncio.sleep(float((over.details or {}).get("retry_after_s", 0.01)))
+            if time.monotonic() - arrived > BACKLOG_S:  # its sender has given up on it
+                self._shed()
+                continue
+            try:
+                await self._on_request(msg)
+            except Exception:  # noqa: BLE001 (one request must not end the enroller)
+                log.exception("enrollment request failed")
+            if self._sub is None and self._backlog.qsize() <= self._backlog.maxsize // 4:
+                if self._pausing is not None:
+                    await self._pausing
+                    self._pausing = None
+                await self._listen()
 
     async def _on_request(self, msg: Msg) -> None:
         requester = _requester(msg.data)
         if not reply_in_inbox(msg.reply, requester):
             self.dropped += 1
-            log.warning("dropped a request on %s: its reply subject %r is outside the "
-                        "requester's inbox", subjects.ENROLL, (msg.reply or "")[:200],
-                        extra={"reply": (msg.reply or "")[:200], "agent_id": requester})
+            throttled.warning("reply", "dropped a request on %s: its reply subject %r is "
+                              "outside the requester's inbox", subjects.ENROLL,
+                              (msg.reply or "")[:200],
+                              extra={"reply": (msg.reply or "")[:200], "agent_id": requester})
             return
         started, cpu = time.perf_counter(), time.thread_time()
         reply, fresh_token = self._handle(msg.data)
@@ -308,8 +394,8 @@ class Enroller:
         try:
             agent_id, fresh_token = self._enroll(data)
         except OutpostError as err:
-            log.warning("enrollment refused: %s", err.message,
-                        extra={"code": err.code, "details": err.details})
+            throttled.warning(f"refused.{err.code}", "enrollment refused: %s", err.message,
+                              extra={"code": err.code, "details": err.details})
             return {"ok": False, "code": err.code, "error": err.message}, None
         except Exception:  # a bug here must still answer, not leave the edge to time out
             log.exception("enrollment failed")

@@ -157,7 +157,8 @@ class Hub:
         await state.start()
         self.parts.append(state)
         await self._agents_to_nats(js)
-        enroller = Enroller(self.nc, store, JoinTokens(store), signer.public)
+        enroller = Enroller(self.nc, store, JoinTokens(store), signer.public,
+                            rate_per_s=cfg.enroll_rate_per_s, burst=cfg.enroll_burst)
         enroller.on_enrolled = self._after_agent_change
         enroller.on_forgotten = self._after_agent_forgotten
         if self.nats_auth is not None:

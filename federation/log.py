@@ -1,5 +1,6 @@
 """Logging set-up for the commands (only ``__main__`` modules call this): text or JSON lines;
-and ``redact_url`` for addresses that may carry a password (nothing secret goes to a log).
+``redact_url`` for addresses that may carry a password (nothing secret goes to a log); and
+``Throttled``, for lines a hostile peer could otherwise make us write at its own rate.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -53,3 +56,30 @@ def redact_url(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     user = f"{parts.username}:***" if parts.password is not None else "***"
     return parts._replace(netloc=f"{user}@{host}").geturl()
+
+
+class Throttled:
+    """At most one line per ``key`` every ``every_s``: the first at once, the ones in between
+    counted and named in the next (a peer that can make us log cannot fill the disk)."""
+
+    MAX_KEYS = 1000  # keys are error codes and the like; a flood of new keys resets the map
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (logged at, held back since)
+
+    def warning(self, key: str, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
+        now = self.clock()
+        at, held = self._seen.get(key, (-self.every_s, 0))
+        if now - at < self.every_s:
+            self._seen[key] = (at, held + 1)
+            return
+        if len(self._seen) >= self.MAX_KEYS:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            msg += f" (and {held} more like it in the last {self.every_s:g} s)"
+        self.logger.warning(msg, *args, extra={**(extra or {}), "held_back": held})

@@ -135,6 +135,27 @@ async def test_streams_per_token_are_capped_and_a_closed_one_frees_its_slot(
         [r.getMessage() for r in caplog.records]
 
 
+def test_a_throttled_line_is_logged_once_per_window_and_names_what_it_held_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from federation.log import Throttled
+
+    now = [100.0]
+    throttled = Throttled(logging.getLogger("outpost.test.throttled"), every_s=10.0,
+                          clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="outpost.test.throttled"):
+        for i in range(500):
+            throttled.warning("refused", "refused #%d", i)
+        throttled.warning("other", "another kind")  # its own key: logged at once
+        now[0] += 10.0
+        throttled.warning("refused", "refused again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused #0", "another kind",
+        "refused again (and 499 more like it in the last 10 s)"]
+    assert caplog.records[-1].held_back == 499
+
+
 def test_task_cap_is_409_and_loses_nothing(start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent("--cpus", "2", "--mem-mb", "512", "--max-tasks", "3")
     ids = [agent.submit(f"s{i}", ["sleep", "30"], kill_timeout=1)["id"] for i in range(3)]

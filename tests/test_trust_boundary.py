@@ -436,3 +436,78 @@ def test_only_an_admin_changes_an_agents_site(
                               '{field="offer_site"}') >= 1, 30, what="a's offer site refused")
     offers = secure_hub.api("GET", "/v1/offers").body["items"]
     assert [o["site"] for o in offers if o["agent_id"] == a_id] == ["munich"], offers
+
+
+# ------------------------------------------------------------ 8. the public enroll login
+
+
+FLOOD_RATE, FLOOD_BURST = 50, 100  # the hub's enroll rate in the flood test (--enroll-rate)
+
+
+def test_a_flood_through_the_public_enroll_login_is_shed_not_served_or_logged(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    """Anyone may log in as the public enroll user. From there, one client sent 26,000 bogus
+    enrollment requests a second (fresh keys, a made-up join token): each got a signature
+    check, a token lookup and a log line, so the hub ran at 100 % CPU, its API answered in
+    about 1 s instead of 4 ms, and its log grew 3.5 MB in 15 s. Requests beyond the hub's
+    enroll rate are now shed unread (counted in /metrics), a full backlog stops the hub
+    listening until it drains, and refusals are logged as a summary, not one line each."""
+    import os
+
+    from federation.identity import id_from_public_key
+
+    hub = HubProcess(tmp_path / "hub", "", ["--enroll-rate", str(FLOOD_RATE),
+                                            "--enroll-burst", str(FLOOD_BURST)],
+                     embedded=True).start()
+    try:
+        a, a_id = enrolled(start_agent, hub, "a")
+        lines_before = len(hub.log().splitlines())
+        account = hub.join_token().split(".", 1)[1]
+        bogus = f"opj_{'x' * 43}.{account}"
+        signers = [wire.Signer(os.urandom(32)) for _ in range(20)]
+        flood = [(f"_INBOX.{id_from_public_key(s.public)}.x",
+                  wire.enroll_request(s, bogus, name=f"n{i}", site="s"))
+                 for i, s in enumerate(signers)]
+        sent = 0
+        started = time.monotonic()
+
+        async def send() -> None:
+            nonlocal sent
+            async with client(hub.nats_url, enroll_nats_creds(hub.data_dir)) as me:
+                for round_ in range(1000):
+                    for reply, data in flood:
+                        await me.nc.publish(subjects.ENROLL, data, reply=reply)
+                    # and one whose reply would land outside the sender's inbox
+                    await me.nc.publish(subjects.ENROLL, flood[0][1],
+                                        reply=f"$JS.API.STREAM.PURGE.{subjects.EVENTS_STREAM}")
+                    sent += len(flood) + 1
+                    if round_ % 25 == 0:
+                        await me.nc.flush()
+                await me.nc.flush()
+
+        asyncio.run(send())
+        # The enrolled agent goes on syncing.
+        task = a.submit("after-the-flood", ["true"])
+        a.wait_state(task["id"], "finished")
+        converged(a, hub)
+        wait_until(lambda: metric(hub, "outpost_enrollment_requests_shed_total") > 0, 10,
+                   what="shed requests counted")
+        elapsed = time.monotonic() - started
+        handled = sum(metric(hub, "outpost_enrollments_total", f'{{result="{r}"}}')
+                      for r in ("ok", "refused"))
+        assert 0 < handled <= FLOOD_BURST + FLOOD_RATE * elapsed + 1, (handled, elapsed)
+        shed = metric(hub, "outpost_enrollment_requests_shed_total")
+        dropped = metric(hub, "outpost_replies_dropped_total")
+        # A full backlog takes the hub's interest off the subject: most of the flood is
+        # dropped by nats-server and never reaches the hub at all.
+        assert dropped >= 1 and shed >= 1 and handled + shed + dropped < sent // 2, (
+            handled, shed, dropped, sent)
+        new_lines = hub.log().splitlines()[lines_before:]
+        assert len(new_lines) < 100, (len(new_lines), new_lines[:5], new_lines[-5:])
+        summary = [line for line in new_lines if "enrollment requests shed" in line]
+        assert summary, new_lines[-20:]
+        # Once the flood is over, a real agent enrolls as usual.
+        b, b_id = enrolled(start_agent, hub, "b")
+        assert b_id != a_id
+    finally:
+        hub.stop()
