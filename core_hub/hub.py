@@ -29,6 +29,7 @@ from core_hub.lease import Lease, replica_name
 from core_hub.liveness import Liveness, LivenessSettings
 from core_hub.natsauth import (
     AUTH_FILE_NAME,
+    SHARED_KEY_FILES,
     NatsAuth,
     NatsOperator,
     push_account,
@@ -121,8 +122,13 @@ class Hub:
             tries += 1
             if repr(exc) != last_error or tries & (tries - 1) == 0 or tries % 120 == 0:
                 last_error = repr(exc)
-                log.warning("nats %s: %r (try %d; retrying every %.1fs)",
-                            redact_url(self.nats_url), exc, tries, NATS_RETRY_S,
+                hint = ""
+                if self.nats_auth is not None and "Authorization Violation" in str(exc):
+                    hint = ("; the server does not take this hub's NATS credentials: a hub "
+                            "replica needs the first hub's " + ", ".join(SHARED_KEY_FILES) +
+                            " (docs/scaling.md)")
+                log.warning("nats %s: %r (try %d; retrying every %.1fs)%s",
+                            redact_url(self.nats_url), exc, tries, NATS_RETRY_S, hint,
                             extra={"tries": tries})
 
         async def _reconnected() -> None:

@@ -192,6 +192,11 @@ SYS_ACCOUNT_KEY_FILE = "nats-sys-account.nk"
 ACCOUNT_KEY_FILE = "nats-account.nk"  # the OUTPOST account: it signs every user JWT
 SYSTEM_USER_KEY_FILE = "nats-sys-user.nk"  # pushes account updates ($SYS.REQ.ACCOUNT...)
 ACCOUNT_JWT_FILE = "nats-account.jwt"  # the OUTPOST account JWT as last signed (revocations)
+# What every hub replica must hold the same of (copied from the first, docs/scaling.md): the
+# hub's identity key agents trust, the admin token forwarded writes carry, and the NATS
+# operator, accounts and system user, so any replica's JWTs and account pushes are good.
+SHARED_KEY_FILES = ("hub.key", "admin.token", OPERATOR_KEY_FILE, SYS_ACCOUNT_KEY_FILE,
+                    ACCOUNT_KEY_FILE, SYSTEM_USER_KEY_FILE)
 RESOLVER_DIR = "jwt"  # beside the auth file: the server's full resolver keeps accounts there
 ACCOUNT_NAME = "OUTPOST"
 MAX_CONTROL_LINE = 65536  # bytes; nats-server's default (4 KB) is less than the hub's JWT
