@@ -13,7 +13,7 @@ from types import ModuleType
 from bench.common import Row, format_table, progress
 
 MODULES = ("bench.edge", "bench.federation", "bench.ingest", "bench.ingest_apply", "bench.hub",
-           "bench.artifacts", "bench.sitefetch", "bench.oci")
+           "bench.artifacts", "bench.sitefetch", "bench.oci", "bench.flood")
 
 
 def _load(name: str) -> ModuleType | None:
