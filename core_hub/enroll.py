@@ -40,17 +40,17 @@ counted in ``Enroller.dropped`` (``outpost_replies_dropped_total``) and logged.
 
 The subject is open to anyone with the public enroll login, so the hub answers at most
 ``rate_per_s`` requests a second (``enroll_rate_per_s``, bursts of ``enroll_burst``) and
-queues at most ``BACKLOG_S`` seconds of them; the rest, and any that waited so long their
-sender gave up, are shed unread (``outpost_enrollment_requests_shed_total``). A full backlog
-also takes the hub's interest off the subject until a quarter of it is left, so the server
-stops delivering a flood at all. An edge whose request was shed, or that found no responder
-meanwhile, retries after its back-off, like one whose reply was lost. Refusals and
+sheds the rest unread (``core_hub/requestlane.py``; ``outpost_enrollment_requests_shed_total``).
+An edge whose request was shed, or that found no responder while a flood paused the subject,
+retries after its back-off, like one whose reply was lost. An enrolled agent sends its key
+rotations and renewals to a subject of its own (``subjects.agent_requests``), which only it
+may publish to, answered in a lane of its own: a flood of the public subject cannot cut the
+fleet off by starving their renewals. Refusals and
 drops are logged through ``federation.log.Throttled``, not one line per request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -63,10 +63,10 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from core_hub.keyrotation import KeyRotations, is_rotation
 from core_hub.renewal import is_renewal, renew
+from core_hub.requestlane import RequestLane
 from core_hub.store import HubStore
 from federation import subjects, wire
 from federation.errors import (
@@ -75,13 +75,10 @@ from federation.errors import (
     Invalid,
     NotFound,
     OutpostError,
-    TooManyRequests,
     Unauthorized,
 )
 from federation.identity import id_from_public_key, load_or_create_key
-from federation.limits import TokenBuckets
 from federation.log import Throttled
-from federation.loopguard import stop_loops
 from federation.natscreds import TOKEN_ACCOUNT_SEP, reply_in_inbox
 from federation.schemas import LABEL_KEY_PATTERN, NAME_PATTERN
 
@@ -93,7 +90,6 @@ QUEUE = "outpost-hub"
 MAX_REQUEST_BYTES = 16 << 10
 ENROLL_RATE_PER_S = 100.0  # requests answered per second (HubConfig.enroll_rate_per_s)
 ENROLL_BURST = 200
-BACKLOG_S = 4.0  # queued at most this many seconds' worth; an edge waits 5 s for its reply
 REQUEST_FIELDS = ("token", "public_key", "name", "site", "labels", "resources", "version")
 RESOURCE_KEYS = frozenset({"cpus", "mem_mb", "disk_mb"})
 _MIN_PREFIX = 6
@@ -226,7 +222,7 @@ class EnrollmentStats:
 
     answered: int = 0
     refused: int = 0
-    shed: int = 0  # over the enroll rate, or waited past BACKLOG_S: never read
+    shed: int = 0  # never read: over the rate, or queued past requestlane.BACKLOG_S
     wall_s: float = 0.0
     cpu_s: float = 0.0
 
@@ -240,19 +236,20 @@ class Enroller:
                  clock: Callable[[], float] = time.time,
                  rate_per_s: float = ENROLL_RATE_PER_S, burst: int = ENROLL_BURST) -> None:
         self._nc = nc
-        self._rate = TokenBuckets(rate_per_s, burst)
-        self._backlog: asyncio.Queue[tuple[Msg, float]] = asyncio.Queue(
-            maxsize=max(16, int(rate_per_s * BACKLOG_S)))
-        self._worker: asyncio.Task[None] | None = None
-        self._interest = asyncio.Lock()  # subscribing and unsubscribing, one at a time
-        self._pausing: asyncio.Task[None] | None = None
+        # The public subject, and the enrolled agents' own (each may publish only to its own):
+        # the same rate each, so a flood of the first leaves the second alone.
+        self._lanes = (
+            RequestLane(nc, subjects.ENROLL, queue, self._on_request, name="enrollment",
+                        rate_per_s=rate_per_s, burst=burst, on_shed=self._count_shed),
+            RequestLane(nc, subjects.AGENT_REQUESTS, queue, self._agent_request,
+                        name="agent request", rate_per_s=rate_per_s, burst=burst,
+                        on_shed=self._count_shed))
         self._store = store
         self._tokens = tokens
         self._hub_public_key = bytes(hub_public_key)
         self._queue = queue
         self._clock = clock
         self._rotations = KeyRotations(store, clock=clock)
-        self._sub: Subscription | None = None
         self.dropped = 0  # requests whose reply subject was outside the requester's inbox
         self.stats = EnrollmentStats()
         # Called after each successful enrollment or key rotation, before the reply (the hub
@@ -266,76 +263,33 @@ class Enroller:
         self.issue_jwt: Callable[[str, bytes], str] | None = None
 
     async def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work(), name="enroller")
-            await self._listen()
+        for lane in self._lanes:
+            await lane.start()
 
     async def stop(self) -> None:
-        worker, self._worker = self._worker, None
-        pausing, self._pausing = self._pausing, None
-        await stop_loops(worker, pausing)
-        async with self._interest:
-            if self._sub is not None:
-                sub, self._sub = self._sub, None
-                await sub.unsubscribe()
+        for lane in self._lanes:
+            await lane.stop()
 
-    async def _listen(self) -> None:
-        async with self._interest:
-            if self._sub is None and self._worker is not None:
-                self._sub = await self._nc.subscribe(subjects.ENROLL, queue=self._queue,
-                                                     cb=self._arrived)
-                # The server knows the subscription before this returns, so a request sent
-                # right after (from another connection) finds a responder.
-                await self._nc.flush()
-
-    async def _pause(self) -> None:
-        """A full backlog: stop listening, so the server stops sending (a flood then costs
-        this hub nothing; requests meanwhile get "no responders" and their edges retry)."""
-        async with self._interest:
-            if self._sub is not None:
-                sub, self._sub = self._sub, None
-                await sub.unsubscribe()
-                throttled.warning("pause", "enrollment requests paused: %d queued",
-                                  self._backlog.qsize(), extra={"queued": self._backlog.qsize()})
-
-    async def _arrived(self, msg: Msg) -> None:
-        """Queue a request, or shed it unread if the backlog is full (and stop listening
-        until it has drained)."""
-        try:
-            self._backlog.put_nowait((msg, time.monotonic()))
-        except asyncio.QueueFull:
-            self._shed()
-            if self._sub is not None and self._pausing is None:
-                self._pausing = asyncio.create_task(self._pause(), name="enroll-pause")
-
-    def _shed(self) -> None:
+    def _count_shed(self) -> None:
         self.stats.shed += 1
-        throttled.warning("shed", "enrollment requests shed: %d so far (over %g a second, or "
-                          "queued past %g s)", self.stats.shed, self._rate.rate, BACKLOG_S,
-                          extra={"shed": self.stats.shed})
 
-    async def _work(self) -> None:
-        """Answer queued requests one at a time, at most at the enroll rate."""
-        while True:
-            msg, arrived = await self._backlog.get()
-            while True:
-                try:
-                    self._rate.take("enroll")
-                    break
-                except TooManyRequests as over:
-                    await asyncio.sleep(float((over.details or {}).get("retry_after_s", 0.01)))
-            if time.monotonic() - arrived > BACKLOG_S:  # its sender has given up on it
-                self._shed()
-                continue
-            try:
-                await self._on_request(msg)
-            except Exception:  # noqa: BLE001 (one request must not end the enroller)
-                log.exception("enrollment request failed")
-            if self._sub is None and self._backlog.qsize() <= self._backlog.maxsize // 4:
-                if self._pausing is not None:
-                    await self._pausing
-                    self._pausing = None
-                await self._listen()
+    async def _agent_request(self, msg: Msg) -> None:
+        """A rotation or renewal on the agent's own subject: only that agent may publish
+        there, so the public enroll login cannot crowd it out. An enrollment, or a request
+        for another agent, is refused."""
+        if not _for_agent_subject(msg.subject, msg.data):
+            self.stats.refused += 1
+            throttled.warning("refused.agent-subject", "refused a request on %s: only the "
+                              "agent's own rotation or renewal goes there", msg.subject[:200],
+                              extra={"subject": msg.subject[:200]})
+            owner = msg.subject.rpartition(".")[2]  # the one agent the server lets send here
+            if subjects.is_agent_id(owner) and reply_in_inbox(msg.reply, owner):
+                await msg.respond(wire.pack({
+                    "ok": False, "code": "invalid",
+                    "error": f"only this agent's key rotation or renewal goes to {msg.subject}; "
+                             f"enroll on {subjects.ENROLL}"}))
+            return
+        await self._on_request(msg)
 
     async def _on_request(self, msg: Msg) -> None:
         requester = _requester(msg.data)
@@ -445,6 +399,18 @@ class Enroller:
                  extra={"agent_id": agent_id, "site": request["site"],
                         "agent_name": request["name"]})
         return agent_id, fresh_token
+
+
+def _for_agent_subject(subject: str, data: bytes) -> bool:
+    """True if ``data`` is a rotation or renewal for the agent ``subject`` belongs to."""
+    if len(data) > MAX_REQUEST_BYTES:
+        return False
+    try:
+        request = wire.unpack(data)
+    except ValueError:
+        return False
+    return ((is_rotation(request) or is_renewal(request))
+            and subject == subjects.agent_requests(str(request.get("agent_id"))))
 
 
 def _requester(data: bytes) -> str | None:

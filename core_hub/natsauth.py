@@ -149,7 +149,9 @@ def agent_permissions(agent_id: str) -> dict[str, Any]:
         "publish": {"allow": [
             subjects.events(agent_id),
             subjects.heartbeat(agent_id),
-            subjects.ENROLL,  # key rotation requests (signed by both keys) go there too
+            # its own rotations and renewals; ENROLL too, for agents from before that subject
+            subjects.agent_requests(agent_id),
+            subjects.ENROLL,
             f"{subjects.PREFIX}.rpcreply.{agent_id}.>",
             f"$JS.API.DIRECT.GET.{stream}.{subjects.commands_of(agent_id)}",
             # Artifacts: read only. Chunks by sequence (the body form of a direct get, on the

@@ -60,3 +60,17 @@ def jwt_account(jwt: str | None) -> str | None:
     except natsjwt.NatsJwtError:
         return None
     return issuer if isinstance(issuer, str) and issuer.startswith("A") else None
+
+
+def may_publish(jwt: str | None, subject: str) -> bool:
+    """True if ``jwt`` lets its holder publish to exactly ``subject`` (no JWT: False)."""
+    if not jwt:
+        return False
+    try:
+        claims = natsjwt.decode(jwt, kind=natsjwt.USER)
+    except natsjwt.NatsJwtError:
+        return False
+    nats = claims.get("nats")
+    publish = nats.get("pub") if isinstance(nats, dict) else None
+    allowed = publish.get("allow") if isinstance(publish, dict) else None
+    return isinstance(allowed, list) and subject in allowed

@@ -23,7 +23,7 @@ from typing import Any
 
 from edge_agent.jwtrenewal import RETRY_S as RENEW_RETRY_S
 from edge_agent.jwtrenewal import SLEEP_MAX_S as RENEW_SLEEP_MAX_S
-from edge_agent.jwtrenewal import JwtLifetime, jwt_account
+from edge_agent.jwtrenewal import JwtLifetime, jwt_account, may_publish
 from edge_agent.store import Store
 from federation import messages, subjects, wire
 from federation.commandlog import POLL_S, CommandReader
@@ -38,6 +38,7 @@ MAX_BATCH_EVENTS = 1000
 MAX_BATCH_BYTES = 400_000
 IN_FLIGHT = 16
 PUBLISH_TIMEOUT = 5.0
+AGENT_REQUEST_TIMEOUT_S = 5.0  # a rotation or renewal on the agent's own subject
 # An offer shipped to the core lives OFFER_LIFETIME_S, or OFFER_LIFETIME_HEARTBEATS heartbeats
 # if longer, and is renewed once half of that has passed. Offers are looked at once per
 # heartbeat, so a renewal lands at most half a lifetime plus one heartbeat after the last:
@@ -260,7 +261,7 @@ class Sync:
                              "login", extra={"agent": self.agent_id})
                 await self._connect(enrolling=enrolling or renewing)
                 if enrolling or renewing:
-                    await (self._enroll() if enrolling else self._renew())
+                    await (self._enroll() if enrolling else self._renew(own_link=False))
                     # The enroll user may do nothing else: come back as this agent.
                     await self._close()
                     await self._connect(enrolling=False)
@@ -418,14 +419,30 @@ class Sync:
             return None
         return self.store.get_meta(_jwt_meta(wire.Signer(self._nats_key).public))
 
-    async def _renew(self) -> None:
+    async def _agent_request(self, request: bytes, *, own_link: bool = True) -> Any:
+        """A rotation or renewal request and its reply. Over the agent's own link it goes to
+        the agent's own subject, which the public enroll login cannot flood, if its JWT lets
+        it; a hub (or a site leaf's JWT) from before that subject does not answer there, and
+        the request goes to ``subjects.ENROLL`` after all."""
+        from nats.errors import NoRespondersError
+
+        if own_link and may_publish(self._jwt(), subjects.agent_requests(self.agent_id)):
+            try:
+                return await self.nc.request(subjects.agent_requests(self.agent_id), request,
+                                             timeout=AGENT_REQUEST_TIMEOUT_S)
+            except (NoRespondersError, TimeoutError) as exc:
+                log.info("no answer on the agent's own request subject (%r); asking on %s",
+                         exc, subjects.ENROLL, extra={"agent": self.agent_id})
+        return await self.nc.request(subjects.ENROLL, request, timeout=5)
+
+    async def _renew(self, *, own_link: bool = True) -> None:
         """Ask the hub for a new user JWT for the key this agent connects as, and keep it.
         Raise EnrollmentRefused if the hub says no (a revoked agent), OutpostError on a
         garbled answer, or whatever the request raises."""
         assert self._nats_key is not None
         signer = wire.Signer(self._nats_key)
-        reply = await self.nc.request(subjects.ENROLL, wire.renew_request(signer, self.agent_id),
-                                      timeout=5)
+        reply = await self._agent_request(wire.renew_request(signer, self.agent_id),
+                                          own_link=own_link)
         answer = wire.unpack(reply.data)
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = answer.get("error") if isinstance(answer, dict) else "not a map"
@@ -577,8 +594,7 @@ class Sync:
         if not rotation.due():
             return until
         try:
-            reply = await self.nc.request(subjects.ENROLL, rotation.request(self.signer),
-                                          timeout=5)
+            reply = await self._agent_request(rotation.request(self.signer))
             answer = wire.unpack(reply.data)
             seed = rotation.answered(answer)
             if seed is not None:

@@ -24,6 +24,9 @@ from federation.errors import Invalid
 
 PREFIX = "outpost.v1"
 ENROLL = f"{PREFIX}.enroll"
+# An enrolled agent's key rotations and JWT renewals: a subject per agent, which only that
+# agent may publish to (the public enroll login may publish to ENROLL alone).
+AGENT_REQUESTS = f"{ENROLL}.agent.*"
 
 EVENTS_STREAM = "OUTPOST_EVENTS"
 COMMANDS_STREAM = "OUTPOST_COMMANDS"
@@ -136,3 +139,8 @@ def agent_of(subject: str) -> str:
     if shaped and ".".join(parts[:2]) == PREFIX and is_agent_id(parts[3]):
         return parts[3]
     raise Invalid(f"subject {subject!r} does not name an agent", details={"subject": subject})
+
+
+def agent_requests(agent_id: str) -> str:
+    """Where agent ``agent_id`` sends its key rotations and renewals."""
+    return f"{ENROLL}.agent.{agent_id}"

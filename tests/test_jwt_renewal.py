@@ -107,3 +107,60 @@ def test_a_jwt_without_an_expiry_or_that_does_not_decode_is_never_renewed() -> N
                                             now=1000, expires=1010))
     assert short is not None and short.expired(1009.5) and not short.expired(1009.4)
     assert jwt_account(dated) == natsjwt.public_of(account)
+
+
+def test_an_enrolled_agent_renews_while_the_public_enroll_subject_is_flooded(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    """The public enroll login may flood the enrollment subject, and the hub then sheds it
+    and stops listening there (tests/test_trust_boundary.py). An enrolled agent renews its
+    JWT, and rotates its key, on a subject of its own that only it may publish to, so a
+    flood that outlasts its JWT does not cut it off."""
+    import asyncio
+    import os
+    import threading
+
+    from federation import subjects, wire
+    from federation.identity import id_from_public_key
+    from tests.helpers import enroll_nats_creds
+    from tests.test_nats_auth import client
+
+    hub = HubProcess(tmp_path / "hub", "", ["--disconnected-after", "2.5",
+                                            "--unreachable-after", "4",
+                                            "--agent-jwt-ttl", str(TTL_S),
+                                            "--enroll-rate", "5", "--enroll-burst", "5"],
+                     embedded=True).start()
+    stop = threading.Event()
+    try:
+        agent = joined(start_agent, hub, type("N", (), {"url": hub.nats_url}), name="a")
+        agent_id = agent.api("GET", "/v1/info").body["agent_id"]
+        first = _jwt_claims(agent, agent_id)
+        account = hub.join_token().split(".", 1)[1]
+        signer = wire.Signer(os.urandom(32))
+        bogus = wire.enroll_request(signer, f"opj_{'x' * 43}.{account}", name="n", site="s")
+        reply = f"_INBOX.{id_from_public_key(signer.public)}.x"
+
+        async def flood() -> None:
+            async with client(hub.nats_url, enroll_nats_creds(hub.data_dir)) as me:
+                while not stop.is_set():
+                    for _ in range(200):
+                        await me.nc.publish(subjects.ENROLL, bogus, reply=reply)
+                    await me.nc.flush()
+                    await asyncio.sleep(0.01)
+
+        flooder = threading.Thread(target=lambda: asyncio.run(flood()), daemon=True)
+        flooder.start()
+        wait_until(lambda: "enrollment requests paused" in hub.log(), 15,
+                   what="the hub pausing the flooded subject")
+        wait_until(lambda: time.time() > float(first["exp"]) + 3  # type: ignore[arg-type]
+                   and _jwt_claims(agent, agent_id)["jti"] != first["jti"],
+                   timeout=3 * TTL_S, interval=0.2,
+                   what="a renewed JWT, past the first one's expiry, during the flood")
+        wait_until(lambda: _online(hub, agent_id), timeout=10, what="the agent online")
+        assert "enrollment requests paused" in hub.log()
+        task = agent.submit("during-the-flood", ["true"])
+        agent.wait_state(task["id"], "finished")
+        wait_until(lambda: hub.api("GET", f"/v1/tasks/{task['id']}").body.get("state")
+                   == "finished", timeout=20, what="its report at the hub")
+    finally:
+        stop.set()
+        hub.stop()

@@ -511,3 +511,31 @@ def test_a_flood_through_the_public_enroll_login_is_shed_not_served_or_logged(
         assert b_id != a_id
     finally:
         hub.stop()
+
+
+async def test_an_agents_own_request_subject_takes_only_its_own_rotations_and_renewals(
+        start_agent: Callable[..., AgentProcess], secure_hub: HubProcess) -> None:
+    """``subjects.agent_requests(id)`` is the flood-proof lane for an enrolled agent's
+    rotations and renewals: the server lets only that agent publish there, and the hub
+    answers nothing else there (an enrollment, or a renewal for another agent)."""
+    import os
+
+    a, a_id = enrolled(start_agent, secure_hub, "a")
+    b, b_id = enrolled(start_agent, secure_hub, "b")
+    a_key = wire.Signer((a.data_dir / "agent.key").read_bytes())
+    async with client(secure_hub.nats_url, creds_of(a, a_id)) as me:
+        answer = wire.unpack((await me.nc.request(
+            subjects.agent_requests(a_id), wire.renew_request(a_key, a_id), timeout=5)).data)
+        assert answer["ok"] is True and answer["agent_id"] == a_id and answer["nats_jwt"]
+        stranger = wire.Signer(os.urandom(32))
+        enrollment = wire.enroll_request(stranger, "opj_x.y", name="n", site="s")
+        answer = wire.unpack((await me.nc.request(
+            subjects.agent_requests(a_id), enrollment, timeout=5)).data)
+        assert answer["ok"] is False and answer["code"] == "invalid", answer
+        await me.nc.publish(subjects.agent_requests(b_id), wire.renew_request(a_key, a_id))
+        await me.violation("publish", subjects.agent_requests(b_id))
+    async with client(secure_hub.nats_url, enroll_nats_creds(secure_hub.data_dir)) as me:
+        await me.nc.publish(subjects.agent_requests(a_id), wire.renew_request(a_key, a_id))
+        await me.violation("publish", subjects.agent_requests(a_id))
+    agents = {x["id"]: x["status"] for x in secure_hub.api("GET", "/v1/agents").body["items"]}
+    assert agents == {a_id: "online", b_id: "online"}
