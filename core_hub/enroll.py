@@ -401,28 +401,29 @@ class Enroller:
         return agent_id, fresh_token
 
 
-def _for_agent_subject(subject: str, data: bytes) -> bool:
-    """True if ``data`` is a rotation or renewal for the agent ``subject`` belongs to."""
+def _small_map(data: bytes) -> dict[str, Any] | None:
+    """``data`` decoded, if it is a map no larger than a request may be."""
     if len(data) > MAX_REQUEST_BYTES:
-        return False
+        return None
     try:
         request = wire.unpack(data)
     except ValueError:
-        return False
-    return ((is_rotation(request) or is_renewal(request))
+        return None
+    return request if isinstance(request, dict) else None
+
+
+def _for_agent_subject(subject: str, data: bytes) -> bool:
+    """True if ``data`` is a rotation or renewal for the agent ``subject`` belongs to."""
+    request = _small_map(data)
+    return (request is not None and (is_rotation(request) or is_renewal(request))
             and subject == subjects.agent_requests(str(request.get("agent_id"))))
 
 
 def _requester(data: bytes) -> str | None:
     """The agent a request on the enrollment subject speaks for, as it claims (the key of an
     enrollment, the id of a rotation), or None if it names none: what its reply may be."""
-    if len(data) > MAX_REQUEST_BYTES:
-        return None
-    try:
-        request = wire.unpack(data)
-    except ValueError:
-        return None
-    if not isinstance(request, dict):
+    request = _small_map(data)
+    if request is None:
         return None
     if is_rotation(request) or is_renewal(request):
         agent_id = request.get("agent_id")

@@ -9,6 +9,7 @@ without ``exp`` (a hub from before expiry, or NATS without auth) is never renewe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from federation import natsjwt
 
@@ -30,11 +31,8 @@ class JwtLifetime:
     def of(cls, jwt: str | None) -> JwtLifetime | None:
         """The lifetime of ``jwt``, or None if there is none, it has no ``exp`` or it does
         not decode (the server is then the judge of it)."""
-        if not jwt:
-            return None
-        try:
-            claims = natsjwt.decode(jwt, kind=natsjwt.USER)
-        except natsjwt.NatsJwtError:
+        claims = _claims(jwt)
+        if claims is None:
             return None
         iat, exp = claims.get("iat"), claims.get("exp")
         if type(iat) is not int or type(exp) is not int or exp <= iat:
@@ -53,24 +51,23 @@ class JwtLifetime:
 
 def jwt_account(jwt: str | None) -> str | None:
     """The account (``A...``) that signed an agent's JWT: where its enroll login is."""
-    if not jwt:
-        return None
-    try:
-        issuer = natsjwt.decode(jwt, kind=natsjwt.USER).get("iss")
-    except natsjwt.NatsJwtError:
-        return None
+    issuer = (_claims(jwt) or {}).get("iss")
     return issuer if isinstance(issuer, str) and issuer.startswith("A") else None
 
 
 def may_publish(jwt: str | None, subject: str) -> bool:
     """True if ``jwt`` lets its holder publish to exactly ``subject`` (no JWT: False)."""
-    if not jwt:
-        return False
-    try:
-        claims = natsjwt.decode(jwt, kind=natsjwt.USER)
-    except natsjwt.NatsJwtError:
-        return False
-    nats = claims.get("nats")
+    nats = (_claims(jwt) or {}).get("nats")
     publish = nats.get("pub") if isinstance(nats, dict) else None
     allowed = publish.get("allow") if isinstance(publish, dict) else None
     return isinstance(allowed, list) and subject in allowed
+
+
+def _claims(jwt: str | None) -> dict[str, Any] | None:
+    """The claims of a user JWT, or None if there is none or it does not decode."""
+    if not jwt:
+        return None
+    try:
+        return natsjwt.decode(jwt, kind=natsjwt.USER)
+    except natsjwt.NatsJwtError:
+        return None
