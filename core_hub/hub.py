@@ -46,11 +46,12 @@ from federation.app import RUNNER_OPTIONS, build_app
 from federation.auth import TokenAuth
 from federation.datadirlock import DataDirLock
 from federation.identity import load_or_create_key, load_or_create_token
-from federation.log import redact_url
+from federation.log import Throttled, redact_url
 from federation.loopwatch import LoopWatch
 from federation.streams import ensure_hub_buckets, ensure_streams
 
 log = logging.getLogger(__name__)
+throttled = Throttled(log)  # lines a peer's traffic could repeat per message
 
 STOP_GRACE_S = 3.0
 NATS_RETRY_S = 0.5
@@ -119,6 +120,9 @@ class Hub:
             # Each failed try counts; a new kind of trouble is logged at once, the same one at
             # tries 1, 2, 4, 8, ... then every 120th (about a minute): retries show, not spam.
             nonlocal last_error, tries
+            if isinstance(exc, nats_errors.SlowConsumerError):  # one per dropped message
+                throttled.warning("slow-consumer", "nats: %s", exc)
+                return
             tries += 1
             if repr(exc) != last_error or tries & (tries - 1) == 0 or tries % 120 == 0:
                 last_error = repr(exc)
