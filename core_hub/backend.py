@@ -56,7 +56,7 @@ class CoreBackend:
                  nats_account: Callable[[], AccountStats] | None = None) -> None:
         self.nc = nc
         self.loop_watch = loop_watch
-        # (revocations, bytes) of the NATS account JWT, with least privilege (natsauth.py).
+        # The NATS account's revocations, size and pending push, with least privilege.
         self.nats_account = nats_account
         self.enrollments = enrollments or EnrollmentStats()
         self.replies_dropped = replies_dropped  # the responders' count of refused reply subjects

@@ -45,8 +45,8 @@ An edge whose request was shed, or that found no responder while a flood paused 
 retries after its back-off, like one whose reply was lost. An enrolled agent sends its key
 rotations and renewals to a subject of its own (``subjects.agent_requests``), which only it
 may publish to, answered in a lane of its own: a flood of the public subject cannot cut the
-fleet off by starving their renewals. Refusals and
-drops are logged through ``federation.log.Throttled``, not one line per request.
+fleet off by starving their renewals. Refusals and drops are logged through
+``federation.log.Throttled``, not one line per request.
 """
 
 from __future__ import annotations
@@ -235,7 +235,6 @@ class Enroller:
                  hub_public_key: bytes, *, queue: str = QUEUE,
                  clock: Callable[[], float] = time.time,
                  rate_per_s: float = ENROLL_RATE_PER_S, burst: int = ENROLL_BURST) -> None:
-        self._nc = nc
         # The public subject, and the enrolled agents' own (each may publish only to its own):
         # the same rate each, so a flood of the first leaves the second alone.
         self._lanes = (
@@ -247,7 +246,6 @@ class Enroller:
         self._store = store
         self._tokens = tokens
         self._hub_public_key = bytes(hub_public_key)
-        self._queue = queue
         self._clock = clock
         self._rotations = KeyRotations(store, clock=clock)
         self.dropped = 0  # requests whose reply subject was outside the requester's inbox

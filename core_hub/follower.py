@@ -44,7 +44,7 @@ from core_hub.store import HubStore
 from federation import wire
 from federation.datadirlock import DataDirLock, DataDirLocked
 from federation.errors import ConfigError
-from federation.kvsnapshot import values_end
+from federation.kvsnapshot import DELETES, values_end
 from federation.loopguard import stop_loops
 from federation.loopwatch import LoopWatch
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 VIEW_FILE = "follower.db"
 INGEST_IDLE_S = 3600.0  # the server removes a gone standby's consumer after this
 READY_TIMEOUT_S = 20.0  # then serve what is known: the lease waits meanwhile
-_DELETES = ("DEL", "PURGE")
 
 
 class Follower:
@@ -157,7 +156,7 @@ class Follower:
                         continue
                     if entry is None:  # nats-py's marker comes too early at times
                         continue  # (federation/kvsnapshot.py): the server's count decides
-                    value = None if entry.operation in _DELETES else entry.value
+                    value = None if entry.operation in DELETES else entry.value
                     try:
                         apply(entry.key, value)
                         self.applied += 1

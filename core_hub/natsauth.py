@@ -678,9 +678,7 @@ class NatsAuth:
             prune = time.monotonic() - pruned_at >= PRUNE_EVERY_S
             if prune:
                 pruned_at = time.monotonic()
-            owed = self.push_pending
-            if owed and time.monotonic() < retry_at:
-                owed = False
+            owed = self.push_pending and time.monotonic() >= retry_at
             if not (prune or owed or (due is not None and due <= self.clock())):
                 continue
             try:

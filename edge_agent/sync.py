@@ -325,9 +325,7 @@ class Sync:
         return wait
 
     async def _connect(self, *, enrolling: bool) -> None:
-        from nats.aio.client import Client
-
-        import federation.natsclient  # noqa: F401 (nats-py's late-PONG fix)
+        from federation.natsclient import connect_once
 
         url = redact_url(self.settings.nats_url)
         tries = {"n": 0, "logged": 0.0}
@@ -368,23 +366,19 @@ class Sync:
                             extra={"agent": self.agent_id})
 
         connecting = True
-        nc = Client()
-        try:
-            await nc.connect(
-                servers=[self.settings.nats_url], name=f"outpost-agent-{self.agent_id}",
-                connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
-                ping_interval=ping_interval(self.settings.heartbeat_s),
-                max_outstanding_pings=PING_OUTSTANDING, allow_reconnect=True,
-                # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
-                # with no bound: on a stalled socket, forever (heartbeats and pings included).
-                flush_timeout=PUBLISH_TIMEOUT,
-                disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
-                **self._credentials(enrolling),
-                **self._tls())
-        except BaseException:  # LoginRefused, or cancelled: leave no socket behind
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
-            raise
+        # LoginRefused, or a cancel, leaves no socket behind (connect_once closes it).
+        nc = await connect_once(
+            self.settings.nats_url, close_timeout_s=CLOSE_TIMEOUT_S,
+            name=f"outpost-agent-{self.agent_id}",
+            connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=-1,
+            ping_interval=ping_interval(self.settings.heartbeat_s),
+            max_outstanding_pings=PING_OUTSTANDING, allow_reconnect=True,
+            # Without it a publish (or ping) that finds 2 MB pending waits for the flusher
+            # with no bound: on a stalled socket, forever (heartbeats and pings included).
+            flush_timeout=PUBLISH_TIMEOUT,
+            disconnected_cb=_disconnected, reconnected_cb=_reconnected, error_cb=_error,
+            **self._credentials(enrolling),
+            **self._tls())
         connecting = False
         self.nc = nc
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)

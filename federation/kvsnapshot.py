@@ -16,7 +16,7 @@ from typing import Any
 
 import nats.errors
 
-_DELETES = frozenset({"DEL", "PURGE"})
+DELETES = frozenset({"DEL", "PURGE"})  # the operations that leave a key without a value
 
 
 async def values_end(kv: Any) -> int:
@@ -46,7 +46,7 @@ async def current_entries(kv: Any, *, timeout_s: float = 10.0) -> dict[str, Any]
                 raise
             if entry is None:  # nats-py's own end marker: not trusted (see above)
                 continue
-            if entry.operation in _DELETES or not entry.value:
+            if entry.operation in DELETES or not entry.value:
                 entries.pop(entry.key, None)
             else:
                 entries[entry.key] = entry

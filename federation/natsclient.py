@@ -1,5 +1,5 @@
 """Fixes for nats-py 2.16's client: a late PONG (patched at import, below) and the socket of
-a failed connect (``connect_once``, for the hub's one-job connections).
+a failed connect (``connect_once``, which the hub's and the agents' connections go through).
 
 ``Client.flush(timeout)`` sends a PING and waits for its PONG; on a timeout it cancels the
 waiting future but leaves it queued in ``_pongs``. When the PONG does come (a slow server, a
@@ -50,16 +50,17 @@ apply()
 CLOSE_TIMEOUT_S = 5.0
 
 
-async def connect_once(url: str, **options: Any) -> Client:
-    """A connection for one job (no reconnects unless ``options`` ask for them). nats-py
-    leaves the socket of a connect that failed (a server that accepts but never answers, a
-    refused login) open until garbage collection; this closes it before re-raising."""
+async def connect_once(url: str, *, close_timeout_s: float = CLOSE_TIMEOUT_S,
+                       **options: Any) -> Client:
+    """``Client().connect(url, **options)``, but a connect that fails (a server that accepts
+    but never answers, a refused login, a cancel) leaves no socket open: nats-py keeps it
+    until garbage collection; this closes it (within ``close_timeout_s``) and re-raises."""
     nc = Client()
     try:
         await nc.connect(url, **options)
     except BaseException:
         try:
-            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(nc.close(), close_timeout_s)
         except Exception:  # noqa: BLE001 (the connect's own error is the one to report)
             pass
         raise

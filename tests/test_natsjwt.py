@@ -96,6 +96,12 @@ def _agent(store: HubStore, name: str) -> tuple[bytes, str, bytes]:
     return bytes(key), agent_id, bytes(key.verify_key)
 
 
+def _issued(store: HubStore, auth: NatsAuth, name: str) -> tuple[str, NatsCredentials]:
+    """An agent enrolled in ``store`` and its NATS login with the JWT ``auth`` issues."""
+    seed, agent_id, public = _agent(store, name)
+    return agent_id, agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+
+
 async def test_a_real_server_takes_the_operators_accounts_and_users_and_a_revocation(
         operator_server: tuple[NatsOperator, NatsServer, NatsAuth, HubStore]) -> None:
     operator, server, auth, store = operator_server
@@ -221,8 +227,7 @@ async def test_a_revocation_still_reaches_the_server_after_twelve_thousand_other
     auth.write()
     await server.start()
     try:
-        seed, agent_id, public = _agent(store, "live")
-        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        agent_id, creds = _issued(store, auth, "live")
         async with client(server.url, creds) as me:
             store.revoke_agent(agent_id, now=time.time())
             assert await auth.refresh() is True
@@ -305,8 +310,7 @@ async def test_a_revocation_whose_push_failed_still_reaches_the_server(
     operator, server, auth, store = operator_server
     await server.start()
     try:
-        seed, agent_id, public = _agent(store, "stolen")
-        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        agent_id, creds = _issued(store, auth, "stolen")
         async with client(server.url, creds) as me:
             store.revoke_agent(agent_id, now=time.time())
             server.pause()  # the push's connect times out
@@ -325,8 +329,7 @@ async def test_a_revocation_whose_push_failed_still_reaches_the_server(
             assert not auth.push_pending
         assert "Authorization Violation" in await refused(server.url, creds)
         # And without anyone asking: the hub's own loop retries a failed push.
-        seed, agent_id, public = _agent(store, "stolen-too")
-        creds = agent_credentials(seed, agent_id, auth.issue(agent_id, public))
+        agent_id, creds = _issued(store, auth, "stolen-too")
         async with client(server.url, creds) as me:
             store.revoke_agent(agent_id, now=time.time())
             server.pause()
